@@ -1,0 +1,5 @@
+import sys
+
+from davit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+"""DaViT layers: attention functions and blocks."""
+
+from .attention import (
+    ChannelAttention,
+    WindowAttention,
+    channel_attention,
+    channel_attention_ref,
+    window_attention,
+    window_attention_ref,
+    window_partition,
+    window_reverse,
+)
+from .blocks import ChannelBlock, ConvPosEnc, DropPath, Mlp, SpatialBlock, drop_path
+
+__all__ = [
+    "ChannelAttention",
+    "WindowAttention",
+    "channel_attention",
+    "channel_attention_ref",
+    "window_attention",
+    "window_attention_ref",
+    "window_partition",
+    "window_reverse",
+    "ChannelBlock",
+    "ConvPosEnc",
+    "DropPath",
+    "Mlp",
+    "SpatialBlock",
+    "drop_path",
+]

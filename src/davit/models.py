@@ -1,0 +1,487 @@
+"""DaViT: the trunk, the classification model, the feature (dense-prediction) model and the variant table.
+
+Tokens flow through the stages as channels-last maps (B, H, W, C); public outputs are NCHW like every other
+vision backbone. Parameter names equal timm's ``davit.py`` so its state dicts load directly; every other layout
+is mapped by :mod:`davit.weights`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import ChannelBlock, SpatialBlock
+
+__all__ = ["DaViT", "DaViTFeatures", "create_model", "list_models", "model_info", "VARIANTS"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Stem(nn.Module):
+    """Zero-pad right/bottom to a multiple of the stride, Conv2d(k7, s4, p3), LayerNorm. NCHW in, NHWC out."""
+
+    def __init__(self, in_chans: int, dim: int, stride: int = 4, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(in_chans, dim, kernel_size=7, stride=stride, padding=3)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = x.shape[-2:]
+        s = self.stride
+        if H % s or W % s:
+            x = F.pad(x, (0, (-W) % s, 0, (-H) % s))
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
+
+
+class Downsample(nn.Module):
+    """LayerNorm, then Conv2d(k2 s2) after zero-padding to even size, or Conv2d(k3 s2 p1) (overlapped)."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 2, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        if kernel_size not in (2, 3):
+            raise ValueError(f"downsample kernel_size must be 2 or 3, got {kernel_size}")
+        self.even_k = kernel_size == 2
+        self.norm = nn.LayerNorm(in_dim, eps=norm_eps)
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, stride=2, padding=0 if self.even_k else 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C')
+        x = self.norm(x)
+        H, W = x.shape[1:3]
+        if self.even_k and (H % 2 or W % 2):
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class DaViTStage(nn.Module):
+    """Optional downsample, then ``depth`` dual blocks (SpatialBlock, ChannelBlock)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        drop_path_rates: Sequence[float],
+        downsample: bool,
+        down_kernel_size: int = 2,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        channel_attn_v2: bool = False,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim, down_kernel_size, norm_eps) if downsample else nn.Identity()
+        blocks = []
+        for k in range(depth):
+            blocks.append(
+                nn.Sequential(
+                    SpatialBlock(dim, num_heads, window_size, mlp_ratio, qkv_bias, drop_path_rates[2 * k], norm_eps),
+                    ChannelBlock(
+                        dim, num_heads, mlp_ratio, qkv_bias, drop_path_rates[2 * k + 1], channel_attn_v2, norm_eps
+                    ),
+                )
+            )
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.downsample(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+
+class ClassifierHead(nn.Module):
+    """Global mean pool -> LayerNorm (norm AFTER pooling, as released) -> dropout -> Linear."""
+
+    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:  # x: (B, H, W, C)
+        x = self.drop(self.norm(x.mean(dim=(1, 2))))
+        return x if pre_logits else self.fc(x)
+
+
+class DaViT(nn.Module):
+    """Dual Attention Vision Transformer (Ding et al., ECCV 2022).
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classifier outputs; 0 keeps pooling + norm and drops the Linear.
+        depths: dual blocks per stage (one dual block = SpatialBlock + ChannelBlock).
+        embed_dims: channels per stage.
+        num_heads: window-attention heads = channel-attention groups per stage.
+        window_size: spatial attention window.
+        drop_path_rate: stochastic depth, linearly increasing over all 2*sum(depths) blocks (official schedule).
+        down_kernel_size: 2 (k2 s2, released T/S/B/L) or 3 (k3 s2 p1, overlapped; paper H/G and Florence-2).
+        channel_attn_v2: Florence-2 channel attention (standard q/k/v roles, N^-0.5 scale).
+        stem_stride: 4 as released; the small-image variants use 2.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: Sequence[int] = (1, 1, 3, 1),
+        embed_dims: Sequence[int] = (96, 192, 384, 768),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        down_kernel_size: int = 2,
+        channel_attn_v2: bool = False,
+        stem_stride: int = 4,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if not (len(depths) == len(embed_dims) == len(num_heads)):
+            raise ValueError("depths, embed_dims and num_heads must have one entry per stage")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.embed_dims = tuple(embed_dims)
+        self.depths = tuple(depths)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.drop_rate = drop_rate
+        self.window_size = window_size
+        self.stem = Stem(in_chans, embed_dims[0], stem_stride, norm_eps)
+        n_blocks = 2 * sum(depths)
+        # python-side linspace (works under a meta-device context, unlike torch.linspace().tolist())
+        dpr = [drop_path_rate * i / (n_blocks - 1) for i in range(n_blocks)] if n_blocks > 1 else [drop_path_rate]
+        stages, start = [], 0
+        self.feature_info: list[dict[str, Any]] = []
+        for i, (d, dim, heads) in enumerate(zip(depths, embed_dims, num_heads)):
+            stages.append(
+                DaViTStage(
+                    embed_dims[i - 1] if i else dim,
+                    dim,
+                    d,
+                    heads,
+                    window_size,
+                    dpr[start : start + 2 * d],
+                    downsample=i > 0,
+                    down_kernel_size=down_kernel_size,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    channel_attn_v2=channel_attn_v2,
+                    norm_eps=norm_eps,
+                )
+            )
+            start += 2 * d
+            self.feature_info.append(dict(num_chs=dim, reduction=stem_stride * 2**i, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.head = ClassifierHead(embed_dims[-1], num_classes, drop_rate, norm_eps)
+        self.apply(_init_weights)
+
+    # ----- model surface -------------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each dual block in the backward pass instead of storing its activations."""
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    def set_fast(self, enable: bool = True) -> None:
+        """Select the fast attention/MLP kernels (default) or the literal reference formulations."""
+        for m in self.modules():
+            if hasattr(m, "fast"):
+                m.fast = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay: every tensor with ndim < 2 (biases, norms), as in the recipe."""
+        return {n for n, p in self.named_parameters() if p.ndim < 2}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier Linear with a freshly initialised one (0 removes it)."""
+        self.num_classes = num_classes
+        dev = self.head.norm.weight.device
+        self.head.fc = nn.Linear(self.num_features, num_classes, device=dev) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.head.fc)
+
+    def check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor image batch, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(
+                f"expected a 4-D image batch (B, C, H, W), got shape {tuple(x.shape)}; "
+                "add a batch dimension with x.unsqueeze(0) for a single image"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected a floating-point image tensor, got {x.dtype}; convert with x.float() and normalise "
+                "(e.g. /255, then mean/std)"
+            )
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                f"build the model with in_chans={x.shape[1]} or convert the images"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: the input has batch size 0")
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"empty image: height and width must be >= 1, got {tuple(x.shape[2:])}")
+
+    def _run_stages(self, x: Tensor, take: set[int] | None = None, stop: int | None = None):
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            self.check_input(x)
+        x = self.stem(x)
+        feats = []
+        last = len(self.stages) - 1 if stop is None else stop
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if take is not None and i in take:
+                feats.append(x)
+            if i >= last:
+                break
+        return x, feats
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) image -> last-stage map (B, C4, H/32, W/32), NCHW, before pooling and head norm."""
+        return self._run_stages(x)[0].permute(0, 3, 1, 2)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """NCHW last-stage map -> logits (or the pooled, normed features with ``pre_logits``)."""
+        return self.head(x.permute(0, 2, 3, 1), pre_logits=pre_logits)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        stop_early: bool = False,
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage outputs as NCHW maps. ``indices``: last n stages if int, all if None, else those indices."""
+        take = _take_indices(len(self.stages), indices)
+        x, feats = self._run_stages(x, set(take), max(take) if stop_early or intermediates_only else None)
+        feats = [f.permute(0, 3, 1, 2) for f in feats]
+        if intermediates_only:
+            return feats
+        return x.permute(0, 3, 1, 2), feats
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self._run_stages(x)[0])
+
+
+class FeatureInfo(list):
+    """List of ``dict(num_chs, reduction, module)`` per returned map, with timm-style accessors."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+
+class DaViTFeatures(nn.Module):
+    """Backbone for dense prediction: the DaViT trunk returning NCHW stage maps.
+
+    ``out_norm=True`` adds a LayerNorm on each returned stage output (the detection/segmentation form of the
+    official mmdet/mmseg backbone, keys ``out_norms.{i}``). Parameter names of the trunk equal the classifier's,
+    so a classification checkpoint loads with only the head keys unused.
+    """
+
+    def __init__(self, model: DaViT, out_indices: Sequence[int] = (0, 1, 2, 3), out_norm: bool = False) -> None:
+        super().__init__()
+        n = len(model.stages)
+        out_indices = tuple(i % n if i < 0 else i for i in out_indices)
+        if not out_indices or any(i < 0 or i >= n for i in out_indices):
+            raise ValueError(f"out_indices must be stage indices in [0, {n - 1}], got {out_indices}")
+        self.out_indices = out_indices
+        self.in_chans = model.in_chans
+        self.stem = model.stem
+        self.stages = model.stages[: max(out_indices) + 1]
+        self.feature_info = FeatureInfo(model.feature_info[i] for i in out_indices)
+        self.out_norms = (
+            nn.ModuleList(nn.LayerNorm(model.embed_dims[i]) for i in out_indices) if out_norm else None
+        )
+        self._check = model.check_input
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            self._check(x)
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                y = x
+                if self.out_norms is not None:
+                    y = self.out_norms[self.out_indices.index(i)](y)
+                outs.append(y.permute(0, 3, 1, 2))
+        return outs
+
+
+def _take_indices(n: int, indices: int | Sequence[int] | None) -> list[int]:
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: must take between 1 and {n} stages")
+        return list(range(n - indices, n))
+    out = sorted(i % n if i < 0 else i for i in indices)
+    if any(i >= n for i in out):
+        raise ValueError(f"stage indices {list(indices)} out of range for {n} stages")
+    return out
+
+
+def _init_weights(m: nn.Module) -> None:
+    # SPEC: Linear trunc_normal(0.02) with zero bias; LayerNorm 1/0 and convs keep PyTorch defaults
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# ----- variant table -------------------------------------------------------------------------------------------
+_T = dict(depths=(1, 1, 3, 1), embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24))
+_S = dict(depths=(1, 1, 9, 1), embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24))
+_B = dict(depths=(1, 1, 9, 1), embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32))
+_L = dict(depths=(1, 1, 9, 1), embed_dims=(192, 384, 768, 1536), num_heads=(6, 12, 24, 48), window_size=12)
+_H = dict(depths=(1, 1, 9, 1), embed_dims=(256, 512, 1024, 2048), num_heads=(8, 16, 32, 64))
+_G = dict(depths=(1, 1, 12, 3), embed_dims=(384, 768, 1536, 3072), num_heads=(12, 24, 48, 96))
+_FL = dict(window_size=12, down_kernel_size=3, channel_attn_v2=True)
+
+
+def _meta(
+    img: int = 224,
+    crop_pct: float = 0.95,
+    hf_hub_id: str | None = None,
+    top1: float | None = None,
+    params: int | None = None,
+    gmacs: float | None = None,
+    mean: tuple = IMAGENET_MEAN,
+    std: tuple = IMAGENET_STD,
+    license: str = "apache-2.0",
+    **kw: Any,
+) -> dict[str, Any]:
+    return dict(
+        input_size=(3, img, img),
+        crop_pct=crop_pct,
+        interpolation="bicubic",
+        mean=mean,
+        std=std,
+        hf_hub_id=hf_hub_id,
+        paper_top1=top1,
+        num_params=params,
+        gmacs=gmacs,
+        license=license,
+        **kw,
+    )
+
+
+# name -> (architecture kwargs, metadata). `num_params`/`gmacs` are the SPEC figures (1000-class head where one
+# exists) and are checked by the tests against the built models.
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "davit_tiny": (_T, _meta(hf_hub_id="timm/davit_tiny.msft_in1k", top1=82.8, params=28_360_168, gmacs=4.54)),
+    "davit_small": (_S, _meta(hf_hub_id="timm/davit_small.msft_in1k", top1=84.2, params=49_745_896, gmacs=8.80)),
+    "davit_base": (_B, _meta(hf_hub_id="timm/davit_base.msft_in1k", top1=84.6, params=87_954_408, gmacs=15.51)),
+    "davit_large": (_L, _meta(img=384, crop_pct=1.0, top1=87.5, params=196_811_752, gmacs=102.97)),
+    # paper H/G: overlapped 3x3 downsampling, window 16, 512 px (SPEC section 1)
+    "davit_huge": ({**_H, "window_size": 16, "down_kernel_size": 3}, _meta(img=512, crop_pct=1.0, top1=90.2,
+                                                                          params=362_700_000, gmacs=334.0)),
+    "davit_giant": ({**_G, "window_size": 16, "down_kernel_size": 3}, _meta(img=512, crop_pct=1.0, top1=90.4,
+                                                                           params=1_437_400_000, gmacs=1038.0)),
+    # timm's davit_huge / davit_giant: 2x2 downsampling, window 7, 224 px
+    "davit_huge_k2": (_H, _meta(params=348_900_000)),
+    "davit_giant_k2": (_G, _meta(params=1_406_500_000)),
+    # Florence-2 vision towers: V2 channel attention, window 12, overlapped downsampling, 768 px, no classifier
+    "davit_base_fl": ({**_B, **_FL, "num_classes": 0},
+                      _meta(img=768, crop_pct=1.0, hf_hub_id="microsoft/Florence-2-base", license="mit")),
+    "davit_huge_fl": ({**_H, **_FL, "num_classes": 0},
+                      _meta(img=768, crop_pct=1.0, hf_hub_id="microsoft/Florence-2-large", license="mit")),
+    # small variants for small images and CPUs (not in the paper): stem stride 2, so a 28 px image gives
+    # 14/7/4/2 maps and the 7x7 window covers stage 1; heads of 16 or 32 channels
+    "davit_atto": (dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8),
+                        stem_stride=2), _meta(img=32, crop_pct=1.0, license="mit")),
+    "davit_femto": (dict(depths=(1, 1, 2, 1), embed_dims=(48, 96, 192, 384), num_heads=(3, 6, 12, 24),
+                         stem_stride=2), _meta(img=32, crop_pct=1.0, license="mit")),
+    "davit_pico": (dict(depths=(1, 1, 3, 1), embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16),
+                        stem_stride=2), _meta(img=32, crop_pct=1.0, license="mit")),
+}
+
+# The official training recipe's drop path per variant (SPEC section 5); 0 where no recipe states one.
+DEFAULT_DROP_PATH = {"davit_tiny": 0.1, "davit_small": 0.2, "davit_base": 0.4}
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered variant names matching a shell-style ``pattern``."""
+    import fnmatch
+
+    return sorted(n for n in VARIANTS if fnmatch.fnmatch(n, pattern))
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """Architecture kwargs and metadata (input size, crop_pct, mean/std, params, GMACs, paper top-1) of a variant."""
+    arch, meta = VARIANTS[_check_name(name)]
+    return {"name": name, "arch": dict(arch), **meta}
+
+
+def _check_name(name: str) -> str:
+    if name not in VARIANTS:
+        close = difflib.get_close_matches(name, VARIANTS, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}")
+    return name
+
+
+def create_model(
+    name: str,
+    pretrained: bool | str = False,
+    num_classes: int | None = None,
+    in_chans: int = 3,
+    drop_path_rate: float = 0.0,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    out_norm: bool = False,
+    **kwargs: Any,
+) -> DaViT | DaViTFeatures:
+    """Build a DaViT variant.
+
+    Args:
+        name: one of :func:`list_models`.
+        pretrained: False; True or a tag (``"msft_in1k"``) to download the released weights through the Hugging
+            Face hub cache; or a path to a local checkpoint in any layout :mod:`davit.weights` accepts.
+        num_classes: classifier outputs (default: the variant's, 1000 or 0 for Florence-2 towers).
+        in_chans: input channels.
+        drop_path_rate: stochastic depth (official linear schedule over all blocks).
+        features_only: return a :class:`DaViTFeatures` backbone giving NCHW stage maps.
+        out_indices / out_norm: which stage maps, and a LayerNorm on each (dense-prediction form).
+        **kwargs: architecture overrides, e.g. ``window_size=12``, ``drop_rate``.
+    """
+    arch, _meta_ = VARIANTS[_check_name(name)]
+    cfg = {**arch, **kwargs}
+    if num_classes is not None:
+        cfg["num_classes"] = num_classes
+    model = DaViT(in_chans=in_chans, drop_path_rate=drop_path_rate, **cfg)
+    model.pretrained_cfg = {"name": name, **_meta_}
+    if pretrained:
+        from .weights import load_pretrained
+
+        load_pretrained(model, name, pretrained)
+    if features_only:
+        feats = DaViTFeatures(model, out_indices, out_norm)
+        feats.pretrained_cfg = model.pretrained_cfg
+        return feats
+    return model
