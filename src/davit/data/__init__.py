@@ -1,5 +1,6 @@
 """Datasets (Fashion-MNIST IDX, image folders, tar shards), transforms, deterministic loaders and mixup."""
 
+from .batch_transforms import BatchTransform, build_batch_transform
 from .datasets import DATASET_NAMES, build_dataset
 from .fashion_mnist import (
     FASHION_MNIST_CLASSES,
@@ -42,4 +43,6 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "build_transform",
+    "BatchTransform",
+    "build_batch_transform",
 ]

@@ -22,6 +22,7 @@ def build_dataset(
     download: bool = False,
     mode: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    raw: bool = False,
 ) -> Dataset:
     """``name``: "fashion-mnist" (IDX files in ``root`` or /usr/share/datasets/fashion-mnist; split "train" or
     "val"/"test" = the official 10k), "folder" (``root/{train,val}/CLASS/*``) or "wds" (tar shards: ``root``
@@ -30,11 +31,14 @@ def build_dataset(
     ``mode``: "RGB" or "L" images for the transform (default: "L" for fashion-mnist, "RGB" otherwise).
     ``download`` is accepted for timm-style callers but nothing is downloaded: there is no network on the
     machines this runs on; Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``.
+    ``raw=True`` (fashion-mnist only): uint8 tensor items for ``build_loader(batch_transform=...)``.
     Every dataset has ``.classes``; map-style ones also ``.targets``.
     """
     name = name.lower().replace("_", "-")
     if name in ("fashion-mnist", "fashionmnist", "fmnist"):
-        return FashionMNIST(root, split, transform=transform, mode=mode or "L")
+        return FashionMNIST(root, split, transform=transform, mode=mode or "L", raw=raw)
+    if raw:
+        raise ValueError("raw=True (uint8 tensors for batched augmentation) is only for fashion-mnist")
     if root is None:
         raise ValueError(f"dataset '{name}' needs a data directory (--data-dir)")
     if name in ("folder", "imagefolder", "image-folder"):

@@ -11,6 +11,7 @@ import os
 import zlib
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -78,7 +79,8 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
             f"{path}: {len(raw)} bytes but the header says {'x'.join(map(str, dims))} "
             f"needing {expected}; the file is truncated or corrupt"
         )
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    # a writable array (frombuffer over bytes is read-only, which torch.from_numpy warns about)
+    return np.frombuffer(bytearray(raw), np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def _find(root: str, stem: str) -> str:
@@ -93,13 +95,21 @@ class FashionMNIST(Dataset):
     """The 60k training or 10k official test images; items are ``(PIL image 28x28, label)``.
 
     ``split`` is "train", or "val"/"test" (both the official test set: Fashion-MNIST has no separate
-    validation set). ``mode`` "L" (default) or "RGB" (grey replicated, for 3-channel models). ``.data`` is the
-    uint8 array (N, 28, 28) for code that wants to augment whole batches itself.
+    validation set). ``mode`` "L" (default) or "RGB" (grey replicated, for 3-channel models). ``raw=True``:
+    items are uint8 tensors (C, 28, 28) instead of PIL images, for batched augmentation (batch_transforms.py);
+    ``transform`` is then not used. ``.data`` is the uint8 array (N, 28, 28).
     """
 
     classes = FASHION_MNIST_CLASSES
 
-    def __init__(self, root: str | None = None, split: str = "train", transform=None, mode: str = "L"):
+    def __init__(
+        self,
+        root: str | None = None,
+        split: str = "train",
+        transform=None,
+        mode: str = "L",
+        raw: bool = False,
+    ):
         root = root or FASHION_MNIST_DIR
         if split not in ("train", "val", "test"):
             raise ValueError(f"Fashion-MNIST split must be 'train', 'val' or 'test', got {split!r}")
@@ -119,12 +129,25 @@ class FashionMNIST(Dataset):
         if labels.size and labels.max() >= len(self.classes):
             raise ValueError(f"{lbl_file}: label {labels.max()} out of range 0..{len(self.classes) - 1}")
         self.targets = labels.astype(np.int64).tolist()
-        self.root, self.split, self.transform, self.mode = root, split, transform, mode
+        self._tensor = torch.from_numpy(self.data)
+        self.root, self.split, self.transform, self.mode, self.raw = root, split, transform, mode, raw
 
     def __len__(self) -> int:
         return len(self.data)
 
+    def __getitems__(self, indices: list[int]) -> list:
+        """A whole batch at once (the DataLoader's batched fetch): one gather instead of N item calls."""
+        if not self.raw:
+            return [self[i] for i in indices]
+        x = self._tensor[torch.as_tensor(indices, dtype=torch.long)][:, None]  # B, 1, 28, 28
+        if self.mode == "RGB":
+            x = x.expand(-1, 3, -1, -1)
+        return list(zip(x.unbind(0), [self.targets[i] for i in indices]))
+
     def __getitem__(self, i: int):
+        if self.raw:
+            x = self._tensor[i][None]
+            return (x.expand(3, -1, -1) if self.mode == "RGB" else x).clone(), self.targets[i]
         img = Image.fromarray(self.data[i], "L")
         if self.mode == "RGB":
             img = img.convert("RGB")

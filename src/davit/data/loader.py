@@ -146,13 +146,23 @@ class SeededDataset(Dataset):
             BATCH_RNG.begin(seed)
         return self.dataset[index]
 
+    def __getitems__(self, keys: list) -> list:
+        # defined here so the DataLoader's batched fetch never reaches the inner dataset through __getattr__
+        inner = getattr(type(self.dataset), "__getitems__", None)
+        if inner is None or any(isinstance(k, tuple) and k[1] is not None for k in keys[1:]):
+            return [self[k] for k in keys]
+        if isinstance(keys[0], tuple) and keys[0][1] is not None:
+            BATCH_RNG.begin(keys[0][1])
+        return inner(self.dataset, [k[0] if isinstance(k, tuple) else k for k in keys])
+
 
 class Collate:
-    """Stack the good samples, set the BadSamples aside; optionally apply a batch mixup (e.g. timm Mixup) to
-    the stacked batch. Returns ``(x, y, bad)``; ``x`` and ``y`` are None if every sample was bad."""
+    """Stack the good samples, set the BadSamples aside; then optionally a batch transform (batched
+    augmentation of uint8 tensors) and a batch mixup (e.g. timm Mixup). Returns ``(x, y, bad)``; ``x`` and
+    ``y`` are None if every sample was bad."""
 
-    def __init__(self, mixup: Callable | None = None):
-        self.mixup = mixup
+    def __init__(self, mixup: Callable | None = None, batch_transform: Callable | None = None):
+        self.mixup, self.batch_transform = mixup, batch_transform
 
     def __call__(self, batch):
         try:
@@ -161,6 +171,8 @@ class Collate:
             if not good:
                 return None, None, bad
             x, y = default_collate(good)
+            if self.batch_transform is not None:
+                x = self.batch_transform(x)
             if self.mixup is not None:
                 x, y = self.mixup(x, y)  # still inside the batch's seeded RNG stream
             return x, y, bad
@@ -240,6 +252,7 @@ def build_loader(
     world_size: int | None = None,
     pin_memory: bool | None = None,
     persistent_workers: bool | None = None,
+    batch_transform: Callable | None = None,
 ) -> Loader:
     """A :class:`Loader` over ``dataset``: shuffled per (seed, epoch) when training, in order otherwise.
 
@@ -247,7 +260,7 @@ def build_loader(
     training shards are padded to equal length so every rank runs the same number of steps, eval shards are
     not (each sample is seen once). ``drop_last`` defaults to ``is_training``. ``collate_mixup`` (e.g. timm
     Mixup, applied in the workers) needs even batches: use :func:`davit.data.build_mixup`, which handles odd
-    ones.
+    ones. ``batch_transform`` (batch_transforms.py) runs on each stacked batch in the workers, before mixup.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -259,7 +272,7 @@ def build_loader(
     common = dict(
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=Collate(collate_mixup),
+        collate_fn=Collate(collate_mixup, batch_transform),
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=persistent_workers and workers > 0,
