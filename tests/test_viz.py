@@ -12,7 +12,16 @@ from PIL import Image
 import davit
 from davit.cli import main as cli_main
 from davit.layers.attention import channel_attention_ref, window_attention_ref, window_partition
-from davit.viz import attention_hooks, capture_attention, grad_cam, visualize, write_demo_sheets
+from davit.viz import (
+    attention_hooks,
+    capture_attention,
+    grad_cam,
+    load_image,
+    load_model,
+    resolve_data_config,
+    visualize,
+    write_demo_sheets,
+)
 from davit.viz.draw import CELL, DPI, SHEET_CELL
 
 
@@ -185,6 +194,7 @@ def test_demo_sheets_one_per_image(tmp_path, written):
         assert im.size == (int(4 * SHEET_CELL * DPI),) * 2
 
 
+@pytest.mark.slow  # ~12 s CPU: first torchvision import, three model loads, four figures
 def test_cli_viz_rgb_checkpoint_native_size(tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -193,44 +203,57 @@ def test_cli_viz_rgb_checkpoint_native_size(tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     img = tmp_path / "odd.png"
     Image.fromarray(torch.randint(0, 255, (37, 45, 3), dtype=torch.uint8).numpy()).save(img)
-    rc = cli_main(
-        [
-            "viz",
-            str(img),
-            "--model",
-            "davit_atto",
-            "--checkpoint",
-            str(ckpt),
-            "--out",
-            str(tmp_path / "o"),
-            "--img-size",
-            "native",
-            "--stages",
-            "3",
-            "--class-names",
-            "a,b,c,d",
-        ]
-    )
+    out = tmp_path / "o"
+    args = ["viz", str(img), "--model", "davit_atto", "--checkpoint", str(ckpt), "--out", str(out)]
+    rc = cli_main(args + ["--img-size", "native", "--stages", "3", "--class-names", "a,b,c,d"])
     assert rc == 0
-    files = sorted(p.name for p in (tmp_path / "o" / "odd").iterdir())
+    files = sorted(p.name for p in (out / "odd").iterdir())
     assert files == ["channel_stage3.png", "gradcam.png", "sheet.png", "spatial_stage3.png"]
-    assert (
-        cli_main(
-            [
-                "viz",
-                str(img),
-                "--model",
-                "davit_atto",
-                "--checkpoint",
-                str(ckpt),
-                "--out",
-                str(tmp_path),
-                "--stages",
-                "7",
-            ]
-        )
-        == 2
-    )
+    assert cli_main(args + ["--stages", "7"]) == 2
     assert "out of range" in capsys.readouterr().err
+    assert cli_main(args + ["--class-names", "a,b"]) == 2
+    assert "2 class names" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli_main(["viz", str(img), "--model", "davit_atto", "--out", str(tmp_path), "--queries", "2,0.5"])
+        cli_main(args + ["--queries", "2,0.5"])
+
+
+def test_run_metadata_of_trainer_checkpoint_drives_model_and_preprocessing(tmp_path):
+    # the trainer writes model, classes, img_size, mean/std into the safetensors header (JSON values)
+    from safetensors.torch import save_file
+
+    model = atto(num_classes=3)
+    ckpt = tmp_path / "model.safetensors"
+    meta = {
+        "model": "davit_atto",
+        "classes": '["x", "y", "z"]',
+        "img_size": "24",
+        "mean": "[0.25]",
+        "std": "[0.5]",
+        "crop_pct": "1.0",
+    }
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt), metadata=meta)
+    loaded, cfg = load_model(None, ckpt)
+    assert loaded.num_classes == 3 and loaded.in_chans == 1 and cfg["classes"] == ["x", "y", "z"]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    dcfg = resolve_data_config(loaded, cfg)
+    assert dcfg["input_size"] == (1, 24, 24) and dcfg["mean"] == (0.25,) and dcfg["std"] == (0.5,)
+    img = tmp_path / "g.png"
+    Image.fromarray(torch.full((50, 40), 64, dtype=torch.uint8).numpy()).save(img)
+    x = load_image(img, dcfg)
+    assert x.shape == (1, 24, 24) and torch.allclose(
+        x, torch.full_like(x, (64 / 255 - 0.25) / 0.5), atol=1e-2
+    )
+    # without metadata: ImageNet statistics averaged for one channel, the variant's input size
+    d0 = resolve_data_config(atto())
+    assert d0["input_size"] == (1, 32, 32) and d0["mean"] == pytest.approx((0.449,), abs=1e-3)
+
+
+def test_fashion_mnist_test_image_source():
+    pytest.importorskip("davit.data.fashion_mnist")
+    from davit.cli_viz import _source
+
+    img, label, stem = _source("fashion-mnist:0", [])
+    assert img.size == (28, 28) and label == "Ankle boot" and stem == "fashion-mnist_0"
+    assert _source("shirt.png", []) == ("shirt.png", None, "shirt")
+    with pytest.raises(ValueError, match="0..9999"):
+        _source("fashion-mnist:10000", [])

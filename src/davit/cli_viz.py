@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import Any
 
 EXAMPLE = """examples:
+  davit viz fashion-mnist:0 fashion-mnist:1 --checkpoint runs/demo/model.safetensors --out viz/
   davit viz shirt.png --model davit_atto --checkpoint runs/demo/model_best.safetensors --out viz/
   davit viz a.jpg b.jpg --model davit_tiny --pretrained --out viz/ --queries 0.5,0.5 0.2,0.8 --stages 0 2
 """
@@ -42,7 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL-readable format)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (any PIL-readable format), or fashion-mnist:N for test image N",
+    )
     p.add_argument("--model", default=None, help="variant name (default: the checkpoint's run config)")
     p.add_argument("--checkpoint", default=None, help="weights file (.safetensors or .pth/.pt)")
     p.add_argument("--pretrained", action="store_true", help="use the released weights (no --checkpoint)")
@@ -83,8 +90,24 @@ def _class_names(arg: str | None, run_cfg: dict) -> list[str]:
         if p.is_file():
             return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
         return [s.strip() for s in arg.split(",")]
-    names = run_cfg.get("class_names")
+    names = run_cfg.get("class_names") or run_cfg.get("classes")  # `classes`: the trainer's header key
     return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def _source(arg: str, names: list[str]) -> tuple[Any, str | None, str]:
+    """(image file or PIL image, true label name or None, output folder name) of an IMAGE argument."""
+    m = re.fullmatch(r"fashion-mnist:(\d+)", arg)
+    if not m:
+        return arg, None, Path(arg).stem
+    from .data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
+
+    ds = FashionMNIST(split="test")
+    i = int(m.group(1))
+    if i >= len(ds):
+        raise ValueError(f"{arg}: the Fashion-MNIST test set has images 0..{len(ds) - 1}")
+    img, y = ds[i]
+    classes = names or list(FASHION_MNIST_CLASSES)
+    return img, classes[int(y)] if int(y) < len(classes) else f"class {int(y)}", f"fashion-mnist_{i}"
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
@@ -106,8 +129,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(names)} class names given but the model has {model.num_classes} classes")
     out, seen = Path(args.out), set()
     for path in args.images:
-        x = load_image(path, dcfg, native=native)
-        stem = Path(path).stem
+        src, label, stem = _source(path, names)
+        x = load_image(src, dcfg, native=native)
         while stem in seen:
             stem += "_"
         seen.add(stem)
@@ -116,6 +139,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
             x,
             out / stem,
             names,
+            label=label,
             queries=args.queries,
             stages=args.stages,
             mean=dcfg["mean"],
@@ -123,7 +147,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
             target=args.target,
             max_heads=args.max_heads,
             top_k=args.top_k,
-            title=f"{model.pretrained_cfg['name']} on {Path(path).name}",
+            title=f"{model.pretrained_cfg['name']} on {path if label else Path(path).name}",
         )
         print(f"{path}: {len(paths)} figures in {out / stem}  (summary: {paths['sheet']})")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,19 +39,41 @@ def _flatten(node: dict, into: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
+def _header_metadata(path: Path) -> dict[str, Any]:
+    # the trainer stores model, arch, classes, in_chans, img_size, mean, std... in the safetensors header
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata() or {}
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            out[k] = v
+    return out
+
+
 def find_run_config(checkpoint: str | Path | None) -> dict[str, Any]:
-    """The trainer's ``config.yaml`` next to the checkpoint (or one folder up), flattened; {} if none."""
+    """What the training run recorded about the checkpoint, flattened: the safetensors header metadata, then
+    the trainer's ``config.yaml`` next to the checkpoint (or one folder up) for keys the header lacks."""
     if checkpoint is None:
         return {}
     import yaml
 
     p = Path(checkpoint).resolve()
+    cfg = {k: v for k, v in _header_metadata(p).items() if v is not None}
     for d in (p.parent, p.parent.parent):
         f = d / "config.yaml"
         if f.is_file():
-            cfg = yaml.safe_load(f.read_text()) or {}
-            return _flatten(cfg if isinstance(cfg, dict) else {}, {})
-    return {}
+            y = yaml.safe_load(f.read_text()) or {}
+            for k, v in _flatten(y if isinstance(y, dict) else {}, {}).items():
+                if v is not None:
+                    cfg.setdefault(k, v)
+            break
+    return cfg
 
 
 def resolve_data_config(
@@ -81,20 +104,23 @@ def resolve_data_config(
     )
 
 
-def load_image(path: str | Path, data_config: dict[str, Any], native: bool = False) -> Tensor:
-    """Read an image file into a normalised (C, H, W) tensor: EXIF rotation, grey/RGB conversion, resize to
-    ``input_size / crop_pct`` and centre crop (timm's eval transform), or the image's own size with
-    ``native``."""
+def load_image(path: str | Path | Any, data_config: dict[str, Any], native: bool = False) -> Tensor:
+    """Read an image file (or take a PIL image) into a normalised (C, H, W) tensor: EXIF rotation, grey/RGB
+    conversion, resize to ``input_size / crop_pct`` and centre crop (timm's eval transform), or the image's
+    own size with ``native``."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     from torchvision.transforms import v2 as T
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        img = ImageOps.exif_transpose(Image.open(path))
-    except UnidentifiedImageError as e:
-        raise ValueError(f"{path} is not an image PIL can read (PNG, JPEG, ...)") from e
+    if isinstance(path, Image.Image):
+        img = path
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+        try:
+            img = ImageOps.exif_transpose(Image.open(path))
+        except UnidentifiedImageError as e:
+            raise ValueError(f"{path} is not an image PIL can read (PNG, JPEG, ...)") from e
     c, h, w = data_config["input_size"]
     if c not in (1, 3):
         raise ValueError(f"only 1- or 3-channel models can be fed image files; this model takes {c} channels")
@@ -150,16 +176,23 @@ def load_model(
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    sd = _read_state_dict(path)
-    num_classes = _shape_hint(sd, ("head.fc.weight", "head.weight"), 0)
-    in_chans = _shape_hint(sd, ("stem.conv.weight", "patch_embeds.0.proj.weight"), 1) or 3
-    model = create_model(name, num_classes=num_classes if num_classes is not None else 0, in_chans=in_chans)
+    arch = run_cfg.get("arch") if isinstance(run_cfg.get("arch"), dict) else {}
     try:
-        from ..weights import load_weights
+        from .. import weights
     except ImportError:  # before the weights module: plain state dicts in this package's layout
+        weights = None
+    if weights is None:
+        sd = _read_state_dict(path)
+        num_classes = _shape_hint(sd, ("head.fc.weight",), 0) or 0
+        in_chans = _shape_hint(sd, ("stem.conv.weight",), 1) or 3
+    else:  # any layout the loader accepts; class count and input channels read off the tensors
+        shapes = weights.infer_arch(weights.to_native(weights.load_state_dict(path))[0])
+        num_classes, in_chans = shapes["num_classes"], shapes["in_chans"] or 3
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans, **arch)
+    if weights is None:
         model.load_state_dict(sd)
     else:
-        load_weights(model, path)
+        weights.load_weights(model, path)
     return model.eval(), run_cfg
 
 
@@ -207,6 +240,9 @@ def analyse(
     x = image[None] if image.ndim == 3 else image
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"expected one image (C, H, W) or (1, C, H, W), got shape {tuple(image.shape)}")
+    p = next(model.parameters(), None)
+    if p is not None:
+        x = x.to(p.device)
     was_training = model.training
     model.eval()
     try:
