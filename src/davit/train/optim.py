@@ -1,0 +1,98 @@
+"""AdamW with weight decay only on tensors with ndim >= 2, optional layer-wise lr decay, and the official
+warmup + cosine + cooldown schedule (timm's CosineLRScheduler, stepped per optimizer update)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+__all__ = ["param_groups", "layer_id", "build_optimizer", "build_scheduler", "lr_at"]
+
+
+def layer_id(name: str, depths: tuple[int, ...]) -> int:
+    """Depth index for layer-wise lr decay: stem 0, each dual block its own id (a stage's downsample shares
+    the id of the stage's first block), head last (= 1 + number of dual blocks)."""
+    n_blocks = sum(depths)
+    if name.startswith("stem."):
+        return 0
+    m = re.match(r"stages\.(\d+)\.(downsample|blocks\.(\d+))", name)
+    if m:
+        stage = int(m.group(1))
+        before = sum(depths[:stage])
+        return 1 + before + (int(m.group(3)) if m.group(3) is not None else 0)
+    return n_blocks + 1  # head (and anything else after the trunk)
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Parameter groups: decay on ndim >= 2 tensors (Linear/conv weights), none on biases and norms (SPEC 5).
+    With ``layer_decay`` each group also carries ``lr_scale = layer_decay ** (head_id - layer_id)``."""
+    depths = tuple(getattr(model, "depths", ()))
+    groups: dict[tuple[bool, int], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2
+        lid = layer_id(name, depths) if layer_decay is not None and depths else 0
+        key = (decay, lid)
+        if key not in groups:
+            g = {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0}
+            if layer_decay is not None and depths:
+                g["lr_scale"] = layer_decay ** (sum(depths) + 1 - lid)
+            groups[key] = g
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(
+    model: nn.Module,
+    opt: str,
+    lr: float,
+    weight_decay: float,
+    eps: float = 1e-8,
+    betas: tuple[float, float] = (0.9, 0.999),
+    layer_decay: float | None = None,
+) -> torch.optim.Optimizer:
+    if opt.lower() != "adamw":
+        raise ValueError(f"unsupported optimizer {opt!r}: DaViT's recipe uses 'adamw'")
+    groups = param_groups(model, weight_decay, layer_decay)
+    for g in groups:
+        g.pop("names")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    sched: str,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float,
+    warmup_lr: float,
+    min_lr: float,
+):
+    """timm's CosineLRScheduler in optimizer steps: linear warmup from ``warmup_lr`` over ``warmup_epochs``,
+    cosine
+    from the peak to ``min_lr`` at ``epochs`` (counted from step 0, as the official timm-based train.py),
+    then ``min_lr`` for the cooldown epochs that follow. Call ``.step_update(num_updates)`` after each
+    update."""
+    from timm.scheduler import CosineLRScheduler
+
+    if sched != "cosine":
+        raise ValueError(f"unsupported schedule {sched!r}: only 'cosine' (the official one) is implemented")
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, epochs * steps_per_epoch),
+        lr_min=min_lr,
+        warmup_t=round(warmup_epochs * steps_per_epoch),
+        warmup_lr_init=warmup_lr,
+        warmup_prefix=False,
+        cycle_limit=1,
+        t_in_epochs=False,
+    )
+
+
+def lr_at(scheduler, step: int) -> float:
+    """The base learning rate the scheduler gives at optimizer step ``step`` (before any lr_scale)."""
+    return scheduler._get_lr(step)[0]

@@ -1,0 +1,225 @@
+"""Building the pieces of a run from a TrainConfig: datasets/loaders, the model (with fine-tuning from an
+initial checkpoint), and the metadata saved next to the weights so `davit eval`/`predict` can rebuild it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..models import DEFAULT_DROP_PATH, create_model, model_info
+from .config import TrainConfig
+
+__all__ = [
+    "DataBundle",
+    "resolve_data_params",
+    "build_data",
+    "build_model",
+    "weights_metadata",
+    "model_from_metadata",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _is_fmnist(name: str) -> bool:
+    return name.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist", "fmnist")
+
+
+def resolve_data_params(cfg: TrainConfig) -> dict[str, Any]:
+    """Input channels, size, normalisation and eval crop for this config (explicit values win)."""
+    info = model_info(cfg.model)
+    in_chans = cfg.in_chans or (1 if _is_fmnist(cfg.dataset) else 3)
+    img_size = cfg.img_size or info["input_size"][-1]
+    if cfg.mean is not None:
+        mean, std = list(cfg.mean), list(cfg.std or [])
+    elif _is_fmnist(cfg.dataset):
+        from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+        mean, std = list(FASHION_MNIST_MEAN) * in_chans, list(FASHION_MNIST_STD) * in_chans
+    else:
+        mean, std = list(info["mean"]), list(info["std"])
+        if in_chans == 1:
+            mean, std = [sum(mean) / 3], [sum(std) / 3]
+    if cfg.std is not None:
+        std = list(cfg.std)
+    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else info["crop_pct"]
+    return dict(
+        in_chans=in_chans,
+        img_size=img_size,
+        mean=mean,
+        std=std,
+        crop_pct=crop_pct,
+        interpolation=cfg.interpolation,
+    )
+
+
+class _Head(Dataset):
+    """The first ``n`` items of a dataset. (Not torch's Subset: its ``__getitems__`` would be picked up
+    through     the data loader's wrapper and bypass the per-sample seeding.)"""
+
+    def __init__(self, ds: Dataset, n: int) -> None:
+        self.ds, self.n = ds, min(n, len(ds))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.ds[i]
+
+
+@dataclass
+class DataBundle:
+    train_loader: Any
+    val_loader: Any
+    classes: list[str]
+    params: dict[str, Any]
+
+
+def build_data(cfg: TrainConfig, distributed: bool) -> DataBundle:
+    from ..data import build_dataset, build_loader, build_transform
+
+    dp = resolve_data_params(cfg)
+    mode = "L" if dp["in_chans"] == 1 else "RGB"
+    common = dict(
+        input_size=dp["img_size"],
+        in_chans=dp["in_chans"],
+        interpolation=dp["interpolation"],
+        mean=dp["mean"],
+        std=dp["std"],
+        simple=cfg.simple_aug,
+    )
+    train_tf = build_transform(
+        True,
+        aa=cfg.aa,
+        reprob=cfg.reprob,
+        remode=cfg.remode,
+        scale=tuple(cfg.scale),
+        hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter,
+        **common,
+    )
+    val_tf = build_transform(False, crop_pct=dp["crop_pct"], **common)
+    train_ds = build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split, transform=train_tf, mode=mode)
+    val_ds = build_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, transform=val_tf, mode=mode)
+    classes = list(train_ds.classes)
+    if cfg.train_samples:
+        train_ds = _Head(train_ds, cfg.train_samples)
+    if cfg.val_samples:
+        val_ds = _Head(val_ds, cfg.val_samples)
+    train_loader = build_loader(
+        train_ds, cfg.batch_size, True, workers=cfg.workers, distributed=distributed, seed=cfg.seed
+    )
+    val_loader = build_loader(
+        val_ds, cfg.batch_size, False, workers=cfg.workers, distributed=distributed, seed=cfg.seed
+    )
+    # a private generator for the loaders' worker base seed: otherwise starting an epoch's iterator draws from
+    # the global torch RNG, and a run resumed mid-epoch would draw at another point than an uninterrupted one
+    for i, ld in enumerate((train_loader, val_loader)):
+        ld.generator = torch.Generator().manual_seed(cfg.seed + i)
+    return DataBundle(train_loader, val_loader, classes, dp)
+
+
+def _arch_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    kw = dict(cfg.model_kwargs)
+    if cfg.window_size:
+        kw["window_size"] = cfg.window_size
+    if cfg.drop:
+        kw["drop_rate"] = cfg.drop
+    return kw
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, verbose: bool = True) -> torch.nn.Module:
+    """The model of the config; with ``initial_checkpoint`` its weights are loaded (any layout), the
+    classifier
+    left fresh when the class count differs. DaViT has no position tables, so weights fit any resolution and
+    window size unchanged (fine-tuning at 384 or window 12 needs no interpolation)."""
+    drop_path = cfg.drop_path if cfg.drop_path is not None else DEFAULT_DROP_PATH.get(cfg.model, 0.0)
+    model = create_model(
+        cfg.model, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path, **_arch_kwargs(cfg)
+    )
+    if cfg.initial_checkpoint:
+        from ..weights import check_weights, load_weights
+
+        ignore_head = not check_weights(model, cfg.initial_checkpoint).ok
+        report = load_weights(model, cfg.initial_checkpoint, strict=True, ignore_head=ignore_head)
+        if verbose:
+            head = " (new classifier: class count differs)" if ignore_head else ""
+            print(f"initial weights from {cfg.initial_checkpoint}{head}:\n{report}", flush=True)
+    return model
+
+
+def weights_metadata(cfg: TrainConfig, classes: list[str], params: dict[str, Any], **extra: Any) -> dict:
+    """Everything needed to rebuild and feed the model, stored in the .safetensors header."""
+    return {
+        "model": cfg.model,
+        "arch": json.dumps(_arch_kwargs(cfg)),
+        "num_classes": len(classes) if not cfg.num_classes else cfg.num_classes,
+        "classes": json.dumps(classes),
+        "in_chans": params["in_chans"],
+        "img_size": params["img_size"],
+        "mean": json.dumps(params["mean"]),
+        "std": json.dumps(params["std"]),
+        "crop_pct": params["crop_pct"],
+        "interpolation": params["interpolation"],
+        "simple_aug": cfg.simple_aug,
+        **extra,
+    }
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """Metadata of a .safetensors written by the trainer ({} for other files), JSON values decoded."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata() or {}
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            out[k] = v
+    return out
+
+
+def model_from_metadata(
+    path: str,
+    model: str | None = None,
+    use_ema: bool = False,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a trained model from its weights file (metadata from the trainer when present)."""
+    from ..weights import load_state_dict, load_weights
+
+    meta = read_metadata(path)
+    name = model or meta.get("model")
+    if not name:
+        raise ValueError(f"{path} does not say which model it holds; pass --model (e.g. --model davit_tiny)")
+    sd = load_state_dict(path, use_ema=use_ema)
+    n_cls = num_classes or meta.get("num_classes")
+    if n_cls is None:
+        w = next((v for k, v in sd.items() if k.endswith("head.fc.weight") or k == "head.weight"), None)
+        n_cls = w.shape[0] if w is not None else None
+    arch = meta.get("arch") or {}
+    if isinstance(arch, str):
+        arch = json.loads(arch)
+    net = create_model(name, num_classes=n_cls, in_chans=in_chans or meta.get("in_chans", 3), **arch)
+    load_weights(net, sd, strict=True)
+    info = model_info(name)
+    meta.setdefault("img_size", info["input_size"][-1])
+    meta.setdefault("crop_pct", info["crop_pct"])
+    meta.setdefault("interpolation", info["interpolation"])
+    meta.setdefault("mean", list(info["mean"]))
+    meta.setdefault("std", list(info["std"]))
+    meta.setdefault("in_chans", net.in_chans)
+    meta["model"] = name
+    return net, meta

@@ -1,0 +1,397 @@
+"""The training run, top to bottom: set-up, resume, the epoch loop (accumulate, clip, step, EMA, schedule),
+evaluation, checkpoints, and the final weights and report. Single process, torchrun DDP, or FSDP2."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from .config import TrainConfig, save_config
+from .distributed import all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
+from .logging import MetricsLogger, Progress
+from .metrics import autocast, evaluate
+from .optim import build_optimizer, build_scheduler
+from .setup import build_data, build_model, weights_metadata
+
+__all__ = ["train", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without applying that step."""
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread): no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal = signum
+        print(
+            f"\nreceived {signal.Signals(signum).name}: saving a checkpoint at the end of this step",
+            flush=True,
+        )
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _run_dir(cfg: TrainConfig, is_main: bool) -> Path:
+    out = Path(cfg.output)
+    name = cfg.experiment
+    if name is None and cfg.resume == "auto" and out.is_dir():
+        runs = [d for d in out.iterdir() if (d / "checkpoints").is_dir()]
+        if runs:  # resume the most recent run of this output folder
+            name = max(runs, key=lambda d: d.stat().st_mtime).name
+    if name is None:
+        name = f"{cfg.model}-{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    name = broadcast_object(name)
+    d = out / name
+    if is_main:
+        d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _state_dicts(net: nn.Module, opt: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+    if fsdp:  # gather the full, unsharded tensors on every rank (collective), offloaded to CPU
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return net.state_dict(), opt.state_dict()
+
+
+def _load_state_dicts(net: nn.Module, opt: torch.optim.Optimizer, msd: dict, osd: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            net,
+            opt,
+            model_state_dict=msd,
+            optim_state_dict=osd,
+            options=StateDictOptions(full_state_dict=True),
+        )
+        return
+    net.load_state_dict(msd)
+    opt.load_state_dict(osd)
+
+
+def _wrap_fsdp(net: nn.Module, device: torch.device) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for stage in net.stages:
+        for block in stage.blocks:
+            fully_shard(block)
+    fully_shard(net)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the training of ``cfg``; returns the final metrics (and the run folder as ``run_dir``)."""
+    di = init_distributed(cfg.device)
+    try:
+        return _train(cfg, di)
+    finally:
+        cleanup()
+
+
+def _train(cfg: TrainConfig, di) -> dict[str, Any]:
+    dev, main = di.device, di.is_main
+    if cfg.amp and cfg.amp_dtype == "float16" and dev.type != "cuda":
+        raise ValueError("--amp-dtype float16 needs a GPU (it uses a grad scaler); use bfloat16 on CPU")
+    if cfg.amp_dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"--amp-dtype must be bfloat16 or float16, got {cfg.amp_dtype!r}")
+    if cfg.fsdp and not di.distributed:
+        raise ValueError("--fsdp shards over several processes: launch with torchrun --nproc-per-node=N")
+    if cfg.grad_accum_steps < 1:
+        raise ValueError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
+    run_dir = _run_dir(cfg, main)
+
+    data = build_data(cfg, di.distributed)
+    num_classes = cfg.num_classes or len(data.classes)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    net = build_model(cfg, num_classes, data.params["in_chans"], verbose=main)
+    if cfg.grad_checkpointing:
+        net.set_grad_checkpointing(True)
+    net.to(dev)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    ema = None
+    if cfg.model_ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(net, decay=cfg.model_ema_decay)
+    if cfg.fsdp:
+        _wrap_fsdp(net, dev)
+    accum = cfg.grad_accum_steps
+    global_batch = cfg.batch_size * di.world_size * accum
+    lr = cfg.lr * global_batch / cfg.lr_base_size if cfg.lr_base_size else cfg.lr
+    opt = build_optimizer(
+        net, cfg.opt, lr, cfg.weight_decay, cfg.opt_eps, tuple(cfg.opt_betas), cfg.layer_decay
+    )
+    steps_per_epoch = data.train_loader.batches_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch has fewer batches than --grad-accum-steps ({accum}): use a smaller batch")
+    total_epochs = cfg.epochs + cfg.cooldown_epochs
+    sched = build_scheduler(
+        opt, cfg.sched, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr
+    )
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp and cfg.amp_dtype == "float16" else None
+    model: nn.Module = net
+    if di.distributed and not cfg.fsdp:
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+    if cfg.torchcompile:
+        model = torch.compile(model)
+    from ..data import build_mixup
+
+    mixup_fn, train_loss_fn = build_mixup(
+        cfg.mixup, cfg.cutmix, cfg.smoothing, num_classes, cfg.mixup_prob, cfg.mixup_switch_prob
+    )
+
+    # ----- resume -------------------------------------------------------------------------------------------
+    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
+    start_epoch, start_pos, step, best = 0, 0, 0, -1.0
+    resume_path = (ckpts.latest() if cfg.resume == "auto" else Path(cfg.resume)) if cfg.resume else None
+    if cfg.resume == "auto" and resume_path is None and main:
+        print(f"--resume auto: no valid checkpoint in {ckpts.folder}, starting from scratch", flush=True)
+    if resume_path is not None:
+        st = load_checkpoint(resume_path)
+        _load_state_dicts(net, opt, st["model"], st["optimizer"], cfg.fsdp)
+        if ema is not None and "model_ema" in st:
+            ema.module.load_state_dict(st["model_ema"])
+        if scaler is not None and "scaler" in st:
+            scaler.load_state_dict(st["scaler"])
+        start_epoch, start_pos, step, best = st["epoch"], st["position"], st["step"], st.get("best", -1.0)
+        set_rng_state(st["rng"][min(di.rank, len(st["rng"]) - 1)])
+        if main:
+            print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}", flush=True)
+    else:
+        torch.manual_seed(cfg.seed + di.rank)  # drop path differs per rank, as with independent samples
+    sched.step_update(step)
+
+    logger = (
+        MetricsLogger(run_dir, cfg.tensorboard, truncate_after_step=step if resume_path else None)
+        if main
+        else None
+    )
+    if main:
+        save_config(
+            cfg,
+            run_dir / "config.yaml",
+            {
+                "world_size": di.world_size,
+                "global_batch": global_batch,
+                "lr": lr,
+                "num_classes": num_classes,
+                "steps_per_epoch": steps_per_epoch,
+                **data.params,
+            },
+        )
+        print(
+            f"run folder: {run_dir}\n{cfg.model}: {sum(p.numel() for p in net.parameters()):,} params, "
+            f"{len(data.train_loader.dataset)} train / {len(data.val_loader.dataset)} val images, "
+            f"global batch {global_batch}, lr {lr:.3g}, {total_epochs} epochs x {steps_per_epoch} steps, "
+            f"device {dev}, world size {di.world_size}",
+            flush=True,
+        )
+
+    def save(epoch: int, position: int, is_best: bool = False) -> None:
+        msd, osd = _state_dicts(net, opt, cfg.fsdp)  # collective under FSDP: every rank calls it
+        rngs = [None] * di.world_size
+        if di.distributed:
+            torch.distributed.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if not main:
+            return
+        st = {
+            "model": msd,
+            "optimizer": osd,
+            "epoch": epoch,
+            "position": position,
+            "step": step,
+            "best": best,
+            "rng": rngs,
+            "config": cfg.to_dict(),
+        }
+        if ema is not None:
+            st["model_ema"] = ema.module.state_dict()
+        if scaler is not None:
+            st["scaler"] = scaler.state_dict()
+        ckpts.save(st, step, is_best)
+
+    history: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"run_dir": str(run_dir)}
+    stopped = False
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, total_epochs):
+            pos = start_pos if epoch == start_epoch else 0
+            data.train_loader.set_epoch(epoch, start_iter=pos * accum)
+            model.train()
+            t0, seen, loss_sum, n_loss = time.time(), 0, 0.0, 0
+            micro = 0
+            left = steps_per_epoch - pos
+            prog = Progress(
+                left, f"epoch {epoch + 1}/{total_epochs}", cfg.progress if main else "none", cfg.log_interval
+            )
+            with prog:
+                for x, y in data.train_loader:
+                    if pos >= steps_per_epoch:
+                        break
+                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    if mixup_fn is not None:
+                        x, y = mixup_fn(x, y)
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    micro += 1
+                    last_micro = micro % accum == 0
+                    sync = (
+                        contextlib.nullcontext()
+                        if last_micro or not hasattr(model, "no_sync")
+                        else model.no_sync()
+                    )
+                    with sync:
+                        with autocast(dev, cfg.amp, cfg.amp_dtype):
+                            loss = train_loss_fn(model(x), y)
+                        # one small all-reduce: the mean loss over ranks, and whether any rank was signalled,
+                        # so every rank takes the same decision (stop, NaN) at the same step
+                        flags = all_reduce_mean(
+                            torch.tensor([loss.item(), float(stop.signal is not None)], dtype=torch.float64)
+                        )
+                        if not math.isfinite(flags[0].item()):
+                            _nonfinite(flags[0].item(), epoch, step, ckpts)
+                        (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+                    seen += len(x) * di.world_size
+                    if not last_micro:
+                        continue
+                    if scaler is not None:
+                        scaler.unscale_(opt)
+                    if cfg.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+                    if scaler is not None:
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    pos += 1
+                    if ema is not None:
+                        ema.update(net, step=step)
+                    sched.step_update(step)
+                    step_loss = flags[0].item()
+                    loss_sum, n_loss = loss_sum + step_loss, n_loss + 1
+                    cur_lr = opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)
+                    if logger and (step % cfg.log_interval == 0 or cfg.log_interval == 1):
+                        logger.log("train", step, epoch=epoch, loss=step_loss, lr=cur_lr)
+                    prog.update(
+                        1,
+                        loss=loss_sum / n_loss,
+                        lr=cur_lr,
+                        **{"img/s": round(seen / max(1e-9, time.time() - t0))},
+                    )
+                    want_stop = flags[1].item() > 0 or (cfg.max_steps is not None and step >= cfg.max_steps)
+                    if want_stop or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
+                        save(epoch, pos)
+                    if want_stop:
+                        stopped = True
+                        break
+            if stopped:
+                if main:
+                    why = f"signal {stop.signal}" if stop.signal else f"--max-steps {cfg.max_steps}"
+                    print(
+                        f"stopped at step {step} ({why}); resume with --resume auto "
+                        f"--experiment {run_dir.name} --output {cfg.output}",
+                        flush=True,
+                    )
+                break
+            bad = data.train_loader.bad_report()
+            n_bad = len(data.train_loader.bad)
+            train_time = time.time() - t0
+            ev = evaluate(net, data.val_loader, dev, num_classes, cfg.amp, cfg.amp_dtype, cfg.channels_last)
+            rec = {
+                "epoch": epoch,
+                "train_loss": loss_sum / max(1, n_loss),
+                "val_loss": ev["loss"],
+                "top1": ev["top1"],
+                "top5": ev["top5"],
+                "lr": cur_lr,
+                "epoch_time": train_time,
+                "img_per_s": seen / max(1e-9, train_time),
+                "skipped_files": n_bad,
+            }
+            if ema is not None:
+                ev_ema = evaluate(
+                    ema.module, data.val_loader, dev, num_classes, cfg.amp, cfg.amp_dtype, cfg.channels_last
+                )
+                rec.update(ema_top1=ev_ema["top1"], ema_top5=ev_ema["top5"], ema_val_loss=ev_ema["loss"])
+            is_best = ev["top1"] > best
+            best = max(best, ev["top1"])
+            history.append(rec)
+            result.update(rec, per_class_acc=ev["per_class_acc"], confusion=ev["confusion"], best_top1=best)
+            if logger:
+                logger.log("epoch", step, **rec)
+                msg = (
+                    f"epoch {epoch + 1}/{total_epochs}: train loss {rec['train_loss']:.4f}  val loss "
+                    f"{ev['loss']:.4f}  top1 {ev['top1']:.2f}  top5 {ev['top5']:.2f}"
+                )
+                if ema is not None:
+                    msg += f"  ema top1 {rec['ema_top1']:.2f}"
+                print(msg + f"  ({train_time:.0f}s, {rec['img_per_s']:.0f} img/s)", flush=True)
+                if bad:
+                    print(f"epoch {epoch + 1}: {bad}", flush=True)
+            save(epoch + 1, 0, is_best)
+        barrier()
+    if main:
+        _finish(cfg, run_dir, net, ema, data, result, stopped, logger)
+    result["stopped"] = stopped
+    result["step"] = step
+    return result
+
+
+def _nonfinite(loss: float, epoch: int, step: int, ckpts: CheckpointManager) -> None:
+    last = ckpts.latest()
+    keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+    raise NonFiniteLossError(
+        f"loss is {loss} at epoch {epoch + 1}, step {step + 1}: stopped without applying this step; "
+        f"{keep}. Try a lower --lr, --clip-grad 1.0, or --amp-dtype bfloat16."
+    )
+
+
+def _finish(cfg, run_dir: Path, net, ema, data, result, stopped: bool, logger) -> None:
+    from ..weights import save_weights
+    from .report import write_report
+
+    if logger:
+        logger.close()
+    meta = weights_metadata(cfg, data.classes, data.params, top1=result.get("top1"))
+    if not stopped or not (run_dir / "model.safetensors").exists():
+        save_weights(net.state_dict(), run_dir / "model.safetensors", meta)
+        if ema is not None:
+            save_weights(ema.module.state_dict(), run_dir / "model_ema.safetensors", meta)
+    if stopped:
+        return
+    write_report(run_dir, cfg, result, data.classes)

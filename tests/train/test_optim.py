@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from davit import create_model
+from davit.train.optim import build_optimizer, build_scheduler, layer_id, lr_at, param_groups
+
+
+def _tiny():
+    return create_model("davit_atto", num_classes=10, in_chans=1, depths=(1, 1, 2, 1))
+
+
+def test_weight_decay_only_on_ndim_ge_2():
+    m = _tiny()
+    groups = param_groups(m, 0.05)
+    decayed = {n for g in groups if g["weight_decay"] == 0.05 for n in g["names"]}
+    plain = {n for g in groups if g["weight_decay"] == 0.0 for n in g["names"]}
+    params = dict(m.named_parameters())
+    assert decayed == {n for n, p in params.items() if p.ndim >= 2}
+    assert plain == {n for n, p in params.items() if p.ndim < 2} == m.no_weight_decay()
+    assert (
+        "stages.0.blocks.0.0.attn.qkv.weight" in decayed and "stages.0.blocks.0.0.cpe1.proj.weight" in decayed
+    )
+    assert "head.norm.weight" in plain and "stages.0.blocks.0.0.attn.qkv.bias" in plain
+    opt = build_optimizer(m, "adamw", 1e-3, 0.05)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+
+
+def test_layer_decay_scales():
+    m = _tiny()  # 5 dual blocks: stem 0, blocks 1..5, head 6
+    depths = m.depths
+    assert layer_id("stem.conv.weight", depths) == 0
+    assert layer_id("stages.0.blocks.0.0.attn.qkv.weight", depths) == 1
+    assert layer_id("stages.2.downsample.conv.weight", depths) == 3
+    assert layer_id("stages.2.blocks.1.1.mlp.fc1.weight", depths) == 4
+    assert layer_id("head.fc.weight", depths) == 6
+    groups = param_groups(m, 0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert scale["head.fc.weight"] == 1.0 and scale["stem.conv.weight"] == 0.5**6
+
+
+def test_schedule_values_match_spec():
+    # SPEC 5 in steps: 10 steps/epoch, 300 epochs cosine (warmup 5 from 1e-6), then 10 cooldown at 1e-5
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    spe = 10
+    s = build_scheduler(opt, "cosine", 300, spe, 5, 1e-6, 1e-5)
+    assert lr_at(s, 0) == pytest.approx(1e-6)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)  # set at construction
+    assert lr_at(s, 25) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 25 / 50)  # linear warmup
+    peak = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 50 / 3000))
+    assert lr_at(s, 50) == pytest.approx(peak) and peak > 0.999e-3  # warmup ends at the (cosine) peak
+    assert lr_at(s, 1500) == pytest.approx((1e-3 + 1e-5) / 2)  # half way through the cosine
+    assert lr_at(s, 3000) == pytest.approx(1e-5)
+    assert lr_at(s, 3050) == pytest.approx(1e-5)  # cooldown epochs stay at min_lr
+    s.step_update(1500)
+    assert opt.param_groups[0]["lr"] == pytest.approx((1e-3 + 1e-5) / 2)
+
+
+def test_schedule_applies_layer_scale():
+    m = _tiny()
+    opt = build_optimizer(m, "adamw", 1e-3, 0.05, layer_decay=0.5)
+    s = build_scheduler(opt, "cosine", 10, 10, 0, 1e-6, 0.0)
+    s.step_update(50)
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(lr_at(s, 50) * g["lr_scale"])
+
+
+def test_unsupported_optimizer_is_error():
+    with pytest.raises(ValueError, match="adamw"):
+        build_optimizer(_tiny(), "sgd", 0.1, 0.0)
