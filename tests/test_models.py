@@ -1,0 +1,215 @@
+"""Model family: exact sizes, shapes for any input, training-mode behaviour, tracing/compile, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import davit
+from davit.flops import count_gmacs, count_params
+from davit.models import VARIANTS, DaViTFeatures
+
+EXACT_PARAMS = {"davit_tiny": 28_360_168, "davit_small": 49_745_896, "davit_base": 87_954_408,
+                "davit_large": 196_811_752}
+
+
+def meta_model(name: str, **kw):
+    with torch.device("meta"):
+        return davit.create_model(name, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_PARAMS))
+def test_param_counts_exact(name):
+    assert count_params(meta_model(name)) == EXACT_PARAMS[name]
+
+
+@pytest.mark.parametrize("name,target", [("davit_huge", 362.7e6), ("davit_giant", 1437.4e6),
+                                         ("davit_huge_k2", 348.9e6), ("davit_giant_k2", 1406.5e6)])
+def test_param_counts_huge_giant(name, target):
+    assert abs(count_params(meta_model(name)) - target) / target < 1e-3
+
+
+@pytest.mark.parametrize("name,img,gmacs", [("davit_tiny", 224, 4.54), ("davit_small", 224, 8.80),
+                                            ("davit_base", 224, 15.51), ("davit_large", 384, 102.97),
+                                            ("davit_huge", 512, 334), ("davit_giant", 512, 1038)])
+def test_gmacs_within_2_percent(name, img, gmacs):
+    assert abs(count_gmacs(meta_model(name), img) - gmacs) / gmacs < 0.02
+
+
+def test_metadata_present_for_every_variant():
+    for name in davit.list_models():
+        info = davit.model_info(name)
+        for key in ("input_size", "crop_pct", "interpolation", "mean", "std", "num_params", "gmacs", "paper_top1"):
+            assert key in info, (name, key)
+    assert davit.model_info("davit_tiny")["paper_top1"] == 82.8
+
+
+def test_florence_towers_have_no_classifier_and_use_v2():
+    m = meta_model("davit_base_fl")
+    assert m.num_classes == 0 and isinstance(m.head.fc, torch.nn.Identity)
+    assert m.stages[1].blocks[0][1].attn.v2 and m.window_size == 12
+    assert m.stages[1].downsample.conv.kernel_size == (3, 3)
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (28, 28), (1, 1), (33, 47), (97, 13)])
+def test_any_input_size(hw):
+    m = davit.create_model("davit_atto", num_classes=5).eval()
+    x = torch.randn(2, 3, *hw)
+    assert m(x).shape == (2, 5)
+    feats = m.forward_intermediates(x, intermediates_only=True)
+    h, w = hw
+    for i, f in enumerate(feats):
+        red = 2 * 2**i  # stem stride 2 for atto
+        assert f.shape[0] == 2 and f.shape[1] == m.embed_dims[i]
+        assert f.shape[2:] == (-(-h // red), -(-w // red)), (i, f.shape)
+
+
+def test_padding_matches_explicit_padding_on_the_window_grid():
+    # a 16x16 stage-1 map is not a multiple of the 7-window: padding must not leak into the valid outputs'
+    # shapes, and batch entries must be independent of each other
+    m = davit.create_model("davit_atto").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        full = m(x)
+        single = torch.cat([m(x[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
+
+
+def test_features_only_and_dense_form():
+    f = davit.create_model("davit_atto", features_only=True, out_indices=(1, 3))
+    assert isinstance(f, DaViTFeatures)
+    assert f.feature_info.channels() == [64, 256] and f.feature_info.reduction() == [4, 16]
+    outs = f(torch.randn(1, 3, 64, 48))
+    assert [o.shape for o in outs] == [(1, 64, 16, 12), (1, 256, 4, 3)]
+    dense = davit.create_model("davit_tiny", features_only=True, out_norm=True, num_classes=0)
+    assert len(dense.out_norms) == 4 and dense.feature_info.reduction() == [4, 8, 16, 32]
+    names = {n for n, _ in dense.named_parameters()}
+    assert "out_norms.3.weight" in names and not any(n.startswith("head") for n in names)
+
+
+def test_features_equal_intermediates():
+    m = davit.create_model("davit_atto").eval()
+    f = DaViTFeatures(m, (0, 1, 2, 3))
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        a = f(x)
+        last, b = m.forward_intermediates(x)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.equal(last, b[-1])
+
+
+def test_forward_head_pre_logits_and_reset_classifier():
+    m = davit.create_model("davit_atto", num_classes=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feat = m.forward_features(x)
+        assert feat.shape == (2, 256, 2, 2)
+        assert m.forward_head(feat, pre_logits=True).shape == (2, 256)
+        torch.testing.assert_close(m.forward_head(feat), m(x))
+    m.reset_classifier(3)
+    assert m(x).shape == (2, 3)
+    m.reset_classifier(0)
+    assert m(x).shape == (2, 256)
+
+
+def test_drop_path_follows_official_schedule():
+    m = davit.create_model("davit_tiny", drop_path_rate=0.1)
+    rates = []
+    for stage in m.stages:
+        for dual in stage.blocks:
+            for blk in dual:
+                assert blk.drop_path1.p == blk.drop_path2.p  # one rate for both residual branches
+                rates.append(blk.drop_path1.p)
+    n = 2 * sum(m.depths)
+    assert len(rates) == n == 12
+    expected = torch.linspace(0, 0.1, n).tolist()
+    assert rates == pytest.approx(expected, abs=1e-7)
+
+
+def test_drop_path_active_only_in_training():
+    m = davit.create_model("davit_atto", drop_path_rate=0.5)
+    x = torch.randn(4, 3, 32, 32)
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), m(x))
+    m.train()
+    torch.manual_seed(1)
+    a = m(x)
+    torch.manual_seed(2)
+    b = m(x)
+    assert not torch.allclose(a, b)
+
+
+def test_gradients_reach_every_parameter():
+    m = davit.create_model("davit_atto", num_classes=4)
+    m(torch.randn(2, 3, 30, 26)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_grad_checkpointing_same_gradients():
+    x = torch.randn(2, 3, 32, 32)
+    m = davit.create_model("davit_atto", num_classes=4)
+    m(x).sum().backward()
+    g1 = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    m(x).sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, g1[n], atol=1e-6, rtol=1e-5)
+
+
+def test_no_weight_decay_names_all_1d_params():
+    m = davit.create_model("davit_atto")
+    nwd = m.no_weight_decay()
+    params = dict(m.named_parameters())
+    assert nwd == {n for n, p in params.items() if p.ndim < 2}
+    assert "head.norm.weight" in nwd and "stages.0.blocks.0.0.attn.qkv.bias" in nwd
+    assert "stages.0.blocks.0.0.attn.qkv.weight" not in nwd
+
+
+def test_jit_trace_matches_eager():
+    m = davit.create_model("davit_atto").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, x)
+        torch.testing.assert_close(traced(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager():
+    m = davit.create_model("davit_atto").eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(m, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), m(x), atol=1e-4, rtol=1e-4)
+        # another batch size and image size must not fail under dynamic shapes
+        y = torch.randn(3, 3, 40, 36)
+        torch.testing.assert_close(compiled(y), m(y), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.randn(1, 1, 32, 32), "expected 3 input channels, got 1"),
+        (torch.randn(3, 32, 32), "4-D image batch"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "floating-point"),
+        (torch.randn(0, 3, 32, 32), "empty batch"),
+    ],
+)
+def test_bad_input_errors(x, match):
+    m = davit.create_model("davit_atto")
+    with pytest.raises((ValueError, TypeError), match=match):
+        m(x)
+
+
+def test_unknown_model_suggests_closest():
+    with pytest.raises(ValueError, match="Did you mean 'davit_tiny'"):
+        davit.create_model("davit_tiy")
+
+
+def test_every_variant_builds_on_meta():
+    for name in VARIANTS:
+        m = meta_model(name)
+        assert count_params(m) > 0
