@@ -1,9 +1,10 @@
-"""`davit list` and `davit info`: the variant table, parameters and measured GMACs."""
+"""`davit list`, `davit info` (the variant table, parameters and measured GMACs) and `davit convert`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -22,6 +23,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a DaViT checkpoint (official/timm/Florence-2/transformers/mm*) to safetensors",
+    )
+    p.add_argument("src", help="checkpoint (.safetensors/.pth/.pt/.bin/.ckpt); layout auto-detected")
+    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("--model", default=None, help="verify against this variant and print the load report")
+    p.add_argument(
+        "--to", choices=("native", "timm", "official", "mm"), default="native", help="output key layout"
+    )
+    p.add_argument("--layout", default=None, help="force the source layout instead of detecting it")
+    p.add_argument("--ema", action="store_true", help="take the EMA weights when the file holds both")
+    p.add_argument("--force", action="store_true", help="write even if the weights do not fit --model")
+    p.set_defaults(func=cmd_convert)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -57,4 +73,54 @@ def cmd_info(args: argparse.Namespace) -> int:
         w = max(len(k) for k in out)
         for k, v in out.items():
             print(f"{k:<{w}}  {v}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .weights import (
+        WeightsError,
+        check_weights,
+        from_native,
+        guess_variants,
+        infer_arch,
+        load_state_dict,
+        save_weights,
+        to_native,
+    )
+
+    sd = load_state_dict(args.src, use_ema=args.ema)
+    native, layout, ignored, unmapped = to_native(sd, args.layout)
+    arch = infer_arch(native)
+    print(f"{args.src}: layout {layout}, {len(native)} DaViT tensors, {len(ignored)} other keys ignored")
+    if unmapped:
+        print(f"  {len(unmapped)} keys under the tower with no known name: {unmapped[:5]}")
+    guesses = guess_variants(native)
+    print(
+        f"  embed_dims {arch['embed_dims']}, depths {arch['depths']}, classes {arch['num_classes']}"
+        f" -> {', '.join(guesses) if guesses else 'no registered variant'}"
+    )
+    if args.model:
+        dense = any(k.startswith("out_norms.") for k in native)
+        with torch.device("meta"):  # shapes only: checking a giant variant allocates nothing
+            model = create_model(
+                args.model,
+                num_classes=arch["num_classes"],
+                in_chans=arch["in_chans"] or 3,
+                features_only=dense,
+                out_norm=dense,
+            )
+        report = check_weights(model, sd, layout=args.layout)
+        report.source = args.src
+        print(report)
+        if not report.ok and not args.force:
+            raise WeightsError(
+                f"{args.src} does not fit {args.model}; nothing written (--force writes anyway)"
+            )
+    named = args.to == "timm" and (layout.startswith("florence2") or (args.model or "").endswith("_fl"))
+    out = from_native(native, args.to, named_blocks=named)
+    meta = {"layout": args.to, "source_layout": layout, "source": os.path.basename(args.src)}
+    if args.model or guesses:
+        meta["model"] = args.model or guesses[0]
+    path = save_weights(out, args.dst, metadata=meta)
+    print(f"wrote {path}: {len(out)} tensors, layout {args.to}")
     return 0
