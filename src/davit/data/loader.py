@@ -276,6 +276,8 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=persistent_workers and workers > 0,
+        # the DataLoader draws its worker base seed from this, not from the training loop's global RNG
+        generator=torch.Generator().manual_seed(seed),
     )
     if isinstance(dataset, IterableDataset):
         # set_epoch changes the dataset object, which persistent workers would not see (they hold copies)
