@@ -99,12 +99,13 @@ def write_shards(dataset, out_dir: str, shard_size: int = 10000, prefix: str = "
 
 
 def list_shards(root: str) -> list[str]:
-    """A folder of ``*.tar`` or a brace pattern such as ``/data/train-{000000..001023}.tar``."""
-    paths = (
-        sorted(glob.glob(os.path.join(root, "*.tar")))
-        if os.path.isdir(root)
-        else list(braceexpand.braceexpand(root))
-    )
+    """A folder of ``*.tar``, a glob (``/data/train-*.tar``) or a brace pattern (``t-{0000..1023}.tar``)."""
+    if os.path.isdir(root):
+        paths = sorted(glob.glob(os.path.join(root, "*.tar")))
+    elif any(c in root for c in "*?["):
+        paths = sorted(glob.glob(root))
+    else:
+        paths = list(braceexpand.braceexpand(root))
     if not paths:
         raise FileNotFoundError(
             f"no .tar shards in {root}; pass a folder of *.tar or a pattern like "
