@@ -10,6 +10,8 @@ import sys
 # modules that add subcommands, in the order they appear in --help
 COMMAND_MODULES = [
     "davit.cli_models",  # info, list, convert
+    "davit.bench",  # bench
+    "davit.export",  # export
     "davit.train.cli",  # train, eval, predict, demo
     "davit.cli_viz",  # viz
 ]

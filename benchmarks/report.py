@@ -1,0 +1,78 @@
+"""Render `davit bench --json` files as one markdown block for docs/benchmarks.md.
+
+usage: python benchmarks/report.py RESULT.json [...] [--title TEXT]
+Each row is one (run, mode); the commands, machine, torch version, date and load are listed under the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _f(v: float | None, spec: str = ".1f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def render(paths: list[str], title: str) -> str:
+    runs = [json.load(open(p)) for p in paths]
+    if not runs:
+        raise SystemExit("no result files given")
+    first = runs[0]
+    hw = first.get("gpu") or f"{first['cpu']} ({first['cores']} cores)"
+    lines = [
+        f"### {title}",
+        "",
+        f"Machine: {hw}, {first['threads']} threads; torch {first['torch']}; {first['date']}.",
+        "Throughput is the median of interleaved rounds (ours, timm, ours, timm, ...) in one process; "
+        "GFLOP/s is achieved FLOPs (forward, or forward + backward for training) and its percentage of a "
+        "square matmul timed "
+        "in the same run; memory is model state + the step's peak allocation.",
+        "",
+        "| run | model | px | mode | batch | ours | ours img/s | timm img/s | ours/timm "
+        "| ours GFLOP/s (% matmul) "
+        "| ours / timm peak MB | ours / timm compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(runs, 1):
+        by = {}
+        for res in r["results"]:
+            by.setdefault(res["mode"], {})[res["impl"]] = res
+        for mode, d in by.items():
+            o, t = d["ours"], d.get("timm")
+            ratio = next((x["ratio"] for x in r["ratios"] if x["mode"] == mode), None)
+            comp = f"{o['compile_s']:.0f} / {t['compile_s']:.0f}" if t and r["compile"] else "–"
+            mem = f"{_f(o['peak_mem_mb'], '.0f')} / {_f(t['peak_mem_mb'], '.0f') if t else '–'}"
+            lines.append(
+                f"| {i} | {r['model']} | {r['img_size']} | {mode} {r['dtype']} | {o['batch_size']} "
+                f"| {o['flavour']} "
+                f"| {o['img_per_s']:.2f} | {_f(t['img_per_s'], '.2f') if t else '–'} "
+                f"| {'**' + format(ratio, '.2f') + 'x**' if ratio else '–'} "
+                f"| {o['tflops'] * 1e3:.1f} ({100 * o['frac_peak']:.0f}%) | {mem} | {comp} |"
+            )
+    lines += ["", "Commands (run number: command — date, 1/5/15-min load average, matmul peak):", ""]
+    for i, r in enumerate(runs, 1):
+        load = " ".join(r["loadavg"] or ["?"])
+        agree = (
+            ""
+            if r["agreement_max_abs_diff"] is None
+            else f", ours vs timm max abs diff {r['agreement_max_abs_diff']:.1e}"
+        )
+        lines.append(
+            f"{i}. `{r['command']}` — {r['date']}, load {load}, "
+            f"matmul {r['matmul_peak_tflops'] * 1e3:.0f} GFLOP/s "
+            f"({r['dtype']}, n={r['matmul_peak_n']}){agree}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--title", default="Results")
+    a = ap.parse_args()
+    print(render(a.files, a.title), end="")
+
+
+if __name__ == "__main__":
+    main()

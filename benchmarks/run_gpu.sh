@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU speed tables of docs/benchmarks.md: bf16 (autocast), ours vs timm with identical weights, interleaved.
+#
+#   benchmarks/run_gpu.sh [OUT_DIR]                     on a CUDA machine
+#   DEVICE=cpu QUICK=1 benchmarks/run_gpu.sh /tmp/g     smoke test of the same code paths on a CPU
+# env: REPEATS (default 5), DEVICE (default cuda), DAVIT (default .venv/bin/davit)
+# MFU column = achieved FLOP/s (forward + backward, counted) / the bf16 matmul peak measured in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
+DAVIT=${DAVIT:-.venv/bin/davit}
+PY=${PY:-.venv/bin/python}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+COMMON=(--device "$DEVICE" --dtype bf16 --repeats "${REPEATS:-5}" --warmup 3 --peak-n 8192)
+if [[ -n "${QUICK:-}" ]]; then
+    COMMON=(--device "$DEVICE" --dtype bf16 --repeats 1 --warmup 1 --iters 1 --peak-n 256 --threads 1)
+    S=(--img-size 64) BI=(-b 2) BT=(-b 2)
+else
+    S=(--img-size 224) BI=(-b 256) BT=(-b 128)
+fi
+
+run() {
+    local name=$1; shift
+    echo "== $name: $DAVIT bench $* ${COMMON[*]}" >&2
+    "$DAVIT" bench "$@" "${COMMON[@]}" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+}
+
+{ nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; lscpu | grep 'Model name'; uptime; } > "$OUT/machine.txt"
+
+run 01_tiny_infer_eager     --model davit_tiny --mode infer "${S[@]}" "${BI[@]}" --vs-timm
+run 02_tiny_infer_compiled  --model davit_tiny --mode infer "${S[@]}" "${BI[@]}" --vs-timm --compile
+run 03_tiny_train_eager     --model davit_tiny --mode train "${S[@]}" "${BT[@]}" --vs-timm
+run 04_tiny_train_compiled  --model davit_tiny --mode train "${S[@]}" "${BT[@]}" --vs-timm --compile
+run 05_small_train_compiled --model davit_small --mode train "${S[@]}" "${BT[@]}" --vs-timm --compile
+run 06_base_train_compiled  --model davit_base --mode train "${S[@]}" "${BT[@]}" --vs-timm --compile
+
+"$PY" benchmarks/report.py "$OUT"/0*.json --title "GPU, bf16 autocast" > "$OUT/table.md"
+echo "wrote $OUT/table.md" >&2

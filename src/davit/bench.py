@@ -1,0 +1,496 @@
+"""`davit bench`: throughput, peak memory and FLOP efficiency of a DaViT variant, optionally side by side with
+timm's port of the same variant carrying identical weights.
+
+Method (so that ratios mean something on a shared or noisy machine):
+- every candidate (ours, timm) is warmed up first (the first call is reported as ``compile_s``), then timed
+  interleaved A B A B ... for ``--repeats`` rounds of ``--iters`` steps each; the median round is reported;
+- the achieved FLOP/s is compared with a square matmul timed in the same process at the same dtype ("peak");
+- memory is measured on one extra, untimed step: the bytes allocated during the step above what was live
+  before it (CPU: PyTorch profiler allocation events; CUDA: ``max_memory_allocated``), plus the model state
+  (parameters, buffers and, in training, gradients and optimizer state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models import create_model, model_info
+
+__all__ = [
+    "Candidate",
+    "matmul_peak_tflops",
+    "timm_counterpart",
+    "load_timm_weights",
+    "step_memory",
+    "run_bench",
+]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# our variant -> timm's name for the same architecture (timm's huge/giant are our *_k2; variants without a
+# timm counterpart are absent)
+TIMM_NAMES = {
+    n: n for n in ("davit_tiny", "davit_small", "davit_base", "davit_large", "davit_base_fl", "davit_huge_fl")
+}
+TIMM_NAMES.update(davit_huge_k2="davit_huge", davit_giant_k2="davit_giant")
+
+
+@dataclass
+class Candidate:
+    """One thing being timed: a step function plus what it reports."""
+
+    name: str  # "ours" | "timm"
+    step: Callable[[], Any]
+    state_bytes: Callable[[], int]
+    times: list[float] = field(default_factory=list)  # seconds per step, one entry per round
+    compile_s: float = 0.0
+    step_peak_bytes: int | None = None
+
+
+# ----- measurement primitives -------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step: Callable[[], Any], iters: int, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int = 4096, repeats: int = 3) -> float:
+    """Median TFLOP/s of an (n x n) @ (n x n) matmul: the reference "peak" for the efficiency fraction."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    _time_steps(lambda: a @ b, 1, device)  # warm-up (library init, autotuning)
+    iters = 1  # enough calls per timing that small sizes are not dominated by call overhead
+    while iters < 2**16 and _time_steps(lambda: a @ b, iters, device) < 0.05:
+        iters *= 2
+    times = [_time_steps(lambda: a @ b, iters, device) for _ in range(repeats)]
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def step_memory(step: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated during one call of ``step`` above the bytes live before it."""
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    # CPU has no allocator statistics; the profiler records every allocation with the running total of bytes
+    # allocated since profiling started (c10's CPU memory reporter); the peak of that total is the step peak.
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocs = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            allocs.append(
+                (node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size)
+            )
+        stack.extend(node.children)
+    if not allocs:
+        return 0
+    allocs.sort()
+    base = allocs[0][1] - allocs[0][2]
+    return max(0, max(a[1] for a in allocs) - base)
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> int:
+    n = _tensor_bytes(model.parameters()) + _tensor_bytes(model.buffers())
+    if opt is not None:
+        n += _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+        n += sum(_tensor_bytes(s.values()) for s in opt.state.values())
+    return n
+
+
+def gflop_per_image(name: str, img_size: int, train: bool, num_classes: int | None = None) -> float:
+    """GFLOP (2 x MACs) of one image: forward, or forward + backward when ``train``.
+
+    Counted by FlopCounterMode on the meta device, except the backward of convolutions: its formula ignores
+    ``groups`` and overcounts the depthwise position-encoding convs ~15x, so convs are charged the standard 2x
+    their forward instead.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = create_model(name, num_classes=num_classes)
+    x = torch.zeros(1, model.in_chans, img_size, img_size, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.set_grad_enabled(train):
+        out = model(x)
+        if train:
+            out.float().sum().backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    total = counter.get_total_flops()
+    if train:
+        total += 2 * counts.get("aten.convolution", 0) - counts.get("aten.convolution_backward", 0)
+    return total / 1e9
+
+
+# ----- timm peer --------------------------------------------------------------------------------------------
+def timm_counterpart(name: str, num_classes: int, in_chans: int = 3) -> nn.Module:
+    """timm's model of the same variant (random init; load ours' weights with :func:`load_timm_weights`)."""
+    try:
+        import timm
+    except ImportError as e:
+        raise RuntimeError(
+            "--vs-timm needs timm, a test/benchmark dependency: pip install 'davit-pytorch[dev]' or timm"
+        ) from e
+    if name not in TIMM_NAMES:
+        raise ValueError(
+            f"{name} has no timm counterpart; --vs-timm works for: {', '.join(sorted(TIMM_NAMES))}"
+        )
+    return timm.create_model(TIMM_NAMES[name], pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+def load_timm_weights(ours: nn.Module, peer: nn.Module) -> None:
+    """Copy timm's weights into ours: names are equal, except that timm's *_fl towers name the two blocks
+    of a pair ``spatial_block``/``channel_block`` where ours index them 0/1."""
+    sd = {
+        k.replace(".spatial_block.", ".0.").replace(".channel_block.", ".1."): v
+        for k, v in peer.state_dict().items()
+    }
+    ours.load_state_dict(sd, strict=True)
+
+
+# ----- the benchmark ----------------------------------------------------------------------------------------
+def _make_step(
+    model: nn.Module | Callable,
+    x: Tensor,
+    mode: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    params: nn.Module | None,
+) -> tuple[Callable[[], Any], torch.optim.Optimizer | None]:
+    amp = dtype != torch.float32
+    if mode == "infer":
+
+        def infer() -> Any:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
+                return model(x)
+
+        return infer, None
+    opt = torch.optim.AdamW(params.parameters(), lr=1e-4)
+    holder: dict[str, Tensor] = {}
+
+    def train() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            out = model(x)
+            if "y" not in holder:  # targets sized to the output (the Florence-2 towers return features)
+                holder["y"] = torch.randint(0, out.shape[-1], (x.shape[0],), device=device)
+            loss = F.cross_entropy(out.float(), holder["y"])
+        loss.backward()
+        opt.step()
+
+    return train, opt
+
+
+def _compile(model: nn.Module, mode: str, fullgraph: bool, dynamic: str) -> Callable:
+    kw: dict[str, Any] = dict(fullgraph=fullgraph, mode=None if mode == "default" else mode)
+    if dynamic == "all":
+        kw["dynamic"] = True
+    elif dynamic == "static":
+        kw["dynamic"] = False
+    return torch.compile(model, **kw)
+
+
+def _ort_step(model: nn.Module, x: Tensor, img_size: int, threads: int) -> Callable[[], Any]:
+    import tempfile
+
+    from .export import export_onnx, ort_session
+
+    path = tempfile.NamedTemporaryFile(suffix=".onnx", delete=False).name
+    export_onnx(model, path, img_size=img_size)
+    sess = ort_session(path, threads=threads)
+    feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
+    return lambda: sess.run(None, feed)
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but no CUDA device is visible; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    if args.backend == "onnxruntime" and (args.mode != "infer" or dtype != torch.float32 or args.compile):
+        raise ValueError(
+            "--backend onnxruntime times fp32 inference only: use --mode infer --dtype fp32, no --compile"
+        )
+    info = model_info(args.model)
+    img = args.img_size or info["input_size"][1]
+    modes = ["infer", "train"] if args.mode == "both" else [args.mode]
+    torch.manual_seed(0)
+
+    ours = create_model(args.model, num_classes=args.num_classes).to(device)
+    ours.set_fast(not args.reference)
+    peer, max_diff = None, None
+    if args.vs_timm:
+        peer = timm_counterpart(args.model, ours.num_classes, ours.in_chans).to(device)
+        load_timm_weights(ours, peer)
+        max_diff = _agreement(ours, peer, img, device)
+        print(f"agreement ours vs timm (fp32 eval, {img} px): max abs diff {max_diff:.2e}")
+        if max_diff > 1e-4:
+            raise RuntimeError(f"ours and timm disagree by {max_diff:.2e} > 1e-4 with identical weights")
+    models = {"ours": ours} if peer is None else {"ours": ours, "timm": peer}
+    if args.channels_last:
+        for m in models.values():
+            m.to(memory_format=torch.channels_last)
+
+    peak = matmul_peak_tflops(dtype, device, args.peak_n)
+    print(f"matmul peak ({args.peak_n}^3 {args.dtype}, {device.type}): {peak * 1e3:.1f} GFLOP/s")
+    flavour = (
+        args.backend
+        if args.backend != "torch"
+        else (f"compiled({args.compile})" if args.compile else "eager")
+    )
+    report: dict[str, Any] = dict(
+        model=args.model,
+        img_size=img,
+        dtype=args.dtype,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        channels_last=args.channels_last,
+        compile=args.compile,
+        dynamic=args.dynamic,
+        backend=args.backend,
+        reference_path=args.reference,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        vs_timm=args.vs_timm,
+        agreement_max_abs_diff=max_diff,
+        matmul_peak_tflops=peak,
+        matmul_peak_n=args.peak_n,
+        **environment(),
+        results=[],
+        ratios=[],
+    )
+    for mode in modes:
+        bs = args.batch_size or _default_batch(mode, device)
+        gflop = gflop_per_image(args.model, img, mode == "train", args.num_classes)
+        cands = []
+        for name, m in models.items():
+            m.train(mode == "train")
+            x = torch.randn(bs, ours.in_chans, img, img, device=device)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if name == "ours" and args.backend == "onnxruntime":
+                step, opt = _ort_step(m.eval(), x, img, torch.get_num_threads()), None
+            else:
+                fn: Any = m
+                if args.compile:
+                    fn = _compile(m, args.compile, fullgraph=name == "ours", dynamic=args.dynamic)
+                    if args.dynamic == "batch" and bs > 1:  # one graph for every batch size: no recompiles
+                        torch._dynamo.mark_dynamic(x, 0)
+                step, opt = _make_step(fn, x, mode, dtype, device, m)
+            cands.append(Candidate(name, step, lambda m=m, opt=opt: _state_bytes(m, opt)))
+        _measure(cands, args, device)
+        for c in cands:
+            med = statistics.median(c.times)
+            res = dict(
+                impl=c.name,
+                mode=mode,
+                flavour=flavour if c.name == "ours" or args.backend == "torch" else "eager",
+                batch_size=bs,
+                img_per_s=bs / med,
+                step_ms=med * 1e3,
+                times_ms=[t * 1e3 for t in c.times],
+                compile_s=c.compile_s,
+                gflop_per_img=gflop,
+                tflops=gflop * bs / med / 1e3,
+                state_mb=c.state_bytes() / 2**20,
+                step_peak_mb=None if c.step_peak_bytes is None else c.step_peak_bytes / 2**20,
+            )
+            res["frac_peak"] = res["tflops"] / peak
+            res["peak_mem_mb"] = (
+                None if res["step_peak_mb"] is None else res["state_mb"] + res["step_peak_mb"]
+            )
+            report["results"].append(res)
+            _print_result(res)
+        if peer is not None:
+            o, t = report["results"][-2], report["results"][-1]
+            label = (
+                f"{mode} {o['flavour']}"
+                if o["flavour"] == t["flavour"]
+                else f"{mode} {o['flavour']}/{t['flavour']}"
+            )
+            ratio = o["img_per_s"] / t["img_per_s"]
+            report["ratios"].append(
+                dict(mode=mode, label=label, ratio=ratio, ours=o["img_per_s"], timm=t["img_per_s"])
+            )
+            print(
+                f"ratio ours/timm {label}: {ratio:.2f}x (ours {_fmt(o['img_per_s'])} img/s, "
+                f"timm {_fmt(t['img_per_s'])} img/s, median of {args.repeats})"
+            )
+    return report
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
+
+
+def _default_batch(mode: str, device: torch.device) -> int:
+    if device.type == "cuda":
+        return 256 if mode == "infer" else 128
+    return 16 if mode == "infer" else 8
+
+
+def _agreement(ours: nn.Module, peer: nn.Module, img: int, device: torch.device) -> float:
+    ours.eval(), peer.eval()
+    x = torch.randn(2, ours.in_chans, img, img, device=device)
+    with torch.inference_mode():
+        return (ours(x) - peer(x)).abs().max().item()
+
+
+def _measure(cands: list[Candidate], args: argparse.Namespace, device: torch.device) -> None:
+    for c in cands:  # warm-up: the first call includes compilation, reported separately
+        c.compile_s = _time_steps(c.step, 1, device)
+        for _ in range(max(0, args.warmup - 1)):
+            c.step()
+    iters = args.iters or (1 if device.type == "cpu" else 20)
+    for _ in range(args.repeats):  # interleaved rounds: A B A B ...
+        for c in cands:
+            c.times.append(_time_steps(c.step, iters, device))
+    if not args.no_memory:
+        for c in cands:
+            c.step_peak_bytes = (
+                None if args.backend == "onnxruntime" and c.name == "ours" else step_memory(c.step, device)
+            )
+
+
+def _print_result(r: dict[str, Any]) -> None:
+    mem = (
+        "n/a"
+        if r["peak_mem_mb"] is None
+        else f"{r['peak_mem_mb']:.0f} MB (state {r['state_mb']:.0f} + step {r['step_peak_mb']:.0f})"
+    )
+    print(
+        f"{r['impl']:>4} {r['mode']:<5} {r['flavour']:<18} b={r['batch_size']:<4} "
+        f"{r['img_per_s']:8.2f} img/s  "
+        f"step {r['step_ms']:8.1f} ms  first call {r['compile_s']:6.1f} s  {r['tflops'] * 1e3:7.1f} GFLOP/s "
+        f"({100 * r['frac_peak']:.0f}% of matmul)  peak mem {mem}"
+    )
+
+
+def environment() -> dict[str, Any]:
+    """Machine, versions, date and load, recorded next to every measurement."""
+    cpu = platform.processor()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        load = open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        load = None
+    import os
+
+    env = dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        loadavg=load,
+        command="davit bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+    )
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+# ----- CLI --------------------------------------------------------------------------------------------------
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="throughput/memory/FLOP efficiency, optionally side by side with timm")
+    p.add_argument("--model", default="davit_tiny")
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="infer")
+    p.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=None,
+        help="default: 16 infer / 8 train on CPU, 256 / 128 on CUDA",
+    )
+    p.add_argument("--img-size", type=int, default=None, help="default: the variant's input size")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="bf16/fp16 run under autocast")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile (ours with fullgraph=True); the first call is reported as compile time",
+    )
+    p.add_argument(
+        "--dynamic",
+        choices=["batch", "auto", "all", "static"],
+        default="batch",
+        help="compiled shapes: batch = batch dim symbolic (no recompile per batch size)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="onnxruntime: export ours to ONNX and time it (timm stays PyTorch eager)",
+    )
+    p.add_argument(
+        "--vs-timm", action="store_true", help="time timm's model with identical weights, interleaved"
+    )
+    p.add_argument(
+        "--reference", action="store_true", help="time our literal reference path (set_fast(False))"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate (first = compile)")
+    p.add_argument("--iters", type=int, default=None, help="steps per round (default 1 CPU, 20 CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--peak-n", type=int, default=4096, help="side of the reference matmul")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement step")
+    p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.repeats < 1 or args.warmup < 1:
+        raise ValueError("--repeats and --warmup must be >= 1 (the first call compiles/initialises)")
+    if hasattr(sys.stdout, "reconfigure"):  # progress shows up line by line under tee/grep during long runs
+        sys.stdout.reconfigure(line_buffering=True)
+    report = run_bench(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0

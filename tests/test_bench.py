@@ -1,0 +1,106 @@
+"""`davit bench` end to end at tiny sizes. Timings are never asserted: benchmarks/ measures speed."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from davit import create_model
+from davit.bench import load_timm_weights, matmul_peak_tflops, run_bench, step_memory, timm_counterpart
+from davit.cli import build_parser, main
+
+CPU = torch.device("cpu")
+# tiny work, one thread: the CI machine is small and shared
+QUICK = "--device cpu --repeats 1 --warmup 1 --threads 1 --peak-n 128"
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_both_modes_writes_json(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = main(f"bench --model davit_atto --mode both --img-size 16 -b 2 {QUICK} --json {out}".split())
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    for k in ("model", "img_size", "dtype", "device", "torch", "cpu", "date", "command", "loadavg"):
+        assert rep[k] is not None, k
+    assert rep["model"] == "davit_atto" and rep["img_size"] == 16 and rep["matmul_peak_tflops"] > 0
+    assert [r["mode"] for r in rep["results"]] == ["infer", "train"]
+    inf, tr = rep["results"]
+    for r in (inf, tr):
+        assert r["impl"] == "ours" and r["batch_size"] == 2 and len(r["times_ms"]) == 1
+        assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["frac_peak"] > 0
+        assert r["peak_mem_mb"] == pytest.approx(r["state_mb"] + r["step_peak_mb"])
+    # counted FLOPs: the backward costs twice the forward
+    assert tr["gflop_per_img"] / inf["gflop_per_img"] == pytest.approx(3.0, rel=0.02)
+    # training holds gradients + two AdamW moments: state is ~4x the weights
+    assert 3.5 < tr["state_mb"] / inf["state_mb"] < 4.5
+    assert tr["step_peak_mb"] > inf["step_peak_mb"] > 0  # saved activations vs transient ones
+    assert "ours train eager" in capsys.readouterr().out
+
+
+def test_vs_timm_prints_ratio_and_agrees(tmp_path, capsys):
+    pytest.importorskip("timm")
+    out = tmp_path / "t.json"
+    args = f"bench --model davit_tiny --mode infer --img-size 64 -b 1 {QUICK} --vs-timm --no-memory"
+    assert main(f"{args} --json {out}".split()) == 0
+    text = capsys.readouterr().out
+    assert "ratio ours/timm infer eager: " in text and "median of 1)" in text
+    rep = json.loads(out.read_text())
+    assert rep["agreement_max_abs_diff"] <= 1e-4
+    assert [r["impl"] for r in rep["results"]] == ["ours", "timm"]
+    (ratio,) = rep["ratios"]
+    assert ratio["ratio"] == pytest.approx(ratio["ours"] / ratio["timm"])
+
+
+def test_load_timm_weights_maps_florence_block_names():
+    ours = create_model("davit_atto", channel_attn_v2=True)
+    src = create_model("davit_atto", channel_attn_v2=True)
+
+    def timm_fl_name(k: str) -> str:  # timm's *_fl towers name the two blocks of a pair
+        k = re.sub(r"(\.blocks\.\d+)\.0\.", r"\1.spatial_block.", k)
+        return re.sub(r"(\.blocks\.\d+)\.1\.", r"\1.channel_block.", k)
+
+    renamed = {timm_fl_name(k): v for k, v in src.state_dict().items()}
+    assert any(".spatial_block." in k for k in renamed) and any(".channel_block." in k for k in renamed)
+
+    class Peer(torch.nn.Module):
+        def state_dict(self, *a, **kw):
+            return renamed
+
+    load_timm_weights(ours, Peer())
+    for k, v in src.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+
+
+def test_no_timm_counterpart_is_a_clear_error():
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="no timm counterpart"):
+        timm_counterpart("davit_atto", 10)
+
+
+def test_step_memory_sees_a_known_allocation():
+    def step():
+        a = torch.ones(2**21)  # 8 MiB, freed on return
+        return float(a.sum())
+
+    peak = step_memory(step, CPU)
+    assert 8 * 2**20 <= peak < 9 * 2**20
+
+
+def test_matmul_peak_is_positive():
+    assert matmul_peak_tflops(torch.float32, CPU, n=64, repeats=1) > 0
+
+
+def test_onnxruntime_backend_needs_fp32_inference():
+    argv = f"bench --model davit_atto --backend onnxruntime --mode train {QUICK}".split()
+    args = build_parser().parse_args(argv)
+    with pytest.raises(ValueError, match="fp32 inference only"):
+        run_bench(args)
