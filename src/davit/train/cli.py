@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", default="val")
+    p.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("-b", "--batch-size", type=int, default=256)
     p.add_argument("-j", "--workers", type=int, default=2)
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
@@ -135,6 +136,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.dataset, args.data_dir, args.split, transform=tf, mode="L" if meta["in_chans"] == 1 else "RGB"
     )
     classes = list(meta.get("classes") or ds.classes)
+    if args.num_samples:
+        from .setup import _Head
+
+        ds = _Head(ds, args.num_samples)
     loader = build_loader(ds, args.batch_size, False, workers=args.workers)
     res = evaluate(net, loader, dev, net.num_classes, amp=args.amp)
     res.update(

@@ -53,6 +53,7 @@ class TrainConfig:
     simple_aug: bool = (
         False  # small-image augmentation (pad + random crop + flip) instead of RandomResizedCrop
     )
+    batch_aug: bool = False  # Fashion-MNIST only: augment uint8 batches at once (fast on small CPUs)
     scale: list = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.5
     color_jitter: float | None = None
@@ -208,7 +209,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         model_ema=False,
         amp=False,
         crop_pct=1.0,
-        workers=1,
+        workers=0,
         log_interval=50,
         keep_last=1,
     ),

@@ -128,8 +128,14 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         raise ValueError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
     run_dir = _run_dir(cfg, main)
 
-    data = build_data(cfg, di.distributed)
-    num_classes = cfg.num_classes or len(data.classes)
+    from ..data import build_mixup
+
+    # the class count must be known before the data (mixup targets): explicit, else from the dataset itself
+    num_classes = cfg.num_classes or _dataset_classes(cfg)
+    mixup_fn, train_loss_fn = build_mixup(
+        cfg.mixup, cfg.cutmix, cfg.smoothing, num_classes, cfg.mixup_prob, cfg.mixup_switch_prob
+    )
+    data = build_data(cfg, di.distributed, mixup_fn)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     net = build_model(cfg, num_classes, data.params["in_chans"], verbose=main)
     if cfg.grad_checkpointing:
@@ -165,12 +171,6 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         )
     if cfg.torchcompile:
         model = torch.compile(model)
-    from ..data import build_mixup
-
-    mixup_fn, train_loss_fn = build_mixup(
-        cfg.mixup, cfg.cutmix, cfg.smoothing, num_classes, cfg.mixup_prob, cfg.mixup_switch_prob
-    )
-
     # ----- resume -------------------------------------------------------------------------------------------
     ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
     start_epoch, start_pos, step, best = 0, 0, 0, -1.0
@@ -262,8 +262,6 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     if pos >= steps_per_epoch:
                         break
                     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                    if mixup_fn is not None:
-                        x, y = mixup_fn(x, y)
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     micro += 1
@@ -370,6 +368,12 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     result["stopped"] = stopped
     result["step"] = step
     return result
+
+
+def _dataset_classes(cfg: TrainConfig) -> int:
+    from ..data import build_dataset
+
+    return len(build_dataset(cfg.dataset, cfg.data_dir, cfg.train_split).classes)
 
 
 def _nonfinite(loss: float, epoch: int, step: int, ckpts: CheckpointManager) -> None:

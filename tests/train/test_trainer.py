@@ -1,0 +1,163 @@
+"""End-to-end runs of the trainer on a tiny model and 64 Fashion-MNIST images (a few seconds each)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from davit.train.checkpoint import find_latest_valid, load_checkpoint
+from davit.train.config import resolve_config
+from davit.train.logging import read_metrics
+from davit.train.trainer import NonFiniteLossError, train
+
+
+def _step_losses(run_dir):
+    return [
+        (r["step"], r["loss"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["kind"] == "train"
+    ]
+
+
+def test_run_writes_everything_and_config_round_trips(tiny_cfg):
+    cfg = tiny_cfg(experiment="full", epochs=1)
+    res = train(cfg)
+    d = Path(res["run_dir"])
+    for f in (
+        "config.yaml",
+        "metrics.jsonl",
+        "curves.png",
+        "confusion.png",
+        "report.md",
+        "model.safetensors",
+    ):
+        assert (d / f).is_file(), f
+    assert find_latest_valid(d / "checkpoints") is not None
+    assert resolve_config(None, str(d / "config.yaml")) == cfg  # the saved config repeats the run
+    assert 0 <= res["top1"] <= 100 and len(res["per_class_acc"]) == 10
+    assert sum(map(sum, res["confusion"])) == 32
+
+
+def test_exact_resume_gives_identical_losses(tiny_cfg):
+    # drop path (torch RNG) and mixup (numpy RNG in the collate) are on, so any lost RNG state would show
+    common = dict(epochs=2, mixup=0.8, cutmix=1.0, checkpoint_every_steps=None)
+    full = train(tiny_cfg(experiment="a", **common))
+    part = train(tiny_cfg(experiment="b", max_steps=3, **common))  # stops mid-epoch 1 with a checkpoint
+    assert part["stopped"] and part["step"] == 3
+    resumed = train(tiny_cfg(experiment="b", resume="auto", **common))
+    a, b = _step_losses(full["run_dir"]), _step_losses(resumed["run_dir"])
+    assert len(a) == 8 and [s for s, _ in b] == [s for s, _ in a]
+    assert b == a  # exactly equal, step for step, before and after the interruption
+    assert resumed["top1"] == full["top1"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, monkeypatch):
+    import davit.train.trainer as tr
+
+    real = tr.build_model
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        m = real(*a, **k)
+        fwd = m.forward
+
+        def forward(x):
+            out = fwd(x)
+            if m.training:
+                calls["n"] += 1
+                if calls["n"] == 5:  # the 5th training step goes wrong
+                    return out * float("nan")
+            return out
+
+        m.forward = forward
+        return m
+
+    monkeypatch.setattr(tr, "build_model", poisoned)
+    cfg = tiny_cfg(experiment="nan", checkpoint_every_steps=2)
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan .*step 5.*last good checkpoint is .*ckpt-000000004"
+    ):
+        train(cfg)
+    d = Path(cfg.output) / "nan" / "checkpoints"
+    last = find_latest_valid(d)
+    assert last.name == "ckpt-000000004.pt"
+    st = load_checkpoint(last)
+    assert st["step"] == 4 and all(torch.isfinite(v).all() for v in st["model"].values())
+
+
+def test_skipped_corrupt_images_are_counted(tmp_path, tiny_cfg, capsys):
+    from davit.data import make_image_folder
+
+    root = make_image_folder(str(tmp_path / "imgs"), per_class=4, size=(20, 20))
+    (tmp_path / "imgs/train/cat/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (tmp_path / "imgs/train/dog/empty.jpg").write_bytes(b"")
+    cfg = tiny_cfg(
+        experiment="bad",
+        dataset="folder",
+        data_dir=root,
+        num_classes=3,
+        in_chans=3,
+        epochs=1,
+        batch_size=14,
+        train_samples=None,
+        val_samples=None,
+        warmup_epochs=0,
+    )
+    res = train(cfg)
+    assert res["skipped_files"] == 2
+    ep = [r for r in read_metrics(Path(res["run_dir"]) / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert ep[0]["skipped_files"] == 2
+    out = capsys.readouterr().out
+    assert "2 unreadable files skipped" in out and "broken.png" in out and "empty.jpg" in out
+
+
+def test_eval_and_predict_commands(tiny_cfg, tmp_path, capsys):
+    from PIL import Image
+
+    from davit.cli import main
+    from davit.data import FashionMNIST
+
+    res = train(tiny_cfg(experiment="ev", epochs=1))
+    d = res["run_dir"]
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    # the same 32 images as the trainer's validation: the metrics must agree exactly
+    assert (
+        main(["eval", d, "--results-file", str(out_json), "-j", "0", "-b", "8", "--num-samples", "32"]) == 0
+    )
+    ev = json.loads(out_json.read_text())
+    assert ev["top1"] == pytest.approx(res["top1"]) and ev["confusion"] == res["confusion"]
+    assert ev["crop_pct"] == 1.0 and ev["interpolation"] == "bicubic"
+
+    ds = FashionMNIST(split="val")
+    imgs = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(ds.data[i]).save(p)
+        imgs.append(str(p))
+    capsys.readouterr()
+    assert main(["predict", *imgs, "--checkpoint", d, "--json", "-k", "3"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert [p["image"] for p in pred] == imgs
+    for p in pred:
+        probs = [t["prob"] for t in p["top_k"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+        assert all(t["class"] in ds.classes and 0 <= t["index"] < 10 for t in p["top_k"])
+    assert main(["predict", imgs[0], "--checkpoint", d]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{imgs[0]}:") and text.count("%") == 5
+
+
+def test_fp16_on_cpu_is_clear_error(tiny_cfg):
+    with pytest.raises(ValueError, match="float16 needs a GPU"):
+        train(tiny_cfg(experiment="fp16", amp=True, amp_dtype="float16"))
+
+
+def test_bf16_grad_accum_and_ema_run(tiny_cfg):
+    res = train(
+        tiny_cfg(
+            experiment="bf16", amp=True, grad_accum_steps=2, model_ema=True, model_ema_decay=0.5, epochs=1
+        )
+    )
+    assert math.isfinite(res["train_loss"]) and "ema_top1" in res
+    assert (Path(res["run_dir"]) / "model_ema.safetensors").is_file()
