@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "davit.export",  # export
     "davit.train.cli",  # train, eval, predict, demo
     "davit.cli_viz",  # viz
+    "davit.data.cli",  # data shards, data check
 ]
 
 
