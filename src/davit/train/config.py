@@ -54,6 +54,7 @@ class TrainConfig:
         False  # small-image augmentation (pad + random crop + flip) instead of RandomResizedCrop
     )
     batch_aug: bool = False  # Fashion-MNIST only: augment uint8 batches at once (fast on small CPUs)
+    crop_padding: int | None = None  # simple_aug: zero padding before the random crop (default: size / 8)
     scale: list = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.5
     color_jitter: float | None = None

@@ -95,7 +95,9 @@ def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle
             raise ValueError("--batch-aug works with --dataset fashion-mnist, --simple-aug and no --aa")
         bt = dict(input_size=dp["img_size"], mean=dp["mean"], std=dp["std"])
         train_tf, val_tf = None, None
-        train_bt = build_batch_transform(True, hflip=cfg.hflip, reprob=cfg.reprob, remode=cfg.remode, **bt)
+        train_bt = build_batch_transform(
+            True, padding=cfg.crop_padding, hflip=cfg.hflip, reprob=cfg.reprob, remode=cfg.remode, **bt
+        )
         val_bt = build_batch_transform(False, **bt)
     else:
         common = dict(
@@ -114,6 +116,7 @@ def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle
             scale=tuple(cfg.scale),
             hflip=cfg.hflip,
             color_jitter=cfg.color_jitter,
+            padding=cfg.crop_padding,
             **common,
         )
         val_tf = build_transform(False, crop_pct=dp["crop_pct"], **common)

@@ -1,0 +1,84 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from davit.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    atomic_write,
+    find_latest_valid,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    verify_checkpoint,
+)
+
+
+def test_save_verify_load(tmp_path):
+    st = {"model": {"w": torch.arange(6.0)}, "step": 3}
+    digest = save_checkpoint(st, tmp_path / "ckpt-000000003.pt")
+    side = (tmp_path / "ckpt-000000003.pt.sha256").read_text()
+    assert side == f"{digest}  ckpt-000000003.pt\n"  # sha256sum -c format
+    verify_checkpoint(tmp_path / "ckpt-000000003.pt")
+    back = load_checkpoint(tmp_path / "ckpt-000000003.pt")
+    assert back["step"] == 3 and torch.equal(back["model"]["w"], st["model"]["w"])
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_corruption_detected_and_skipped_by_resume(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(
+            {"step": step, "w": torch.full((100,), float(step))}, tmp_path / f"ckpt-{step:09d}.pt"
+        )
+    newest = tmp_path / "ckpt-000000003.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        verify_checkpoint(newest)
+    (tmp_path / "ckpt-000000002.pt.sha256").unlink()  # as after a crash between data and checksum
+    with pytest.warns(UserWarning, match="skipping invalid checkpoint"):
+        assert find_latest_valid(tmp_path).name == "ckpt-000000001.pt"
+
+
+def test_atomic_write_keeps_old_content_when_write_fails(tmp_path, monkeypatch):
+    p = tmp_path / "f.bin"
+    atomic_write(p, b"old")
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(p, b"new content")
+    assert p.read_bytes() == b"old"
+
+
+def test_manager_keeps_last_k_and_best(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last=2)
+    for step in range(1, 5):
+        m.save({"step": step}, step, is_best=step == 2)
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names == [
+        "best.pt",
+        "best.pt.sha256",
+        "ckpt-000000003.pt",
+        "ckpt-000000003.pt.sha256",
+        "ckpt-000000004.pt",
+        "ckpt-000000004.pt.sha256",
+    ]
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 2 and m.latest().name == "ckpt-000000004.pt"
+
+
+def test_rng_state_round_trip_through_weights_only_file(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    save_checkpoint({"rng": rng_state()}, tmp_path / "r.pt")
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
