@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "davit.cli_models",  # info, list, convert
     "davit.bench",  # bench
     "davit.export",  # export
+    "davit.tasks.cli",  # detect, segment, data scenes
     "davit.train.cli",  # train, eval, predict, demo
     "davit.cli_viz",  # viz
     "davit.data.cli",  # data shards, data check

@@ -1,0 +1,234 @@
+"""Configuration and presets of the dense tasks (SPEC section 6 for the COCO / ADE20K recipes).
+
+One flat dataclass for both tasks; a preset is a dict of overrides, then a YAML/JSON config file, then
+``--set key=value`` pairs. Detection durations are in epochs (``lr_steps`` too), segmentation in iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TaskConfig", "PRESETS", "resolve_task_config", "parse_set"]
+
+
+@dataclass
+class TaskConfig:
+    task: str = "detect"  # detect | segment
+    model: str = "davit_tiny"
+    backbone_kwargs: dict = field(default_factory=dict)  # architecture overrides, e.g. {"stem_stride": 4}
+    backbone_weights: str | None = None  # classification or mmdet/mmseg checkpoint
+    drop_path_rate: float = 0.1
+    # data: `data` is a scenes-style root (images/{split}, labels/{split}, annotations/instances_*.json);
+    # the explicit folders below override it (COCO: image dir + instances JSON; ADE20K: image dir + label dir)
+    data: str | None = None
+    train_images: str | None = None
+    train_ann: str | None = None
+    val_images: str | None = None
+    val_ann: str | None = None
+    num_classes: int | None = None  # detect: max category id + 1 (from the JSON); segment: label classes
+    reduce_zero_label: bool = False
+    # detection model and its internal resize (short sides drawn per image in training, the last one at test)
+    min_sizes: list = field(default_factory=lambda: list(range(480, 801, 32)))
+    max_size: int = 1333
+    fpn_channels: int = 256
+    box_head_dim: int = 1024
+    mask_head_channels: int = 256
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    # segmentation model, augmentation and test
+    channels: int = 512
+    aux_channels: int = 256
+    aux_weight: float = 0.4
+    crop_size: int = 512
+    scale: list = field(default_factory=lambda: [2048, 512])
+    ratio_range: list = field(default_factory=lambda: [0.5, 2.0])
+    test_mode: str = "whole"  # whole | slide
+    test_crop: int = 512
+    test_stride: int = 341
+    test_scales: list = field(default_factory=lambda: [1.0])
+    test_flip: bool = False
+    # optimisation
+    batch_size: int = 16  # global (split over DDP ranks)
+    epochs: float | None = None  # detection
+    iters: int | None = None  # segmentation
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "step"  # step (lr_steps, gamma) | poly (power, min_lr)
+    lr_steps: list = field(default_factory=lambda: [8, 11])
+    gamma: float = 0.1
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    grad_clip: float | None = None
+    amp: bool = False
+    # running
+    eval_interval: int = 0  # iterations; 0: only at the end
+    eval_batch_size: int = 1
+    log_interval: int = 20
+    keep_checkpoints: int = 2
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    time_limit_min: float | None = None  # stop training early (then evaluate) after this many minutes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_COCO = dict(
+    task="detect",
+    model="davit_tiny",
+    num_classes=91,
+    lr=1e-4,
+    weight_decay=0.05,
+    batch_size=16,
+    warmup_iters=500,
+    warmup_ratio=0.001,
+    schedule="step",
+    gamma=0.1,
+    eval_batch_size=2,
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    # Mask R-CNN, official mmdet configs: 2 img/GPU x 8, AdamW 1e-4 wd 0.05, 12 / 36 epochs
+    "coco-maskrcnn-1x": dict(_COCO, epochs=12, lr_steps=[8, 11], drop_path_rate=0.1),
+    "coco-maskrcnn-3x": dict(_COCO, epochs=36, lr_steps=[27, 33], drop_path_rate=0.2),
+    # UperNet, official mmseg config: AdamW 6e-5 wd 0.01, poly(1.0) with 1500 warmup, 160k iters, batch 16
+    "ade20k-upernet-160k": dict(
+        task="segment",
+        model="davit_tiny",
+        num_classes=150,
+        reduce_zero_label=True,
+        drop_path_rate=0.3,
+        lr=6e-5,
+        weight_decay=0.01,
+        schedule="poly",
+        poly_power=1.0,
+        min_lr=0.0,
+        warmup_iters=1500,
+        warmup_ratio=1e-6,
+        iters=160_000,
+        batch_size=16,
+        crop_size=512,
+        scale=[2048, 512],
+        ratio_range=[0.5, 2.0],
+        eval_interval=16_000,
+        test_mode="whole",
+    ),
+    # CPU demos on `davit data scenes` (128 px canvases): the same recipes scaled down in size and length
+    "scenes-maskrcnn-demo": dict(
+        task="detect",
+        model="davit_atto",
+        backbone_kwargs={"stem_stride": 4},  # 128 px canvases: strides 4..64 as the COCO model
+        num_classes=11,
+        drop_path_rate=0.0,
+        lr=1e-3,
+        weight_decay=0.05,
+        batch_size=8,
+        epochs=4,
+        lr_steps=[3, 3.6],
+        warmup_iters=50,
+        warmup_ratio=0.01,
+        min_sizes=[96, 112, 128],
+        max_size=200,
+        fpn_channels=64,
+        box_head_dim=256,
+        mask_head_channels=64,
+        rpn_batch_size_per_image=128,
+        box_batch_size_per_image=64,
+        rpn_pre_nms_top_n_train=600,
+        rpn_post_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=100,
+        eval_batch_size=8,
+        log_interval=10,
+        workers=1,
+        time_limit_min=10.0,
+    ),
+    "scenes-upernet-demo": dict(
+        task="segment",
+        model="davit_atto",
+        num_classes=11,
+        drop_path_rate=0.0,
+        lr=1e-3,
+        weight_decay=0.01,
+        schedule="poly",
+        poly_power=1.0,
+        min_lr=0.0,
+        warmup_iters=50,
+        warmup_ratio=0.01,
+        iters=1500,
+        batch_size=8,
+        channels=64,
+        aux_channels=32,
+        crop_size=128,
+        scale=[128, 128],
+        ratio_range=[0.75, 1.5],
+        eval_batch_size=16,
+        log_interval=10,
+        workers=1,
+        time_limit_min=10.0,
+    ),
+}
+
+
+def parse_set(pairs: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-4", "min_sizes=[96,128]"]`` -> dict; values are read as YAML (numbers, lists, null)."""
+    import yaml
+
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ValueError(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def resolve_task_config(
+    task: str,
+    preset: str | None = None,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TaskConfig:
+    """Defaults < preset < config file < overrides, with unknown keys and a task mismatch reported."""
+    values: dict[str, Any] = {"task": task}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if config_file is not None:
+        p = Path(config_file)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {config_file!r} not found")
+        import yaml
+
+        loaded = (json.loads if p.suffix == ".json" else yaml.safe_load)(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {config_file} must hold a mapping of option: value")
+        values.update(loaded)
+    values.update(overrides or {})
+    known = {f.name for f in dataclasses.fields(TaskConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; known: {', '.join(sorted(known))}")
+    cfg = TaskConfig(**values)
+    if cfg.task != task:
+        raise ValueError(f"config is for task {cfg.task!r} but `davit {task}` was run; pick a {task} preset")
+    if cfg.task == "detect" and not cfg.epochs:
+        raise ValueError("detection needs `epochs` (e.g. --preset coco-maskrcnn-1x or --set epochs=12)")
+    if cfg.task == "segment" and not cfg.iters:
+        raise ValueError("segmentation needs `iters` (e.g. --preset ade20k-upernet-160k or --set iters=1000)")
+    if cfg.schedule not in ("step", "poly"):
+        raise ValueError(f"schedule must be 'step' or 'poly', got {cfg.schedule!r}")
+    return cfg

@@ -1,0 +1,391 @@
+"""Training and evaluation loop of the dense tasks, read top to bottom: build, resume, iterate, evaluate,
+report.
+
+Reuses the classification trainer's pieces: atomic checksummed checkpoints and resume
+(:mod:`davit.train.checkpoint`), progress bar and ``metrics.jsonl`` (:mod:`davit.train.logging`) and torchrun
+set-up (:mod:`davit.train.distributed`). A run folder holds ``config.json``, ``ckpt/``, ``metrics.jsonl``,
+``model.safetensors`` (final weights) and ``report.md``. Evaluation runs on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from ..train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from ..train.distributed import barrier, cleanup, init_distributed
+from ..train.logging import MetricsLogger, Progress
+from .coco import CocoInstances, coco_evaluate, coco_results, collate_detection
+from .config import TaskConfig
+from .detection import detector_param_groups, maskrcnn
+from .seg_data import SegFolder, SegMetric
+from .segmentation import segment_inference, upernet
+
+__all__ = ["build_model", "build_datasets", "train", "evaluate", "load_run", "lr_factor"]
+
+
+# ----- building ---------------------------------------------------------------------------------------------
+def _paths(cfg: TaskConfig, split: str) -> tuple[str, str]:
+    img, ann = (cfg.train_images, cfg.train_ann) if split == "train" else (cfg.val_images, cfg.val_ann)
+    if cfg.data is not None:
+        root = Path(cfg.data)
+        img = img or str(root / "images" / split)
+        ann = ann or str(
+            root
+            / ("annotations" if cfg.task == "detect" else "labels")
+            / (f"instances_{split}.json" if cfg.task == "detect" else split)
+        )
+    if img is None or ann is None:
+        raise ValueError(
+            f"no {split} data: pass --data DIR (scenes layout) or set {split}_images and {split}_ann"
+        )
+    return img, ann
+
+
+def build_datasets(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "val")) -> dict[str, Any]:
+    out = {}
+    for split in splits:
+        img, ann = _paths(cfg, split)
+        train = split == "train"
+        if cfg.task == "detect":
+            out[split] = CocoInstances(img, ann, train=train)
+        else:
+            out[split] = SegFolder(
+                img,
+                ann,
+                train=train,
+                crop_size=cfg.crop_size,
+                scale=cfg.scale,
+                ratio_range=cfg.ratio_range,
+                reduce_zero_label=cfg.reduce_zero_label,
+            )
+    return out
+
+
+def build_model(cfg: TaskConfig, backbone_weights: bool = True) -> nn.Module:
+    if cfg.num_classes is None:
+        raise ValueError(
+            "num_classes is not set (detect: max category id + 1; segment: number of label classes)"
+        )
+    weights = cfg.backbone_weights if backbone_weights else None
+    if cfg.task == "detect":
+        return maskrcnn(
+            cfg.model,
+            cfg.num_classes,
+            weights,
+            drop_path_rate=cfg.drop_path_rate,
+            fpn_channels=cfg.fpn_channels,
+            box_head_dim=cfg.box_head_dim,
+            mask_head_channels=cfg.mask_head_channels,
+            min_size=cfg.min_sizes,
+            max_size=cfg.max_size,
+            backbone_kwargs=cfg.backbone_kwargs,
+            rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+            box_batch_size_per_image=cfg.box_batch_size_per_image,
+            rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+            rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+            rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+            rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        )
+    return upernet(
+        cfg.model,
+        cfg.num_classes,
+        weights,
+        drop_path_rate=cfg.drop_path_rate,
+        channels=cfg.channels,
+        aux_channels=cfg.aux_channels,
+        aux_weight=cfg.aux_weight,
+        backbone_kwargs=cfg.backbone_kwargs,
+    )
+
+
+def lr_factor(cfg: TaskConfig, it: int, progress: float) -> float:
+    """Multiplier of the base lr at iteration ``it``: linear warmup (mmcv style, in iterations), then step or
+    poly decay as a function of ``progress`` in [0, 1] (the fraction of the run done, see :func:`train`)."""
+    if cfg.schedule == "step":
+        length = cfg.epochs if cfg.task == "detect" else cfg.iters  # lr_steps are in the run's unit
+        f = cfg.gamma ** sum(progress >= s / length for s in cfg.lr_steps)
+    else:
+        min_f = cfg.min_lr / cfg.lr
+        f = (1 - min_f) * (1 - min(progress, 1.0)) ** cfg.poly_power + min_f
+    if it < cfg.warmup_iters:
+        f *= 1 - (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
+    return f
+
+
+def _cycle(loader: DataLoader, sampler):
+    epoch = 0
+    while True:
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+# ----- evaluation -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, ds, cfg: TaskConfig, device: torch.device, progress: str = "none"
+) -> dict[str, Any]:
+    """Detection: pycocotools box/mask AP; segmentation: mIoU, per-class IoU, aAcc. Also inference img/s."""
+    model.eval()
+    if cfg.task == "detect":
+        loader = DataLoader(
+            ds, cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers, collate_fn=collate_detection
+        )
+    else:
+        loader = DataLoader(ds, cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers)
+    results, metric, n, t_model = [], SegMetric(cfg.num_classes), 0, 0.0
+    with Progress(len(loader), "eval", progress) as bar:
+        for images, targets in loader:
+            t0 = time.perf_counter()
+            if cfg.task == "detect":
+                outs = model([im.to(device) for im in images])
+                t_model += time.perf_counter() - t0
+                results += coco_results(outs, [int(t["image_id"]) for t in targets])
+            else:
+                probs = segment_inference(
+                    model,
+                    images.to(device),
+                    cfg.test_mode,
+                    cfg.test_crop,
+                    cfg.test_stride,
+                    cfg.test_scales,
+                    cfg.test_flip,
+                )
+                t_model += time.perf_counter() - t0
+                metric.update(probs.argmax(1).cpu(), targets)
+            n += len(images)
+            bar.update(1)
+    scores = coco_evaluate(ds.coco, results) if cfg.task == "detect" else metric.compute()
+    scores["infer_img_per_s"] = n / max(t_model, 1e-9)
+    return scores
+
+
+# ----- training ---------------------------------------------------------------------------------------------
+def train(
+    cfg: TaskConfig, out_dir: str | Path, resume: bool = True, progress: str = "auto"
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir`` (resuming from its newest valid checkpoint); returns final scores."""
+    dist_info = init_distributed(cfg.device)
+    device, main = dist_info.device, dist_info.is_main
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    data = build_datasets(cfg, ("train", "val") if main else ("train",))
+    if cfg.task == "detect" and cfg.num_classes is None:
+        cfg.num_classes = data["train"].num_classes
+    model = build_model(cfg).to(device)
+    if dist_info.distributed:
+        if cfg.task == "segment":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the recipe's SyncBN
+        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.task == "detect")
+    core = model.module if dist_info.distributed else model
+
+    per_rank = max(1, cfg.batch_size // dist_info.world_size)
+    train_ds = data["train"]
+    sampler = (
+        DistributedSampler(train_ds, seed=cfg.seed)
+        if dist_info.distributed
+        else RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed))
+    )
+    loader = DataLoader(
+        train_ds,
+        per_rank,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        drop_last=True,
+        collate_fn=collate_detection if cfg.task == "detect" else None,
+        persistent_workers=cfg.workers > 0,
+    )
+    iters_per_epoch = max(1, len(loader))
+    total = math.ceil(cfg.epochs * iters_per_epoch) if cfg.task == "detect" else int(cfg.iters)
+
+    optimizer = torch.optim.AdamW(
+        detector_param_groups(core, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas)
+    )
+    t_start = time.time()
+
+    def progress(it: int) -> float:
+        # iterations done; with a time limit, the elapsed share of it when larger, so that a run cut short by
+        # a
+        # slow or busy machine still goes through its whole schedule (the CPU demos' fixed time budget)
+        p = it / total
+        if cfg.time_limit_min:
+            p = max(p, (time.time() - t_start) / (60 * cfg.time_limit_min))
+        return p
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it, progress(it)))
+    ckpts = CheckpointManager(out / "ckpt", cfg.keep_checkpoints)
+    step, best = 0, None
+    latest = ckpts.latest() if resume else None
+    if latest is not None:
+        st = load_checkpoint(latest)
+        core.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step, best = int(st["step"]), st.get("best")
+        set_rng_state(st["rng"])
+        if main:
+            print(f"resumed from {latest} at iteration {step}/{total}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    logger = MetricsLogger(out, truncate_after_step=step) if main else None
+    key = "box_AP" if cfg.task == "detect" else "mIoU"
+
+    def save(scores: dict[str, Any] | None) -> None:
+        nonlocal best
+        is_best = scores is not None and (best is None or scores[key] > best)
+        if is_best:
+            best = scores[key]
+        ckpts.save(
+            dict(
+                model=core.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=sched.state_dict(),
+                step=step,
+                best=best,
+                rng=rng_state(),
+                config=cfg.to_dict(),
+            ),
+            step,
+            is_best,
+        )
+
+    seen, stopped_early = 0, False
+    batches = _cycle(loader, sampler)
+    model.train()
+    with Progress(
+        total - step, f"{cfg.task} train", progress if main else "none", every=cfg.log_interval
+    ) as bar:
+        while step < total:
+            images, targets = next(batches)
+            if cfg.task == "detect":
+                images = [im.to(device) for im in images]
+                targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+                with torch.autocast(device.type, enabled=cfg.amp):
+                    losses = model(images, targets)
+                losses["loss"] = sum(losses.values())
+            else:
+                with torch.autocast(device.type, enabled=cfg.amp):
+                    losses = model(images.to(device), targets.to(device))  # through forward: DDP syncs
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
+            optimizer.step()
+            sched.step()
+            step += 1
+            seen += len(images) * dist_info.world_size
+            if not math.isfinite(losses["loss"].item()):
+                raise RuntimeError(
+                    f"loss is {float(losses['loss'])} at iteration {step}: lower lr or enable grad_clip"
+                )
+            fields = {k: round(v.item(), 4) for k, v in losses.items()}
+            bar.update(1, loss=fields["loss"], lr=optimizer.param_groups[0]["lr"])
+            if logger and (step % cfg.log_interval == 0 or step == total):
+                logger.log(
+                    "train",
+                    step,
+                    lr=optimizer.param_groups[0]["lr"],
+                    img_per_s=round(seen / (time.time() - t_start), 2),
+                    **fields,
+                )
+            over_time = cfg.time_limit_min is not None and time.time() - t_start > 60 * cfg.time_limit_min
+            if (cfg.eval_interval and step % cfg.eval_interval == 0 and step < total) and not over_time:
+                scores = evaluate(core, data["val"], cfg, device) if main else None
+                if logger:
+                    logger.log("val", step, **_scalars(scores))
+                save(scores) if main else None
+                barrier()
+                model.train()
+            if over_time:
+                stopped_early = True
+                break
+    train_s = time.time() - t_start
+    scores = None
+    if main:
+        scores = evaluate(core, data["val"], cfg, device, progress)
+        logger.log("val", step, **_scalars(scores))
+        save(scores)
+        from ..weights import save_weights
+
+        save_weights(
+            core, out / "model.safetensors", metadata=dict(task=cfg.task, config=json.dumps(cfg.to_dict()))
+        )
+        _write_report(out, cfg, scores, step, total, train_s, seen, stopped_early, data["val"])
+        logger.close()
+    barrier()
+    cleanup()
+    return scores or {}
+
+
+def _scalars(scores: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (round(v, 5) if isinstance(v, float) else v) for k, v in scores.items() if not isinstance(v, list)
+    }
+
+
+def _write_report(
+    out: Path,
+    cfg: TaskConfig,
+    scores: dict[str, Any],
+    step: int,
+    total: int,
+    train_s: float,
+    seen: int,
+    stopped_early: bool,
+    val_ds,
+) -> None:
+    lines = [
+        f"# davit {cfg.task}: {cfg.model} on {cfg.data or cfg.train_images}",
+        "",
+        f"- iterations: {step} of {total}" + (" (stopped early at the time limit)" if stopped_early else ""),
+        f"- training time: {train_s / 60:.1f} min, {seen / max(train_s, 1e-9):.2f} img/s",
+        f"- validation images: {len(val_ds)}",
+        f"- inference: {scores['infer_img_per_s']:.2f} img/s (eval batch {cfg.eval_batch_size})",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| {k} | {v:.4f} |" for k, v in scores.items() if isinstance(v, float) and k != "infer_img_per_s"
+    ]
+    if cfg.task == "segment":
+        names = _class_names(cfg)
+        lines += ["", "| class | IoU |", "|---|---|"]
+        lines += [f"| {names[i] if i < len(names) else i} | {v:.4f} |" for i, v in enumerate(scores["IoU"])]
+    lines += ["", "Config: `config.json`; per-iteration log: `metrics.jsonl`; weights: `model.safetensors`."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _class_names(cfg: TaskConfig) -> list[str]:
+    meta = Path(cfg.data) / "meta.json" if cfg.data else None
+    if meta is not None and meta.is_file():
+        return json.loads(meta.read_text()).get("semantic_classes", [])
+    return []
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TaskConfig]:
+    """The trained model of a run folder (``config.json`` + ``model.safetensors``), in eval mode."""
+    run = Path(run_dir)
+    for f in ("config.json", "model.safetensors"):
+        if not (run / f).is_file():
+            raise FileNotFoundError(
+                f"{run / f} not found: pass the folder a `davit detect|segment train` wrote"
+            )
+    cfg = TaskConfig(**json.loads((run / "config.json").read_text()))
+    model = build_model(cfg, backbone_weights=False)
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    return model.to(device).eval(), cfg

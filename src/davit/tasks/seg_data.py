@@ -1,0 +1,140 @@
+"""ADE20K-style semantic segmentation data (images + PNG label maps) and the mIoU / accuracy metric.
+
+Layout: an image folder and a label folder whose files share stems (``images/training/x.jpg`` ->
+``annotations/training/x.png``). Label value 255 is ignored; ``reduce_zero_label`` maps 0 ("other" in ADE20K)
+to
+255 and shifts the rest down by one, as mmseg does for ADE20K's 150 classes.
+
+Training transform of the recipe (torchvision v2): random rescale of the (2048, 512) scale by a ratio in
+[0.5, 2.0] keeping the aspect ratio, a random crop (padding images with 0 and labels with 255), horizontal
+flip, photometric jitter, ImageNet normalisation. mmseg's ``cat_max_ratio`` crop retry is not reproduced.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from .segmentation import IGNORE_INDEX
+
+__all__ = ["SegFolder", "SegMetric"]
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class SegFolder(Dataset):
+    """(normalised float image (3, H, W), int64 labels (H, W)) pairs.
+
+    Args:
+        scale: (long, short) base scale for the random rescale (recipe (2048, 512)); None keeps the size.
+        ratio_range: rescale ratios drawn uniformly (recipe (0.5, 2.0)); training only.
+        crop_size: random crop side in training (recipe 512); evaluation returns the whole image.
+    """
+
+    def __init__(
+        self,
+        img_dir: str | os.PathLike,
+        ann_dir: str | os.PathLike,
+        train: bool = False,
+        crop_size: int = 512,
+        scale: Sequence[int] | None = (2048, 512),
+        ratio_range: Sequence[float] = (0.5, 2.0),
+        reduce_zero_label: bool = False,
+    ) -> None:
+        img_dir, ann_dir = Path(img_dir), Path(ann_dir)
+        for p in (img_dir, ann_dir):
+            if not p.is_dir():
+                raise FileNotFoundError(f"segmentation folder {os.fspath(p)!r} not found")
+        labels = {p.stem: p for p in ann_dir.iterdir() if p.suffix == ".png"}
+        self.items = [
+            (p, labels[p.stem])
+            for p in sorted(img_dir.iterdir())
+            if p.suffix.lower() in _IMG_EXT and p.stem in labels
+        ]
+        if not self.items:
+            raise ValueError(
+                f"no image/label pairs with matching names in {img_dir} and {ann_dir} (labels: .png)"
+            )
+        self.reduce_zero_label = reduce_zero_label
+        ops: list = [v2.ToImage()]
+        if train:
+            if scale is not None:
+                ops.append(
+                    v2.ScaleJitter((min(scale), max(scale)), scale_range=tuple(ratio_range), antialias=True)
+                )
+            ops += [
+                v2.RandomCrop(
+                    crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}
+                ),
+                v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(0.125, 0.5, 0.5, 0.05)], p=0.5),
+            ]
+        ops += [
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+        self.transform = v2.Compose(ops)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load_label(self, i: int) -> np.ndarray:
+        lab = np.array(Image.open(self.items[i][1]))
+        if lab.ndim != 2:
+            raise ValueError(
+                f"label map {self.items[i][1]} must be single-channel (mode L or P), got {lab.shape}"
+            )
+        if self.reduce_zero_label:
+            lab = lab.astype(np.int16) - 1
+            lab[lab < 0] = IGNORE_INDEX
+            lab[lab == IGNORE_INDEX - 1] = IGNORE_INDEX
+        return lab.astype(np.uint8)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        img = Image.open(self.items[i][0]).convert("RGB")
+        lab = tv_tensors.Mask(torch.from_numpy(self.load_label(i)))
+        img, lab = self.transform(img, lab)
+        return img, lab.as_subclass(Tensor).long()
+
+
+class SegMetric:
+    """Confusion-matrix metric: mIoU and per-class IoU (classes absent from prediction and truth are NaN and
+    skipped by the mean, as mmseg), pixel accuracy aAcc, mean class accuracy mAcc."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)  # rows: truth, columns: prediction
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(target.shape)} shapes differ")
+        keep = target != self.ignore_index
+        t, p = target[keep].long().cpu(), pred[keep].long().cpu()
+        if len(t) and int(t.max()) >= self.num_classes:
+            raise ValueError(
+                f"label value {int(t.max())} >= num_classes {self.num_classes} (and not ignored)"
+            )
+        self.cm += torch.bincount(t * self.num_classes + p, minlength=self.num_classes**2).view_as(self.cm)
+
+    def compute(self) -> dict[str, float | list[float]]:
+        cm = self.cm.double()
+        inter, truth, pred = cm.diag(), cm.sum(1), cm.sum(0)
+        union = truth + pred - inter
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, float("nan")))
+        acc = torch.where(truth > 0, inter / truth.clamp(min=1), torch.full_like(inter, float("nan")))
+        return dict(
+            mIoU=float(iou.nanmean()),
+            aAcc=float(inter.sum() / cm.sum().clamp(min=1)),
+            mAcc=float(acc.nanmean()),
+            IoU=[float(v) for v in iou],
+        )

@@ -1,0 +1,125 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from davit import create_model
+from davit.tasks.seg_data import SegFolder, SegMetric
+from davit.tasks.segmentation import segment_inference, upernet
+from davit.weights import from_native
+
+SMALL = dict(channels=16, aux_channels=8, drop_path_rate=0.0, backbone_kwargs=dict(stem_stride=4))
+
+
+def test_upernet_shapes_and_heads():
+    m = upernet("davit_atto", num_classes=5, **SMALL).eval()
+    assert len(m.decode_head.pools) == 4  # pool scales 1, 2, 3, 6
+    assert [p[0].output_size for p in m.decode_head.pools] == [1, 2, 3, 6]
+    assert m.aux_head.conv[0].in_channels == 128  # stage 3 of davit_atto
+    with torch.no_grad():
+        assert m(torch.randn(2, 3, 64, 80)).shape == (2, 5, 64, 80)
+    labels = torch.randint(0, 5, (2, 64, 80))
+    losses = m.train().loss(torch.randn(2, 3, 64, 80), labels)
+    assert set(losses) == {"loss_decode", "loss_aux", "loss"}
+    torch.testing.assert_close(losses["loss"], losses["loss_decode"] + losses["loss_aux"])
+    assert upernet("davit_atto", num_classes=5, aux_weight=0, **SMALL).aux_head is None
+
+
+def test_aux_loss_weight_is_0_4():
+    m = upernet("davit_atto", num_classes=3, **SMALL).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))  # BatchNorm needs 2 in training
+    torch.manual_seed(0)
+    w = m.loss(x, y)["loss_aux"]
+    m.aux_weight = 1.0
+    torch.manual_seed(0)
+    assert math.isclose(w.item(), 0.4 * m.loss(x, y)["loss_aux"].item(), rel_tol=1e-5)
+
+
+def test_training_steps_decrease_loss():
+    torch.manual_seed(0)
+    y = torch.zeros(2, 64, 64, dtype=torch.long)  # blocks of classes, marked in the image channels
+    y[:, 32:, :] = 1
+    y[:, :, 40:] = 2
+    x = torch.randn(2, 3, 64, 64) + 2 * nn.functional.one_hot(y, 3).permute(0, 3, 1, 2)
+    y[:, :4] = 255  # ignored pixels take no part
+    m = upernet("davit_atto", num_classes=3, **SMALL).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+
+    def loss():
+        torch.manual_seed(1)  # same dropout masks
+        return m(x, y)["loss"]
+
+    first = loss().item()
+    for _ in range(5):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.85 * first
+
+
+def test_miou_hand_checked():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 1]])
+    m = SegMetric(num_classes=4)
+    m.update(pred, target)
+    r = m.compute()
+    # 7 valid pixels (the 255 one is left out of truth and prediction alike)
+    # class 0: truth 2, pred 2 ((0,0), (1,1)), inter 1 -> union 3 -> 1/3
+    # class 1: truth 3, pred 4, inter 3 -> 3/4; class 2: truth 2, pred 1, inter 1 -> 1/2
+    # class 3: absent from both -> NaN, left out of the mean
+    assert r["IoU"][:3] == pytest.approx([1 / 3, 3 / 4, 1 / 2]) and math.isnan(r["IoU"][3])
+    assert r["mIoU"] == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
+    assert r["aAcc"] == pytest.approx(5 / 7)
+    assert r["mAcc"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        m.update(torch.tensor([0]), torch.tensor([7]))
+
+
+class _PixelModel(nn.Module):  # a pointwise model: windows must not change its output
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_slide_and_flip_inference_match_whole_for_pointwise_model():
+    model, x = _PixelModel(), torch.randn(1, 3, 50, 70)
+    whole = segment_inference(model, x)
+    slide = segment_inference(model, x, mode="slide", crop=32, stride=20)
+    torch.testing.assert_close(slide, whole)
+    torch.testing.assert_close(segment_inference(model, x, flip=True), whole)
+    ms = segment_inference(model, x, scales=(0.5, 1.0, 1.5))
+    assert ms.shape == whole.shape and torch.allclose(ms.sum(1), torch.ones(1, 50, 70))
+    with pytest.raises(ValueError, match="mode"):
+        segment_inference(model, x, mode="tiles")
+
+
+def test_segfolder_reduce_zero_label_and_crop(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ann").mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "img" / "a.jpg")
+    Image.fromarray(np.array([[0, 1, 2, 255] * 15] * 40, np.uint8)).save(tmp_path / "ann" / "a.png")
+    ds = SegFolder(tmp_path / "img", tmp_path / "ann", reduce_zero_label=True)
+    x, y = ds[0]
+    assert x.shape == (3, 40, 60) and y.shape == (40, 60)
+    assert y[0, :4].tolist() == [255, 0, 1, 255]
+    tr = SegFolder(tmp_path / "img", tmp_path / "ann", train=True, crop_size=48, scale=(60, 40))
+    x, y = tr[0]
+    assert x.shape == (3, 48, 48) and y.shape == (48, 48)
+    assert set(y.unique().tolist()) <= {0, 1, 2, 255}  # padding is ignored (255), values stay labels
+
+
+def test_mmseg_checkpoint_loads_into_backbone():
+    body = create_model("davit_atto", features_only=True, out_norm=True)
+    native = {k: torch.randn_like(v) for k, v in body.state_dict().items()}
+    mm = from_native(native, "mm")
+    mm["decode_head.conv_seg.weight"] = torch.randn(150, 512, 1, 1)
+    m = upernet("davit_atto", num_classes=150, backbone_weights=mm, channels=16, aux_channels=8)
+    got = m.backbone.state_dict()
+    for k, v in native.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
