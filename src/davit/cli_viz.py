@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 EXAMPLE = """examples:
-  davit viz fashion-mnist:0 fashion-mnist:1 --checkpoint runs/demo/model.safetensors --out viz/
-  davit viz shirt.png --model davit_atto --checkpoint runs/demo/model_best.safetensors --out viz/
+  davit viz fashion-mnist:0 fashion-mnist:1 --checkpoint output/demo/RUN   # a `make demo` run folder
+  davit viz shirt.png --model davit_atto --checkpoint model.safetensors --out viz/
   davit viz a.jpg b.jpg --model davit_tiny --pretrained --out viz/ --queries 0.5,0.5 0.2,0.8 --stages 0 2
 """
 
@@ -38,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "viz",
         help="attention maps (window + channel), Grad-CAM and a summary sheet as PNGs",
-        description="Draw what DaViT attends to: for each image, spatial window attention of query points "
-        "per stage and head, channel-attention matrices with the maps of the most attended channels, "
-        "Grad-CAM for the top prediction, and a summary sheet. Writes OUT/<image name>/*.png.",
+        description="Draw what DaViT attends to. For each image: the spatial window attention of query\n"
+        "points per stage and head, the channel-attention matrices with the maps of the most attended\n"
+        "channels, Grad-CAM for the top prediction, and a summary sheet. Writes OUT/<image name>/*.png.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -51,9 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="image files (any PIL-readable format), or fashion-mnist:N for test image N",
     )
     p.add_argument("--model", default=None, help="variant name (default: the checkpoint's run config)")
-    p.add_argument("--checkpoint", default=None, help="weights file (.safetensors or .pth/.pt)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="weights file (.safetensors, .pth, ...; any layout) or a training run folder",
+    )
     p.add_argument("--pretrained", action="store_true", help="use the released weights (no --checkpoint)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default="viz", help="output folder (default: ./viz)")
     p.add_argument(
         "--queries",
         nargs="+",

@@ -174,7 +174,7 @@ def spatial_figure(
     over its window."""
     heads = min(rec.num_heads, max_heads)
     cols = max(heads, 3)  # room for the title when a stage has one or two heads
-    fig = _figure(cols, len(queries), CELL, top=0.5)
+    fig = _figure(cols, len(queries), CELL, top=0.62)
     axes = fig.subplots(len(queries), cols, squeeze=False)
     for ax in axes[:, heads:].flat:
         ax.set_axis_off()
@@ -221,7 +221,7 @@ def channel_figure(
     groups = min(rec.num_heads, max_groups)
     cg = rec.attn.shape[-1]
     top_k = min(top_k, cg)
-    fig = _figure(1 + top_k, groups, CELL, left=0.45, bottom=0.4, top=0.6, wspace=0.25, hspace=0.35)
+    fig = _figure(1 + top_k, groups, CELL, left=0.45, bottom=0.4, top=0.7, wspace=0.25, hspace=0.35)
     axes = fig.subplots(groups, 1 + top_k, squeeze=False)
     for g in range(groups):
         _channel_matrix(axes[g, 0], rec.attn[b, g].numpy(), f"group {g}: {cg}x{cg} attention")
@@ -247,7 +247,16 @@ def _probs_panel(ax, probs: Tensor, names: Sequence[str], k: int = 5) -> None:
     ax.tick_params(axis="x", labelsize=6)
     ax.set_title("top predictions", fontsize=8)
     for y, v in zip(range(len(labels))[::-1], top.values.tolist()):
-        ax.text(min(v + 0.02, 0.8), y, f"{v:.1%}", va="center", fontsize=7)
+        inside = v > 0.8  # long bars carry their label inside
+        ax.text(
+            v - 0.02 if inside else v + 0.02,
+            y,
+            f"{v:.1%}",
+            va="center",
+            ha="right" if inside else "left",
+            color="white" if inside else "black",
+            fontsize=7,
+        )
 
 
 def _cam_panel(ax, disp: np.ndarray, cam: Tensor) -> None:

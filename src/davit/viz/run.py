@@ -166,6 +166,8 @@ def load_model(
     and input channels read off the checkpoint itself. Returns (model in eval mode, flattened run config)."""
     from ..models import create_model
 
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        checkpoint = Path(checkpoint) / "model.safetensors"
     run_cfg = find_run_config(checkpoint)
     name = name or run_cfg.get("model")
     if not name:
@@ -174,6 +176,12 @@ def load_model(
         model = create_model(name, pretrained=pretrained)
         return model.eval(), run_cfg
     path = Path(checkpoint)
+    if path.is_dir():  # a training run folder: its final weights
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{path} is a folder without model.safetensors; pass the weights file itself"
+            )
+        path = path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     arch = run_cfg.get("arch") if isinstance(run_cfg.get("arch"), dict) else {}
@@ -236,7 +244,8 @@ def analyse(
     target: int | None = None,
 ) -> Analysis:
     """Attention of every block, Grad-CAM and class probabilities for one image (C, H, W) or (1, C, H, W).
-    Default queries: the Grad-CAM peak (where the evidence for the prediction is) and the image centre."""
+    Default queries: the centre of the last-stage token with the strongest Grad-CAM (where the evidence for
+    the prediction is) and the image centre."""
     x = image[None] if image.ndim == 3 else image
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"expected one image (C, H, W) or (1, C, H, W), got shape {tuple(image.shape)}")
@@ -254,17 +263,24 @@ def analyse(
     finally:
         model.train(was_training)
     H, W = x.shape[-2:]
-    if queries is None:
-        pts = [(H // 2, W // 2)]
-        if cam is not None:
-            peak = int(cam.flatten().argmax())
-            pts.insert(0, (peak // W, peak % W))
-        pts = list(dict.fromkeys(pts))
-    else:
-        pts = _to_pixels(queries, H, W)
     for r in records.values():
         r.attn, r.values = r.attn.cpu(), None if r.values is None else r.values.cpu()
     strides = {r.stage: stage_stride(model, r.stage, (H, W), r.map_size) for r in records.values()}
+    if queries is None:
+        pts = [(H // 2, W // 2)]
+        if cam is not None:
+            # the centre of the strongest last-stage token: the upsampled map's argmax sits on a plateau that
+            # reaches the image corner, which would make a poor query point
+            s = strides[max(strides)]
+            centres = [
+                (min(int((i + 0.5) * s), H - 1), min(int((j + 0.5) * s), W - 1))
+                for i in range(-(-H // s))
+                for j in range(-(-W // s))
+            ]
+            pts.insert(0, max(centres, key=lambda p: float(cam[p])))
+        pts = list(dict.fromkeys(pts))
+    else:
+        pts = _to_pixels(queries, H, W)
     return Analysis(x[0].detach().cpu(), records, strides, cam, probs, pts)
 
 
