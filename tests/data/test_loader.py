@@ -61,6 +61,7 @@ def test_start_iter_resumes_exactly_without_loading_skipped_batches():
     # the plain sampler API resets the skip, as DistributedSampler.set_epoch would
     loader.sampler.set_epoch(2)
     assert same([(x, y) for x, y in loader], full)
+    assert loader.position == len(full)
 
 
 def test_training_loop_rng_is_not_disturbed():

@@ -215,7 +215,9 @@ class Loader(DataLoader):
 
     def __iter__(self):
         self.bad = []
-        self.position = self._start_iter
+        # sampler.set_epoch(e) alone (DistributedSampler style) resets the skip: follow the sampler
+        sampled = isinstance(self.sampler, EpochSampler)
+        self.position = self.sampler.skip // self.batch_size if sampled else self._start_iter
         for x, y, bad in super().__iter__():
             self.position += 1
             if bad:

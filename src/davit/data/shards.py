@@ -132,6 +132,13 @@ def _samples(path: str):
 
 
 class ShardDataset(IterableDataset):
+    """Items ``(transform(image), label)`` or BadSample from tar shards (see the module docstring).
+
+    ``.classes`` and per-shard counts come from ``index.json`` beside the shards, or are found by reading the
+    tars once. build_loader calls :meth:`configure` (rank, world size, workers, batch size) and the loader's
+    ``set_epoch`` calls :meth:`set_epoch`. ``shuffle_buffer``: samples mixed across shard boundaries.
+    """
+
     def __init__(
         self,
         root: str,
@@ -141,12 +148,8 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 2000,
     ):
         self.paths = list_shards(root)
-        self.transform, self.mode, self.max_pixels, self.shuffle_buffer = (
-            transform,
-            mode,
-            max_pixels,
-            shuffle_buffer,
-        )
+        self.transform, self.mode = transform, mode
+        self.max_pixels, self.shuffle_buffer = max_pixels, shuffle_buffer
         idx_file = os.path.join(os.path.dirname(self.paths[0]), "index.json")
         counts, classes = None, []
         if os.path.isfile(idx_file):
