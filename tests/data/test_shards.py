@@ -82,12 +82,14 @@ def test_training_is_equal_per_rank_deterministic_and_resumable(arrays_shards):
         assert len(ld) == 6  # 25 samples per rank -> 6 full batches of 4, on every rank
         runs[rank] = ids(ld)
         assert len(runs[rank]) == 6 and all(len(b) == 4 for b in runs[rank])
+        if rank == 1:
+            continue  # the remaining checks once are enough (each pass starts two worker processes)
         ld.set_epoch(3)
         assert ids(ld) == runs[rank]  # same (seed, epoch) -> same batches
         ld.set_epoch(4)
         assert ids(ld) != runs[rank]
-        ld.set_epoch(3, start_iter=4)
-        assert len(ld) == 2 and ids(ld) == runs[rank][4:]
+        ld.set_epoch(3, start_iter=3)  # odd start: the first resumed batch comes from the second worker
+        assert len(ld) == 3 and ids(ld) == runs[rank][3:]
     flat = [i for r in runs.values() for b in r for i in b]
     assert len(set(flat)) > 35  # ranks read different shards
     # the main process alone (workers=0) also gives equal, full batches
