@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from davit.cli import main
+from davit.tasks.config import PRESETS, TaskConfig, resolve_task_config
+from davit.tasks.engine import lr_factor
+
+
+def test_presets_follow_the_official_recipes():
+    c = resolve_task_config("detect", "coco-maskrcnn-1x")
+    assert (c.lr, c.weight_decay, c.batch_size, c.epochs, c.lr_steps, c.warmup_iters) == (1e-4, 0.05, 16, 12,
+                                                                                           [8, 11], 500)
+    assert (c.drop_path_rate, c.min_sizes[0], c.min_sizes[-1], c.max_size, c.fpn_channels) == (0.1, 480, 800,
+                                                                                               1333, 256)
+    c3 = resolve_task_config("detect", "coco-maskrcnn-3x")
+    assert (c3.epochs, c3.lr_steps, c3.drop_path_rate) == (36, [27, 33], 0.2)
+    s = resolve_task_config("segment", "ade20k-upernet-160k")
+    assert (s.lr, s.weight_decay, s.schedule, s.warmup_iters, s.iters, s.batch_size) == (6e-5, 0.01, "poly",
+                                                                                        1500, 160_000, 16)
+    assert (s.crop_size, s.ratio_range, s.drop_path_rate, s.channels, s.aux_weight) == (512, [0.5, 2.0], 0.3,
+                                                                                        512, 0.4)
+    assert s.num_classes == 150 and s.reduce_zero_label
+    assert set(PRESETS) >= {"coco-maskrcnn-1x", "coco-maskrcnn-3x", "ade20k-upernet-160k"}
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown option"):
+        resolve_task_config("detect", "coco-maskrcnn-1x", overrides={"learning_rate": 1})
+    with pytest.raises(ValueError, match="task 'segment'"):
+        resolve_task_config("detect", "ade20k-upernet-160k")
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_task_config("detect", "coco-1x")
+
+
+def test_lr_schedules():
+    det = TaskConfig(task="detect", epochs=12, lr_steps=[8, 11], warmup_iters=500, warmup_ratio=0.001)
+    assert lr_factor(det, 0, 0.0) == pytest.approx(0.001)  # warmup starts at ratio
+    assert lr_factor(det, 250, 0.01) == pytest.approx(0.001 + 0.5 * 0.999)
+    assert lr_factor(det, 1000, 7.9 / 12) == 1.0
+    assert lr_factor(det, 10**5, 8 / 12) == pytest.approx(0.1)  # first step at epoch 8
+    assert lr_factor(det, 10**5, 11.5 / 12) == pytest.approx(0.01)
+    seg = TaskConfig(task="segment", iters=1000, schedule="poly", lr=1e-4, min_lr=0.0, warmup_iters=0)
+    assert lr_factor(seg, 500, 0.5) == pytest.approx(0.5)
+    assert lr_factor(seg, 1000, 1.0) == 0.0
+
+
+@pytest.mark.slow
+def test_segment_train_eval_predict_cli(scenes, tmp_path, capsys):
+    """A 3-iteration run through the CLI: run folder contents, resume, eval and predict."""
+    run = tmp_path / "run"
+    args = ["segment", "train", "--preset", "scenes-upernet-demo", "--data", str(scenes), "--out", str(run),
+            "--progress", "none", "--set", "iters=3", "batch_size=2", "workers=0", "crop_size=64",
+            "scale=[64,64]", "channels=16", "aux_channels=8", "log_interval=1", "eval_batch_size=4",
+            "backbone_kwargs={stem_stride: 4}"]
+    assert main(args) == 0
+    for f in ("config.json", "metrics.jsonl", "model.safetensors", "report.md"):
+        assert (run / f).is_file(), f
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3]
+    assert 0.0 <= [r for r in recs if r["kind"] == "val"][-1]["mIoU"] <= 1.0
+    assert "| mIoU |" in (run / "report.md").read_text()
+    assert main(args) == 0  # resumes at the end: no more training records
+    assert "resumed from" in capsys.readouterr().out
+    assert main(["segment", "eval", str(run)]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    val = str(scenes / "images" / "val")
+    assert main(["segment", "predict", str(run), val, "--out", str(tmp_path / "p")]) == 0
+    assert len(list((tmp_path / "p").glob("*.png"))) == 4
+
+
+def test_data_scenes_cli(tmp_path):
+    assert main(["data", "scenes", "--out", str(tmp_path), "--num-train", "2", "--num-val", "1", "--size",
+                 "48"]) == 0
+    assert json.loads((tmp_path / "meta.json").read_text())["size"] == 48
+    # a clear error, no traceback
+    assert main(["data", "scenes", "--out", str(tmp_path), "--size", "16"]) == 2
