@@ -161,3 +161,13 @@ def test_bf16_grad_accum_and_ema_run(tiny_cfg):
     )
     assert math.isfinite(res["train_loss"]) and "ema_top1" in res
     assert (Path(res["run_dir"]) / "model_ema.safetensors").is_file()
+
+
+def test_time_budget_picks_epochs_and_config_repeats_them(tiny_cfg, capsys):
+    import yaml
+
+    res = train(tiny_cfg(experiment="budget", epochs=50, time_budget=1.0))  # 1 s: only the minimum fits
+    assert res["epoch"] == 0  # one epoch, not 50
+    assert "time budget 1s" in capsys.readouterr().out
+    saved = yaml.safe_load((Path(res["run_dir"]) / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["time_budget"] is None and saved["_resolved"]["time_budget"] == 1.0

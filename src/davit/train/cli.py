@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="train a small DaViT on Fashion-MNIST on the CPU, evaluate, report")
     p.add_argument("--output", default="output/demo")
-    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget; epochs are chosen to fit")
+    p.add_argument("--epochs", type=int, default=None, help="train exactly this many epochs (no budget)")
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_demo)
 
@@ -225,4 +226,4 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.output, args.epochs, args.data_dir)
+    return run_demo(args.output, args.epochs, args.data_dir, args.minutes)

@@ -96,6 +96,8 @@ class TrainConfig:
     torchcompile: bool = False
     fsdp: bool = False
     device: str = "auto"
+    threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    time_budget: float | None = None  # seconds for the whole run: the number of epochs is chosen to fit
     # run management
     output: str = "output/train"
     experiment: str | None = None  # run folder name (default: model-dataset-timestamp)

@@ -4,6 +4,8 @@ evaluation, checkpoints, and the final weights and report. Single process, torch
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 import signal
 import time
@@ -126,6 +128,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         raise ValueError("--fsdp shards over several processes: launch with torchrun --nproc-per-node=N")
     if cfg.grad_accum_steps < 1:
         raise ValueError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
+    t_start = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     run_dir = _run_dir(cfg, main)
 
     from ..data import build_mixup
@@ -159,6 +164,17 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     steps_per_epoch = data.train_loader.batches_per_epoch // accum
     if steps_per_epoch < 1:
         raise ValueError(f"an epoch has fewer batches than --grad-accum-steps ({accum}): use a smaller batch")
+    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
+    resume_path = (ckpts.latest() if cfg.resume == "auto" else Path(cfg.resume)) if cfg.resume else None
+    st = load_checkpoint(resume_path) if resume_path is not None else None
+    if cfg.time_budget:
+        if st is not None:  # a resumed budget run keeps the schedule length chosen when it started
+            cfg = dataclasses.replace(cfg, epochs=st["config"]["epochs"])
+        else:
+            cfg = dataclasses.replace(
+                cfg,
+                epochs=_epochs_for_budget(cfg, net, data, train_loss_fn, dev, t_start, steps_per_epoch, main),
+            )
     total_epochs = cfg.epochs + cfg.cooldown_epochs
     sched = build_scheduler(
         opt, cfg.sched, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr
@@ -172,13 +188,10 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     if cfg.torchcompile:
         model = torch.compile(model)
     # ----- resume -------------------------------------------------------------------------------------------
-    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
     start_epoch, start_pos, step, best = 0, 0, 0, -1.0
-    resume_path = (ckpts.latest() if cfg.resume == "auto" else Path(cfg.resume)) if cfg.resume else None
     if cfg.resume == "auto" and resume_path is None and main:
         print(f"--resume auto: no valid checkpoint in {ckpts.folder}, starting from scratch", flush=True)
-    if resume_path is not None:
-        st = load_checkpoint(resume_path)
+    if st is not None:
         _load_state_dicts(net, opt, st["model"], st["optimizer"], cfg.fsdp)
         if ema is not None and "model_ema" in st:
             ema.module.load_state_dict(st["model_ema"])
@@ -199,11 +212,14 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     )
     if main:
         save_config(
-            cfg,
+            dataclasses.replace(
+                cfg, time_budget=None
+            ),  # the epochs it chose are in; repeating needs no probe
             run_dir / "config.yaml",
             {
                 "world_size": di.world_size,
                 "global_batch": global_batch,
+                "time_budget": cfg.time_budget,
                 "lr": lr,
                 "num_classes": num_classes,
                 "steps_per_epoch": steps_per_epoch,
@@ -368,6 +384,50 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     result["stopped"] = stopped
     result["step"] = step
     return result
+
+
+def _epochs_for_budget(cfg, net, data, loss_fn, dev, t_start: float, steps_per_epoch: int, main: bool) -> int:
+    """Whole epochs (training + evaluation) that fit in what is left of ``cfg.time_budget`` seconds, from the
+    measured speed of a few training steps on a throw-away copy of the model (the RNG streams are restored, so
+    the run itself is unaffected)."""
+    n = 6
+    with torch.random.fork_rng(devices=[]):
+        m = copy.deepcopy(net).train()
+        opt = torch.optim.AdamW(m.parameters(), lr=0.0)
+        data.train_loader.set_epoch(0)
+        times = []
+        for i, (x, y) in enumerate(data.train_loader):
+            if i == n:
+                break
+            t = time.time()
+            x, y = x.to(dev), y.to(dev)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(dev, cfg.amp, cfg.amp_dtype):
+                loss = loss_fn(m(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.time() - t)
+        m.eval()
+        x, _ = next(iter(data.val_loader))
+        with torch.no_grad(), autocast(dev, cfg.amp, cfg.amp_dtype):
+            m(x.to(dev))
+            t = time.time()
+            m(x.to(dev))
+            t_eval = time.time() - t
+    step_t = sorted(times[1:])[len(times[1:]) // 2] * cfg.grad_accum_steps  # median, first one is warm-up
+    epoch_t = steps_per_epoch * step_t + len(data.val_loader) * t_eval
+    left = cfg.time_budget - (time.time() - t_start) - 15  # margin for the final report and weights
+    epochs = max(1, int(left // epoch_t))
+    if main:
+        print(
+            f"time budget {cfg.time_budget:.0f}s: measured {step_t:.3f}s/step, about {epoch_t:.0f}s per "
+            f"epoch"
+            f" with evaluation -> {epochs} epochs",
+            flush=True,
+        )
+    return epochs
 
 
 def _dataset_classes(cfg: TrainConfig) -> int:
