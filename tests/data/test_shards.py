@@ -9,7 +9,16 @@ import torch
 from oddfiles import BAD, GOOD, MAX_PIXELS
 from torchvision import transforms as T
 
-from davit.data import ImageFolder, ShardDataset, build_dataset, build_loader, write_shards
+from davit.data import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FashionMNIST,
+    ImageFolder,
+    ShardDataset,
+    build_dataset,
+    build_loader,
+    write_shards,
+)
 from davit.data.images import decode_image
 
 
@@ -53,11 +62,14 @@ def test_folder_round_trip(odd_folder, tmp_path):
         write_shards(src, str(tmp_path))
 
 
-def test_eval_reads_each_sample_once_over_ranks_and_workers(arrays_shards):
+@pytest.mark.parametrize("shard_size", [7, 20])
+def test_eval_reads_each_sample_once_over_ranks_and_workers(tmp_path, shard_size):
+    # 8 shards: whole shards per reader; 3 shards < 2 ranks x 2 workers: every reader takes every 4th sample
+    write_shards(Arrays(50), str(tmp_path / "val"), shard_size=shard_size)
     tf = T.Compose([T.PILToTensor(), T.ConvertImageDtype(torch.float32), T.Lambda(lambda x: x * 255)])
     seen = []
     for rank in range(2):
-        ds = build_dataset("wds", arrays_shards, "train", transform=tf, mode="L")
+        ds = build_dataset("wds", str(tmp_path), "val", transform=tf, mode="L")
         loader = build_loader(ds, 4, is_training=False, workers=2, distributed=True, rank=rank, world_size=2)
         rank_ids = [i for b in ids(loader) for i in b]
         assert len(rank_ids) == len(ds)
@@ -107,3 +119,16 @@ def test_no_index_brace_pattern_and_errors(tmp_path):
         ShardDataset(str(tmp_path / "part-{000000..000005}.tar"))
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
         ShardDataset(str(tmp_path / "empty_dir_that_is_missing" / "*.tar"))
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_round_trip(tmp_path):
+    fm = FashionMNIST(None, "test")
+    fm.data, fm.targets = fm.data[:12], fm.targets[:12]
+    index = write_shards(fm, str(tmp_path), shard_size=5)
+    assert index["classes"] == list(FASHION_MNIST_CLASSES) and index["num_samples"] == 12
+    ds = ShardDataset(str(tmp_path), mode="L")
+    ds.configure(shuffle=False)
+    got = list(ds)
+    assert [y for _, y in got] == fm.targets
+    assert all(np.array_equal(np.asarray(img), a) for (img, _), a in zip(got, fm.data))
