@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 from torch.utils.data import Dataset
 
 from .fashion_mnist import FashionMNIST
-from .folder import ImageFolder
+from .folder import SPLIT_ALIASES, ImageFolder
 from .images import DEFAULT_MAX_PIXELS
 from .shards import ShardDataset
 
@@ -44,10 +46,6 @@ def build_dataset(
     if name in ("folder", "imagefolder", "image-folder"):
         return ImageFolder(root, split, transform=transform, mode=mode or "RGB", max_pixels=max_pixels)
     if name in ("wds", "webdataset", "shards"):
-        import os
-
-        from .folder import SPLIT_ALIASES
-
         if os.path.isdir(root):
             for sub in SPLIT_ALIASES.get(split, (split,)):
                 if os.path.isdir(os.path.join(root, sub)):
