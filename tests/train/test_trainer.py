@@ -167,7 +167,8 @@ def test_time_budget_picks_epochs_and_config_repeats_them(tiny_cfg, capsys):
     import yaml
 
     res = train(tiny_cfg(experiment="budget", epochs=50, time_budget=1.0))  # 1 s: only the minimum fits
-    assert res["epoch"] == 0  # one epoch, not 50
+    assert res["epoch"] == 0 and res["step"] == 1  # one step of one epoch, not 50 epochs
     assert "time budget 1s" in capsys.readouterr().out
     saved = yaml.safe_load((Path(res["run_dir"]) / "config.yaml").read_text())
-    assert saved["epochs"] == 1 and saved["time_budget"] is None and saved["_resolved"]["time_budget"] == 1.0
+    assert saved["epochs"] == 1 and saved["max_epoch_steps"] == 1 and saved["time_budget"] is None
+    assert saved["_resolved"]["time_budget"] == 1.0

@@ -98,6 +98,9 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     time_budget: float | None = None  # seconds for the whole run: the number of epochs is chosen to fit
+    max_epoch_steps: int | None = (
+        None  # cap on optimizer steps per epoch (set by time_budget on slow machines)
+    )
     # run management
     output: str = "output/train"
     experiment: str | None = None  # run folder name (default: model-dataset-timestamp)

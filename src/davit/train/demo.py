@@ -66,6 +66,12 @@ def run_demo(
     res = train(cfg)
     wall = time.time() - t0
     d = res["run_dir"]
+    if res.get("stopped"):
+        print(
+            f"demo stopped before the end; continue it with: davit train --config {d}/config.yaml "
+            f"--resume auto --experiment {os.path.basename(d)} --output {output}"
+        )
+        return 130
     print()
     print(
         f"Fashion-MNIST test accuracy (official 10k test images): top-1 {res['top1']:.2f}%  "

@@ -169,12 +169,16 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     st = load_checkpoint(resume_path) if resume_path is not None else None
     if cfg.time_budget:
         if st is not None:  # a resumed budget run keeps the schedule length chosen when it started
-            cfg = dataclasses.replace(cfg, epochs=st["config"]["epochs"])
-        else:
             cfg = dataclasses.replace(
-                cfg,
-                epochs=_epochs_for_budget(cfg, net, data, train_loss_fn, dev, t_start, steps_per_epoch, main),
+                cfg, epochs=st["config"]["epochs"], max_epoch_steps=st["config"].get("max_epoch_steps")
             )
+        else:
+            epochs, cap = _epochs_for_budget(
+                cfg, net, data, train_loss_fn, dev, t_start, steps_per_epoch, main
+            )
+            cfg = dataclasses.replace(cfg, epochs=epochs, max_epoch_steps=cap)
+    if cfg.max_epoch_steps:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_epoch_steps)
     total_epochs = cfg.epochs + cfg.cooldown_epochs
     sched = build_scheduler(
         opt, cfg.sched, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr
@@ -386,7 +390,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     return result
 
 
-def _epochs_for_budget(cfg, net, data, loss_fn, dev, t_start: float, steps_per_epoch: int, main: bool) -> int:
+def _epochs_for_budget(
+    cfg, net, data, loss_fn, dev, t_start: float, steps_per_epoch: int, main: bool
+) -> tuple[int, int | None]:
     """Whole epochs (training + evaluation) that fit in what is left of ``cfg.time_budget`` seconds, from the
     measured speed of a few training steps on a throw-away copy of the model (the RNG streams are restored, so
     the run itself is unaffected)."""
@@ -420,6 +426,16 @@ def _epochs_for_budget(cfg, net, data, loss_fn, dev, t_start: float, steps_per_e
     epoch_t = steps_per_epoch * step_t + len(data.val_loader) * t_eval
     left = cfg.time_budget - (time.time() - t_start) - 15  # margin for the final report and weights
     epochs = max(1, int(left // epoch_t))
+    cap = None
+    if left < epoch_t:  # not even one epoch fits: train on the first steps of one shuffled epoch
+        cap = max(1, int((left - len(data.val_loader) * t_eval) // step_t))
+        if main:
+            print(
+                f"time budget {cfg.time_budget:.0f}s: measured {step_t:.3f}s/step; one epoch "
+                f"(~{epoch_t:.0f}s) does not fit: training {cap} of its {steps_per_epoch} steps",
+                flush=True,
+            )
+        return 1, cap
     if main:
         print(
             f"time budget {cfg.time_budget:.0f}s: measured {step_t:.3f}s/step, about {epoch_t:.0f}s per "
@@ -427,7 +443,7 @@ def _epochs_for_budget(cfg, net, data, loss_fn, dev, t_start: float, steps_per_e
             f" with evaluation -> {epochs} epochs",
             flush=True,
         )
-    return epochs
+    return epochs, None
 
 
 def _dataset_classes(cfg: TrainConfig) -> int:
