@@ -38,6 +38,7 @@ def test_run_writes_everything_and_config_round_trips(tiny_cfg):
     assert sum(map(sum, res["confusion"])) == 32
 
 
+@pytest.mark.slow
 def test_exact_resume_gives_identical_losses(tiny_cfg):
     # drop path (torch RNG) and mixup (numpy RNG in the collate) are on, so any lost RNG state would show
     common = dict(epochs=2, mixup=0.8, cutmix=1.0, checkpoint_every_steps=None)

@@ -17,7 +17,7 @@ class Progress:
 
     def __init__(self, total: int, desc: str, mode: str = "auto", every: int = 50) -> None:
         if mode == "auto":
-            mode = "rich" if sys.stderr.isatty() else "plain"
+            mode = "rich" if sys.stdout.isatty() else "plain"  # rich draws on stdout
         self.mode, self.total, self.desc, self.every = mode, total, desc, max(1, every)
         self.done, self.t0 = 0, time.time()
         self._bar = None

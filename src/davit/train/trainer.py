@@ -126,6 +126,8 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         raise ValueError(f"--amp-dtype must be bfloat16 or float16, got {cfg.amp_dtype!r}")
     if cfg.fsdp and not di.distributed:
         raise ValueError("--fsdp shards over several processes: launch with torchrun --nproc-per-node=N")
+    if cfg.fsdp and cfg.model_ema:
+        raise ValueError("--model-ema is not supported with --fsdp (the EMA copy would not be sharded)")
     if cfg.grad_accum_steps < 1:
         raise ValueError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
     t_start = time.time()
@@ -383,8 +385,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     print(f"epoch {epoch + 1}: {bad}", flush=True)
             save(epoch + 1, 0, is_best)
         barrier()
+    final_sd = _state_dicts(net, opt, cfg.fsdp)[0]  # collective under FSDP: gathered on every rank
     if main:
-        _finish(cfg, run_dir, net, ema, data, result, stopped, logger)
+        _finish(cfg, run_dir, final_sd, ema, data, result, stopped, logger)
     result["stopped"] = stopped
     result["step"] = step
     return result
@@ -461,7 +464,7 @@ def _nonfinite(loss: float, epoch: int, step: int, ckpts: CheckpointManager) -> 
     )
 
 
-def _finish(cfg, run_dir: Path, net, ema, data, result, stopped: bool, logger) -> None:
+def _finish(cfg, run_dir: Path, state_dict, ema, data, result, stopped: bool, logger) -> None:
     from ..weights import save_weights
     from .report import write_report
 
@@ -469,7 +472,7 @@ def _finish(cfg, run_dir: Path, net, ema, data, result, stopped: bool, logger) -
         logger.close()
     meta = weights_metadata(cfg, data.classes, data.params, top1=result.get("top1"))
     if not stopped or not (run_dir / "model.safetensors").exists():
-        save_weights(net.state_dict(), run_dir / "model.safetensors", meta)
+        save_weights(state_dict, run_dir / "model.safetensors", meta)
         if ema is not None:
             save_weights(ema.module.state_dict(), run_dir / "model_ema.safetensors", meta)
     if stopped:
