@@ -110,9 +110,13 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fast = True  # False selects the literal reference formulation (tests, debugging)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def attend(self, x: Tensor) -> Tensor:
+        """Attention output before the output projection (blocks fuse the projection with the residual)."""
         fn = window_attention if self.fast else window_attention_ref
-        return self.proj(fn(self.qkv(x), self.num_heads))
+        return fn(self.qkv(x), self.num_heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.attend(x))
 
 
 class ChannelAttention(nn.Module):
@@ -128,6 +132,10 @@ class ChannelAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fast = True
 
-    def forward(self, x: Tensor) -> Tensor:
+    def attend(self, x: Tensor) -> Tensor:
+        """Attention output before the output projection (blocks fuse the projection with the residual)."""
         fn = channel_attention if self.fast else channel_attention_ref
-        return self.proj(fn(self.qkv(x), self.groups, self.v2))
+        return fn(self.qkv(x), self.groups, self.v2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.attend(x))
