@@ -1,3 +1,4 @@
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -85,12 +86,14 @@ def test_classification_checkpoint_loads_into_backbone(tmp_path):
     assert torch.equal(got["out_norms.0.weight"], torch.ones(32))  # fresh output norms keep their init
 
 
+@pytest.mark.slow
 def test_training_steps_decrease_loss(scenes):
     ds = CocoInstances(
         scenes / "images" / "train", scenes / "annotations" / "instances_train.json", train=False
     )
     images, targets = zip(*[ds[i] for i in range(2)])
-    m = maskrcnn("davit_atto", num_classes=ds.num_classes, **SMALL).train()
+    stride4 = dict(stem_stride=4)
+    m = maskrcnn("davit_atto", num_classes=ds.num_classes, backbone_kwargs=stride4, **SMALL).train()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
 
     def loss():  # the same RPN/RoI sampling each time

@@ -38,6 +38,7 @@ def test_aux_loss_weight_is_0_4():
     assert math.isclose(w.item(), 0.4 * m.loss(x, y)["loss_aux"].item(), rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_steps_decrease_loss():
     torch.manual_seed(0)
     y = torch.zeros(2, 64, 64, dtype=torch.long)  # blocks of classes, marked in the image channels

@@ -43,6 +43,7 @@ class TaskConfig:
     rpn_post_nms_top_n_train: int = 2000
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
+    detections_per_img: int = 100
     # segmentation model, augmentation and test
     channels: int = 512
     aux_channels: int = 256
@@ -150,9 +151,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         rpn_post_nms_top_n_train=300,
         rpn_pre_nms_top_n_test=300,
         rpn_post_nms_top_n_test=100,
+        detections_per_img=20,  # scenes hold at most 5 items
         eval_batch_size=8,
         log_interval=10,
         workers=1,
+        threads=1,  # on a shared 2-core CPU one thread per process beats two that wait for each other
         time_limit_min=10.0,
     ),
     "scenes-upernet-demo": dict(
@@ -177,6 +180,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_batch_size=16,
         log_interval=10,
         workers=1,
+        threads=1,  # on a shared 2-core CPU one thread per process beats two that wait for each other
         time_limit_min=10.0,
     ),
 }

@@ -93,6 +93,7 @@ def build_model(cfg: TaskConfig, backbone_weights: bool = True) -> nn.Module:
             rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
             rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
             rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+            box_detections_per_img=cfg.detections_per_img,
         )
     return upernet(
         cfg.model,
