@@ -284,6 +284,7 @@ def to_native(
     (kept in ``native`` under their source name so a load reports them as unexpected).
     """
     found, prefix = _find_layout(state_dict)
+    layout = "timm" if layout == "native" else layout
     if layout is not None and layout != found:
         if layout not in LAYOUTS:
             raise WeightsError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
@@ -300,10 +301,9 @@ def to_native(
             continue
         k = key[len(prefix) :]
         if found == "timm":
-            new = re.sub(r"^stages_(\d+)\.", r"stages.\1.", k)  # timm features_only (flattened) names
-            new = new.replace(".spatial_block.", ".0.").replace(
-                ".channel_block.", ".1."
-            )  # timm Florence towers
+            # timm features_only models flatten stages.0 to stages_0; timm's Florence towers name the blocks
+            new = re.sub(r"^stages_(\d+)\.", r"stages.\1.", k)
+            new = new.replace(".spatial_block.", ".0.").replace(".channel_block.", ".1.")
         else:
             new = _rename(k, _FWD[found])
         if new is None:
@@ -520,19 +520,20 @@ def _hint(model: nn.Module, native: dict[str, Tensor], r: dict) -> str:
             )
         else:
             hints.append(f"the checkpoint has {desc}, which matches no registered variant")
-    heads = [k for k, _, _ in r["mismatched"] if k.startswith("head.fc.")]
-    if heads or any(k.startswith("head.fc.") for k in r["missing"] + r["unexpected"]):
-        hints.append(
-            f"classifier: checkpoint has {a['num_classes']} classes, model "
-            f"{getattr(model, 'num_classes', '?')}; pass ignore_head=True to keep a fresh classifier "
-            "(fine-tuning), or build the model with the checkpoint's classes"
-        )
-    if any(k == "stem.conv.weight" for k, _, _ in r["mismatched"]):
-        hints.append(f"input channels: checkpoint {a['in_chans']}, model {getattr(model, 'in_chans', '?')}")
-    if not any(k.startswith("head.") for k in native) and any(k.startswith("head.") for k in r["missing"]):
+    n_cls = getattr(model, "num_classes", None)
+    head_keys = r["missing"] + r["unexpected"] + [k for k, _, _ in r["mismatched"]]
+    has_head = any(k.startswith("head.") for k in native)
+    if not has_head and any(k.startswith("head.") for k in r["missing"]):
         hints.append(
             "the checkpoint is a backbone without a head: pass ignore_head=True or build num_classes=0"
         )
+    elif any(k.startswith("head.fc.") for k in head_keys) and a["num_classes"] != n_cls:
+        hints.append(
+            f"classifier: checkpoint has {a['num_classes']} classes, model {n_cls}; pass ignore_head=True to "
+            "keep a fresh classifier (fine-tuning), or build the model with the checkpoint's classes"
+        )
+    if a["in_chans"] is not None and a["in_chans"] != getattr(model, "in_chans", a["in_chans"]):
+        hints.append(f"input channels: checkpoint {a['in_chans']}, model {getattr(model, 'in_chans', '?')}")
     return "; ".join(hints)
 
 
@@ -567,17 +568,24 @@ def load_weights(
         layout: force a layout instead of detecting it.
         use_ema: prefer EMA weights when the file holds both.
 
-    Allowed without error (listed in the report): the head of a classification checkpoint loaded into a
-    features model, dense-prediction ``out_norms`` missing (fresh) or unused, the head norm of a headless
-    tower.
+    A model built under ``torch.device("meta")`` takes the checkpoint tensors as its parameters (fast, no
+    double allocation). Allowed without error (listed in the report): the head of a classification checkpoint
+    loaded into a features model, dense-prediction ``out_norms`` missing (fresh) or unused, the head norm of a
+    headless tower.
     """
     native, found, ignored, name = _prepare(src, use_ema, layout)
     r, to_load = _match(model, native, found, ignore_head)
     report = LoadReport(source=name, layout=found, ignored=ignored, hint=_hint(model, native, r), **r)
     if strict and not report.ok:
         raise WeightsError(f"checkpoint does not fit the model (strict load):\n{report}")
-    on_meta = any(p.is_meta for p in model.parameters())
-    model.load_state_dict(to_load, strict=False, assign=on_meta)
+    target = model.state_dict()
+    if any(t.is_meta for t in target.values()):
+        # built under torch.device("meta"): take the checkpoint tensors as the parameters (no init, no copy),
+        # in the model's dtype; anything the checkpoint lacks stays on meta and fails loudly if used
+        to_load = {k: v.to(target[k].dtype) for k, v in to_load.items()}
+        model.load_state_dict(to_load, strict=False, assign=True)
+    else:
+        model.load_state_dict(to_load, strict=False)
     return report
 
 

@@ -1,0 +1,549 @@
+"""Weights: every key layout loads to timm-exact outputs; round trips; bad files fail clearly; offline hub.
+
+timm is the parity peer (test-only import): a randomly initialised timm model's weights, renamed into each
+layout the way that layout names them (tables below, written from SPEC section 4 and the upstream conversion
+code), must give our model the same outputs within 1e-5 max abs (fp32).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import davit
+from davit.weights import (
+    LoadReport,
+    WeightsDownloadError,
+    WeightsError,
+    check_weights,
+    detect_layout,
+    from_native,
+    load_state_dict,
+    load_weights,
+    save_weights,
+)
+
+timm = pytest.importorskip("timm")
+
+TOL = 1e-5
+# (batch, H, W): the 224 square, a non-square size that needs padding at every stage, batch 1
+INPUTS = {
+    "davit_tiny": [(2, 224, 224), (1, 200, 300)],
+    # bigger variants: smaller inputs (still padded, non-square) to keep the suite fast on 2 cores
+    "davit_small": [(2, 64, 96), (1, 100, 60)],
+    "davit_base": [(2, 64, 96), (1, 100, 60)],
+    "davit_base_fl": [(2, 64, 96), (1, 100, 60)],
+}
+
+
+# ----- the foreign layouts, written independently of davit.weights ------------------------------------------
+def timm_to_official(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("stem.conv.", "patch_embeds.0.proj.").replace("stem.norm.", "patch_embeds.0.norm.")
+        k = re.sub(r"^stages\.(\d+)\.downsample\.conv\.", r"patch_embeds.\1.proj.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample\.norm\.", r"patch_embeds.\1.norm.", k)
+        k = re.sub(r"^stages\.(\d+)\.blocks\.", r"main_blocks.\1.", k)
+        k = k.replace(".cpe1.", ".cpe.0.").replace(".cpe2.", ".cpe.1.")
+        k = k.replace("head.norm.", "norms.").replace("head.fc.", "head.")
+        out[k] = v
+    return out
+
+
+# Florence-2 block parts: timm part -> (original, transformers) part; {a} = window_attn | channel_attn
+FLORENCE_PARTS = {
+    "cpe1.proj": ("conv1.fn.dw", "conv1"),
+    "norm1": ("{a}.norm", "norm1"),
+    "attn.qkv": ("{a}.fn.qkv", "{a}.qkv"),
+    "attn.proj": ("{a}.fn.proj", "{a}.proj"),
+    "cpe2.proj": ("conv2.fn.dw", "conv2"),
+    "norm2": ("ffn.norm", "norm2"),
+    "mlp.fc1": ("ffn.fn.net.fc1", "ffn.fc1"),
+    "mlp.fc2": ("ffn.fn.net.fc2", "ffn.fc2"),
+}
+
+
+def timm_fl_to_florence(sd: dict, hf: bool) -> dict:
+    """A Florence tower in timm names -> the whole Florence-2 VLM state dict (original or transformers)."""
+    prefix, conv = ("model.vision_tower.", "conv") if hf else ("vision_tower.", "proj")
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("head."):
+            continue  # Florence-2 towers have no head
+        k = k.replace("stem.conv.", f"convs.0.{conv}.").replace("stem.norm.", "convs.0.norm.")
+        k = re.sub(r"^stages\.(\d+)\.downsample\.conv\.", rf"convs.\1.{conv}.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample\.norm\.", r"convs.\1.norm.", k)
+        m = re.match(
+            r"^stages\.(\d+)\.blocks\.(\d+)\.(spatial_block|channel_block|0|1)\.(.+)\.(weight|bias)$", k
+        )
+        if m:
+            s, b, blk, part, leaf = m.groups()
+            blk = {"0": "spatial_block", "1": "channel_block"}.get(blk, blk)
+            a = "window_attn" if blk == "spatial_block" else "channel_attn"
+            k = f"blocks.{s}.{b}.{blk}.{FLORENCE_PARTS[part][hf].format(a=a)}.{leaf}"
+        out[prefix + k] = v
+    # the rest of the VLM: must be ignored (and counted), never an error
+    lm = "model.language_model." if hf else "language_model.model."
+    out[lm + "encoder.layers.0.fc1.weight"] = torch.zeros(4, 2)
+    out[("model.multi_modal_projector." if hf else "") + "image_projection" + (".weight" if hf else "")] = (
+        torch.zeros(2, 2)
+    )
+    return out
+
+
+def timm_to_mm(sd: dict, dims: tuple[int, ...]) -> tuple[dict, dict]:
+    """timm classifier -> an mmdet Mask R-CNN checkpoint: backbone. + official names + norm{i}, neck/heads."""
+    g = torch.Generator().manual_seed(1)
+    norms = {}
+    for i, c in enumerate(dims):
+        norms[f"norm{i}.weight"] = 1 + 0.1 * torch.randn(c, generator=g)
+        norms[f"norm{i}.bias"] = 0.1 * torch.randn(c, generator=g)
+    body = {k: v for k, v in timm_to_official(sd).items() if not k.startswith(("head.", "norms."))}
+    ckpt = {f"backbone.{k}": v for k, v in {**body, **norms}.items()}
+    ckpt["neck.lateral_convs.0.conv.weight"] = torch.zeros(256, dims[0], 1, 1)
+    ckpt["roi_head.bbox_head.fc_cls.weight"] = torch.zeros(81, 1024)
+    return {"meta": {"epoch": 12, "CLASSES": ["person"]}, "state_dict": ckpt}, norms
+
+
+# ----- helpers ----------------------------------------------------------------------------------------------
+def inputs(name: str) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.randn(b, 3, h, w, generator=g) for b, h, w in INPUTS[name]]
+
+
+def poisoned(model: torch.nn.Module) -> torch.nn.Module:
+    """NaN every parameter, so any tensor a load fails to fill shows in the outputs."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    return model
+
+
+def meta(name: str, **kw) -> torch.nn.Module:
+    """A model with no storage: a load assigns the checkpoint tensors; a slot it misses stays on meta."""
+    with torch.device("meta"):
+        return davit.create_model(name, **kw).eval()
+
+
+def assert_all_loaded(model: torch.nn.Module) -> None:
+    left = [n for n, t in model.state_dict().items() if t.is_meta]
+    assert not left, f"not loaded: {left[:5]}"
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+def map_bound(ref: torch.Tensor) -> float:
+    """Bound for a raw stage map: 1e-5 absolute, or 1e-6 relative (about 8 fp32 ulps) for large maps.
+
+    The third stage's residual stream of a randomly initialised model reaches |x| ~ 40 (tiny) to ~2000
+    (9-block stages); at 2000 the fp32 spacing alone is 1.2e-4, so no fp32 implementation can agree to 1e-5
+    absolute there. Model outputs (logits, pooled or normed maps) keep the plain 1e-5, and a float64 run
+    checks the arithmetic itself to 1e-9.
+    """
+    return max(TOL, 1e-6 * ref.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def timm_tiny():
+    torch.manual_seed(0)
+    return timm.create_model("davit_tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_refs(timm_tiny):
+    """timm's outputs and stage maps for the tiny inputs, computed once."""
+    return timm_refs(timm_tiny, "davit_tiny")
+
+
+def timm_refs(tm, name: str) -> list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+    """(input, model output, stage maps) per input, from one timm pass each."""
+    out = []
+    with torch.no_grad():
+        for x in inputs(name):
+            final, maps = tm.forward_intermediates(x)
+            out.append((x, tm.forward_head(final), maps))
+    return out
+
+
+# ----- parity through every layout --------------------------------------------------------------------------
+LAYOUTS_OF = {
+    "davit_tiny": ["timm", "official"],
+    "davit_small": ["timm", "official"],
+    "davit_base": ["timm", "official"],
+    "davit_base_fl": ["timm", "florence2", "florence2_hf"],
+}
+
+
+def as_layout(sd: dict, layout: str) -> dict:
+    if layout == "official":  # as released: at times wrapped in {'state_dict': ...} with DDP's module. prefix
+        return {"state_dict": {f"module.{k}": v for k, v in timm_to_official(sd).items()}, "epoch": 300}
+    if layout.startswith("florence2"):
+        return timm_fl_to_florence(sd, hf=layout.endswith("_hf"))
+    return sd
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["davit_tiny", *[pytest.param(n, marks=pytest.mark.slow) for n in LAYOUTS_OF if n != "davit_tiny"]],
+)
+def test_every_layout_gives_timm_outputs(name, request):
+    """fp32 model outputs (logits; pooled features for the headless Florence tower) within 1e-5 of timm's;
+    stage maps within :func:`map_bound`."""
+    if name == "davit_tiny":
+        tm, refs = request.getfixturevalue("timm_tiny"), request.getfixturevalue("tiny_refs")
+    else:
+        torch.manual_seed(0)
+        tm = timm.create_model(name).eval()
+        refs = timm_refs(tm, name)
+    for layout in LAYOUTS_OF[name]:
+        model = meta(name)
+        report = load_weights(model, as_layout(tm.state_dict(), layout))
+        assert report.layout == layout and report.ok, str(report)
+        if layout.startswith("florence2"):
+            assert len(report.ignored) == 2  # language model + projector: ignored and counted, not errors
+            assert report.fresh == ["head.norm.weight", "head.norm.bias"]  # the tower has no head norm
+            # left as create_model leaves it (and as timm's is): a fresh LayerNorm
+            model.head.norm.to_empty(device="cpu").reset_parameters()
+        else:
+            assert len(report.loaded) == len(tm.state_dict())
+        assert_all_loaded(model)
+        with torch.no_grad():
+            for x, want, want_maps in refs:
+                final, maps = model.forward_intermediates(x)
+                err = max_err(model.forward_head(final), want)
+                assert err <= TOL, f"{name} via {layout}, input {tuple(x.shape)}: max abs {err:.3g}"
+                for i, (a, b) in enumerate(zip(maps, want_maps)):
+                    err = max_err(a, b)
+                    assert err <= map_bound(b), f"{name} via {layout} {tuple(x.shape)} stage {i}: {err:.3g}"
+
+
+@pytest.mark.parametrize("name", ["davit_tiny"])
+def test_features_only_maps_equal_timm_features_only(name):
+    """Stage maps of features_only models, ours loaded from timm's features_only state dict (stages_0)."""
+    torch.manual_seed(0)
+    tm_feat = timm.create_model(name, features_only=True).eval()
+    model = meta(name, features_only=True)
+    report = load_weights(model, tm_feat.state_dict())
+    assert report.ok and not report.unused and len(report.loaded) == len(tm_feat.state_dict())
+    assert_all_loaded(model)
+    with torch.no_grad():
+        for x in inputs(name):
+            for i, (a, b) in enumerate(zip(model(x), tm_feat(x))):
+                err = max_err(a, b)
+                assert err <= map_bound(b), f"{name} {tuple(x.shape)} stage {i}: max abs {err:.3g}"
+        if name == "davit_tiny":  # the same arithmetic: float64 agrees to ~1e-13 (small input: fp64 is slow)
+            x = torch.randn(1, 3, 50, 70, dtype=torch.float64)
+            tm_feat.double(), model.double()
+            for i, (a, b) in enumerate(zip(model(x), tm_feat(x))):
+                assert max_err(a, b) <= 1e-9, f"float64 stage {i}"
+
+
+def test_mm_layout_into_dense_backbone(tmp_path, timm_tiny, tiny_refs):
+    """An mmdet checkpoint (backbone. + norm{i}) into features_only(out_norm=True): fp32 maps within 1e-5."""
+    ckpt, norms = timm_to_mm(timm_tiny.state_dict(), (96, 192, 384, 768))
+    torch.save(ckpt, tmp_path / "mask_rcnn_davit_t.pth")
+    model = meta("davit_tiny", features_only=True, out_norm=True)
+    report = load_weights(model, tmp_path / "mask_rcnn_davit_t.pth")
+    assert report.layout == "mm" and report.ok and len(report.ignored) == 2
+    assert_all_loaded(model)
+    with torch.no_grad():
+        for x, _, maps in tiny_refs:
+            for i, (a, f) in enumerate(zip(model(x), maps)):
+                w, b = norms[f"norm{i}.weight"], norms[f"norm{i}.bias"]
+                want = F.layer_norm(f.permute(0, 2, 3, 1), (f.shape[1],), w, b, 1e-5).permute(0, 3, 1, 2)
+                err = max_err(a, want)
+                assert err <= TOL, f"{tuple(x.shape)} stage {i}: max abs {err:.3g}"
+
+
+def test_classifier_checkpoint_into_features_model(timm_tiny):
+    model = meta("davit_tiny", features_only=True, out_indices=(1, 2), out_norm=True)
+    report = load_weights(model, timm_tiny.state_dict())
+    assert report.ok
+    assert {k.split(".")[0] for k in report.unused} == {"head", "stages"}  # head + stage 3 not needed
+    assert all(k.startswith("out_norms.") for k in report.fresh) and len(report.fresh) == 4
+
+
+# ----- round trips ------------------------------------------------------------------------------------------
+def test_save_load_round_trip(tmp_path):
+    model = davit.create_model("davit_atto", num_classes=10)
+    path = save_weights(model, tmp_path / "atto.safetensors", metadata={"model": "davit_atto", "epoch": 3})
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["model"] == "davit_atto" and f.metadata()["epoch"] == "3"
+    other = poisoned(davit.create_model("davit_atto", num_classes=10))
+    assert load_weights(other, path).ok
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(WeightsError, match="safetensors only"):
+        save_weights(model, tmp_path / "atto.pth")
+
+
+def test_convert_to_official_and_back(tmp_path, capsys, timm_tiny):
+    from davit.cli import main
+
+    tm = timm_tiny
+    save_weights(tm.state_dict(), tmp_path / "timm.safetensors")
+    rc = main(
+        [
+            "convert",
+            str(tmp_path / "timm.safetensors"),
+            str(tmp_path / "off.safetensors"),
+            "--to",
+            "official",
+            "--model",
+            "davit_tiny",
+        ]
+    )
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    off = load_state_dict(tmp_path / "off.safetensors")
+    assert detect_layout(off) == "official"
+    assert set(off) == set(timm_to_official(tm.state_dict()))  # our reverse names == the independent table
+    model = meta("davit_tiny")
+    assert load_weights(model, tmp_path / "off.safetensors").ok
+    for k, v in tm.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert from_native(from_native(tm.state_dict(), "timm", named_blocks=True), "native").keys()
+
+
+def test_convert_mm_checkpoint_verified_and_wrong_model_refused(tmp_path, capsys, timm_tiny):
+    from davit.cli import main
+
+    ckpt, _ = timm_to_mm(timm_tiny.state_dict(), (96, 192, 384, 768))
+    torch.save(ckpt, tmp_path / "det.pth")
+    assert (
+        main(
+            ["convert", str(tmp_path / "det.pth"), str(tmp_path / "bb.safetensors"), "--model", "davit_tiny"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "layout mm" in out and "2 other keys ignored" in out and "davit_tiny" in out
+    assert sum(k.startswith("out_norms.") for k in load_state_dict(tmp_path / "bb.safetensors")) == 8
+    rc = main(
+        ["convert", str(tmp_path / "det.pth"), str(tmp_path / "x.safetensors"), "--model", "davit_small"]
+    )
+    assert rc == 2 and not (tmp_path / "x.safetensors").exists()
+    assert "does not fit davit_small" in capsys.readouterr().err
+
+
+# ----- wrong weights and bad files --------------------------------------------------------------------------
+def test_wrong_variant_names_keys_and_suggests_the_right_one():
+    small = meta("davit_small").state_dict()
+    with pytest.raises(WeightsError) as e:
+        load_weights(meta("davit_tiny"), small)
+    msg = str(e.value)
+    assert "unexpected" in msg and "stages.2.blocks.3.0" in msg and "looks like davit_small" in msg
+    with pytest.raises(WeightsError) as e:
+        load_weights(meta("davit_tiny"), meta("davit_base").state_dict())
+    msg = str(e.value)
+    assert "stem.conv.weight checkpoint (128, 3, 7, 7) vs model (96, 3, 7, 7)" in msg
+    assert "looks like davit_base" in msg
+    report = check_weights(meta("davit_tiny"), small)  # the non-raising form
+    assert isinstance(report, LoadReport) and not report.ok and len(report.unexpected) == 6 * 16 * 2
+
+
+def test_class_count_mismatch_and_ignore_head():
+    sd = davit.create_model("davit_atto", num_classes=10).state_dict()
+    model = davit.create_model("davit_atto", num_classes=5)
+    with pytest.raises(WeightsError, match=r"(?s)head\.fc\.weight checkpoint \(10, 256\).*ignore_head=True"):
+        load_weights(model, sd)
+    report = load_weights(model, sd, ignore_head=True)
+    assert report.ok and report.fresh == ["head.fc.weight", "head.fc.bias"]
+    assert torch.equal(model.head.norm.weight, sd["head.norm.weight"])
+
+
+@pytest.fixture()
+def atto_file(tmp_path) -> Path:
+    return save_weights(davit.create_model("davit_atto", num_classes=10), tmp_path / "atto.safetensors")
+
+
+def test_truncated_safetensors(atto_file):
+    data = atto_file.read_bytes()
+    atto_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        WeightsError, match=r"atto\.safetensors as safetensors: the file is corrupted or truncated"
+    ):
+        load_state_dict(atto_file)
+
+
+def test_truncated_torch_zip(tmp_path):
+    torch.save(davit.create_model("davit_atto").state_dict(), tmp_path / "a.pth")
+    data = (tmp_path / "a.pth").read_bytes()
+    (tmp_path / "a.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        WeightsError, match=r"a\.pth as a PyTorch checkpoint: the file is corrupted or truncated"
+    ):
+        load_state_dict(tmp_path / "a.pth")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".bin"])
+def test_random_bytes(tmp_path, suffix):
+    p = tmp_path / f"noise{suffix}"
+    p.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(WeightsError, match=re.escape(str(p))):
+        load_state_dict(p)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "e.pth").write_bytes(b"")
+    with pytest.raises(WeightsError, match=r"e\.pth is empty \(0 bytes\)"):
+        load_state_dict(tmp_path / "e.pth")
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_state_dict(tmp_path / "nope.safetensors")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(WeightsError, match="neither a safetensors file nor a PyTorch checkpoint"):
+        load_state_dict(tmp_path / "notes.txt")
+
+
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_pickle_that_would_run_code_is_refused_not_run(tmp_path, writer):
+    marker = tmp_path / "pwned"
+    p = tmp_path / "evil.pth"
+    payload = {"stem.conv.weight": torch.zeros(1), "x": _RunsCode(str(marker))}
+    if writer == "pickle":
+        p.write_bytes(pickle.dumps(payload, protocol=2))
+    else:
+        torch.save(payload, p)
+    with pytest.raises(WeightsError, match=r"refusing to load .*evil\.pth: it is a pickle that holds more"):
+        load_state_dict(p)
+    assert not marker.exists()
+
+
+def test_pickle_of_non_tensors(tmp_path):
+    torch.save({"stem.conv.weight": torch.zeros(1), "note": "hi", "epoch": 3}, tmp_path / "n.pth")
+    with pytest.raises(
+        WeightsError, match=r"not a plain state dict: 2 of 3 entries are not tensors.*'note' \(str\)"
+    ):
+        load_state_dict(tmp_path / "n.pth")
+    torch.save([1, 2, 3], tmp_path / "l.pth")
+    with pytest.raises(WeightsError, match="expected a dict of tensors, found list"):
+        load_state_dict(tmp_path / "l.pth")
+
+
+def test_not_a_davit_checkpoint():
+    with pytest.raises(WeightsError, match="unrecognised checkpoint layout.*conv1.weight"):
+        load_weights(
+            davit.create_model("davit_atto"), {"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)}
+        )
+
+
+# ----- pretrained: hub cache, offline -----------------------------------------------------------------------
+def test_variant_without_released_weights():
+    with pytest.raises(WeightsDownloadError, match="davit_atto has no released weights.*davit_tiny"):
+        davit.create_model("davit_atto", pretrained=True)
+    with pytest.raises(WeightsDownloadError, match="unknown pretrained tag 'in22k'.*'msft_in1k'"):
+        davit.create_model("davit_tiny", pretrained="in22k")
+
+
+@pytest.fixture()
+def hub(monkeypatch, tmp_path):
+    """An empty hub cache in tmp and the hub marked offline (what HF_HUB_OFFLINE=1 sets)."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def warm_cache(cache: Path, repo: str, fname: str, sd: dict) -> None:
+    """Lay a file out exactly as huggingface_hub caches it."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(rev)
+    (root / "snapshots" / rev).mkdir(parents=True)
+    dst = root / "snapshots" / rev / fname
+    save_weights(sd, dst) if fname.endswith(".safetensors") else torch.save(sd, dst)
+
+
+def test_offline_download_message(hub):
+    with pytest.raises(WeightsDownloadError) as e:
+        davit.create_model("davit_tiny", pretrained=True)
+    msg = str(e.value)
+    assert "could not download the pretrained weights for davit_tiny" in msg and "HF_HUB_OFFLINE" in msg
+    assert "pretrained='/path/to/model.safetensors'" in msg
+
+
+def test_unreachable_hub_message(monkeypatch, tmp_path):
+    """A hub that cannot be reached (no network): the same clear message, after the hub's own retries."""
+    import huggingface_hub.constants as c
+    import huggingface_hub.utils._http as http
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(c, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused, like offline
+    monkeypatch.setattr(http.time, "sleep", lambda s: None)  # skip the retry back-off
+    with pytest.raises(WeightsDownloadError, match="could not be reached.*seems to be offline.*pretrained="):
+        davit.create_model("davit_tiny", pretrained=True)
+
+
+def test_warm_cache_loads_and_adapts(hub, timm_tiny):
+    tm = timm_tiny
+    warm_cache(hub, "timm/davit_tiny.msft_in1k", "model.safetensors", tm.state_dict())
+    model = davit.create_model("davit_tiny", pretrained="msft_in1k")
+    for k, v in tm.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # fine-tuning form: new classifier, grey input; trunk and head norm still the released ones
+    ft = davit.create_model("davit_tiny", pretrained=True, num_classes=10, in_chans=1)
+    assert ft.head.fc.weight.shape == (10, 768)
+    assert torch.equal(ft.stages[2].blocks[1][0].attn.qkv.weight, tm.stages[2].blocks[1][0].attn.qkv.weight)
+    assert torch.allclose(ft.stem.conv.weight[:, 0], tm.stem.conv.weight.sum(1))
+
+
+def test_florence_repo_takes_the_vision_tower_from_the_vlm(hub, monkeypatch):
+    """pretrained=True for a Florence tower reads the whole VLM's pytorch_model.bin from the Florence-2 repo.
+
+    The tower is shrunk to atto size (same code path, same repo and file names) to keep the test fast.
+    """
+    from davit.models import VARIANTS
+
+    arch, meta_ = VARIANTS["davit_base_fl"]
+    small = {**VARIANTS["davit_atto"][0], **{k: arch[k] for k in ("down_kernel_size", "channel_attn_v2")}}
+    monkeypatch.setitem(VARIANTS, "davit_base_fl", ({**small, "num_classes": 0}, meta_))
+    src = davit.create_model("davit_base_fl")
+    warm_cache(
+        hub, "microsoft/Florence-2-base", "pytorch_model.bin", timm_fl_to_florence(src.state_dict(), False)
+    )
+    model = davit.create_model("davit_base_fl", pretrained=True)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_offline_env_vars_in_a_fresh_process(tmp_path):
+    """The user-facing path: HF_HUB_OFFLINE=1 with a warm cache loads, with a cold one explains."""
+    warm_cache(
+        tmp_path / "hub",
+        "timm/davit_tiny.msft_in1k",
+        "model.safetensors",
+        davit.create_model("davit_tiny").state_dict(),
+    )
+    code = (
+        "import davit\n"
+        "davit.create_model('davit_tiny', pretrained=True)\n"
+        "print('warm ok')\n"
+        "davit.weights.pretrained_file('davit_base')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "warm ok" in r.stdout, r.stderr
+    assert r.returncode != 0 and "could not download the pretrained weights for davit_base" in r.stderr
