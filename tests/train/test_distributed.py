@@ -104,3 +104,43 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     # rank 0 alone wrote the run folder: one line per step, no stray temporary files
     assert len([r for r in read_metrics(tmp_path / "runs/two/metrics.jsonl") if r["kind"] == "train"]) == 4
     assert not list((tmp_path / "runs/two").rglob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_fsdp2_two_process_gloo_matches_one_process(tmp_path):
+    """--fsdp (FSDP2 fully_shard per dual block) with --grad-checkpointing trains like a single process."""
+    out = str(tmp_path / "runs")
+    _run(
+        [sys.executable, "-m", "davit", "train", *ARGS, "-b", "16", "--output", out, "--experiment", "one"],
+        tmp_path,
+    )
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "davit",
+            "train",
+            *ARGS,
+            "-b",
+            "8",
+            "--fsdp",
+            "--grad-checkpointing",
+            "--output",
+            out,
+            "--experiment",
+            "fsdp",
+        ],
+        tmp_path,
+    )
+    assert "world size 2" in r.stdout
+    one, two = _losses(tmp_path / "runs/one"), _losses(tmp_path / "runs/fsdp")
+    assert len(two) == 4 and two == pytest.approx(one, rel=1e-4, abs=1e-5)
+    # the final weights are the full, unsharded tensors and load into a plain model
+    from davit.train.setup import model_from_metadata
+
+    net, meta = model_from_metadata(str(tmp_path / "runs/fsdp/model.safetensors"))
+    assert meta["model"] == "davit_atto" and net.num_classes == 10
