@@ -59,7 +59,7 @@ def render(paths: list[str], title: str) -> str:
             else f", ours vs timm max abs diff {r['agreement_max_abs_diff']:.1e}"
         )
         lines.append(
-            f"{i}. `{r['command']}` — {r['date']}, load {load}, "
+            f"{i}. `{r['command']}` — {r['date']}, code {r.get('git') or '?'}, load {load}, "
             f"matmul {r['matmul_peak_tflops'] * 1e3:.0f} GFLOP/s "
             f"({r['dtype']}, n={r['matmul_peak_n']}){agree}"
         )

@@ -40,8 +40,9 @@ def test_bench_both_modes_writes_json(tmp_path, capsys):
         assert r["peak_mem_mb"] == pytest.approx(r["state_mb"] + r["step_peak_mb"])
     # counted FLOPs: the backward costs twice the forward
     assert tr["gflop_per_img"] / inf["gflop_per_img"] == pytest.approx(3.0, rel=0.02)
-    # training holds gradients + two AdamW moments: state is ~4x the weights
-    assert 3.5 < tr["state_mb"] / inf["state_mb"] < 4.5
+    # training state = weights + two AdamW moments (gradients are allocated by the step)
+    assert 2.9 < tr["state_mb"] / inf["state_mb"] < 3.1
+    assert tr["step_peak_mb"] > tr["state_mb"] / 3  # at least the gradients
     assert tr["step_peak_mb"] > inf["step_peak_mb"] > 0  # saved activations vs transient ones
     assert "ours train eager" in capsys.readouterr().out
 

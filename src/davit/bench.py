@@ -55,6 +55,7 @@ class Candidate:
     name: str  # "ours" | "timm"
     step: Callable[[], Any]
     state_bytes: Callable[[], int]
+    before_memory: Callable[[], Any] | None = None  # run outside the memory-measured step
     times: list[float] = field(default_factory=list)  # seconds per step, one entry per round
     compile_s: float = 0.0
     step_peak_bytes: int | None = None
@@ -81,7 +82,7 @@ def matmul_peak_tflops(dtype: torch.dtype, device: torch.device, n: int = 4096, 
     b = torch.randn(n, n, device=device, dtype=dtype)
     _time_steps(lambda: a @ b, 1, device)  # warm-up (library init, autotuning)
     iters = 1  # enough calls per timing that small sizes are not dominated by call overhead
-    while iters < 2**16 and _time_steps(lambda: a @ b, iters, device) < 0.05:
+    while iters < 2**16 and _time_steps(lambda: a @ b, iters, device) * iters < 0.05:
         iters *= 2
     times = [_time_steps(lambda: a @ b, iters, device) for _ in range(repeats)]
     return 2 * n**3 / statistics.median(times) / 1e12
@@ -124,9 +125,9 @@ def _tensor_bytes(tensors) -> int:
 
 
 def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> int:
+    """Memory kept between steps: weights, buffers, optimizer state (gradients belong to the step)."""
     n = _tensor_bytes(model.parameters()) + _tensor_bytes(model.buffers())
     if opt is not None:
-        n += _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
         n += sum(_tensor_bytes(s.values()) for s in opt.state.values())
     return n
 
@@ -312,7 +313,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     if args.dynamic == "batch" and bs > 1:  # one graph for every batch size: no recompiles
                         torch._dynamo.mark_dynamic(x, 0)
                 step, opt = _make_step(fn, x, mode, dtype, device, m)
-            cands.append(Candidate(name, step, lambda m=m, opt=opt: _state_bytes(m, opt)))
+            # free the last step's gradients before the memory step, so that it allocates (and counts) its own
+            drop = None if opt is None else (lambda opt=opt: opt.zero_grad(set_to_none=True))
+            cands.append(Candidate(name, step, lambda m=m, opt=opt: _state_bytes(m, opt), drop))
         _measure(cands, args, device)
         for c in cands:
             med = statistics.median(c.times)
@@ -382,6 +385,8 @@ def _measure(cands: list[Candidate], args: argparse.Namespace, device: torch.dev
             c.times.append(_time_steps(c.step, iters, device))
     if not args.no_memory:
         for c in cands:
+            if c.before_memory is not None:
+                c.before_memory()
             c.step_peak_bytes = (
                 None if args.backend == "onnxruntime" and c.name == "ours" else step_memory(c.step, device)
             )
@@ -416,6 +421,13 @@ def environment() -> dict[str, Any]:
         load = None
     import os
 
+    try:  # which code was measured: the commit, "-dirty" when the working tree had uncommitted changes
+        here = os.path.dirname(os.path.abspath(__file__))
+        cmd = ["git", "-C", here, "describe", "--always", "--dirty"]
+        rev = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+
     env = dict(
         cpu=cpu,
         cores=os.cpu_count(),
@@ -423,7 +435,8 @@ def environment() -> dict[str, Any]:
         python=platform.python_version(),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         loadavg=load,
-        command="davit bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        git=rev,
+        command=" ".join(["davit bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "(in-process)",
     )
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
