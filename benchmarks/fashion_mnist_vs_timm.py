@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/fashion_mnist_vs_timm.py             # 10-minute budget each (as davit demo)
     .venv/bin/python benchmarks/fashion_mnist_vs_timm.py --epochs 3  # the same fixed schedule for both
 
-Both runs go through the same trainer (`davit.train`), data pipeline, seed and ``fashion-mnist`` preset; only
-the network differs. timm's model: ``timm.models.davit.DaVit`` with the preset's depths/dims/heads/window.
+Both runs start from the same initial weights and go through the same trainer (`davit.train`), data
+pipeline, seed and ``fashion-mnist`` preset; only the network code differs. timm's model:
+``timm.models.davit.DaVit`` with the preset's depths/dims/heads/window.
 Our small variants use a stride-2 stem (28 px -> 14x14 tokens); timm's ``Stem.__init__`` asserts stride 4, so
 after building it we replace its conv by the same Conv2d(k7, s2, p3) and set ``stem.stride = (2, 2)`` (its
 forward pads with that stride): the two networks are then the same architecture, parameter for parameter
@@ -54,14 +55,16 @@ def timm_twin(ours: nn.Module, num_classes: int, in_chans: int, drop_path: float
     return m
 
 
-def run(kind: str, epochs: int | None, minutes: float, output: str) -> dict:
+def run(kind: str, epochs: int | None, minutes: float, output: str, steps: int | None = None) -> dict:
     over = {
         "output": output,
         "experiment": f"{kind}-{datetime.now():%Y%m%d-%H%M%S}",
         "device": "cpu",
         "threads": pick_threads(),
     }
-    if epochs is None:
+    if steps is not None:  # the same number of updates for both: a fair accuracy comparison on a busy machine
+        over.update(epochs=1, max_epoch_steps=steps)
+    elif epochs is None:
         over["time_budget"] = minutes * 60 - 20
     else:
         over["epochs"] = epochs
@@ -72,7 +75,11 @@ def run(kind: str, epochs: int | None, minutes: float, output: str) -> dict:
         def build(cfg_, num_classes, in_chans, verbose=True):
             torch.manual_seed(cfg_.seed)
             ours = create_model(cfg_.model, num_classes=num_classes, in_chans=in_chans)
-            return timm_twin(ours, num_classes, in_chans, cfg_.drop_path or 0.0)
+            twin = timm_twin(ours, num_classes, in_chans, cfg_.drop_path or 0.0)
+            twin.load_state_dict(
+                ours.state_dict()
+            )  # the same initial weights: only the implementation differs
+            return twin
 
         trainer_mod.build_model = build
     load0 = os.getloadavg()[0]
@@ -98,11 +105,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=None, help="fixed schedule for both (default: time budget)")
     p.add_argument("--minutes", type=float, default=10.0, help="budget per model when --epochs is not given")
+    p.add_argument("--steps", type=int, default=None, help="train both for exactly N steps of one epoch")
     p.add_argument("--output", default="output/bench_fmnist")
     p.add_argument("--only", choices=["ours", "timm"], default=None)
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args()
-    rows = [run(k, a.epochs, a.minutes, a.output) for k in ("ours", "timm") if a.only in (None, k)]
+    rows = [run(k, a.epochs, a.minutes, a.output, a.steps) for k in ("ours", "timm") if a.only in (None, k)]
     print("\nmodel  top-1   top-5   epochs  wall      threads  load (start/end)")
     for r in rows:
         print(

@@ -109,7 +109,8 @@ class TrainConfig:
     keep_last: int = 2
     checkpoint_every_steps: int | None = None  # also save mid-epoch every N steps
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
-    log_interval: int = 50
+    log_interval: int = 10  # steps between train records in metrics.jsonl / TensorBoard
+    print_interval: int = 50  # steps between plain progress lines (when not on a terminal)
     tensorboard: bool = True
     progress: str = "auto"  # auto (rich bar on a terminal, plain lines otherwise), rich, plain, none
 
@@ -216,7 +217,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         amp=False,
         crop_pct=1.0,
         workers=0,
-        log_interval=50,
+        log_interval=5,
         keep_last=1,
     ),
 }

@@ -277,7 +277,10 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             micro = 0
             left = steps_per_epoch - pos
             prog = Progress(
-                left, f"epoch {epoch + 1}/{total_epochs}", cfg.progress if main else "none", cfg.log_interval
+                left,
+                f"epoch {epoch + 1}/{total_epochs}",
+                cfg.progress if main else "none",
+                cfg.print_interval,
             )
             with prog:
                 for x, y in data.train_loader:
@@ -325,7 +328,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     step_loss = flags[0].item()
                     loss_sum, n_loss = loss_sum + step_loss, n_loss + 1
                     cur_lr = opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)
-                    if logger and (step % cfg.log_interval == 0 or cfg.log_interval == 1):
+                    if logger and step % max(1, cfg.log_interval) == 0:
                         logger.log("train", step, epoch=epoch, loss=step_loss, lr=cur_lr)
                     prog.update(
                         1,
