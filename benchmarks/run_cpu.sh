@@ -3,7 +3,7 @@
 #
 #   benchmarks/run_cpu.sh [OUT_DIR]        full run (~30-60 min on 2 cores; run on a quiet machine)
 #   QUICK=1 benchmarks/run_cpu.sh /tmp/q   smoke test of every code path at tiny sizes (~minutes)
-# env: REPEATS (default 5), THREADS (default: all cores), DAVIT (default .venv/bin/davit)
+# env: RUNS (regex of run names, default all), REPEATS (default 5), THREADS (default: all cores), DAVIT (default .venv/bin/davit)
 # Writes OUT_DIR/<run>.json and .log, and OUT_DIR/table.md (the markdown block to paste into docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,7 @@ fi
 
 run() {  # run NAME ARGS...: one `davit bench` invocation, JSON + log kept
     local name=$1; shift
+    [[ $name =~ ${RUNS:-.} ]] || return 0  # RUNS=regex selects runs, e.g. RUNS='eager|onnx'
     echo "== $name: $DAVIT bench $* ${COMMON[*]}" >&2
     "$DAVIT" bench "$@" "${COMMON[@]}" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
 }

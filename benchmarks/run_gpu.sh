@@ -3,7 +3,7 @@
 #
 #   benchmarks/run_gpu.sh [OUT_DIR]                     on a CUDA machine
 #   DEVICE=cpu QUICK=1 benchmarks/run_gpu.sh /tmp/g     smoke test of the same code paths on a CPU
-# env: REPEATS (default 5), DEVICE (default cuda), DAVIT (default .venv/bin/davit)
+# env: RUNS (regex of run names, default all), REPEATS (default 5), DEVICE (default cuda), DAVIT (default .venv/bin/davit)
 # MFU column = achieved FLOP/s (forward + backward, counted) / the bf16 matmul peak measured in the same run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,7 @@ fi
 
 run() {
     local name=$1; shift
+    [[ $name =~ ${RUNS:-.} ]] || return 0  # RUNS=regex selects runs, e.g. RUNS='eager|onnx'
     echo "== $name: $DAVIT bench $* ${COMMON[*]}" >&2
     "$DAVIT" bench "$@" "${COMMON[@]}" --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
 }
