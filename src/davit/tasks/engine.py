@@ -177,6 +177,7 @@ def train(
     """Train ``cfg`` into ``out_dir`` (resuming from its newest valid checkpoint); returns final scores."""
     dist_info = init_distributed(cfg.device)
     device, main = dist_info.device, dist_info.is_main
+    threads_before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
@@ -327,6 +328,7 @@ def train(
         logger.close()
     barrier()
     cleanup()
+    torch.set_num_threads(threads_before)  # callers in the same process (tests, notebooks) keep theirs
     return scores or {}
 
 
