@@ -93,7 +93,7 @@ def load_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
     if p.suffix == ".safetensors" or (head[8:9] == b"{" and not (zipped or pickled)):
         return _clean(_read_safetensors(p), p, use_ema)
     if zipped or pickled or p.suffix in TORCH_SUFFIXES:
-        return _clean(_read_torch(p, zipped), p, use_ema)
+        return _clean(_read_torch(p, zipped, zipped or pickled), p, use_ema)
     raise WeightsError(
         f"{p} is neither a safetensors file nor a PyTorch checkpoint (first bytes {head[:8]!r}); "
         "expected .safetensors, .pth, .pt, .bin or .ckpt"
@@ -109,12 +109,13 @@ def _read_safetensors(p: Path) -> dict[str, Tensor]:
         raise WeightsError(f"cannot read {p} as safetensors: the file is corrupted or truncated ({e})") from e
 
 
-def _read_torch(p: Path, zipped: bool) -> Any:
+def _read_torch(p: Path, zipped: bool, looks_pickled: bool = True) -> Any:
     try:
         # mmap keeps a multi-GB checkpoint (e.g. the whole Florence-2 VLM) out of RAM until tensors are used
         return torch.load(p, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
+        # random bytes also trip the weights-only unpickler: only call it a hostile pickle if it is one
+        if looks_pickled and ("weights only" in str(e).lower() or "weights_only" in str(e)):
             raise WeightsError(
                 f"refusing to load {p}: it is a pickle that holds more than tensors and plain containers "
                 "(it would construct arbitrary Python objects, which can run code). Only plain state dicts "
@@ -394,7 +395,7 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # model keys absent from the checkpoint (errors)
     unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model has no place for (errors)
-    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, checkpoint, model shape)
+    mismatched: list[tuple[str, tuple | str, tuple | str]] = field(default_factory=list)  # key, ckpt, model
     fresh: list[str] = field(
         default_factory=list
     )  # model keys left initialised on purpose (new head, out norms)
@@ -414,11 +415,9 @@ class LoadReport:
             if keys:
                 lines.append(f"  {len(keys)} {label}: {_few(keys)}")
         if self.mismatched:
-            shown = "; ".join(
-                f"{k} checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched[:8]
-            )
+            shown = "; ".join(f"{k} checkpoint {a} vs model {b}" for k, a, b in self.mismatched[:8])
             more = f" (+{len(self.mismatched) - 8} more)" if len(self.mismatched) > 8 else ""
-            lines.append(f"  {len(self.mismatched)} shape mismatches: {shown}{more}")
+            lines.append(f"  {len(self.mismatched)} shape/dtype mismatches: {shown}{more}")
         if self.fresh:
             lines.append(
                 f"  {len(self.fresh)} left initialised (not in checkpoint, allowed): {_few(self.fresh)}"
@@ -495,6 +494,9 @@ def _match(model: nn.Module, native: dict[str, Tensor], layout: str, ignore_head
             r["fresh" if allowed else "missing"].append(k)
         elif tuple(src[k].shape) != tuple(t.shape):
             r["mismatched"].append((k, tuple(src[k].shape), tuple(t.shape)))
+        elif src[k].dtype.is_floating_point != t.dtype.is_floating_point:
+            # copy_ would silently cast e.g. int32 or bool into float parameters: a wrong file, not a format
+            r["mismatched"].append((k, f"dtype {src[k].dtype}", f"dtype {t.dtype}"))
         else:
             to_load[k] = src[k]
             r["loaded"].append(k)
@@ -508,7 +510,13 @@ def _hint(model: nn.Module, native: dict[str, Tensor], r: dict) -> str:
     a = infer_arch(native)
     name = getattr(model, "pretrained_cfg", {}).get("name", type(model).__name__)
     hints = []
-    structural = [k for k, _, _ in r["mismatched"] if not k.startswith(("head.fc.", "stem.conv.weight"))]
+    structural = [
+        k
+        for k, c, _ in r["mismatched"]
+        if isinstance(c, tuple) and not k.startswith(("head.fc.", "stem.conv.weight"))
+    ]
+    if any(isinstance(c, str) for _, c, _ in r["mismatched"]):
+        hints.append("integer/bool tensors where the model has float parameters: these are not DaViT weights")
     if structural or r["unexpected"] or any(not k.startswith("head.") for k in r["missing"]):
         guesses = guess_variants(native)
         desc = (
