@@ -9,6 +9,7 @@ from davit.train.config import (
     TrainConfig,
     add_config_args,
     config_from_args,
+    finalize,
     resolve_config,
     save_config,
 )
@@ -43,6 +44,7 @@ def test_imagenet_preset_drop_path_per_variant(variant, rate):
 
     assert DEFAULT_DROP_PATH[variant] == rate
     cfg = resolve_config("imagenet", None, {"model": variant})
+    assert finalize(cfg).drop_path == rate  # what config.yaml records
     with torch.device("meta"):
         m = build_model(cfg, 1000, 3, verbose=False)
     rates = [mod.p for mod in m.modules() if type(mod).__name__ == "DropPath"]

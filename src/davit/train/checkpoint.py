@@ -58,11 +58,20 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except OSError as e:
+        # disk full / I/O error: drop the partial file (it holds the space we lack) and say what to do;
+        # the previous file at ``path`` was never touched
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write {p} ({e.strerror or e}); the previous checkpoint is intact — free space "
+            f"on {p.parent} (or pass another --output) and resume with --resume auto"
+        ) from e
     _fsync_dir(p.parent)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .config import add_config_args, config_from_args
+from .config import add_config_args, config_from_args, finalize
 
 __all__ = ["register"]
 
@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ----- train ------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
+    cfg = finalize(config_from_args(args))
     if args.print_config:
         import yaml
 

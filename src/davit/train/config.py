@@ -26,6 +26,7 @@ __all__ = [
     "save_config",
     "add_config_args",
     "config_from_args",
+    "finalize",
 ]
 
 
@@ -386,6 +387,15 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         else:
             kw.update(type=_none_or(base) if nullable else base)
         p.add_argument(*flags, **kw)
+
+
+def finalize(cfg: TrainConfig) -> TrainConfig:
+    """Fill values that depend on the model: drop path None -> the official per-variant rate (SPEC 5)."""
+    if cfg.drop_path is None:
+        from ..models import DEFAULT_DROP_PATH
+
+        cfg = dataclasses.replace(cfg, drop_path=DEFAULT_DROP_PATH.get(cfg.model, 0.0))
+    return cfg
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

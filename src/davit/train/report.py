@@ -81,8 +81,16 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], out: str | Pa
 def write_report(run_dir: str | Path, cfg, result: dict[str, Any], classes: list[str]) -> Path:
     d = Path(run_dir)
     plot_curves(d / "metrics.jsonl", d / "curves.png")
-    plot_confusion(result["confusion"], classes, d / "confusion.png")
     recs = [r for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "epoch"]
+    if "confusion" not in result:
+        # `--resume auto` of a run whose last checkpoint is its end (e.g. killed while writing the final
+        # weights): no epoch ran in this process, so the figures come from metrics.jsonl; the confusion
+        # matrix and per-class accuracy of the earlier process are kept as they are
+        if not recs:
+            return d / "report.md"
+        result = {**recs[-1], "best_top1": max(r["top1"] for r in recs), "per_class_acc": []}
+    else:
+        plot_confusion(result["confusion"], classes, d / "confusion.png")
     lines = [
         f"# {cfg.model} on {cfg.dataset}",
         "",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from .config import TrainConfig, save_config
+from .config import TrainConfig, finalize, save_config
 from .distributed import all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
 from .logging import MetricsLogger, Progress
 from .metrics import autocast, evaluate
@@ -119,6 +119,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, di) -> dict[str, Any]:
+    cfg = finalize(cfg)
     dev, main = di.device, di.is_main
     if cfg.amp and cfg.amp_dtype == "float16" and dev.type != "cuda":
         raise ValueError("--amp-dtype float16 needs a GPU (it uses a grad scaler); use bfloat16 on CPU")
