@@ -86,7 +86,7 @@ def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle
     """Datasets and loaders. ``batch_aug``: Fashion-MNIST as uint8 tensors augmented a whole batch at a time
     (pad + crop, flip, erasing; several times cheaper than per-image PIL transforms on a small CPU).
     ``mixup_fn`` runs in the training collate, inside the batch's seeded RNG stream."""
-    from ..data import build_batch_transform, build_dataset, build_loader, build_transform
+    from ..data import build_batch_transform, build_dataset, build_loader, build_transform, check_class_match
 
     dp = resolve_data_params(cfg)
     mode = "L" if dp["in_chans"] == 1 else "RGB"
@@ -126,6 +126,7 @@ def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle
         cfg.dataset, cfg.data_dir, cfg.train_split, transform=train_tf, mode=mode, **extra
     )
     val_ds = build_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, transform=val_tf, mode=mode, **extra)
+    check_class_match(train_ds, val_ds)  # before any step: label k must mean the same class in both
     classes = list(train_ds.classes)
     if cfg.train_samples:
         train_ds = _Head(train_ds, cfg.train_samples)
