@@ -65,13 +65,34 @@ def _losses(d):
     return [r["loss"] for r in read_metrics(Path(d) / "metrics.jsonl") if r["kind"] == "train"]
 
 
-@pytest.mark.slow
-def test_two_process_gloo_matches_one_process(tmp_path):
-    out = str(tmp_path / "runs")
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The single-process reference run (batch 16), shared by the DDP and FSDP comparisons."""
+    tmp = tmp_path_factory.mktemp("one")
     _run(
-        [sys.executable, "-m", "davit", "train", *ARGS, "-b", "16", "--output", out, "--experiment", "one"],
-        tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "davit",
+            "train",
+            *ARGS,
+            "-b",
+            "16",
+            "--output",
+            str(tmp),
+            "--experiment",
+            "one",
+        ],
+        tmp,
     )
+    return _losses(tmp / "one"), [r for r in read_metrics(tmp / "one/metrics.jsonl") if r["kind"] == "epoch"][
+        0
+    ]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_matches_one_process(tmp_path, one_process):
+    out = str(tmp_path / "runs")
     r = _run(
         [
             sys.executable,
@@ -93,12 +114,11 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         tmp_path,
     )
     assert "world size 2" in r.stdout
-    one, two = _losses(tmp_path / "runs/one"), _losses(tmp_path / "runs/two")
+    (one, ev1), two = one_process, _losses(tmp_path / "runs/two")
     assert len(one) == len(two) == 4
     # same samples per global step (strided shards of one permutation), gradients averaged by DDP:
     # only float summation order differs
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
-    ev1 = [r for r in read_metrics(tmp_path / "runs/one/metrics.jsonl") if r["kind"] == "epoch"][0]
     ev2 = [r for r in read_metrics(tmp_path / "runs/two/metrics.jsonl") if r["kind"] == "epoch"][0]
     assert ev2["top1"] == pytest.approx(ev1["top1"], abs=3.2)  # at most one of 32 images flips
     # rank 0 alone wrote the run folder: one line per step, no stray temporary files
@@ -107,13 +127,9 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp2_two_process_gloo_matches_one_process(tmp_path):
+def test_fsdp2_two_process_gloo_matches_one_process(tmp_path, one_process):
     """--fsdp (FSDP2 fully_shard per dual block) with --grad-checkpointing trains like a single process."""
     out = str(tmp_path / "runs")
-    _run(
-        [sys.executable, "-m", "davit", "train", *ARGS, "-b", "16", "--output", out, "--experiment", "one"],
-        tmp_path,
-    )
     r = _run(
         [
             sys.executable,
@@ -137,7 +153,7 @@ def test_fsdp2_two_process_gloo_matches_one_process(tmp_path):
         tmp_path,
     )
     assert "world size 2" in r.stdout
-    one, two = _losses(tmp_path / "runs/one"), _losses(tmp_path / "runs/fsdp")
+    one, two = one_process[0], _losses(tmp_path / "runs/fsdp")
     assert len(two) == 4 and two == pytest.approx(one, rel=1e-4, abs=1e-5)
     # the final weights are the full, unsharded tensors and load into a plain model
     from davit.train.setup import model_from_metadata
