@@ -14,6 +14,10 @@ def _f(v: float | None, spec: str = ".1f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _sig(v: float | None) -> str:  # 3 significant digits: 0.0156 and 215 both readable
+    return "–" if v is None else f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
 def render(paths: list[str], title: str) -> str:
     runs = [json.load(open(p)) for p in paths]
     if not runs:
@@ -46,7 +50,7 @@ def render(paths: list[str], title: str) -> str:
             lines.append(
                 f"| {i} | {r['model']} | {r['img_size']} | {mode} {r['dtype']} | {o['batch_size']} "
                 f"| {o['flavour']} "
-                f"| {o['img_per_s']:.2f} | {_f(t['img_per_s'], '.2f') if t else '–'} "
+                f"| {_sig(o['img_per_s'])} | {_sig(t['img_per_s']) if t else '–'} "
                 f"| {'**' + format(ratio, '.2f') + 'x**' if ratio else '–'} "
                 f"| {o['tflops'] * 1e3:.1f} ({100 * o['frac_peak']:.0f}%) | {mem} | {comp} |"
             )
