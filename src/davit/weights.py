@@ -396,12 +396,8 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # model keys absent from the checkpoint (errors)
     unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model has no place for (errors)
     mismatched: list[tuple[str, tuple | str, tuple | str]] = field(default_factory=list)  # key, ckpt, model
-    fresh: list[str] = field(
-        default_factory=list
-    )  # model keys left initialised on purpose (new head, out norms)
-    unused: list[str] = field(
-        default_factory=list
-    )  # checkpoint keys not needed by this model (head for features)
+    fresh: list[str] = field(default_factory=list)  # model keys left at init on purpose (new head, out norms)
+    unused: list[str] = field(default_factory=list)  # checkpoint keys this model does not need (head)
     ignored: list[str] = field(default_factory=list)  # source keys outside the DaViT tower (source names)
     hint: str = ""
 
