@@ -31,5 +31,10 @@ test: $(STAMP) data
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# crash/fault driver (~20 SIGKILL/SIGTERM/SIGINT trials + a torchrun rank kill); figures into docs/reliability.md
+reliability: $(STAMP) data
+	$(BIN)/python benchmarks/faults/crash_driver.py --trials 20 --torchrun \
+	  --json benchmarks/faults/results.json --doc docs/reliability.md
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
