@@ -10,11 +10,11 @@ import sys
 # modules that add subcommands, in the order they appear in --help
 COMMAND_MODULES = [
     "davit.cli_models",  # info, list, convert
+    "davit.train.cli",  # train, eval, predict, demo
+    "davit.cli_viz",  # viz
     "davit.bench",  # bench
     "davit.export",  # export
     "davit.tasks.cli",  # detect, segment, data scenes
-    "davit.train.cli",  # train, eval, predict, demo
-    "davit.cli_viz",  # viz
     "davit.data.cli",  # data shards, data check
 ]
 

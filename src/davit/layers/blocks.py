@@ -71,6 +71,7 @@ def fused_cpu_inference(x: Tensor) -> bool:
         _MKLDNN
         and x.device.type == "cpu"
         and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")  # under bf16 autocast the plain ops run in bf16; fused ones would not
         and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
