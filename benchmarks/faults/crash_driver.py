@@ -1,0 +1,420 @@
+"""Crash driver: kill `davit train` at random moments, resume with `--resume auto`, check nothing is lost.
+
+usage: python benchmarks/faults/crash_driver.py [--trials 20] [--quick] [--torchrun] [--json F] [--doc F]
+
+One uninterrupted reference run, then per trial a fresh run that is killed (SIGKILL at a random step, or the
+instant a checkpoint's data/sidecar temporary file appears, or between the data file's rename and its sidecar;
+SIGTERM/SIGINT at a random step), inspected, and resumed to the end. Checked per trial: a valid checkpoint is
+found whenever one had been completed, steps lost <= the checkpoint interval (0 for SIGTERM/SIGINT, which must
+save first), no committed checkpoint is damaged, and the final weights equal the reference run's
+(max abs diff).
+With --torchrun, a 2-process gloo run has one rank SIGKILLed: the time until every process has exited is
+measured, and the run is resumed under torchrun. Linux only (reads /proc for the ranks' pids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from davit.train.checkpoint import CheckpointError, find_latest_valid, verify_checkpoint
+
+INTERVAL = 2  # --checkpoint-every-steps
+TRAIN = [
+    "--model", "davit_atto",
+    "--model-kwargs",
+    '{"depths":[1,1,1,1],"embed_dims":[16,32,64,128],"num_heads":[1,1,2,4],"window_size":4}',
+    "--dataset", "fashion-mnist", "--num-classes", "10", "--in-chans", "1", "--img-size", "16",
+    "--simple-aug",
+    "--train-samples", "48", "--val-samples", "16", "-b", "8", "-j", "0", "--epochs", "2",
+    "--warmup-epochs", "0", "--cooldown-epochs", "0", "--seed", "7", "--device", "cpu", "--threads", "1",
+    "--checkpoint-every-steps", str(INTERVAL), "--keep-last", "2", "--progress", "none", "--no-tensorboard",
+    "--log-interval", "1",
+]  # fmt: skip
+TOTAL_STEPS = 12  # 48 images / batch 8 x 2 epochs
+_CK = re.compile(r"ckpt-(\d+)\.pt$")
+
+
+def _cmd(out: Path, exp: str, resume: bool, nproc: int = 1) -> list[str]:
+    head = [sys.executable, "-m", "davit", "train"]
+    if nproc > 1:
+        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "davit", "train"]  # fmt: skip
+    return (
+        head + TRAIN + ["--output", str(out), "--experiment", exp] + (["--resume", "auto"] if resume else [])
+    )
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def _logged_step(run: Path) -> int:
+    """Highest training step written to metrics.jsonl (a step is logged right after it is applied)."""
+    m = run / "metrics.jsonl"
+    best = 0
+    if m.exists():
+        for ln in m.read_text().splitlines():
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:  # a line torn by the kill
+                continue
+            if rec.get("kind") == "train":
+                best = max(best, int(rec.get("step", 0)))
+    return best
+
+
+def _wait_step(p: subprocess.Popen, run: Path, k: int, timeout: float = 300) -> bool:
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < timeout:
+        if k <= 0 or _logged_step(run) >= k:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _poll_for(p: subprocess.Popen, ck: Path, what: str, timeout: float = 300) -> bool:
+    """Spin until the checkpoint folder shows ``what``; True if seen while the process still ran."""
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < timeout:
+        try:
+            names = os.listdir(ck)
+        except FileNotFoundError:
+            names = []
+        if what == "data_tmp" and any(n.startswith(".ckpt-") and ".pt.tmp-" in n for n in names):
+            return True
+        if what == "sidecar_tmp" and any(n.startswith(".ckpt-") and ".sha256.tmp-" in n for n in names):
+            return True
+        if what == "renamed_no_sidecar" and any(_CK.match(n) and n + ".sha256" not in names for n in names):
+            return True
+    return False
+
+
+def _inspect(ck: Path) -> dict:
+    out = {"valid": [], "damaged_committed": [], "incomplete": [], "tmp_left": 0}
+    if not ck.is_dir():
+        return out
+    names = set(os.listdir(ck))
+    for n in sorted(names):
+        if ".tmp-" in n:
+            out["tmp_left"] += 1
+        m = _CK.match(n)
+        if not m:
+            continue
+        try:
+            verify_checkpoint(ck / n)
+            out["valid"].append(int(m.group(1)))
+        except CheckpointError:
+            # a data file with a sidecar that does not match = a committed checkpoint damaged (a lost file);
+            # no sidecar = the kill fell between the two renames (never committed, skipped by design)
+            (out["damaged_committed"] if n + ".sha256" in names else out["incomplete"]).append(
+                int(m.group(1))
+            )
+    return out
+
+
+def _resumed_step(log: Path) -> int:
+    m = re.search(r"resumed from \S+: epoch \d+, step (\d+)", log.read_text(errors="replace"))
+    return int(m.group(1)) if m else 0
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    sa, sb = load_file(str(a)), load_file(str(b))
+    if sa.keys() != sb.keys():
+        return float("inf")
+    return max(float((sa[k].double() - sb[k].double()).abs().max()) if sa[k].numel() else 0.0 for k in sa)
+
+
+def _finish(out: Path, exp: str, nproc: int = 1) -> tuple[int, int, float]:
+    log = out / f"{exp}.resume.log"
+    t0 = time.time()
+    p = _start(_cmd(out, exp, True, nproc), log)
+    rc = p.wait(timeout=900)
+    return rc, _resumed_step(log), time.time() - t0
+
+
+def trial(i: int, mode: str, out: Path, ref: Path, rng: random.Random, tries: int = 4) -> dict:
+    """One trial; a kill timed on a checkpoint write that the poll missed (the write took < 1 ms, or the run
+    ended first) is tried again on a fresh run, up to ``tries`` times (attempts are recorded)."""
+    for attempt in range(1, tries + 1):
+        rec = _trial(f"t{i:02d}-{mode}-a{attempt}", i, mode, out, ref, rng)
+        if rec["hit"] or mode in ("kill_random",):
+            break
+    return {**rec, "attempts": attempt}
+
+
+def _trial(exp: str, i: int, mode: str, out: Path, ref: Path, rng: random.Random) -> dict:
+    run, ck = out / exp, out / exp / "checkpoints"
+    k = rng.randint(0, TOTAL_STEPS - 1)  # wait for this many logged steps first (0: still starting up)
+    p = _start(_cmd(out, exp, False), out / f"{exp}.log")
+    rec: dict = {"trial": i, "mode": mode, "after_step": k}
+    if _wait_step(p, run, k):
+        if mode == "kill_random":
+            time.sleep(rng.uniform(0, 0.8))
+            hit = p.poll() is None
+        elif mode in ("kill_ckpt_data", "kill_ckpt_sidecar", "kill_between_renames"):
+            what = {"kill_ckpt_data": "data_tmp", "kill_ckpt_sidecar": "sidecar_tmp"}.get(
+                mode, "renamed_no_sidecar"
+            )
+            hit = _poll_for(p, ck, what)
+        else:
+            hit = p.poll() is None
+        sig = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT}.get(mode, signal.SIGKILL)
+        t_sig = time.time()
+        if hit:
+            p.send_signal(sig)
+    else:
+        hit, sig, t_sig = False, signal.SIGKILL, time.time()
+    try:
+        rc = p.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # our own process group: a graceful stop that hung
+        rc = p.wait()
+        rec["hung"] = True
+    rec.update(hit=hit, rc=rc, exit_s=round(time.time() - t_sig, 2))
+    logged = _logged_step(run)
+    state = _inspect(ck)
+    latest = find_latest_valid(ck) if ck.is_dir() else None
+    latest_step = int(_CK.match(latest.name).group(1)) if latest is not None else 0
+    rec.update(
+        logged_step=logged,
+        valid_ckpts=state["valid"],
+        files_lost=len(state["damaged_committed"]),
+        incomplete_left=len(state["incomplete"]),
+        tmp_left=state["tmp_left"],
+        latest_valid=latest_step,
+    )
+    rc2, resumed, t_res = _finish(out, exp)
+    rec.update(resume_rc=rc2, resumed_step=resumed, steps_lost=logged - resumed, resume_s=round(t_res, 1))
+    final = run / "model.safetensors"
+    rec["max_abs_diff"] = _max_diff(final, ref) if final.exists() else None
+    graceful = sig in (signal.SIGTERM, signal.SIGINT)
+    rec["ok"] = bool(
+        rc2 == 0
+        and rec["files_lost"] == 0
+        and rec["max_abs_diff"] == 0.0
+        and resumed == latest_step
+        # every checkpoint completed before the kill is found: step s's save ends before step s+1 is logged
+        and latest_step >= ((logged - 1) // INTERVAL) * INTERVAL
+        and rec["steps_lost"] <= (0 if graceful and hit else INTERVAL)
+        and not rec.get("hung")
+    )
+    return rec
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                st = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(st.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d))
+    return kids
+
+
+def torchrun_trial(out: Path, rng: random.Random) -> dict:
+    exp = "torchrun-kill-rank1"
+    run = out / exp
+    p = _start(_cmd(out, exp, False, nproc=2), out / f"{exp}.log")
+    k = rng.randint(1, TOTAL_STEPS // 2 - 1)  # 2 ranks: 6 steps in all
+    rec: dict = {"mode": "torchrun_kill_rank", "after_step": k}
+    if not _wait_step(p, run, k):
+        return {**rec, "ok": False, "error": "run ended before the kill"}
+    ranks = _children(p.pid)
+    victim = max(ranks)  # the later-started worker: rank 1 in practice; either way one rank dies
+    t0 = time.time()
+    os.kill(victim, signal.SIGKILL)
+    try:
+        rc = p.wait(timeout=300)
+        hung = False
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        rc, hung = p.wait(), True
+    end_s = time.time() - t0
+    left = [r for r in ranks if os.path.exists(f"/proc/{r}") and "zombie" not in _state(r)]
+    logged = _logged_step(run)
+    rc2, resumed, t_res = _finish(out, exp, nproc=2)
+    rec.update(
+        ranks=len(ranks), torchrun_rc=rc, hung=hung, all_exited_s=round(end_s, 2), ranks_left=len(left),
+        logged_step=logged, resumed_step=resumed, steps_lost=logged - resumed, resume_rc=rc2,
+        resume_s=round(t_res, 1), finished=(run / "model.safetensors").exists(),
+    )  # fmt: skip
+    rec["ok"] = bool(not hung and not left and rc2 == 0 and rec["finished"] and rec["steps_lost"] <= INTERVAL)
+    return rec
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/status").read().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
+def summarize(results: list[dict], tr: dict | None, wall: float, args: argparse.Namespace) -> dict:
+    kills = [r for r in results if r["hit"]]
+    s = {
+        "command": " ".join(["python", "benchmarks/faults/crash_driver.py", *sys.argv[1:]]),
+        "train_flags": " ".join(TRAIN),
+        "total_steps": TOTAL_STEPS,
+        "checkpoint_interval": INTERVAL,
+        "trials": len(results),
+        "signals_delivered": len(kills),
+        "survived": sum(r["ok"] for r in results),
+        "by_mode": {
+            m: {
+                "trials": sum(r["mode"] == m for r in results),
+                "delivered": sum(r["mode"] == m for r in kills),
+                "ok": sum(r["ok"] for r in results if r["mode"] == m),
+            }
+            for m in dict.fromkeys(r["mode"] for r in results)
+        },  # fmt: skip
+        "max_steps_lost": max((r["steps_lost"] for r in results), default=0),
+        "total_steps_lost": sum(r["steps_lost"] for r in results),
+        "files_lost": sum(r["files_lost"] for r in results),
+        "incomplete_left": sum(r["incomplete_left"] for r in results),
+        "tmp_left": sum(r["tmp_left"] for r in results),
+        "max_abs_weight_diff": max((r["max_abs_diff"] or 0.0) for r in results) if results else None,
+        "graceful_exit_s": [r["exit_s"] for r in results if r["mode"] in ("sigterm", "sigint") and r["hit"]],
+        "torchrun": tr,
+        "wall_s": round(wall, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    s["all_ok"] = s["survived"] == s["trials"] and (tr is None or tr["ok"])
+    return s
+
+
+def render(s: dict) -> str:
+    lines = [
+        f"Measured {s['date']} ({s['machine']}, torch {s['torch']}), {s['wall_s']} s wall:",
+        "",
+        f"    {s['command']}",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| trials (each: interrupt, inspect, `--resume auto` to the end) | {s['trials']} |",
+        f"| signals delivered while training ran | {s['signals_delivered']} |",
+        f"| trials that passed every check | {s['survived']} / {s['trials']} |",
+        f"| steps lost, max / total (checkpoint interval {s['checkpoint_interval']}) | "
+        f"{s['max_steps_lost']} / {s['total_steps_lost']} |",
+        f"| committed checkpoints damaged (files lost) | {s['files_lost']} |",
+        f"| half-written files left (skipped: no sidecar / `.tmp-`) | {s['incomplete_left']} / "
+        f"{s['tmp_left']} |",
+        f"| final weights vs uninterrupted run, max abs diff | {s['max_abs_weight_diff']} |",
+        f"| SIGTERM/SIGINT: signal to exit (s) | {', '.join(map(str, s['graceful_exit_s'])) or '-'} |",
+        "",
+        "| mode | trials | signal delivered | passed |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {m} | {v['trials']} | {v['delivered']} | {v['ok']} |" for m, v in s["by_mode"].items()]
+    if s["torchrun"]:
+        t = s["torchrun"]
+        lines += [
+            "",
+            f"torchrun, 2 gloo ranks, one SIGKILLed after step {t.get('after_step')}: every process gone "
+            f"{t.get('all_exited_s')} s later (hung: {t.get('hung')}, ranks left: {t.get('ranks_left')}), "
+            f"resumed under torchrun from step {t.get('resumed_step')} (steps lost {t.get('steps_lost')}), "
+            f"finished: {t.get('finished')}.",
+        ]
+    return "\n".join(lines)
+
+
+def update_doc(doc: Path, text: str) -> None:
+    begin, end = "<!-- crash-driver:begin -->", "<!-- crash-driver:end -->"
+    src = doc.read_text() if doc.exists() else f"{begin}\n{end}\n"
+    if begin not in src:
+        src += f"\n{begin}\n{end}\n"
+    a, rest = src.split(begin, 1)
+    _, b = rest.split(end, 1)
+    doc.write_text(f"{a}{begin}\n{text}\n{end}{b}")
+
+
+MODES = ["kill_random", "kill_ckpt_data", "kill_ckpt_sidecar", "kill_between_renames", "sigterm", "sigint"]
+WEIGHTS = [8, 4, 3, 3, 1, 1]  # 20 trials: 8 random kills, 10 kills timed on a checkpoint write, 2 graceful
+
+
+def plan(n: int) -> list[str]:
+    if n <= len(MODES):
+        return [
+            "kill_random",
+            "kill_ckpt_data",
+            "sigterm",
+            "kill_ckpt_sidecar",
+            "sigint",
+            "kill_between_renames",
+        ][:n]
+    per = [max(1, round(w * n / sum(WEIGHTS))) for w in WEIGHTS]
+    per[0] += n - sum(per)
+    return [m for m, c in zip(MODES, per) for _ in range(c)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="3 trials (random kill, kill mid-write, SIGTERM)")
+    ap.add_argument("--torchrun", action="store_true", help="also the 2-process kill-one-rank trial")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
+    ap.add_argument("--json", default=None, help="write the figures and every trial here")
+    ap.add_argument("--doc", default=None, help="replace the crash-driver block of this markdown file")
+    args = ap.parse_args(argv)
+    n = 3 if args.quick else args.trials
+    rng = random.Random(args.seed)
+    out = Path(args.workdir or tempfile.mkdtemp(prefix="davit-crash-"))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    p = _start(_cmd(out, "reference", False), out / "reference.log")
+    if p.wait() != 0:
+        print((out / "reference.log").read_text()[-3000:], file=sys.stderr)
+        return 2
+    ref = out / "reference" / "model.safetensors"
+    tr = torchrun_trial(out, rng) if args.torchrun else None
+    if tr:
+        print(json.dumps(tr), flush=True)
+    modes = plan(n)
+    rng.shuffle(modes)
+    results = []
+    for i, mode in enumerate(modes):
+        r = trial(i, mode, out, ref, rng)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        if args.json:  # partial figures survive an interrupted driver
+            part = summarize(results, tr, time.time() - t0, args)
+            Path(args.json).write_text(
+                json.dumps({**part, "partial": True, "trials_detail": results}, indent=2)
+            )
+    s = summarize(results, tr, time.time() - t0, args)
+    s["trials_detail"] = results
+    print(render(s))
+    if args.json:
+        Path(args.json).write_text(json.dumps(s, indent=2))
+    if args.doc:
+        update_doc(Path(args.doc), render(s))
+    if not args.workdir:
+        shutil.rmtree(out, ignore_errors=True)
+    return 0 if s["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
