@@ -10,6 +10,7 @@ import pytest
 from conftest import odd_files, run_cli, write_folder
 
 
+@pytest.mark.slow
 def test_odd_files_train_end_to_end(tmp_path, tiny_train, capsys):
     root = write_folder(tmp_path / "data")
     rc, out = run_cli(

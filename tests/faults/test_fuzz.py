@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import pytest
 import torch
 from conftest import FMNIST_ARGS, TINY_ARGS
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +31,7 @@ def _models(c: int, dt: str):
     return m, f
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None)
 @given(
     h=st.integers(1, 600),
@@ -81,6 +83,7 @@ FLAGS = [
 ]
 
 
+@pytest.mark.slow
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pick=st.lists(st.integers(0, len(FLAGS) - 1), min_size=1, max_size=3, unique=True))
 def test_conflicting_cli_flags(pick, tmp_path, capsys):

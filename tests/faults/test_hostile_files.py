@@ -55,6 +55,8 @@ def test_create_model_pretrained_path(evil):
     assert not marker.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_cli_entry_points(evil, tmp_path, tiny_train, capsys):
     files, marker = evil
     for f in files:
