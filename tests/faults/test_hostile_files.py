@@ -56,7 +56,6 @@ def test_create_model_pretrained_path(evil):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_cli_entry_points(evil, tmp_path, tiny_train, capsys):
     files, marker = evil
     for f in files:
@@ -74,6 +73,7 @@ def test_cli_entry_points(evil, tmp_path, tiny_train, capsys):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resume_from_hostile_checkpoint(evil, tmp_path, tiny_train, capsys):
     files, marker = evil
     for f in files:
