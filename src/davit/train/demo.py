@@ -80,4 +80,25 @@ def run_demo(
     print(f"report:    {d}/report.md")
     print(f"pictures:  {d}/curves.png  {d}/confusion.png")
     print(f"weights:   {d}/model.safetensors   (davit predict IMG --checkpoint {d})")
+    sheets = _attention_sheets(d, root)
+    if sheets:
+        print(f"attention: {len(sheets)} sheets in {os.path.dirname(sheets[0])}  (davit viz fashion-mnist:N "
+              f"--checkpoint {d})")
     return 0
+
+
+def _attention_sheets(run_dir: str, root: str, n: int = 4) -> list:
+    """Window/channel attention and Grad-CAM sheets of the trained model for the first ``n`` test images."""
+    import torch
+
+    from ..data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_dataset
+    from ..viz.run import load_model, write_demo_sheets
+
+    model, _ = load_model(None, os.path.join(run_dir, "model.safetensors"))
+    test = build_dataset("fashion-mnist", root, "val", raw=True)
+    mean = torch.tensor(FASHION_MNIST_MEAN).view(1, -1, 1, 1)
+    std = torch.tensor(FASHION_MNIST_STD).view(1, -1, 1, 1)
+    x = (torch.as_tensor(test.data[:n]).unsqueeze(1).float() / 255 - mean) / std  # (n, 1, 28, 28), the eval preprocessing
+    labels = [int(t) for t in test.targets[:n]]
+    return write_demo_sheets(model, x, labels, FASHION_MNIST_CLASSES, os.path.join(run_dir, "viz"),
+                             mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
