@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from conftest import odd_files, run_cli, write_folder
+from faultkit import odd_files, run_cli, write_folder
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import FMNIST_ARGS, TINY_ARGS
+from faultkit import FMNIST_ARGS, TINY_ARGS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

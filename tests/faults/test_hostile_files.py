@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from faultkit import run_cli
 from safetensors.torch import save_file
 
 import davit

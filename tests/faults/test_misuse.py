@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli
+from faultkit import run_cli
 
 import davit
 

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import FMNIST_ARGS, TINY_ARGS
+from faultkit import FMNIST_ARGS, TINY_ARGS
 from safetensors.torch import load_file
 
 import davit.train.checkpoint as ckmod
