@@ -52,9 +52,11 @@ def test_atomic_write_keeps_old_content_when_write_fails(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("os.fsync", boom)
-    with pytest.raises(OSError, match="disk full"):
+    # the OSError is re-raised as a CheckpointError that says the previous file is intact and what to do
+    with pytest.raises(CheckpointError, match="disk full.*previous checkpoint is intact"):
         atomic_write(p, b"new content")
     assert p.read_bytes() == b"old"
+    assert [f.name for f in tmp_path.iterdir()] == ["f.bin"]  # no temporary file left behind
 
 
 def test_manager_keeps_last_k_and_best(tmp_path):
