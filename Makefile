@@ -36,5 +36,9 @@ reliability: $(STAMP) data
 	$(BIN)/python benchmarks/faults/crash_driver.py --trials 20 --torchrun \
 	  --json benchmarks/faults/results.json --doc docs/reliability.md
 
+# CPU speed tables against timm (docs/benchmarks.md); run on an otherwise idle machine
+bench: $(STAMP)
+	bash benchmarks/run_cpu.sh benchmarks/results/cpu
+
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
