@@ -16,7 +16,6 @@ for the same arguments and a scene does not depend on how many others are genera
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from pathlib import Path
@@ -25,46 +24,22 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-FASHION_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
+from ..data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, build_dataset
+
+FASHION_MNIST_ROOT = FASHION_MNIST_DIR
+FASHION_CLASSES = FASHION_MNIST_CLASSES
 _SPLIT_ID = {"train": 0, "val": 1}
 
 
 def read_fashion_mnist(
     root: str | os.PathLike = FASHION_MNIST_ROOT, split: str = "train"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 28, 28), labels int64 (N,)) from the IDX gz files (train: 60k, test: 10k)."""
-    if split not in _FILES:
+    """(images uint8 (N, 28, 28), labels int64 (N,)) from the IDX gz files (train: 60k, test: 10k), read and
+    checked by the data package."""
+    if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    paths = [Path(root) / f for f in _FILES[split]]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"{p} not found: install Fashion-MNIST (`sudo apt-get install dataset-fashion-mnist`) "
-                "or pass the folder holding the IDX .gz files"
-            )
-    with gzip.open(paths[0], "rb") as f:
-        raw = f.read()
-    n, h, w = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
-    images = np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w)
-    with gzip.open(paths[1], "rb") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-    return images, labels
+    ds = build_dataset("fashion-mnist", str(root), "val" if split == "test" else "train", raw=True)
+    return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
