@@ -283,6 +283,8 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 cfg.progress if main else "none",
                 cfg.print_interval,
             )
+            # resumed at the end of an epoch the loop below runs no step: the epoch record still needs the lr
+            cur_lr = opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)
             with prog:
                 for x, y in data.train_loader:
                     if pos >= steps_per_epoch:
