@@ -179,9 +179,10 @@ def test_jit_trace_matches_eager():
 
 @pytest.mark.slow
 def test_compile_fullgraph_matches_eager():
-    # fullgraph=True proves the whole forward is captured by dynamo without graph breaks; the batch axis is marked
-    # dynamic so another batch size reuses the graph. The aot_eager backend runs the captured graph without
-    # inductor's C++ code generation, which takes many minutes on a 2-core CI machine (speed is a benchmark matter).
+    # fullgraph=True proves the whole forward is captured by dynamo without graph breaks; the batch axis is
+    # marked dynamic so another batch size reuses the graph. The aot_eager backend runs the captured graph
+    # without inductor's C++ code generation, which takes many minutes on a 2-core CI machine (speed is a
+    # benchmark matter).
     m = davit.create_model("davit_atto").eval()
     x = torch.randn(2, 3, 32, 32)
     torch._dynamo.mark_dynamic(x, 0)
