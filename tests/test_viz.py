@@ -119,7 +119,7 @@ def test_forward_bit_identical_with_and_without_hooks_and_hooks_removed():
     with torch.no_grad():
         plain = model(x)
         with attention_hooks(model) as store:
-            assert _hook_count(model) == 2 * len(store) > 0
+            assert _hook_count(model) == len(store) > 0  # one pre-hook per block
             hooked = model(x)
         after = model(x)
     assert torch.equal(plain, hooked) and torch.equal(plain, after)

@@ -8,15 +8,20 @@ the model runs. Both must agree to fp32 round-off.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .fused import linear
 
 __all__ = [
     "window_partition",
     "window_reverse",
     "window_attention_ref",
     "window_attention",
+    "window_attention_one_padded",
     "channel_attention_ref",
     "channel_attention",
     "WindowAttention",
@@ -65,6 +70,23 @@ def window_attention(qkv: Tensor, num_heads: int) -> Tensor:
     return _merge_heads(F.scaled_dot_product_attention(q, k, v))
 
 
+def window_attention_one_padded(qkv: Tensor, num_heads: int, pad_qkv: Tensor | None, n_pad: int) -> Tensor:
+    """:func:`window_attention` for a map smaller than one window, without computing the padding.
+
+    The release pads the normed map with zero tokens up to the window, so each of the ``n_pad`` padding tokens
+    has qkv = the projection's bias (``pad_qkv``; zeros without bias): ``n_pad`` identical keys and values. Their
+    share of the softmax equals that of ONE such key whose logit is raised by log(n_pad), and their queries are
+    thrown away. So only the L real tokens plus one key are computed: on a 1x1 map in a 7x7 window that is 2
+    keys instead of 49 and a 49x smaller qkv projection. qkv: (B, L, 3C) of the real tokens -> (B, L, C).
+    """
+    B, L, C3 = qkv.shape
+    pad = qkv.new_zeros(C3) if pad_qkv is None else pad_qkv.to(qkv.dtype)
+    qkv = torch.cat([qkv, pad.view(1, 1, C3).expand(B, 1, C3)], dim=1)  # (B, L + 1, 3C)
+    q, k, v = _split_heads(qkv, num_heads)
+    logit_offset = torch.cat([qkv.new_zeros(L), qkv.new_full((1,), math.log(n_pad))]).view(1, L + 1)  # per key
+    return _merge_heads(F.scaled_dot_product_attention(q[:, :, :L], k, v, attn_mask=logit_offset))
+
+
 def channel_attention_ref(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
     """Channel group attention over all N positions. qkv: (B, N, 3C) -> (B, N, C).
 
@@ -88,6 +110,8 @@ def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
     Written as ``out = value @ A^T`` so the result comes out directly in (B, G, N, Cg) without the two transposes
     of the literal form, and the (Cg x Cg) logits are formed by one batched matmul over the strided views.
     """
+    if 2 <= groups <= 8 and qkv.device.type == "cpu" and not _needs_graph(qkv):
+        return _channel_attention_per_group(qkv, groups, v2)
     q, k, v = _split_heads(qkv, groups)
     N, cg = q.shape[-2], q.shape[-1]
     if v2:
@@ -96,6 +120,29 @@ def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
         query, key, value, scale = k, v, q, cg**-0.5
     attn = torch.matmul(query.transpose(-1, -2), key).mul_(scale).softmax(dim=-1)  # (B, G, Cg, Cg)
     return _merge_heads(torch.matmul(value, attn.transpose(-1, -2)))
+
+
+def _needs_graph(x: Tensor) -> bool:
+    """Autograd, tracing or compiling will see this op: keep to the batched formulation."""
+    return (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _channel_attention_per_group(qkv: Tensor, groups: int, v2: bool) -> Tensor:
+    # CPU inference with few, large groups (stages 1-2): the batched form above copies its (B, G, N, Cg)
+    # operands and output because B and G of the strided qkv views cannot be merged into one batch dim; one
+    # bmm per group works on the strided (B, N, Cg) column slices directly, and the output is assembled by
+    # one concatenation. (Not for autograd: each slice's backward would allocate a full-size gradient.)
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    cg = C // groups
+    q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+    query, key, value, scale = (q, k, v, N**-0.5) if v2 else (k, v, q, cg**-0.5)
+    outs = []
+    for g in range(groups):
+        s = slice(g * cg, (g + 1) * cg)
+        attn = torch.bmm(query[..., s].transpose(1, 2), key[..., s]).mul_(scale).softmax(dim=-1)
+        outs.append(torch.bmm(value[..., s], attn.transpose(1, 2)))
+    return torch.cat(outs, dim=-1)
 
 
 class WindowAttention(nn.Module):
@@ -112,8 +159,14 @@ class WindowAttention(nn.Module):
 
     def attend(self, x: Tensor) -> Tensor:
         """Attention output before the output projection (blocks fuse the projection with the residual)."""
-        fn = window_attention if self.fast else window_attention_ref
-        return fn(self.qkv(x), self.num_heads)
+        if not self.fast:
+            return window_attention_ref(self.qkv(x), self.num_heads)
+        return window_attention(linear(x, self.qkv), self.num_heads)
+
+    def attend_one_padded(self, x: Tensor, n_pad: int) -> Tensor:
+        """:meth:`attend` for the L real tokens (B, L, C) of a map that the window covers with ``n_pad``
+        padding tokens (see :func:`window_attention_one_padded`)."""
+        return window_attention_one_padded(linear(x, self.qkv), self.num_heads, self.qkv.bias, n_pad)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.attend(x))
@@ -134,8 +187,9 @@ class ChannelAttention(nn.Module):
 
     def attend(self, x: Tensor) -> Tensor:
         """Attention output before the output projection (blocks fuse the projection with the residual)."""
-        fn = channel_attention if self.fast else channel_attention_ref
-        return fn(self.qkv(x), self.groups, self.v2)
+        if not self.fast:
+            return channel_attention_ref(self.qkv(x), self.groups, self.v2)
+        return channel_attention(linear(x, self.qkv), self.groups, self.v2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.attend(x))

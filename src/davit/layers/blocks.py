@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import ChannelAttention, WindowAttention, window_partition, window_reverse
+from .fused import fused_cpu_inference, has_hooks
 
 __all__ = ["DropPath", "ConvPosEnc", "Mlp", "SpatialBlock", "ChannelBlock", "drop_path", "linear_residual"]
 
@@ -37,46 +38,44 @@ class DropPath(nn.Module):
         return f"p={self.p:.4f}"
 
 
+def _depthwise3x3_taps(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Depthwise 3x3 conv (padding 1) of a (B, H, W, C) map as a sum of shifted, per-channel scaled copies.
+
+    For maps of a few pixels (late stages of small images) oneDNN's depthwise conv backward costs ~15 ms for a
+    (128, 256, 1, 1) map; this is microseconds. Taps that only ever see padding (all but the middle row/column
+    of a 1-pixel-high/wide map) are skipped.
+    """
+    B, H, W, C = x.shape
+    xp = F.pad(x, (0, 0, 1, 1, 1, 1))
+    w = weight.reshape(C, 9).t()  # (9, C): tap (i, j) -> row 3 i + j
+    out = None
+    for i in range(3):
+        if H == 1 and i != 1:
+            continue
+        for j in range(3):
+            if W == 1 and j != 1:
+                continue
+            term = xp[:, i : i + H, j : j + W, :] * w[3 * i + j]
+            out = term if out is None else out + term
+    return out if bias is None else out + bias
+
+
 class ConvPosEnc(nn.Module):
     """Conditional position encoding: x + DepthwiseConv3x3(x)."""
 
     def __init__(self, dim: int, kernel_size: int = 3) -> None:
         super().__init__()
         self.proj = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
+        self.fast = True
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, H, W, C)
+        tiny = x.shape[1] * x.shape[2] <= 4 and self.proj.kernel_size == (3, 3)
+        if tiny and self.fast and not has_hooks(self.proj):
+            return x + _depthwise3x3_taps(x, self.proj.weight, self.proj.bias)
         # permute gives an NCHW view with channels-last strides; conv2d keeps that format, so the result
         # permutes back to a contiguous (B, H, W, C) tensor for free
         y = self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return x + y
-
-
-def _mkldnn_fusions_available() -> bool:
-    try:
-        return hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_MKLDNN = _mkldnn_fusions_available()
-
-
-def fused_cpu_inference(x: Tensor) -> bool:
-    """True where the oneDNN fused kernels may replace the plain ops: CPU fp32 inference in eager mode.
-
-    They are private operators (torch.ops.mkldnn), so they are guarded here and the plain path stays for
-    training, other dtypes/devices, tracing, export and torch.compile (which does its own fusion).
-    """
-    return (
-        _MKLDNN
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")  # under bf16 autocast the plain ops run in bf16; fused ones would not
-        and not torch.is_grad_enabled()
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_scripting()
-    )
 
 
 def linear_residual(x: Tensor, layer: nn.Linear, residual: Tensor, drop: DropPath, fast: bool = True) -> Tensor:
@@ -136,22 +135,38 @@ class SpatialBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)
         x = self.cpe1(x)
-        B, H, W, C = x.shape
-        ws = self.window_size
-        t = self.norm1(x)
-        pad_b, pad_r = (-H) % ws, (-W) % ws
-        if pad_b or pad_r:
-            # zero tokens appended AFTER the norm take part as keys (they carry the qkv bias), as in the release
-            t = F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
-        t = self.attn.attend(window_partition(t, ws))  # (B*nW, ws*ws, C), before the output projection
-        t = window_reverse(t, ws, Hp, Wp)
-        if pad_b or pad_r:
-            t = t[:, :H, :W, :].contiguous()
+        t = self._window_attend(self.norm1(x))
         # the output projection is per token, so it runs after un-windowing, fused with the residual add
         x = linear_residual(t, self.attn.proj, x, self.drop_path1, self.attn.fast)
         x = self.cpe2(x)
         return linear_residual(self.mlp.hidden(self.norm2(x)), self.mlp.fc2, x, self.drop_path2, self.mlp.fast)
+
+    def attention_qkv(self, x: Tensor) -> Tensor:
+        """The qkv projection this block's window attention sees for input ``x`` (B, H, W, C), in the literal
+        form: the normed map zero-padded to whole windows, windowed -> (B * nW, ws * ws, 3C). For inspection
+        (davit.viz); the forward may compute it in a cheaper, equivalent way."""
+        t = self.norm1(self.cpe1(x))
+        H, W, ws = t.shape[1], t.shape[2], self.window_size
+        t = F.pad(t, (0, 0, 0, (-W) % ws, 0, (-H) % ws))
+        return self.attn.qkv(window_partition(t, ws))
+
+    def _window_attend(self, t: Tensor) -> Tensor:
+        """Window attention of the normed map (B, H, W, C), before the output projection."""
+        B, H, W, C = t.shape
+        ws = self.window_size
+        pad_b, pad_r = (-H) % ws, (-W) % ws
+        if (pad_b or pad_r) and H <= ws and W <= ws and self.attn.fast:
+            # the map is smaller than one window: attend without materialising the padding (same result)
+            return self.attn.attend_one_padded(t.reshape(B, H * W, C), ws * ws - H * W).view(B, H, W, C)
+        if pad_b or pad_r:
+            # zero tokens appended AFTER the norm take part as keys (they carry the qkv bias), as in the release
+            t = F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        t = self.attn.attend(window_partition(t, ws))  # (B*nW, ws*ws, C)
+        t = window_reverse(t, ws, Hp, Wp)
+        if pad_b or pad_r:
+            t = t[:, :H, :W, :].contiguous()
+        return t
 
 
 class ChannelBlock(nn.Module):
@@ -176,6 +191,11 @@ class ChannelBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path2 = DropPath(drop_path)
+
+    def attention_qkv(self, x: Tensor) -> Tensor:
+        """The qkv projection this block's channel attention sees for input ``x`` (B, H, W, C): (B, H*W, 3C)."""
+        t = self.norm1(self.cpe1(x))
+        return self.attn.qkv(t.reshape(t.shape[0], -1, t.shape[-1]))
 
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)
         x = self.cpe1(x)

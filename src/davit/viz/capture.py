@@ -91,27 +91,24 @@ def stage_stride(model: nn.Module, stage: int, image_size: tuple[int, int], map_
     return max(-(-image_size[0] // map_size[0]), -(-image_size[1] // map_size[1]))
 
 
-def _remember_size(rec: dict, module: nn.Module, args: tuple) -> None:
-    rec["size"] = tuple(args[0].shape[1:3])  # blocks take (B, H, W, C)
-
-
-def _remember_qkv(rec: dict, module: nn.Module, args: tuple, output: Tensor) -> None:
-    rec["qkv"] = output.detach()
+def _remember_input(rec: dict, module: nn.Module, args: tuple) -> None:
+    rec["input"] = args[0].detach()  # blocks take (B, H, W, C)
+    rec["size"] = tuple(args[0].shape[1:3])
 
 
 @contextmanager
 def attention_hooks(model: nn.Module) -> Iterator[dict[str, dict]]:
-    """Inside the ``with``, every forward of ``model`` records each block's qkv projection and map size into
-    the yielded dict (module name -> {"block", "size", "qkv"}). All hooks are removed on exit, even after an
-    error."""
+    """Inside the ``with``, every forward of ``model`` records each block's input and map size into the yielded
+    dict (module name -> {"block", "size", "input"}). Only a pre-hook on each block: the forward itself runs
+    unchanged (same kernels, bit-identical output); the qkv projections are recomputed from the recorded inputs
+    afterwards. All hooks are removed on exit, even after an error."""
     store: dict[str, dict] = {}
     handles = []
     try:
         for name, m in model.named_modules():
             if isinstance(m, (SpatialBlock, ChannelBlock)):
                 rec = store[name] = {"block": m}
-                handles.append(m.register_forward_pre_hook(partial(_remember_size, rec)))
-                handles.append(m.attn.qkv.register_forward_hook(partial(_remember_qkv, rec)))
+                handles.append(m.register_forward_pre_hook(partial(_remember_input, rec)))
         if not store:
             raise ValueError(
                 f"{type(model).__name__} has no DaViT SpatialBlock/ChannelBlock to take attention from"
@@ -148,9 +145,11 @@ def _channel_probs(qkv: Tensor, groups: int, size: tuple[int, int], v2: bool) ->
 def _records(store: dict[str, dict]) -> dict[str, AttentionMap]:
     out: dict[str, AttentionMap] = {}
     for i, (name, rec) in enumerate(store.items()):
-        if "qkv" not in rec:
+        if "input" not in rec:
             continue  # the block did not run (e.g. forward_intermediates with stop_early)
-        blk, size, qkv = rec["block"], rec["size"], rec["qkv"]
+        blk, size = rec["block"], rec["size"]
+        with torch.no_grad():
+            qkv = blk.attention_qkv(rec["input"])
         m = _NAME.search(name)
         stage, block = (int(m.group(1)), int(m.group(2))) if m else (-1, i // 2)
         if isinstance(blk, SpatialBlock):

@@ -1,0 +1,100 @@
+"""Block-level fast paths (small-map shortcuts, oneDNN inference kernels) equal the literal formulations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from davit.layers import ChannelBlock, ConvPosEnc, SpatialBlock
+from davit.layers.attention import channel_attention, channel_attention_ref
+from davit.layers.blocks import _depthwise3x3_taps
+
+
+def _grads(module, x):
+    out = module(x)
+    g = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                            [x, *module.parameters()])
+    return out, g
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 3), (3, 1), (2, 2), (1, 4), (4, 1)])
+def test_depthwise_taps_equal_conv2d(hw):
+    torch.manual_seed(0)
+    x = torch.randn(3, *hw, 5, dtype=torch.float64)
+    w = torch.randn(5, 1, 3, 3, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    ref = F.conv2d(x.permute(0, 3, 1, 2), w, b, padding=1, groups=5).permute(0, 2, 3, 1)
+    torch.testing.assert_close(_depthwise3x3_taps(x, w, b), ref)
+    torch.testing.assert_close(_depthwise3x3_taps(x, w, None), ref - b)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 3), (3, 3)])  # (3, 3) takes the conv path
+def test_conv_pos_enc_small_maps_forward_and_grads(hw):
+    torch.manual_seed(0)
+    m = ConvPosEnc(6).double()
+    x = torch.randn(2, *hw, 6, dtype=torch.float64, requires_grad=True)
+    out, g = _grads(m, x)
+    m.fast = False
+    out_ref, g_ref = _grads(m, x)
+    torch.testing.assert_close(out, out_ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (7, 6), (5, 7), (6, 9)])  # single padded window .. several windows
+def test_spatial_block_padding_shortcut_equals_literal_padding(hw, qkv_bias):
+    torch.manual_seed(0)
+    blk = SpatialBlock(16, num_heads=2, window_size=7, qkv_bias=qkv_bias).double()
+    with torch.no_grad():  # non-zero biases, so the padding tokens are not trivial keys
+        for p in blk.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, *hw, 16, dtype=torch.float64, requires_grad=True)
+    out, g = _grads(blk, x)
+    for m in blk.modules():
+        if hasattr(m, "fast"):
+            m.fast = False
+    out_ref, g_ref = _grads(blk, x)
+    torch.testing.assert_close(out, out_ref)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_padding_shortcut_changes_the_result_if_padding_were_ignored():
+    # guards the test above: dropping the padding keys (plain attention over the real tokens) differs
+    torch.manual_seed(0)
+    blk = SpatialBlock(16, num_heads=2, window_size=7).double()
+    x = torch.randn(1, 2, 2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        full = blk(x)
+        blk.window_size = 2  # same map, no padding at all
+        assert (blk(x) - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5), (9, 9), (14, 14)])
+def test_blocks_fp32_inference_fast_vs_literal(hw):
+    # CPU fp32 inference takes the oneDNN kernels (qkv, fc1+GELU, proj/fc2+residual) and the per-group
+    # channel attention; all within fp32 round-off of the literal path
+    torch.manual_seed(0)
+    blocks = [SpatialBlock(96, 3), ChannelBlock(96, 3)]
+    x = torch.randn(2, *hw, 96)
+    for blk in blocks:
+        blk.eval()
+        with torch.no_grad():
+            fast = blk(x)
+            for m in blk.modules():
+                if hasattr(m, "fast"):
+                    m.fast = False
+            ref = blk(x)
+        assert (fast - ref).abs().max().item() <= 2e-5
+
+
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("groups", [2, 3, 8])
+def test_channel_attention_per_group_inference_path(groups, v2):
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 37, 3 * 16 * groups, dtype=torch.float64)
+    with torch.no_grad():  # CPU, no autograd: the per-group bmm path
+        fast = channel_attention(qkv, groups, v2)
+    torch.testing.assert_close(fast, channel_attention_ref(qkv, groups, v2))
