@@ -38,4 +38,31 @@ def test_device_cuda_without_gpu(tiny_train, capsys):
 def test_batch_larger_than_dataset(tiny_train, capsys):
     # 16 training images, batch 64: full batches only, so not one step fits — refused before training
     rc, out = run_cli(tiny_train("-b", "64"), capsys)
-    assert rc == 2 and "fewer batches" in out and "use a smaller batch" in out, out
+    assert rc == 2, out
+    assert "--batch-size 64 is larger than the 16 training images" in out, out
+    assert "fashion-mnist" in out and "--train-samples 16" in out, out  # where they are
+    assert "lower --batch-size to at most 16" in out and "raise --train-samples" in out, out
+    assert "Traceback" not in out, out
+
+
+def test_grad_accum_more_than_batches(tiny_train, capsys):
+    # 16 images in batches of 8 = 2 batches an epoch: accumulating 3 of them never makes a step
+    rc, out = run_cli(tiny_train("--grad-accum-steps", "3"), capsys)
+    assert rc == 2, out
+    assert "--grad-accum-steps 3 is more than the 2 batches of --batch-size 8" in out, out
+    assert "at most 2" in out, out
+
+
+def test_batch_larger_than_shard(monkeypatch):
+    # 2 processes share 16 images: 8 each, so a batch of 12 fits the data set but not one process's shard
+    from davit.train.config import TrainConfig
+    from davit.train.setup import build_data
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = TrainConfig(model="davit_atto", train_samples=16, val_samples=8, batch_size=12, workers=0)
+    with pytest.raises(ValueError) as e:
+        build_data(cfg, distributed=True)
+    msg = str(e.value)
+    assert "--batch-size 12 is larger than the 8 training images per process" in msg, msg
+    assert "16 in" in msg and "over 2 processes" in msg and "at most 8" in msg, msg

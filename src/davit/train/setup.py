@@ -82,6 +82,31 @@ class DataBundle:
     params: dict[str, Any]
 
 
+def _check_batch_fits(cfg: TrainConfig, train_ds: Dataset, train_loader) -> None:
+    """Training drops the last partial batch, so a batch larger than the (per-process) training set gives
+    epochs of no step: refuse it before the model is built, with the sizes and what to do."""
+    if train_loader.batches_per_epoch >= 1:
+        return
+    n = getattr(train_ds, "num_samples", None) or len(train_ds)  # tar shards: the count from their index
+    inner = train_ds.ds if isinstance(train_ds, _Head) else train_ds
+    where = getattr(inner, "root", None) or cfg.data_dir or cfg.dataset
+    fix = "raise --train-samples" if isinstance(train_ds, _Head) else "add training images"
+    if isinstance(train_ds, _Head):
+        where += f" (--train-samples {cfg.train_samples})"
+    sampler = train_loader.sampler
+    world = getattr(sampler, "world_size", None) or getattr(train_ds, "world_size", 1)
+    if world > 1:
+        per = sampler.shard_size() if hasattr(sampler, "shard_size") else -(-n // world)
+        what = f"the {per} training images per process ({n} in {where} over {world} processes)"
+        fix += ", or run fewer processes"
+    else:
+        per, what = n, f"the {n} training images in {where}"
+    raise ValueError(
+        f"--batch-size {cfg.batch_size} is larger than {what}: lower --batch-size to at most {per}, "
+        f"or {fix} (training drops the last partial batch, so an epoch would have no step)"
+    )
+
+
 def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle:
     """Datasets and loaders. ``batch_aug``: Fashion-MNIST as uint8 tensors augmented a whole batch at a time
     (pad + crop, flip, erasing; several times cheaper than per-image PIL transforms on a small CPU).
@@ -142,6 +167,7 @@ def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle
         collate_mixup=mixup_fn,
         batch_transform=train_bt,
     )
+    _check_batch_fits(cfg, train_ds, train_loader)
     val_loader = build_loader(
         val_ds,
         cfg.batch_size,

@@ -164,9 +164,13 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     opt = build_optimizer(
         net, cfg.opt, lr, cfg.weight_decay, cfg.opt_eps, tuple(cfg.opt_betas), cfg.layer_decay
     )
-    steps_per_epoch = data.train_loader.batches_per_epoch // accum
+    batches = data.train_loader.batches_per_epoch  # >= 1: build_data refuses a batch larger than the data
+    steps_per_epoch = batches // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"an epoch has fewer batches than --grad-accum-steps ({accum}): use a smaller batch")
+        raise ValueError(
+            f"--grad-accum-steps {accum} is more than the {batches} batches of --batch-size {cfg.batch_size} "
+            f"in an epoch: lower --grad-accum-steps to at most {batches}, or lower --batch-size"
+        )
     ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
     resume_path = (ckpts.latest() if cfg.resume == "auto" else Path(cfg.resume)) if cfg.resume else None
     st = load_checkpoint(resume_path) if resume_path is not None else None
