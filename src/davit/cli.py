@@ -21,7 +21,8 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="davit", description="DaViT: Dual Attention Vision Transformers — models, weights, training, tools."
+        prog="davit",
+        description="DaViT: Dual Attention Vision Transformers — models, weights, training, tools.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -98,7 +98,8 @@ def _attention_sheets(run_dir: str, root: str, n: int = 4) -> list:
     test = build_dataset("fashion-mnist", root, "val", raw=True)
     mean = torch.tensor(FASHION_MNIST_MEAN).view(1, -1, 1, 1)
     std = torch.tensor(FASHION_MNIST_STD).view(1, -1, 1, 1)
-    x = (torch.as_tensor(test.data[:n]).unsqueeze(1).float() / 255 - mean) / std  # (n, 1, 28, 28), the eval preprocessing
+    # (n, 1, 28, 28), the eval preprocessing
+    x = (torch.as_tensor(test.data[:n]).unsqueeze(1).float() / 255 - mean) / std
     labels = [int(t) for t in test.targets[:n]]
     return write_demo_sheets(model, x, labels, FASHION_MNIST_CLASSES, os.path.join(run_dir, "viz"),
                              mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)

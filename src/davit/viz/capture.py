@@ -98,10 +98,10 @@ def _remember_input(rec: dict, module: nn.Module, args: tuple) -> None:
 
 @contextmanager
 def attention_hooks(model: nn.Module) -> Iterator[dict[str, dict]]:
-    """Inside the ``with``, every forward of ``model`` records each block's input and map size into the yielded
-    dict (module name -> {"block", "size", "input"}). Only a pre-hook on each block: the forward itself runs
-    unchanged (same kernels, bit-identical output); the qkv projections are recomputed from the recorded inputs
-    afterwards. All hooks are removed on exit, even after an error."""
+    """Inside the ``with``, every forward of ``model`` records each block's input and map size into the
+    yielded dict (module name -> {"block", "size", "input"}). Only a pre-hook on each block: the forward
+    itself runs unchanged (same kernels, bit-identical output); the qkv projections are recomputed from the
+    recorded inputs afterwards. All hooks are removed on exit, even after an error."""
     store: dict[str, dict] = {}
     handles = []
     try:
