@@ -29,6 +29,7 @@ from davit.weights import (
     load_pretrained,
     load_state_dict,
     load_weights,
+    read_metadata,
     save_weights,
 )
 
@@ -296,6 +297,9 @@ def test_save_load_round_trip(tmp_path):
 
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["model"] == "davit_atto" and f.metadata()["epoch"] == "3"
+    # read back with the JSON values decoded; a file of another kind has none
+    assert read_metadata(path) == {"format": "pt", "model": "davit_atto", "epoch": 3}
+    assert read_metadata(tmp_path / "atto.pth") == {}
     other = poisoned(davit.create_model("davit_atto", num_classes=10))
     assert load_weights(other, path).ok
     for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):

@@ -48,6 +48,7 @@ __all__ = [
     "check_weights",
     "load_weights",
     "save_weights",
+    "read_metadata",
     "pretrained_file",
     "load_pretrained",
 ]
@@ -635,6 +636,24 @@ def save_weights(
         if os.path.exists(tmp):
             os.remove(tmp)
     return p
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The header metadata of a .safetensors (e.g. what the trainer stored through :func:`save_weights`:
+    model, arch, classes, in_chans, img_size, mean, std...), JSON values decoded; {} for other files."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata() or {}
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            out[k] = v
+    return out
 
 
 # ----- released weights through the hub cache ---------------------------------------------------------------

@@ -232,23 +232,6 @@ def weights_metadata(cfg: TrainConfig, classes: list[str], params: dict[str, Any
     }
 
 
-def read_metadata(path: str) -> dict[str, Any]:
-    """Metadata of a .safetensors written by the trainer ({} for other files), JSON values decoded."""
-    if not str(path).endswith(".safetensors"):
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        raw = f.metadata() or {}
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except (json.JSONDecodeError, TypeError):
-            out[k] = v
-    return out
-
-
 def model_from_metadata(
     path: str,
     model: str | None = None,
@@ -257,7 +240,7 @@ def model_from_metadata(
     in_chans: int | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Rebuild a trained model from its weights file (metadata from the trainer when present)."""
-    from ..weights import load_state_dict, load_weights
+    from ..weights import load_state_dict, load_weights, read_metadata
 
     meta = read_metadata(path)
     name = model or meta.get("model")

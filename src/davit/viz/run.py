@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,23 +38,6 @@ def _flatten(node: dict, into: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
-def _header_metadata(path: Path) -> dict[str, Any]:
-    # the trainer stores model, arch, classes, in_chans, img_size, mean, std... in the safetensors header
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        raw = f.metadata() or {}
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except (json.JSONDecodeError, TypeError):
-            out[k] = v
-    return out
-
-
 def find_run_config(checkpoint: str | Path | None) -> dict[str, Any]:
     """What the training run recorded about the checkpoint, flattened: the safetensors header metadata, then
     the trainer's ``config.yaml`` next to the checkpoint (or one folder up) for keys the header lacks."""
@@ -63,8 +45,10 @@ def find_run_config(checkpoint: str | Path | None) -> dict[str, Any]:
         return {}
     import yaml
 
+    from ..weights import read_metadata
+
     p = Path(checkpoint).resolve()
-    cfg = {k: v for k, v in _header_metadata(p).items() if v is not None}
+    cfg = {k: v for k, v in read_metadata(p).items() if v is not None}
     for d in (p.parent, p.parent.parent):
         f = d / "config.yaml"
         if f.is_file():
