@@ -22,8 +22,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..models import DaViTFeatures, create_model
-from ..weights import load_weights
+from ..models import DaViTFeatures
+from .backbone import dense_backbone
 
 __all__ = ["DaViTFPN", "maskrcnn", "RECIPE_MIN_SIZES"]
 
@@ -86,16 +86,7 @@ def maskrcnn(
         backbone_kwargs: DaViT architecture overrides, e.g. ``dict(stem_stride=4)``.
         **kwargs: passed to :class:`torchvision.models.detection.MaskRCNN` (``box_detections_per_img``, ...).
     """
-    body = create_model(
-        backbone,
-        features_only=True,
-        out_indices=(0, 1, 2, 3),
-        out_norm=True,
-        drop_path_rate=drop_path_rate,
-        **(backbone_kwargs or {}),
-    )
-    if backbone_weights is not None:
-        load_weights(body, backbone_weights, strict=True)  # trunk must match; out norms may stay fresh
+    body = dense_backbone(backbone, backbone_weights, drop_path_rate, backbone_kwargs)
     neck = DaViTFPN(body, fpn_channels)
     if "rpn_anchor_generator" not in kwargs:
         sizes = tuple((8 * s,) for s in neck.strides)

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
-from ..models import create_model
-from ..weights import load_weights
+from .backbone import dense_backbone
 
 __all__ = ["UPerHead", "FCNHead", "UperNet", "upernet", "segment_inference", "IGNORE_INDEX"]
 
@@ -140,16 +139,7 @@ def upernet(
     ``channels``: decode-head width (recipe 512; the CPU demo shrinks it). ``aux_weight=0`` drops the aux
     head.
     """
-    body = create_model(
-        backbone,
-        features_only=True,
-        out_indices=(0, 1, 2, 3),
-        out_norm=True,
-        drop_path_rate=drop_path_rate,
-        **(backbone_kwargs or {}),
-    )
-    if backbone_weights is not None:
-        load_weights(body, backbone_weights, strict=True)  # trunk must match; out norms may stay fresh
+    body = dense_backbone(backbone, backbone_weights, drop_path_rate, backbone_kwargs)
     return UperNet(body, num_classes, channels, aux_channels, aux_weight=aux_weight)
 
 
