@@ -100,22 +100,28 @@ _COCO = dict(
     gamma=0.1,
     eval_batch_size=2,
 )
+# the mmseg UperNet schedule: poly(1.0) decay to 0 after a linear warmup
+_UPERNET = dict(task="segment", schedule="poly", poly_power=1.0, min_lr=0.0)
+# the CPU demos on `davit data scenes`: ten-minute runs
+_CPU_DEMO = dict(
+    log_interval=10,
+    workers=1,
+    threads=1,  # on a shared 2-core CPU one thread per process beats two that wait for each other
+    time_limit_min=10.0,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     # Mask R-CNN, official mmdet configs: 2 img/GPU x 8, AdamW 1e-4 wd 0.05, 12 / 36 epochs
     "coco-maskrcnn-1x": dict(_COCO, epochs=12, lr_steps=[8, 11], drop_path_rate=0.1),
     "coco-maskrcnn-3x": dict(_COCO, epochs=36, lr_steps=[27, 33], drop_path_rate=0.2),
     # UperNet, official mmseg config: AdamW 6e-5 wd 0.01, poly(1.0) with 1500 warmup, 160k iters, batch 16
     "ade20k-upernet-160k": dict(
-        task="segment",
+        _UPERNET,
         model="davit_tiny",
         num_classes=150,
         reduce_zero_label=True,
         drop_path_rate=0.3,
         lr=6e-5,
         weight_decay=0.01,
-        schedule="poly",
-        poly_power=1.0,
-        min_lr=0.0,
         warmup_iters=1500,
         warmup_ratio=1e-6,
         iters=160_000,
@@ -128,6 +134,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # CPU demos on `davit data scenes` (128 px canvases): the same recipes scaled down in size and length
     "scenes-maskrcnn-demo": dict(
+        _CPU_DEMO,
         task="detect",
         model="davit_atto",
         backbone_kwargs={"stem_stride": 4},  # 128 px canvases: strides 4..64 as the COCO model
@@ -153,21 +160,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         rpn_post_nms_top_n_test=100,
         detections_per_img=20,  # scenes hold at most 5 items
         eval_batch_size=8,
-        log_interval=10,
-        workers=1,
-        threads=1,  # on a shared 2-core CPU one thread per process beats two that wait for each other
-        time_limit_min=10.0,
     ),
     "scenes-upernet-demo": dict(
-        task="segment",
+        _UPERNET,
+        **_CPU_DEMO,
         model="davit_atto",
         num_classes=11,
         drop_path_rate=0.0,
         lr=1e-3,
         weight_decay=0.01,
-        schedule="poly",
-        poly_power=1.0,
-        min_lr=0.0,
         warmup_iters=50,
         warmup_ratio=0.01,
         iters=1500,
@@ -178,10 +179,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         scale=[128, 128],
         ratio_range=[0.75, 1.5],
         eval_batch_size=16,
-        log_interval=10,
-        workers=1,
-        threads=1,  # on a shared 2-core CPU one thread per process beats two that wait for each other
-        time_limit_min=10.0,
     ),
 }
 
