@@ -19,7 +19,12 @@ __all__ = ["BatchTransform", "build_batch_transform"]
 
 
 class BatchTransform:
-    """uint8 (B, C, H, W) -> normalised float (B, C, size, size); see the module docstring."""
+    """uint8 (B, C, H, W) -> normalised float (B, C, size, size); see the module docstring.
+
+    The batched counterpart of ``build_transform(..., simple=True)`` without RandAugment; pass it as
+    ``build_loader(..., batch_transform=...)`` with a dataset that yields uint8 tensors
+    (``build_dataset("fashion-mnist", ..., raw=True)``).
+    """
 
     def __init__(
         self,
@@ -74,17 +79,5 @@ class BatchTransform:
         return x.contiguous()
 
 
-def build_batch_transform(
-    is_training: bool,
-    input_size: int | Sequence[int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    padding: int | None = None,
-    hflip: float = 0.5,
-    reprob: float = 0.0,
-    remode: str = "pixel",
-) -> BatchTransform:
-    """The batched counterpart of ``build_transform(..., simple=True)`` without RandAugment; pass it as
-    ``build_loader(..., batch_transform=...)`` with a dataset that yields uint8 tensors
-    (``build_dataset("fashion-mnist", ..., raw=True)``)."""
-    return BatchTransform(is_training, input_size, mean, std, padding, hflip, reprob, remode)
+# the name that goes with build_transform/build_loader: the constructor itself, same arguments and defaults
+build_batch_transform = BatchTransform
