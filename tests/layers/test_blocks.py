@@ -98,3 +98,20 @@ def test_channel_attention_per_group_inference_path(groups, v2):
     with torch.no_grad():  # CPU, no autograd: the per-group bmm path
         fast = channel_attention(qkv, groups, v2)
     torch.testing.assert_close(fast, channel_attention_ref(qkv, groups, v2))
+
+
+@pytest.mark.parametrize("hw", [(2, 2), (14, 14)])
+def test_blocks_fp32_training_fast_vs_literal(hw):
+    # CPU fp32 with autograd (the training path: SDPA, batched channel attention, tap-sum CPE on tiny maps,
+    # padding-free one-window attention): forward and every gradient within fp32 round-off
+    torch.manual_seed(0)
+    for blk in [SpatialBlock(96, 3), ChannelBlock(96, 3)]:
+        x = torch.randn(2, *hw, 96, requires_grad=True)
+        out, g = _grads(blk, x)
+        for m in blk.modules():
+            if hasattr(m, "fast"):
+                m.fast = False
+        out_ref, g_ref = _grads(blk, x)
+        torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=1e-5)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
