@@ -39,7 +39,16 @@ def test_gmacs_within_2_percent(name, img, gmacs):
 def test_metadata_present_for_every_variant():
     for name in davit.list_models():
         info = davit.model_info(name)
-        for key in ("input_size", "crop_pct", "interpolation", "mean", "std", "num_params", "gmacs", "paper_top1"):
+        for key in (
+            "input_size",
+            "crop_pct",
+            "interpolation",
+            "mean",
+            "std",
+            "num_params",
+            "gmacs",
+            "paper_top1",
+        ):
             assert key in info, (name, key)
     assert davit.model_info("davit_tiny")["paper_top1"] == 82.8
 

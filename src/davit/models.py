@@ -1,8 +1,8 @@
 """DaViT: the trunk, the classification model, the feature (dense-prediction) model and the variant table.
 
 Tokens flow through the stages as channels-last maps (B, H, W, C); public outputs are NCHW like every other
-vision backbone. Parameter names equal timm's ``davit.py`` so its state dicts load directly; every other layout
-is mapped by :mod:`davit.weights`.
+vision backbone. Parameter names equal timm's ``davit.py`` so its state dicts load directly; every other
+layout is mapped by :mod:`davit.weights`.
 """
 
 from __future__ import annotations
@@ -84,9 +84,17 @@ class DaViTStage(nn.Module):
         for k in range(depth):
             blocks.append(
                 nn.Sequential(
-                    SpatialBlock(dim, num_heads, window_size, mlp_ratio, qkv_bias, drop_path_rates[2 * k], norm_eps),
+                    SpatialBlock(
+                        dim, num_heads, window_size, mlp_ratio, qkv_bias, drop_path_rates[2 * k], norm_eps
+                    ),
                     ChannelBlock(
-                        dim, num_heads, mlp_ratio, qkv_bias, drop_path_rates[2 * k + 1], channel_attn_v2, norm_eps
+                        dim,
+                        num_heads,
+                        mlp_ratio,
+                        qkv_bias,
+                        drop_path_rates[2 * k + 1],
+                        channel_attn_v2,
+                        norm_eps,
                     ),
                 )
             )
@@ -127,7 +135,8 @@ class DaViT(nn.Module):
         embed_dims: channels per stage.
         num_heads: window-attention heads = channel-attention groups per stage.
         window_size: spatial attention window.
-        drop_path_rate: stochastic depth, linearly increasing over all 2*sum(depths) blocks (official schedule).
+        drop_path_rate: stochastic depth, linearly increasing over all 2*sum(depths) blocks
+            (official schedule).
         down_kernel_size: 2 (k2 s2, released T/S/B/L) or 3 (k3 s2 p1, overlapped; paper H/G and Florence-2).
         channel_attn_v2: Florence-2 channel attention (standard q/k/v roles, N^-0.5 scale).
         stem_stride: 4 as released; the small-image variants use 2.
@@ -163,7 +172,11 @@ class DaViT(nn.Module):
         self.stem = Stem(in_chans, embed_dims[0], stem_stride, norm_eps)
         n_blocks = 2 * sum(depths)
         # python-side linspace (works under a meta-device context, unlike torch.linspace().tolist())
-        dpr = [drop_path_rate * i / (n_blocks - 1) for i in range(n_blocks)] if n_blocks > 1 else [drop_path_rate]
+        dpr = (
+            [drop_path_rate * i / (n_blocks - 1) for i in range(n_blocks)]
+            if n_blocks > 1
+            else [drop_path_rate]
+        )
         stages, start = [], 0
         self.feature_info: list[dict[str, Any]] = []
         for i, (d, dim, heads) in enumerate(zip(depths, embed_dims, num_heads)):
@@ -189,7 +202,7 @@ class DaViT(nn.Module):
         self.head = ClassifierHead(embed_dims[-1], num_classes, drop_rate, norm_eps)
         self.apply(_init_weights)
 
-    # ----- model surface -------------------------------------------------------------------------------------
+    # ----- model surface ---------------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each dual block in the backward pass instead of storing its activations."""
         for s in self.stages:
@@ -202,7 +215,8 @@ class DaViT(nn.Module):
                 m.fast = enable
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters exempt from weight decay: every tensor with ndim < 2 (biases, norms), as in the recipe."""
+        """Parameters exempt from weight decay: every tensor with ndim < 2 (biases, norms),
+        as in the recipe."""
         return {n for n, p in self.named_parameters() if p.ndim < 2}
 
     def get_classifier(self) -> nn.Module:
@@ -212,7 +226,9 @@ class DaViT(nn.Module):
         """Replace the classifier Linear with a freshly initialised one (0 removes it)."""
         self.num_classes = num_classes
         dev = self.head.norm.weight.device
-        self.head.fc = nn.Linear(self.num_features, num_classes, device=dev) if num_classes > 0 else nn.Identity()
+        self.head.fc = (
+            nn.Linear(self.num_features, num_classes, device=dev) if num_classes > 0 else nn.Identity()
+        )
         if num_classes > 0:
             _init_weights(self.head.fc)
 
@@ -226,8 +242,8 @@ class DaViT(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(
-                f"expected a floating-point image tensor, got {x.dtype}; convert with x.float() and normalise "
-                "(e.g. /255, then mean/std)"
+                f"expected a floating-point image tensor, got {x.dtype}; convert with x.float() "
+                "and normalise (e.g. /255, then mean/std)"
             )
         if x.shape[1] != self.in_chans:
             raise ValueError(
@@ -294,11 +310,13 @@ class DaViTFeatures(nn.Module):
     """Backbone for dense prediction: the DaViT trunk returning NCHW stage maps.
 
     ``out_norm=True`` adds a LayerNorm on each returned stage output (the detection/segmentation form of the
-    official mmdet/mmseg backbone, keys ``out_norms.{i}``). Parameter names of the trunk equal the classifier's,
-    so a classification checkpoint loads with only the head keys unused.
+    official mmdet/mmseg backbone, keys ``out_norms.{i}``). Parameter names of the trunk equal the
+    classifier's, so a classification checkpoint loads with only the head keys unused.
     """
 
-    def __init__(self, model: DaViT, out_indices: Sequence[int] = (0, 1, 2, 3), out_norm: bool = False) -> None:
+    def __init__(
+        self, model: DaViT, out_indices: Sequence[int] = (0, 1, 2, 3), out_norm: bool = False
+    ) -> None:
         super().__init__()
         n = len(model.stages)
         out_indices = tuple(i % n if i < 0 else i for i in out_indices)
@@ -354,7 +372,7 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-# ----- variant table -------------------------------------------------------------------------------------------
+# ----- variant table ---------------------------------------------------------------------------------------
 _T = dict(depths=(1, 1, 3, 1), embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24))
 _S = dict(depths=(1, 1, 9, 1), embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24))
 _B = dict(depths=(1, 1, 9, 1), embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32))
@@ -391,22 +409,36 @@ def _meta(
     )
 
 
-# name -> (architecture kwargs, metadata). `num_params`/`gmacs` are the SPEC figures (1000-class head where one
-# exists) and are checked by the tests against the built models.
+# name -> (architecture kwargs, metadata). `num_params`/`gmacs` are the SPEC figures (1000-class head where
+# one exists) and are checked by the tests against the built models.
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "davit_tiny": (_T, _meta(hf_hub_id="timm/davit_tiny.msft_in1k", top1=82.8, params=28_360_168, gmacs=4.54)),
-    "davit_small": (_S, _meta(hf_hub_id="timm/davit_small.msft_in1k", top1=84.2, params=49_745_896, gmacs=8.80)),
-    "davit_base": (_B, _meta(hf_hub_id="timm/davit_base.msft_in1k", top1=84.6, params=87_954_408, gmacs=15.51)),
+    "davit_tiny": (
+        _T,
+        _meta(hf_hub_id="timm/davit_tiny.msft_in1k", top1=82.8, params=28_360_168, gmacs=4.54),
+    ),
+    "davit_small": (
+        _S,
+        _meta(hf_hub_id="timm/davit_small.msft_in1k", top1=84.2, params=49_745_896, gmacs=8.80),
+    ),
+    "davit_base": (
+        _B,
+        _meta(hf_hub_id="timm/davit_base.msft_in1k", top1=84.6, params=87_954_408, gmacs=15.51),
+    ),
     "davit_large": (_L, _meta(img=384, crop_pct=1.0, top1=87.5, params=196_811_752, gmacs=102.97)),
     # paper H/G: overlapped 3x3 downsampling, window 16, 512 px (SPEC section 1)
-    "davit_huge": ({**_H, "window_size": 16, "down_kernel_size": 3}, _meta(img=512, crop_pct=1.0, top1=90.2,
-                                                                          params=362_700_000, gmacs=334.0)),
-    "davit_giant": ({**_G, "window_size": 16, "down_kernel_size": 3}, _meta(img=512, crop_pct=1.0, top1=90.4,
-                                                                           params=1_437_400_000, gmacs=1038.0)),
+    "davit_huge": (
+        {**_H, "window_size": 16, "down_kernel_size": 3},
+        _meta(img=512, crop_pct=1.0, top1=90.2, params=362_700_000, gmacs=334.0),
+    ),
+    "davit_giant": (
+        {**_G, "window_size": 16, "down_kernel_size": 3},
+        _meta(img=512, crop_pct=1.0, top1=90.4, params=1_437_400_000, gmacs=1038.0),
+    ),
     # timm's davit_huge / davit_giant: 2x2 downsampling, window 7, 224 px
     "davit_huge_k2": (_H, _meta(params=348_900_000)),
     "davit_giant_k2": (_G, _meta(params=1_406_500_000)),
-    # Florence-2 vision towers: V2 channel attention, window 12, overlapped downsampling, 768 px, no classifier
+    # Florence-2 vision towers: V2 channel attention, window 12, overlapped downsampling,
+    # 768 px, no classifier
     "davit_base_fl": ({**_B, **_FL, "num_classes": 0},
                       _meta(img=768, crop_pct=1.0, hf_hub_id="microsoft/Florence-2-base", license="mit")),
     "davit_huge_fl": ({**_H, **_FL, "num_classes": 0},
@@ -433,7 +465,8 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def model_info(name: str) -> dict[str, Any]:
-    """Architecture kwargs and metadata (input size, crop_pct, mean/std, params, GMACs, paper top-1) of a variant."""
+    """Architecture kwargs and metadata (input size, crop_pct, mean/std, params, GMACs, paper top-1)
+    of a variant."""
     arch, meta = VARIANTS[_check_name(name)]
     return {"name": name, "arch": dict(arch), **meta}
 
@@ -461,8 +494,9 @@ def create_model(
 
     Args:
         name: one of :func:`list_models`.
-        pretrained: False; True or a tag (``"msft_in1k"``) to download the released weights through the Hugging
-            Face hub cache; or a path to a local checkpoint in any layout :mod:`davit.weights` accepts.
+        pretrained: False; True or a tag (``"msft_in1k"``) to download the released weights through the
+            Hugging Face hub cache; or a path to a local checkpoint in any layout
+            :mod:`davit.weights` accepts.
         num_classes: classifier outputs (default: the variant's, 1000 or 0 for Florence-2 towers).
         in_chans: input channels.
         drop_path_rate: stochastic depth (official linear schedule over all blocks).

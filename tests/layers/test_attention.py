@@ -66,7 +66,9 @@ def test_window_partition_round_trip():
     assert torch.equal(window_reverse(w, 7, 14, 21), x)
 
 
-@pytest.mark.parametrize("name,hw", [("davit_atto", (32, 32)), ("davit_atto", (23, 41)), ("davit_base_fl", (50, 70))])
+@pytest.mark.parametrize(
+    "name,hw", [("davit_atto", (32, 32)), ("davit_atto", (23, 41)), ("davit_base_fl", (50, 70))]
+)
 def test_model_fast_path_equals_reference_path(name, hw):
     kw = dict(depths=(1, 1, 1, 1)) if name == "davit_base_fl" else {}
     m = davit.create_model(name, **kw).double()

@@ -43,7 +43,8 @@ def test_conv_pos_enc_small_maps_forward_and_grads(hw):
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
-@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (7, 6), (5, 7), (6, 9)])  # single padded window .. several windows
+# single padded window .. several windows
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (7, 6), (5, 7), (6, 9)])
 def test_spatial_block_padding_shortcut_equals_literal_padding(hw, qkv_bias):
     torch.manual_seed(0)
     blk = SpatialBlock(16, num_heads=2, window_size=7, qkv_bias=qkv_bias).double()

@@ -1,9 +1,9 @@
 """The two DaViT attentions as plain tensor functions, with thin module wrappers.
 
-Every function takes the fused ``qkv`` projection (last dim 3C, chunk order q, k, v as the checkpoints store it)
-and returns the attended tokens *before* the output projection. The ``*_ref`` functions are the literal
-formulations of SPEC section 3 and are what tests compare against; the un-suffixed functions are the fast paths
-the model runs. Both must agree to fp32 round-off.
+Every function takes the fused ``qkv`` projection (last dim 3C, chunk order q, k, v as the checkpoints store
+it) and returns the attended tokens *before* the output projection. The ``*_ref`` functions are the literal
+formulations of SPEC section 3 and are what tests compare against; the un-suffixed functions are the fast
+paths the model runs. Both must agree to fp32 round-off.
 """
 
 from __future__ import annotations
@@ -74,16 +74,18 @@ def window_attention_one_padded(qkv: Tensor, num_heads: int, pad_qkv: Tensor | N
     """:func:`window_attention` for a map smaller than one window, without computing the padding.
 
     The release pads the normed map with zero tokens up to the window, so each of the ``n_pad`` padding tokens
-    has qkv = the projection's bias (``pad_qkv``; zeros without bias): ``n_pad`` identical keys and values. Their
-    share of the softmax equals that of ONE such key whose logit is raised by log(n_pad), and their queries are
-    thrown away. So only the L real tokens plus one key are computed: on a 1x1 map in a 7x7 window that is 2
-    keys instead of 49 and a 49x smaller qkv projection. qkv: (B, L, 3C) of the real tokens -> (B, L, C).
+    has qkv = the projection's bias (``pad_qkv``; zeros without bias): ``n_pad`` identical keys and values.
+    Their share of the softmax equals that of ONE such key whose logit is raised by log(n_pad), and their
+    queries are thrown away. So only the L real tokens plus one key are computed: on a 1x1 map in a 7x7 window
+    that is 2 keys instead of 49 and a 49x smaller qkv projection.
+    qkv: (B, L, 3C) of the real tokens -> (B, L, C).
     """
     B, L, C3 = qkv.shape
     pad = qkv.new_zeros(C3) if pad_qkv is None else pad_qkv.to(qkv.dtype)
     qkv = torch.cat([qkv, pad.view(1, 1, C3).expand(B, 1, C3)], dim=1)  # (B, L + 1, 3C)
     q, k, v = _split_heads(qkv, num_heads)
-    logit_offset = torch.cat([qkv.new_zeros(L), qkv.new_full((1,), math.log(n_pad))]).view(1, L + 1)  # per key
+    # per key
+    logit_offset = torch.cat([qkv.new_zeros(L), qkv.new_full((1,), math.log(n_pad))]).view(1, L + 1)
     return _merge_heads(F.scaled_dot_product_attention(q[:, :, :L], k, v, attn_mask=logit_offset))
 
 
@@ -107,8 +109,9 @@ def channel_attention_ref(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
 def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
     """Fast path of :func:`channel_attention_ref`.
 
-    Written as ``out = value @ A^T`` so the result comes out directly in (B, G, N, Cg) without the two transposes
-    of the literal form, and the (Cg x Cg) logits are formed by one batched matmul over the strided views.
+    Written as ``out = value @ A^T`` so the result comes out directly in (B, G, N, Cg) without the two
+    transposes of the literal form, and the (Cg x Cg) logits are formed by one batched matmul over the
+    strided views.
     """
     if 2 <= groups <= 8 and qkv.device.type == "cpu" and not _needs_graph(qkv):
         return _channel_attention_per_group(qkv, groups, v2)
@@ -124,7 +127,11 @@ def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
 
 def _needs_graph(x: Tensor) -> bool:
     """Autograd, tracing or compiling will see this op: keep to the batched formulation."""
-    return (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return (
+        (torch.is_grad_enabled() and x.requires_grad)
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    )
 
 
 def _channel_attention_per_group(qkv: Tensor, groups: int, v2: bool) -> Tensor:

@@ -1,8 +1,8 @@
 """DaViT building blocks on channels-last token maps (B, H, W, C).
 
-Keeping tokens as (B, H, W, C) between blocks means LayerNorm and the linear layers run on contiguous rows, and
-the depthwise position-encoding conv sees a channels-last NCHW *view* (oneDNN's channels-last kernel), so no
-permute copies are needed between blocks.
+Keeping tokens as (B, H, W, C) between blocks means LayerNorm and the linear layers run on contiguous rows,
+and the depthwise position-encoding conv sees a channels-last NCHW *view* (oneDNN's channels-last kernel), so
+no permute copies are needed between blocks.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class ConvPosEnc(nn.Module):
         return x + y
 
 
-def linear_residual(x: Tensor, layer: nn.Linear, residual: Tensor, drop: DropPath, fast: bool = True) -> Tensor:
+def linear_residual(
+    x: Tensor, layer: nn.Linear, residual: Tensor, drop: DropPath, fast: bool = True
+) -> Tensor:
     """residual + drop(layer(x)); on CPU inference one oneDNN kernel does the matmul, bias and add
     (bit-identical, ~30% faster than linear then add: one pass over the output instead of three)."""
     if fast and (drop.p == 0.0 or not drop.training) and fused_cpu_inference(x):
@@ -89,8 +91,9 @@ def linear_residual(x: Tensor, layer: nn.Linear, residual: Tensor, drop: DropPat
 class Mlp(nn.Module):
     """Linear -> exact GELU -> Linear.
 
-    On CPU in inference, fc1 and GELU run as one oneDNN kernel (bit-identical to the two-op path and ~30% faster,
-    see PERF_NOTES.md); :meth:`hidden` exposes the activation so blocks can fuse fc2 with the residual add.
+    On CPU in inference, fc1 and GELU run as one oneDNN kernel (bit-identical to the two-op path and ~30%
+    faster, see PERF_NOTES.md); :meth:`hidden` exposes the activation so blocks can fuse fc2 with the
+    residual add.
     """
 
     def __init__(self, dim: int, hidden: int) -> None:
@@ -139,7 +142,9 @@ class SpatialBlock(nn.Module):
         # the output projection is per token, so it runs after un-windowing, fused with the residual add
         x = linear_residual(t, self.attn.proj, x, self.drop_path1, self.attn.fast)
         x = self.cpe2(x)
-        return linear_residual(self.mlp.hidden(self.norm2(x)), self.mlp.fc2, x, self.drop_path2, self.mlp.fast)
+        return linear_residual(
+            self.mlp.hidden(self.norm2(x)), self.mlp.fc2, x, self.drop_path2, self.mlp.fast
+        )
 
     def attention_qkv(self, x: Tensor) -> Tensor:
         """The qkv projection this block's window attention sees for input ``x`` (B, H, W, C), in the literal
@@ -159,7 +164,8 @@ class SpatialBlock(nn.Module):
             # the map is smaller than one window: attend without materialising the padding (same result)
             return self.attn.attend_one_padded(t.reshape(B, H * W, C), ws * ws - H * W).view(B, H, W, C)
         if pad_b or pad_r:
-            # zero tokens appended AFTER the norm take part as keys (they carry the qkv bias), as in the release
+            # zero tokens appended AFTER the norm take part as keys (they carry the qkv bias),
+            # as in the release
             t = F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
         Hp, Wp = H + pad_b, W + pad_r
         t = self.attn.attend(window_partition(t, ws))  # (B*nW, ws*ws, C)
@@ -193,7 +199,8 @@ class ChannelBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def attention_qkv(self, x: Tensor) -> Tensor:
-        """The qkv projection this block's channel attention sees for input ``x`` (B, H, W, C): (B, H*W, 3C)."""
+        """The qkv projection this block's channel attention sees for input ``x`` (B, H, W, C):
+        (B, H*W, 3C)."""
         t = self.norm1(self.cpe1(x))
         return self.attn.qkv(t.reshape(t.shape[0], -1, t.shape[-1]))
 
@@ -203,4 +210,6 @@ class ChannelBlock(nn.Module):
         t = self.attn.attend(self.norm1(x).reshape(B, H * W, C)).view(B, H, W, C)
         x = linear_residual(t, self.attn.proj, x, self.drop_path1, self.attn.fast)
         x = self.cpe2(x)
-        return linear_residual(self.mlp.hidden(self.norm2(x)), self.mlp.fc2, x, self.drop_path2, self.mlp.fast)
+        return linear_residual(
+            self.mlp.hidden(self.norm2(x)), self.mlp.fc2, x, self.drop_path2, self.mlp.fast
+        )
