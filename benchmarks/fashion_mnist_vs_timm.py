@@ -6,10 +6,10 @@
 Both runs start from the same initial weights and go through the same trainer (`davit.train`), data
 pipeline, seed and ``fashion-mnist`` preset; only the network code differs. timm's model:
 ``timm.models.davit.DaVit`` with the preset's depths/dims/heads/window.
-Our small variants use a stride-2 stem (28 px -> 14x14 tokens); timm's ``Stem.__init__`` asserts stride 4, so
-after building it we replace its conv by the same Conv2d(k7, s2, p3) and set ``stem.stride = (2, 2)`` (its
-forward pads with that stride): the two networks are then the same architecture, parameter for parameter
-(checked below by parameter names and shapes). Upsampling the images to 56 px would change the input.
+The preset's stem stride 4 is timm's own. For a stride-2 stem (our small variants' default, 28 px -> 14x14
+tokens) timm's ``Stem.__init__`` asserts stride 4, so after building it we replace its conv by the same
+Conv2d(k7, s2, p3) and set ``stem.stride = (2, 2)`` (its forward pads with that stride): the two networks are
+then the same architecture, parameter for parameter (checked below by parameter names and shapes).
 
 The runs are sequential on a shared CPU: compare accuracies; compare times only with the load averages.
 """
@@ -26,7 +26,6 @@ from datetime import datetime
 import torch
 from torch import nn
 
-from davit import create_model
 from davit.train import trainer as trainer_mod
 from davit.train.config import resolve_config
 from davit.train.demo import pick_threads
@@ -74,7 +73,7 @@ def run(kind: str, epochs: int | None, minutes: float, output: str, steps: int |
 
         def build(cfg_, num_classes, in_chans, verbose=True):
             torch.manual_seed(cfg_.seed)
-            ours = create_model(cfg_.model, num_classes=num_classes, in_chans=in_chans)
+            ours = real(cfg_, num_classes, in_chans, verbose=False)  # with the preset's model_kwargs
             twin = timm_twin(ours, num_classes, in_chans, cfg_.drop_path or 0.0)
             twin.load_state_dict(
                 ours.state_dict()

@@ -173,3 +173,15 @@ def test_time_budget_picks_epochs_and_config_repeats_them(tiny_cfg, capsys):
     saved = yaml.safe_load((Path(res["run_dir"]) / "config.yaml").read_text())
     assert saved["epochs"] == 1 and saved["max_epoch_steps"] == 1 and saved["time_budget"] is None
     assert saved["_resolved"]["time_budget"] == 1.0
+
+
+def test_budget_plan_fills_the_budget():
+    from davit.train.trainer import budget_plan
+
+    # 560 s, 0.2 s/step, 10 s evaluation, 937 steps (197 s) per epoch: 2.8 epochs' worth -> 3 capped epochs
+    epochs, cap = budget_plan(560, 0.2, 10, 937)
+    assert (epochs, cap) == (3, 883)
+    assert epochs * (cap * 0.2 + 10) <= 560 < epochs * ((cap + 1) * 0.2 + 10)
+    assert budget_plan(1000, 0.2, 10, 937) == (6, 783)
+    assert budget_plan(2 * 200.0, 0.2, 0.0, 1000) == (2, None)  # two whole epochs fit exactly: no cap
+    assert budget_plan(-5, 0.2, 10, 937) == (1, 1)  # nothing fits: the minimum, one step

@@ -195,9 +195,8 @@ def _arch_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, verbose: bool = True) -> torch.nn.Module:
     """The model of the config; with ``initial_checkpoint`` its weights are loaded (any layout), the
-    classifier
-    left fresh when the class count differs. DaViT has no position tables, so weights fit any resolution and
-    window size unchanged (fine-tuning at 384 or window 12 needs no interpolation)."""
+    classifier left fresh when the class count differs. DaViT has no position tables, so weights fit any
+    resolution and window size unchanged (fine-tuning at 384 or window 12 needs no interpolation)."""
     drop_path = cfg.drop_path if cfg.drop_path is not None else DEFAULT_DROP_PATH.get(cfg.model, 0.0)
     model = create_model(
         cfg.model, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path, **_arch_kwargs(cfg)
