@@ -17,7 +17,10 @@ from davit.layers import (
 
 
 @pytest.mark.parametrize("v2", [False, True])
-@pytest.mark.parametrize("B,N,G,cg", [(2, 49, 3, 32), (1, 13, 2, 16), (3, 1, 1, 32)])
+# G 2..8 on CPU takes the per-group path (own autograd Function), others the batched one
+@pytest.mark.parametrize(
+    "B,N,G,cg", [(2, 49, 3, 32), (1, 13, 2, 16), (3, 1, 1, 32), (2, 20, 8, 4), (2, 9, 12, 4)]
+)
 def test_channel_attention_fast_equals_ref(v2, B, N, G, cg):
     qkv = torch.randn(B, N, 3 * G * cg, dtype=torch.float64, requires_grad=True)
     a = channel_attention(qkv, G, v2)
@@ -26,6 +29,12 @@ def test_channel_attention_fast_equals_ref(v2, B, N, G, cg):
     ga, = torch.autograd.grad(a.square().sum(), qkv)
     gb, = torch.autograd.grad(b.square().sum(), qkv)
     torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_channel_attention_per_group_backward_gradcheck(v2):
+    qkv = torch.randn(2, 7, 3 * 3 * 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: channel_attention(t, 3, v2), (qkv,))
 
 
 def test_channel_attention_v1_roles_are_permuted():

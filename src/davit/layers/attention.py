@@ -113,8 +113,10 @@ def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
     transposes of the literal form, and the (Cg x Cg) logits are formed by one batched matmul over the
     strided views.
     """
-    if 2 <= groups <= 8 and qkv.device.type == "cpu" and not _needs_graph(qkv):
-        return _channel_attention_per_group(qkv, groups, v2)
+    if 2 <= groups <= 8 and qkv.device.type == "cpu" and not _traced():
+        if torch.is_grad_enabled() and qkv.requires_grad:
+            return _ChannelAttentionPerGroup.apply(qkv, groups, v2)
+        return _channel_attention_per_group(qkv, groups, v2)[0]
     q, k, v = _split_heads(qkv, groups)
     N, cg = q.shape[-2], q.shape[-1]
     if v2:
@@ -125,31 +127,67 @@ def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
     return _merge_heads(torch.matmul(value, attn.transpose(-1, -2)))
 
 
-def _needs_graph(x: Tensor) -> bool:
-    """Autograd, tracing or compiling will see this op: keep to the batched formulation."""
-    return (
-        (torch.is_grad_enabled() and x.requires_grad)
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-    )
+def _traced() -> bool:
+    """Tracing or compiling will see this op: keep to the batched formulation (one graph, no group loop)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def _channel_attention_per_group(qkv: Tensor, groups: int, v2: bool) -> Tensor:
-    # CPU inference with few, large groups (stages 1-2): the batched form above copies its (B, G, N, Cg)
-    # operands and output because B and G of the strided qkv views cannot be merged into one batch dim; one
-    # bmm per group works on the strided (B, N, Cg) column slices directly, and the output is assembled by
-    # one concatenation. (Not for autograd: each slice's backward would allocate a full-size gradient.)
-    B, N, C3 = qkv.shape
-    C = C3 // 3
-    cg = C // groups
-    q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
-    query, key, value, scale = (q, k, v, N**-0.5) if v2 else (k, v, q, cg**-0.5)
-    outs = []
+def _roles(qkv: Tensor, groups: int, v2: bool) -> tuple[Tensor, Tensor, Tensor, float, tuple[int, int, int]]:
+    """(query, key, value) column blocks of qkv (each (B, N, C), strided), the logit scale, and the chunk
+    index of each role (V1: chunk 2 is the query, chunk 3 the key, chunk 1 the value)."""
+    N, C = qkv.shape[1], qkv.shape[2] // 3
+    chunks = (0, 1, 2) if v2 else (1, 2, 0)
+    query, key, value = (qkv[..., i * C : (i + 1) * C] for i in chunks)
+    scale = N**-0.5 if v2 else (C // groups) ** -0.5
+    return query, key, value, scale, chunks
+
+
+def _channel_attention_per_group(qkv: Tensor, groups: int, v2: bool) -> tuple[Tensor, list[Tensor]]:
+    # CPU with few, large groups (stages 1-2): the batched form copies its (B, G, N, Cg) operands and output
+    # because B and G of the strided qkv views cannot be merged into one batch dim (and in training keeps
+    # those copies for the backward); one bmm per group works on the strided (B, N, Cg) column slices directly
+    # and the output is assembled by one concatenation. Returns the output and each group's attention.
+    query, key, value, scale, _ = _roles(qkv, groups, v2)
+    cg = query.shape[-1] // groups
+    outs, attns = [], []
     for g in range(groups):
         s = slice(g * cg, (g + 1) * cg)
         attn = torch.bmm(query[..., s].transpose(1, 2), key[..., s]).mul_(scale).softmax(dim=-1)
         outs.append(torch.bmm(value[..., s], attn.transpose(1, 2)))
-    return torch.cat(outs, dim=-1)
+        attns.append(attn)
+    return torch.cat(outs, dim=-1), attns
+
+
+class _ChannelAttentionPerGroup(torch.autograd.Function):
+    """Autograd for :func:`_channel_attention_per_group` that keeps only qkv (already alive as the
+    projection's output) and the small (Cg x Cg) attentions, and writes the qkv gradient with one
+    concatenation. Autograd through the slices would instead allocate a full-size qkv gradient per slice.
+    Per group, with
+    A = softmax(s Q^T K) and out = V A^T:  dV = dO A,  dA = dO^T V,  dS = A * (dA - rowsum(dA * A)),
+    dQ = s K dS^T,  dK = s Q dS."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, groups: int, v2: bool) -> Tensor:  # type: ignore[override]
+        out, attns = _channel_attention_per_group(qkv, groups, v2)
+        ctx.groups, ctx.v2 = groups, v2
+        ctx.save_for_backward(qkv, *attns)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        qkv, *attns = ctx.saved_tensors
+        query, key, value, scale, chunks = _roles(qkv, ctx.groups, ctx.v2)
+        cg = query.shape[-1] // ctx.groups
+        parts: dict[int, list[Tensor]] = {c: [] for c in range(3)}
+        for g, a in enumerate(attns):
+            s = slice(g * cg, (g + 1) * cg)
+            d_out = grad[..., s]
+            d_attn = torch.bmm(d_out.transpose(1, 2), value[..., s])
+            d_logits = a * (d_attn - (d_attn * a).sum(dim=-1, keepdim=True))
+            parts[chunks[0]].append(torch.bmm(key[..., s], d_logits.transpose(1, 2)).mul_(scale))
+            parts[chunks[1]].append(torch.bmm(query[..., s], d_logits).mul_(scale))
+            parts[chunks[2]].append(torch.bmm(d_out, a))
+        return torch.cat(parts[0] + parts[1] + parts[2], dim=-1), None, None
 
 
 class WindowAttention(nn.Module):
