@@ -178,8 +178,10 @@ def train(
     dist_info = init_distributed(cfg.device)
     device, main = dist_info.device, dist_info.is_main
     threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads is not None:
+        from ..train.demo import pick_threads
+
+        torch.set_num_threads(cfg.threads or pick_threads())
     out = Path(out_dir)
     torch.manual_seed(cfg.seed + dist_info.rank)
     data = build_datasets(cfg, ("train", "val") if main else ("train",))
