@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import create_model, model_info
+from .train.optim import fused_kwargs
 
 __all__ = [
     "Candidate",
@@ -199,7 +200,8 @@ def _make_step(
                 return model(x)
 
         return infer, None
-    opt = torch.optim.AdamW(params.parameters(), lr=1e-4)
+    # the trainer's optimizer (fused when possible), the same for both models
+    opt = torch.optim.AdamW(params.parameters(), lr=1e-4, **fused_kwargs(params.parameters()))
     holder: dict[str, Tensor] = {}
 
     def train() -> None:

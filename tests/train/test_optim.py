@@ -70,3 +70,34 @@ def test_schedule_applies_layer_scale():
 def test_unsupported_optimizer_is_error():
     with pytest.raises(ValueError, match="adamw"):
         build_optimizer(_tiny(), "sgd", 0.1, 0.0)
+
+
+def test_fused_adamw_when_possible_and_same_update_as_loop():
+    torch.manual_seed(0)
+    m = _tiny()
+    ref = create_model("davit_atto", num_classes=10, in_chans=1, depths=(1, 1, 2, 1))
+    ref.load_state_dict(m.state_dict())
+    opt = build_optimizer(m, "adamw", 1e-3, 0.05)
+    assert all(g["fused"] for g in opt.param_groups)
+    loop = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k != "names"} for g in param_groups(ref, 0.05)],
+        lr=1e-3, weight_decay=0.05, foreach=False,
+    )
+    for step in range(3):
+        for net, o in ((m, opt), (ref, loop)):
+            # the same synthetic gradients for both: model gradients of near-zero terms (q biases of a
+            # 1-token channel attention) are rounding noise that Adam's normalisation would amplify
+            g = torch.Generator().manual_seed(step)
+            for p in net.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            o.step()
+    for (n, a), b in zip(m.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fused_not_used_for_frozen_only_or_integer_parameters():
+    from davit.train.optim import fused_kwargs
+
+    assert fused_kwargs([torch.nn.Parameter(torch.zeros(2))]) == {"fused": True}
+    assert fused_kwargs([torch.nn.Parameter(torch.zeros(2), requires_grad=False)]) == {}
+    assert fused_kwargs([torch.nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)]) == {}

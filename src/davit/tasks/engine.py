@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from ..train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from ..train.distributed import barrier, cleanup, init_distributed
 from ..train.logging import MetricsLogger, Progress
+from ..train.optim import fused_kwargs
 from .coco import CocoInstances, coco_evaluate, coco_results, collate_detection
 from .config import TaskConfig
 from .detection import detector_param_groups, maskrcnn
@@ -214,7 +215,10 @@ def train(
     total = math.ceil(cfg.epochs * iters_per_epoch) if cfg.task == "detect" else int(cfg.iters)
 
     optimizer = torch.optim.AdamW(
-        detector_param_groups(core, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas)
+        detector_param_groups(core, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        **fused_kwargs(core.parameters()),
     )
     t_start = time.time()
 

@@ -421,7 +421,7 @@ def _epochs_for_budget(
     n = 6
     with torch.random.fork_rng(devices=[]):
         m = copy.deepcopy(net).train()
-        opt = torch.optim.AdamW(m.parameters(), lr=0.0)
+        opt = build_optimizer(m, "adamw", 0.0, 0.0)  # the run's optimizer kind (fused when possible)
         data.train_loader.set_epoch(0)
         times = []
         for i, (x, y) in enumerate(data.train_loader):
