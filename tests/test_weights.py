@@ -289,6 +289,29 @@ def test_classifier_checkpoint_into_features_model(timm_tiny):
     assert all(k.startswith("out_norms.") for k in report.fresh) and len(report.fresh) == 4
 
 
+def test_grey_classifier_into_rgb_dense_backbone(tmp_path):
+    """The Fashion-MNIST demo's 1-channel classifier initialises an RGB detection/segmentation trunk: the
+    summed-filter rule gives a grey RGB image exactly the grey model's features."""
+    from davit.tasks.backbone import dense_backbone
+
+    torch.manual_seed(0)
+    kw = dict(features_only=True, out_indices=(0, 1, 2, 3), out_norm=True, stem_stride=4)
+    path = save_weights(
+        davit.create_model("davit_atto", num_classes=10, in_chans=1, stem_stride=4), tmp_path / "g.safetensors"
+    )
+    body = dense_backbone("davit_atto", path, backbone_kwargs={"stem_stride": 4}).eval()
+    assert body.stem.conv.weight.shape[1] == 3
+    with pytest.raises(WeightsError, match="stem"):  # without the option a strict load names the mismatch
+        load_weights(davit.create_model("davit_atto", **kw), path)
+    grey = davit.create_model("davit_atto", in_chans=1, **kw).eval()
+    load_weights(grey, path)
+    grey.out_norms.load_state_dict(body.out_norms.state_dict())  # fresh in both: the same init
+    x = torch.rand(2, 1, 56, 40)
+    with torch.no_grad():
+        for i, (a, b) in enumerate(zip(body(x.expand(-1, 3, -1, -1)), grey(x))):
+            assert max_err(a, b) <= 1e-5, f"stage {i}: {max_err(a, b):.3g}"
+
+
 # ----- round trips ------------------------------------------------------------------------------------------
 def test_save_load_round_trip(tmp_path):
     model = davit.create_model("davit_atto", num_classes=10)

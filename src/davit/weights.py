@@ -562,6 +562,7 @@ def load_weights(
     ignore_head: bool = False,
     layout: str | None = None,
     use_ema: bool = False,
+    adapt_in_chans: bool = False,
 ) -> LoadReport:
     """Load a checkpoint (file path or state dict, any accepted layout) into a DaViT or DaViTFeatures.
 
@@ -572,6 +573,8 @@ def load_weights(
             with a different number of classes.
         layout: force a layout instead of detecting it.
         use_ema: prefer EMA weights when the file holds both.
+        adapt_in_chans: a stem conv with other input channels than the model's is adapted (summed for
+            1 channel, tiled and rescaled otherwise: a grey Fashion-MNIST classifier into an RGB backbone).
 
     A model built under ``torch.device("meta")`` takes the checkpoint tensors as its parameters (fast, no
     double allocation). Allowed without error (listed in the report): the head of a classification checkpoint
@@ -579,6 +582,8 @@ def load_weights(
     headless tower.
     """
     native, found, ignored, name = _prepare(src, use_ema, layout)
+    if adapt_in_chans:
+        _adapt_stem(model, native)
     r, to_load = _match(model, native, found, ignore_head)
     report = LoadReport(source=name, layout=found, ignored=ignored, hint=_hint(model, native, r), **r)
     if strict and not report.ok:
@@ -736,11 +741,7 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str) -> Load
     native, found, ignored, src = _prepare(path, False, None)
     fc = native.get("head.fc.weight")
     ignore_head = fc is not None and getattr(model, "num_classes", 0) != fc.shape[0]
-    stem = native.get("stem.conv.weight")
-    in_chans = getattr(model, "in_chans", 3)
-    if stem is not None and stem.ndim == 4 and stem.shape[1] != in_chans:
-        native["stem.conv.weight"] = _adapt_input_conv(stem, in_chans)
-        log.info("adapted stem.conv from %d to %d input channels", stem.shape[1], in_chans)
+    _adapt_stem(model, native)
     report = load_weights(model, native, strict=True, ignore_head=ignore_head, layout="timm")
     report.source, report.layout, report.ignored = src, found, ignored
     if ignore_head:
@@ -751,6 +752,17 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str) -> Load
             fc.shape[0],
         )
     return report
+
+
+def _adapt_stem(model: nn.Module, native: dict[str, Tensor]) -> None:
+    """Adapt ``native``'s stem conv in place to the model's input channels when only those differ."""
+    stem, own = native.get("stem.conv.weight"), model.state_dict().get("stem.conv.weight")
+    if stem is None or own is None or stem.ndim != 4 or stem.shape[1] == own.shape[1]:
+        return
+    if stem.shape[0] != own.shape[0] or stem.shape[2:] != own.shape[2:]:
+        return  # another architecture: the strict load names the mismatch
+    native["stem.conv.weight"] = _adapt_input_conv(stem, own.shape[1])
+    log.info("adapted stem.conv from %d to %d input channels", stem.shape[1], own.shape[1])
 
 
 def _adapt_input_conv(w: Tensor, in_chans: int) -> Tensor:

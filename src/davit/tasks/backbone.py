@@ -26,7 +26,8 @@ def dense_backbone(
 
     ``backbone_weights``: a classification checkpoint (official, timm, ours; head keys ignored) or an
     mmdet/mmseg one (``backbone.*``, ``backbone.norm{i}`` -> output norms), path or state dict; the trunk must
-    match, output norms the checkpoint lacks keep their init. ``backbone_kwargs``: DaViT architecture
+    match, output norms the checkpoint lacks keep their init, a stem with other input channels is adapted
+    (e.g. the 1-channel Fashion-MNIST demo classifier). ``backbone_kwargs``: DaViT architecture
     overrides, e.g. ``dict(stem_stride=4)``."""
     body = create_model(
         backbone,
@@ -37,5 +38,6 @@ def dense_backbone(
         **(backbone_kwargs or {}),
     )
     if backbone_weights is not None:
-        load_weights(body, backbone_weights, strict=True)  # trunk must match; out norms may stay fresh
+        # trunk must match; out norms may stay fresh; a grey classifier's stem is adapted to RGB
+        load_weights(body, backbone_weights, strict=True, adapt_in_chans=True)
     return body
