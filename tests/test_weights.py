@@ -296,9 +296,8 @@ def test_grey_classifier_into_rgb_dense_backbone(tmp_path):
 
     torch.manual_seed(0)
     kw = dict(features_only=True, out_indices=(0, 1, 2, 3), out_norm=True, stem_stride=4)
-    path = save_weights(
-        davit.create_model("davit_atto", num_classes=10, in_chans=1, stem_stride=4), tmp_path / "g.safetensors"
-    )
+    classifier = davit.create_model("davit_atto", num_classes=10, in_chans=1, stem_stride=4)
+    path = save_weights(classifier, tmp_path / "g.safetensors")
     body = dense_backbone("davit_atto", path, backbone_kwargs={"stem_stride": 4}).eval()
     assert body.stem.conv.weight.shape[1] == 3
     with pytest.raises(WeightsError, match="stem"):  # without the option a strict load names the mismatch
