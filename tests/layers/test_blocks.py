@@ -116,3 +116,20 @@ def test_blocks_fp32_training_fast_vs_literal(hw):
         torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=1e-5)
         for a, b in zip(g, g_ref):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5), (7, 7), (9, 12)])
+def test_spatial_block_training_and_inference_placements_agree(hw):
+    # with autograd the output projection runs inside the windows (less saved memory), without it after
+    # un-windowing (fused with the residual add); both must be the same function, padding included
+    torch.manual_seed(0)
+    blk = SpatialBlock(16, num_heads=2, window_size=7).double()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, *hw, 16, dtype=torch.float64)
+    with torch.no_grad():
+        inference = blk(x)
+    training = blk(x.requires_grad_())
+    assert training.requires_grad
+    torch.testing.assert_close(training, inference, atol=1e-12, rtol=1e-12)
