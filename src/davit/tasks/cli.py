@@ -133,6 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _resolve(args.task, args)
     scores = train(cfg, args.out, resume=not args.no_resume, progress=args.progress)
+    if scores.get("stopped"):
+        return 130  # interrupted by a signal after saving; the same command resumes
     _print_scores(args.task, scores)
     return 0
 
@@ -207,6 +209,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg.data = str(data)
     t0 = time.time()
     scores = train(cfg, args.out, resume=False, progress="auto")
+    if scores.get("stopped"):
+        return 130
     print(
         f"demo trained and evaluated in {(time.time() - t0) / 60:.1f} min"
     )

@@ -20,9 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from ..train.distributed import barrier, cleanup, init_distributed
+from ..train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from ..train.logging import MetricsLogger, Progress
 from ..train.optim import fused_kwargs
+from ..train.trainer import NonFiniteLossError, _StopFlag
 from .coco import CocoInstances, coco_evaluate, coco_results, collate_detection
 from .config import TaskConfig
 from .detection import detector_param_groups, maskrcnn
@@ -269,10 +270,10 @@ def train(
             is_best,
         )
 
-    seen, stopped_early = 0, False
+    seen, stopped_early, signalled = 0, False, False
     batches = _cycle(loader, sampler)
     model.train()
-    with Progress(
+    with _StopFlag() as stop, Progress(
         total - step, f"{cfg.task} train", progress if main else "none", every=cfg.log_interval
     ) as bar:
         while step < total:
@@ -286,6 +287,18 @@ def train(
             else:
                 with torch.autocast(device.type, enabled=cfg.amp):
                     losses = model(images.to(device), targets.to(device))  # through forward: DDP syncs
+            # one small all-reduce: the mean loss, and whether any rank was signalled, so that every rank
+            # takes the same decision at the same iteration
+            flags = all_reduce_mean(
+                torch.tensor([losses["loss"].item(), float(stop.signal is not None)], dtype=torch.float64)
+            )
+            if not math.isfinite(flags[0].item()):
+                latest_ok = ckpts.latest()
+                raise NonFiniteLossError(
+                    f"loss is {flags[0].item()} at iteration {step + 1}; the step was not applied. Last good "
+                    f"checkpoint: {latest_ok or 'none yet'}. Lower lr or set grad_clip, then run again with "
+                    "the same --out to resume from it."
+                )
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if cfg.grad_clip:
@@ -294,10 +307,6 @@ def train(
             sched.step()
             step += 1
             seen += len(images) * dist_info.world_size
-            if not math.isfinite(losses["loss"].item()):
-                raise RuntimeError(
-                    f"loss is {float(losses['loss'])} at iteration {step}: lower lr or enable grad_clip"
-                )
             fields = {k: round(v.item(), 4) for k, v in losses.items()}
             bar.update(1, loss=fields["loss"], lr=optimizer.param_groups[0]["lr"])
             if logger and (step % cfg.log_interval == 0 or step == total):
@@ -308,6 +317,11 @@ def train(
                     img_per_s=round(seen / (time.time() - t_start), 2),
                     **fields,
                 )
+            if flags[1].item() > 0:  # SIGTERM/SIGINT: keep this iteration, then exit
+                save(None) if main else None
+                barrier()
+                signalled = True
+                break
             over_time = cfg.time_limit_min is not None and time.time() - t_start > 60 * cfg.time_limit_min
             if (cfg.eval_interval and step % cfg.eval_interval == 0 and step < total) and not over_time:
                 scores = evaluate(core, data["val"], cfg, device) if main else None
@@ -319,6 +333,17 @@ def train(
             if over_time:
                 stopped_early = True
                 break
+    if signalled:
+        if main:
+            print(
+                f"stopped at iteration {step}/{total} ({signal_name(stop.signal)}), checkpoint saved; "
+                f"run the same command again (same --out) to resume",
+                flush=True,
+            )
+            logger.close()
+        cleanup()
+        torch.set_num_threads(threads_before)
+        return {"stopped": True, "step": step}
     train_s = time.time() - t_start
     scores = None
     if main:
@@ -336,6 +361,12 @@ def train(
     cleanup()
     torch.set_num_threads(threads_before)  # callers in the same process (tests, notebooks) keep theirs
     return scores or {}
+
+
+def signal_name(signum: int | None) -> str:
+    import signal
+
+    return signal.Signals(signum).name if signum is not None else "a signal on another rank"
 
 
 def _scalars(scores: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""Faults in the dense tasks (`davit segment|detect train`): a graceful signal saves the current iteration and
+the same command resumes from it; a NaN loss stops before applying the step, naming the last good checkpoint;
+a damaged newest checkpoint is skipped for the previous one."""
+
+import json
+import os
+import re
+import signal
+
+import pytest
+import torch
+
+from davit.cli import main
+from davit.tasks import segmentation
+from davit.tasks.scenes import build_scenes
+from davit.train.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scenes")
+    build_scenes(out, num_train=6, num_val=2, size=48, items=(1, 2), item_frac=(0.3, 0.45), seed=5)
+    return out
+
+
+def _args(scenes, run, iters, *extra):
+    return ["segment", "train", "--preset", "scenes-upernet-demo", "--data", str(scenes), "--out", str(run),
+            "--progress", "none", "--set", f"iters={iters}", "batch_size=2", "workers=0", "crop_size=48",
+            "scale=[48,48]", "channels=8", "aux_channels=8", "log_interval=1", "eval_batch_size=2",
+            "threads=1", "time_limit_min=null", *extra]
+
+
+def _steps(run):
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in recs if r["kind"] == "train"]
+
+
+def _ckpts(run):
+    return sorted(p.name for p in (run / "ckpt").glob("ckpt-*.pt"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_iteration_and_the_same_command_resumes(scenes, tmp_path, monkeypatch, capsys,
+                                                                 signum):
+    run = tmp_path / "run"
+    real_loss, calls = segmentation.UperNet.loss, []
+
+    def loss_then_signal(self, x, labels):
+        calls.append(1)
+        if len(calls) == 2:  # during iteration 2: the run must finish it, save it and exit
+            os.kill(os.getpid(), signum)
+        return real_loss(self, x, labels)
+
+    monkeypatch.setattr(segmentation.UperNet, "loss", loss_then_signal)
+    assert main(_args(scenes, run, 5)) == 130
+    out = capsys.readouterr().out
+    assert "stopped at iteration 2/5" in out and signal.Signals(signum).name in out
+    assert _ckpts(run) == ["ckpt-000000002.pt"] and not (run / "model.safetensors").exists()
+    assert load_checkpoint(run / "ckpt" / "ckpt-000000002.pt")["step"] == 2
+    monkeypatch.setattr(segmentation.UperNet, "loss", real_loss)
+    assert main(_args(scenes, run, 5)) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert _steps(run) == [1, 2, 3, 4, 5]  # nothing lost, nothing repeated
+    assert (run / "model.safetensors").is_file()
+
+
+def test_nan_loss_stops_before_the_step_and_names_the_last_good_checkpoint(scenes, tmp_path, monkeypatch,
+                                                                           capsys):
+    run = tmp_path / "run"
+    real_loss, calls = segmentation.UperNet.loss, []
+
+    def nan_at_3(self, x, labels):
+        calls.append(1)
+        out = real_loss(self, x, labels)
+        if len(calls) == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(segmentation.UperNet, "loss", nan_at_3)
+    assert main(_args(scenes, run, 6, "eval_interval=2")) == 2  # the CLI's one-line error, no traceback
+    err = capsys.readouterr().err
+    want = r"error: loss is nan at iteration 3; the step was not applied\. .*ckpt-000000002\.pt"
+    assert re.search(want, err), err
+    assert _ckpts(run) == ["ckpt-000000002.pt"]
+    saved = load_checkpoint(run / "ckpt" / "ckpt-000000002.pt")
+    assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_damaged_newest_checkpoint_is_skipped(scenes, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_args(scenes, run, 3, "eval_interval=1")) == 0
+    assert _ckpts(run) == ["ckpt-000000002.pt", "ckpt-000000003.pt"]  # keep_checkpoints 2
+    newest = run / "ckpt" / "ckpt-000000003.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: the checksum must catch it
+    newest.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(_args(scenes, run, 4)) == 0
+    assert "ckpt-000000002.pt at iteration 2/4" in capsys.readouterr().out
+    assert _steps(run)[-2:] == [3, 4]
