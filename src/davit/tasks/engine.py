@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -336,7 +337,7 @@ def train(
     if signalled:
         if main:
             print(
-                f"stopped at iteration {step}/{total} ({signal_name(stop.signal)}), checkpoint saved; "
+                f"stopped at iteration {step}/{total} ({_signal_name(stop.signal)}), checkpoint saved; "
                 f"run the same command again (same --out) to resume",
                 flush=True,
             )
@@ -363,9 +364,7 @@ def train(
     return scores or {}
 
 
-def signal_name(signum: int | None) -> str:
-    import signal
-
+def _signal_name(signum: int | None) -> str:
     return signal.Signals(signum).name if signum is not None else "a signal on another rank"
 
 
