@@ -5,6 +5,7 @@ a damaged newest checkpoint is skipped for the previous one."""
 import json
 import os
 import re
+import shlex
 import signal
 
 import pytest
@@ -98,3 +99,24 @@ def test_damaged_newest_checkpoint_is_skipped(scenes, tmp_path, capsys):
     assert main(_args(scenes, run, 4)) == 0
     assert "ckpt-000000002.pt at iteration 2/4" in capsys.readouterr().out
     assert _steps(run)[-2:] == [3, 4]
+
+
+def test_signalled_demo_says_how_to_continue(scenes, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "demo"
+    real_loss, calls = segmentation.UperNet.loss, []
+
+    def loss_then_signal(self, x, labels):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(self, x, labels)
+
+    monkeypatch.setattr(segmentation.UperNet, "loss", loss_then_signal)
+    sets = _args(scenes, run, 3)[_args(scenes, run, 3).index("--set") + 1:]
+    assert main(["segment", "demo", "--data", str(scenes), "--out", str(run), "--set", *sets]) == 130
+    hint = capsys.readouterr().out.splitlines()[-1]
+    assert hint.startswith("(a demo starts over; to continue this one: davit segment train ")
+    monkeypatch.setattr(segmentation.UperNet, "loss", real_loss)
+    cmd = shlex.split(hint[hint.index("davit segment train"):].rstrip(")"))[1:]
+    assert main(cmd + ["--progress", "none"]) == 0
+    assert "resumed from" in capsys.readouterr().out and _steps(run) == [1, 2, 3]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -210,6 +211,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     scores = train(cfg, args.out, resume=False, progress="auto")
     if scores.get("stopped"):
+        # the demo itself always starts over; `train` on the same folder resumes the saved iteration
+        sets = shlex.join(args.set)
+        print(
+            f"(a demo starts over; to continue this one: davit {args.task} train --preset {args.preset} "
+            f"--data {data} --out {args.out}" + (f" --set {sets}" if sets else "") + ")"
+        )
         return 130
     print(
         f"demo trained and evaluated in {(time.time() - t0) / 60:.1f} min"
