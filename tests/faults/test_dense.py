@@ -10,6 +10,7 @@ import signal
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from davit.cli import main
 from davit.tasks import segmentation
@@ -34,6 +35,13 @@ def _args(scenes, run, iters, *extra):
 def _steps(run):
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["step"] for r in recs if r["kind"] == "train"]
+
+
+def _assert_same_weights(run_a, run_b):
+    a, b = (load_file(r / "model.safetensors") for r in (run_a, run_b))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def _ckpts(run):
@@ -120,3 +128,48 @@ def test_signalled_demo_says_how_to_continue(scenes, tmp_path, monkeypatch, caps
     cmd = shlex.split(hint[hint.index("davit segment train"):].rstrip(")"))[1:]
     assert main(cmd + ["--progress", "none"]) == 0
     assert "resumed from" in capsys.readouterr().out and _steps(run) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumed_run_ends_with_the_uninterrupted_weights(scenes, tmp_path, monkeypatch, workers):
+    """Stopped by SIGTERM at iteration 3 of 5 (past an epoch boundary: 3 batches per epoch) and resumed:
+    the final weights equal those of a run that was never interrupted, bit for bit."""
+    extra = (f"workers={workers}",)
+    assert main(_args(scenes, tmp_path / "whole", 5, *extra)) == 0
+    real_loss, calls = segmentation.UperNet.loss, []
+
+    def loss_then_signal(self, x, labels):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(self, x, labels)
+
+    monkeypatch.setattr(segmentation.UperNet, "loss", loss_then_signal)
+    assert main(_args(scenes, tmp_path / "cut", 5, *extra)) == 130
+    monkeypatch.setattr(segmentation.UperNet, "loss", real_loss)
+    assert main(_args(scenes, tmp_path / "cut", 5, *extra)) == 0
+    _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_detection_resumed_run_ends_with_the_uninterrupted_weights(scenes, tmp_path, monkeypatch, capsys):
+    def args(out):
+        return ["detect", "train", "--preset", "scenes-maskrcnn-demo", "--data", str(scenes),
+                "--out", str(out), "--progress", "none", "--set", "epochs=2", "batch_size=2", "workers=0",
+                "min_sizes=[48]", "max_size=48", "threads=1", "time_limit_min=null", "eval_batch_size=2",
+                "log_interval=1"]
+
+    assert main(args(tmp_path / "whole")) == 0
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_signal(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # seen by the next iteration's check, which saves iteration 3 of 6 and exits
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    assert main(args(tmp_path / "cut")) == 130
+    assert "stopped at iteration 3/6" in capsys.readouterr().out
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert main(args(tmp_path / "cut")) == 0
+    _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
