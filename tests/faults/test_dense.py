@@ -1,6 +1,7 @@
 """Faults in the dense tasks (`davit segment|detect train`): a graceful signal saves the current iteration and
-the same command resumes from it; a NaN loss stops before applying the step, naming the last good checkpoint;
-a damaged newest checkpoint is skipped for the previous one."""
+the same command resumes from it and ends with the uninterrupted run's weights; a NaN loss stops before
+applying the step, naming the last good checkpoint; a damaged newest checkpoint is skipped for the previous
+one."""
 
 import json
 import os

@@ -147,7 +147,7 @@ class EpochSampler(Sampler):
         used = self.batches_per_epoch * self.batch_size * self.world
         epoch, skip = divmod(self.start, self.batches_per_epoch)
         while True:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
             mine = torch.randperm(self.n, generator=g)[:used][self.rank :: self.world].tolist()
             for i in mine[skip * self.batch_size :]:
                 yield epoch, i
@@ -167,7 +167,7 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        s = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        s = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63  # any seed: a valid torch seed
         py, npy = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s)
