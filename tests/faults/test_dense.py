@@ -45,6 +45,21 @@ def _assert_same_weights(run_a, run_b):
         assert torch.equal(a[k], b[k]), k
 
 
+def _signal_in_loss(monkeypatch, at_call: int, signum: int = signal.SIGTERM):
+    """Send ``signum`` to this process during the ``at_call``-th UperNet loss (= training iteration);
+    returns a function that puts the real loss back."""
+    real_loss, calls = segmentation.UperNet.loss, []
+
+    def loss_then_signal(self, x, labels):
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), signum)
+        return real_loss(self, x, labels)
+
+    monkeypatch.setattr(segmentation.UperNet, "loss", loss_then_signal)
+    return lambda: monkeypatch.setattr(segmentation.UperNet, "loss", real_loss)
+
+
 def _ckpts(run):
     return sorted(p.name for p in (run / "ckpt").glob("ckpt-*.pt"))
 
@@ -53,21 +68,13 @@ def _ckpts(run):
 def test_signal_saves_the_iteration_and_the_same_command_resumes(scenes, tmp_path, monkeypatch, capsys,
                                                                  signum):
     run = tmp_path / "run"
-    real_loss, calls = segmentation.UperNet.loss, []
-
-    def loss_then_signal(self, x, labels):
-        calls.append(1)
-        if len(calls) == 2:  # during iteration 2: the run must finish it, save it and exit
-            os.kill(os.getpid(), signum)
-        return real_loss(self, x, labels)
-
-    monkeypatch.setattr(segmentation.UperNet, "loss", loss_then_signal)
+    restore = _signal_in_loss(monkeypatch, 2, signum)  # during iteration 2: finish it, save it and exit
     assert main(_args(scenes, run, 5)) == 130
     out = capsys.readouterr().out
     assert "stopped at iteration 2/5" in out and signal.Signals(signum).name in out
     assert _ckpts(run) == ["ckpt-000000002.pt"] and not (run / "model.safetensors").exists()
     assert load_checkpoint(run / "ckpt" / "ckpt-000000002.pt")["step"] == 2
-    monkeypatch.setattr(segmentation.UperNet, "loss", real_loss)
+    restore()
     assert main(_args(scenes, run, 5)) == 0
     assert "resumed from" in capsys.readouterr().out
     assert _steps(run) == [1, 2, 3, 4, 5]  # nothing lost, nothing repeated
@@ -112,20 +119,12 @@ def test_damaged_newest_checkpoint_is_skipped(scenes, tmp_path, capsys):
 
 def test_signalled_demo_says_how_to_continue(scenes, tmp_path, monkeypatch, capsys):
     run = tmp_path / "demo"
-    real_loss, calls = segmentation.UperNet.loss, []
-
-    def loss_then_signal(self, x, labels):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(self, x, labels)
-
-    monkeypatch.setattr(segmentation.UperNet, "loss", loss_then_signal)
+    restore = _signal_in_loss(monkeypatch, 1)
     sets = _args(scenes, run, 3)[_args(scenes, run, 3).index("--set") + 1:]
     assert main(["segment", "demo", "--data", str(scenes), "--out", str(run), "--set", *sets]) == 130
     hint = capsys.readouterr().out.splitlines()[-1]
     assert hint.startswith("(a demo starts over; to continue this one: davit segment train ")
-    monkeypatch.setattr(segmentation.UperNet, "loss", real_loss)
+    restore()
     cmd = shlex.split(hint[hint.index("davit segment train"):].rstrip(")"))[1:]
     assert main(cmd + ["--progress", "none"]) == 0
     assert "resumed from" in capsys.readouterr().out and _steps(run) == [1, 2, 3]
@@ -137,17 +136,9 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(scenes, tmp_path, monke
     the final weights equal those of a run that was never interrupted, bit for bit."""
     extra = (f"workers={workers}",)
     assert main(_args(scenes, tmp_path / "whole", 5, *extra)) == 0
-    real_loss, calls = segmentation.UperNet.loss, []
-
-    def loss_then_signal(self, x, labels):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(self, x, labels)
-
-    monkeypatch.setattr(segmentation.UperNet, "loss", loss_then_signal)
+    restore = _signal_in_loss(monkeypatch, 3)
     assert main(_args(scenes, tmp_path / "cut", 5, *extra)) == 130
-    monkeypatch.setattr(segmentation.UperNet, "loss", real_loss)
+    restore()
     assert main(_args(scenes, tmp_path / "cut", 5, *extra)) == 0
     _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
 
