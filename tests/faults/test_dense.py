@@ -165,3 +165,8 @@ def test_detection_resumed_run_ends_with_the_uninterrupted_weights(scenes, tmp_p
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert main(args(tmp_path / "cut")) == 0
     _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
+
+
+def test_batch_larger_than_the_training_set_is_a_clear_error(scenes, tmp_path, capsys):
+    assert main(_args(scenes, tmp_path / "run", 3, "batch_size=8")) == 2
+    assert "fewer than one batch of 8 per process" in capsys.readouterr().err

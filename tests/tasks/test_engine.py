@@ -2,10 +2,12 @@ import json
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, default_collate
 
 from davit.cli import main
+from davit.data.loader import EpochSampler, SeededDataset
 from davit.tasks.config import PRESETS, TaskConfig, resolve_task_config
-from davit.tasks.engine import EpochSampler, SeededSamples, lr_factor
+from davit.tasks.engine import _batches, _EndBatchRNG, lr_factor
 
 
 def test_presets_follow_the_official_recipes():
@@ -78,34 +80,25 @@ def test_data_scenes_cli(tmp_path):
     assert main(["data", "scenes", "--out", str(tmp_path), "--size", "16"]) == 2
 
 
-def test_epoch_sampler_resumes_mid_epoch_and_splits_ranks():
-    def take(sampler, n):
-        it = iter(sampler)
-        return [next(it) for _ in range(n)]
-
-    whole = take(EpochSampler(10, 2, seed=3), 14)  # 5 batches per epoch: two epochs and a bit
-    assert [e for e, _ in whole] == [0] * 10 + [1] * 4 and sorted(i for _, i in whole[:10]) == list(range(10))
-    assert whole[:10] != whole[10:] + whole[:6]  # epochs are reshuffled
-    resumed = EpochSampler(10, 2, seed=3)
-    resumed.start = 3  # iteration 3: the 7th sample onwards
-    assert take(resumed, 8) == whole[6:14]
-    ranks = [take(EpochSampler(10, 2, seed=3, rank=r, world_size=2), 4) for r in (0, 1)]
-    assert not {i for _, i in ranks[0]} & {i for _, i in ranks[1]}  # disjoint shares of 2 batches each
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        EpochSampler(3, 4, seed=0)
-
-
-def test_seeded_samples_same_draw_per_key_and_caller_rng_untouched():
-    class Draw(torch.utils.data.Dataset):  # an "augmentation": one draw from the global torch RNG
+def test_batches_resume_mid_epoch_with_the_same_samples_and_augmentations():
+    class Draw(torch.utils.data.Dataset):  # sample i with one draw from the global RNG ("augmentation")
         def __getitem__(self, i):
-            return torch.rand(()).item()
+            return torch.tensor([float(i), torch.rand(()).item()])
 
         def __len__(self):
-            return 4
+            return 10
 
-    ds = SeededSamples(Draw(), seed=1)
+    def take(start, n):
+        sampler = EpochSampler(10, seed=3, batch_size=2)
+        loader = DataLoader(SeededDataset(Draw()), 2, sampler=sampler, drop_last=True,
+                            collate_fn=_EndBatchRNG(default_collate), generator=torch.Generator())
+        it = _batches(loader, sampler, start)
+        return [next(it) for _ in range(n)]
+
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    a, b, c = ds[(0, 2)], ds[(0, 2)], ds[(1, 2)]
-    assert a == b != c
-    assert torch.equal(torch.get_rng_state(), before)
+    whole = take(0, 7)  # 5 batches per epoch: an epoch and a bit
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is restored after every batch
+    assert sorted(int(i) for b in whole[:5] for i in b[:, 0]) == list(range(10))
+    resumed = take(3, 4)  # iteration 3: across the epoch boundary
+    assert all(torch.equal(a, b) for a, b in zip(resumed, whole[3:]))

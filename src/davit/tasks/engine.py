@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, default_collate
 
+from ..data.loader import BATCH_RNG, EpochSampler, SeededDataset
 from ..train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from ..train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from ..train.logging import MetricsLogger, Progress
@@ -126,58 +126,30 @@ def lr_factor(cfg: TaskConfig, it: int, progress: float) -> float:
     return f
 
 
-class EpochSampler(Sampler):
-    """Training indices as ``(epoch, index)`` pairs, without end: per epoch a permutation drawn from
-    (seed, epoch), this rank's share of the whole batches (drop last), starting at iteration ``start``.
+class _EndBatchRNG:
+    """The task's collate, then the end of the batch's seeded RNG stream (davit.data.loader.BATCH_RNG),
+    which restores the main process's RNG states when there are no workers."""
 
-    Each epoch's order depends only on (seed, epoch), not on how many epochs a process has already run, so a
-    run resumed at iteration k sees exactly the samples the uninterrupted run saw from k on."""
+    def __init__(self, collate: Callable) -> None:
+        self.collate = collate
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world_size
-        self.batches_per_epoch = n // world_size // batch_size
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"the training set has {n} images, fewer than one batch of {batch_size} per process "
-                f"({world_size} process(es)): lower batch_size to at most {max(1, n // world_size)}"
-            )
-        self.start = 0
-
-    def __iter__(self):
-        used = self.batches_per_epoch * self.batch_size * self.world
-        epoch, skip = divmod(self.start, self.batches_per_epoch)
-        while True:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
-            mine = torch.randperm(self.n, generator=g)[:used][self.rank :: self.world].tolist()
-            for i in mine[skip * self.batch_size :]:
-                yield epoch, i
-            epoch, skip = epoch + 1, 0
+    def __call__(self, batch: list) -> Any:
+        try:
+            return self.collate(batch)
+        finally:
+            BATCH_RNG.end()
 
 
-class SeededSamples(Dataset):
-    """``ds[index]`` with its random augmentation drawn from a seed of (seed, epoch, index) instead of
-    whatever state the process's RNGs happen to be in: the same sample gets the same crop and flip in every
-    run, with any number of workers, before and after a resume. The caller's RNG states are restored."""
-
-    def __init__(self, ds: Dataset, seed: int) -> None:
-        self.ds, self.seed = ds, seed
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        s = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63  # any seed: a valid torch seed
-        py, npy = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s % 2**32)
-            try:
-                return self.ds[index]
-            finally:
-                random.setstate(py)
-                np.random.set_state(npy)
+def _batches(loader: DataLoader, sampler: EpochSampler, start: int) -> Iterator:
+    """Batches without end from iteration ``start``: each epoch's order and augmentation seeds depend only on
+    (seed, epoch), and a mid-epoch start skips without loading, so a resumed run sees exactly the batches the
+    uninterrupted one saw (davit.data.loader)."""
+    per_epoch = sampler.shard_size() // loader.batch_size
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        sampler.set_epoch(epoch, skip=skip * loader.batch_size)
+        yield from loader
+        epoch, skip = epoch + 1, 0
 
 
 # ----- evaluation -------------------------------------------------------------------------------------------
@@ -246,20 +218,27 @@ def train(
 
     per_rank = max(1, cfg.batch_size // dist_info.world_size)
     train_ds = data["train"]
-    sampler = EpochSampler(len(train_ds), per_rank, cfg.seed, dist_info.rank, dist_info.world_size)
+    rank, world = dist_info.rank, dist_info.world_size
+    sampler = EpochSampler(len(train_ds), seed=cfg.seed, rank=rank, world_size=world, batch_size=per_rank)
+    iters_per_epoch = sampler.shard_size() // per_rank
+    if iters_per_epoch == 0:
+        raise ValueError(
+            f"the training set has {len(train_ds)} images, fewer than one batch of {per_rank} per process "
+            f"({world} process(es)): lower batch_size to at most "
+            f"{max(1, sampler.shard_size())}"
+        )
     loader = DataLoader(
-        SeededSamples(train_ds, cfg.seed),
+        SeededDataset(train_ds),  # per-batch augmentation seeds from (seed, epoch, batch)
         per_rank,
         sampler=sampler,
         num_workers=cfg.workers,
         drop_last=True,
-        collate_fn=collate_detection if cfg.task == "detect" else None,
+        collate_fn=_EndBatchRNG(collate_detection if cfg.task == "detect" else default_collate),
         persistent_workers=cfg.workers > 0,
-        # its own generator for the workers' base seed, so creating the iterator (at the start or on a
+        # its own generator for the workers' base seed, so creating an iterator (each epoch, or on a
         # resume) does not draw from the global RNG the model's dropout and samplers use
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    iters_per_epoch = sampler.batches_per_epoch
     total = math.ceil(cfg.epochs * iters_per_epoch) if cfg.task == "detect" else int(cfg.iters)
 
     optimizer = torch.optim.AdamW(
@@ -318,8 +297,7 @@ def train(
         )
 
     seen, stopped_early, signalled = 0, False, False
-    sampler.start = step  # a resumed run continues the same sample order and the same augmentations
-    batches = iter(loader)
+    batches = _batches(loader, sampler, step)  # a resumed run continues the same batches
     model.train()
     with _StopFlag() as stop, Progress(
         total - step, f"{cfg.task} train", progress if main else "none", every=cfg.log_interval
