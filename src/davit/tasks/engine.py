@@ -26,7 +26,7 @@ from ..train.checkpoint import CheckpointManager, load_checkpoint, rng_state, se
 from ..train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from ..train.logging import MetricsLogger, Progress
 from ..train.optim import fused_kwargs
-from ..train.trainer import NonFiniteLossError, _StopFlag
+from ..train.trainer import NonFiniteLossError, StopFlag
 from .coco import CocoInstances, coco_evaluate, coco_results, collate_detection
 from .config import TaskConfig
 from .detection import detector_param_groups, maskrcnn
@@ -299,7 +299,7 @@ def train(
     seen, stopped_early, signalled = 0, False, False
     batches = _batches(loader, sampler, step)  # a resumed run continues the same batches
     model.train()
-    with _StopFlag() as stop, Progress(
+    with StopFlag() as stop, Progress(
         total - step, f"{cfg.task} train", progress if main else "none", every=cfg.log_interval
     ) as bar:
         while step < total:

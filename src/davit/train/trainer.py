@@ -31,14 +31,14 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped without applying that step."""
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         for s in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -273,7 +273,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     stopped = False
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         for epoch in range(start_epoch, total_epochs):
             pos = start_pos if epoch == start_epoch else 0
             data.train_loader.set_epoch(epoch, start_iter=pos * accum)
