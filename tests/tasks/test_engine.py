@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from davit.cli import main
 from davit.data.loader import EpochSampler, SeededDataset
-from davit.tasks.config import PRESETS, TaskConfig, resolve_task_config
+from davit.tasks.config import PRESETS, TaskConfig, parse_set, resolve_task_config
 from davit.tasks.engine import _batches, _EndBatchRNG, lr_factor
 
 
@@ -34,6 +34,16 @@ def test_config_errors_are_clear():
         resolve_task_config("detect", "ade20k-upernet-160k")
     with pytest.raises(ValueError, match="unknown preset"):
         resolve_task_config("detect", "coco-1x")
+
+
+def test_set_values_are_typed_like_the_config():
+    # `--set lr=2e-3`: PyYAML reads the exponent without a dot as a string; it must still be the number
+    c = resolve_task_config("segment", "scenes-upernet-demo", overrides=parse_set(["lr=2e-3", "iters=10"]))
+    assert c.lr == 2e-3 and isinstance(c.lr, float) and c.iters == 10
+    with pytest.raises(ValueError, match=r"'batch_size' has the wrong type.*expected int"):
+        resolve_task_config("segment", "scenes-upernet-demo", overrides=parse_set(["batch_size=eight"]))
+    with pytest.raises(ValueError, match=r"'lr' has the wrong type"):
+        resolve_task_config("segment", "scenes-upernet-demo", overrides=parse_set(["lr=fast"]))
 
 
 def test_lr_schedules():
@@ -67,6 +77,11 @@ def test_segment_train_eval_predict_cli(scenes, tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     assert main(["segment", "eval", str(run)]) == 0
     assert "mIoU" in capsys.readouterr().out
+    # test-time overrides go through the same type checks as training (a bad value is exit 2, not a traceback)
+    assert main(["segment", "eval", str(run), "--set", "test_flip=true", "test_scales=[0.5,1.0]"]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    assert main(["segment", "eval", str(run), "--set", "eval_batch_size=four"]) == 2
+    assert "'eval_batch_size' has the wrong type" in capsys.readouterr().err
     val = str(scenes / "images" / "val")
     assert main(["segment", "predict", str(run), val, "--out", str(tmp_path / "p")]) == 0
     assert len(list((tmp_path / "p").glob("*.png"))) == 4

@@ -111,6 +111,14 @@ def test_wrong_types_are_clear_errors(tmp_path, text, match):
         resolve_config(None, str(f))
 
 
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads `2e-3` as the string "2e-3"; the user meant the float
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 2e-3\nmin_lr: 1E-6\n")
+    cfg = resolve_config(None, str(f))
+    assert (cfg.lr, cfg.min_lr) == (2e-3, 1e-6) and isinstance(cfg.lr, float)
+
+
 def test_saved_yaml_is_plain(tmp_path):
     save_config(resolve_config("imagenet"), tmp_path / "c.yaml")
     d = yaml.safe_load((tmp_path / "c.yaml").read_text())

@@ -141,15 +141,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
-
     import torch
 
-    from .config import parse_set
+    from .config import parse_set, resolve_task_config
     from .engine import build_datasets, evaluate, load_run
 
     model, cfg = load_run(args.run)
-    cfg = dataclasses.replace(cfg, **parse_set(args.set), **({"data": args.data} if args.data else {}))
+    over = {**parse_set(args.set), **({"data": args.data} if args.data else {})}
+    cfg = resolve_task_config(cfg.task, None, None, {**cfg.to_dict(), **over})  # same checks as train
     ds = build_datasets(cfg, ("val",))["val"]
     scores = evaluate(model, ds, cfg, torch.device("cpu"), progress="auto")
     _print_scores(args.task, scores)

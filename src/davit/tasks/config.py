@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..train.config import check_value
 
 __all__ = ["TaskConfig", "PRESETS", "resolve_task_config", "parse_set"]
 
@@ -226,7 +229,8 @@ def resolve_task_config(
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown}; known: {', '.join(sorted(known))}")
-    cfg = TaskConfig(**values)
+    hints = typing.get_type_hints(TaskConfig)
+    cfg = TaskConfig(**{k: check_value(k, v, hints[k]) for k, v in values.items()})
     if cfg.task != task:
         raise ValueError(f"config is for task {cfg.task!r} but `davit {task}` was run; pick a {task} preset")
     if cfg.task == "detect" and not cfg.epochs:

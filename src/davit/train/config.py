@@ -20,6 +20,7 @@ import yaml
 
 __all__ = [
     "TrainConfig",
+    "check_value",
     "PRESETS",
     "resolve_config",
     "load_config_file",
@@ -235,7 +236,7 @@ def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
-def _check_value(name: str, value: Any, hint: Any) -> Any:
+def check_value(name: str, value: Any, hint: Any) -> Any:
     """Return ``value`` converted to the field's type, or raise a ValueError naming the field and the type."""
     args = typing.get_args(hint)
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
@@ -254,6 +255,12 @@ def _check_value(name: str, value: Any, hint: Any) -> Any:
         elif t is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
+            if isinstance(value, str):
+                # YAML 1.1 reads `2e-3` (no dot) as a string; it is still the number the user meant
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
         elif t is str:
             if isinstance(value, str):
                 return value
@@ -290,7 +297,7 @@ def _check_keys(d: dict[str, Any], where: str) -> None:
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], where: str) -> TrainConfig:
     _check_keys(overrides, where)
     hints = _hints()
-    checked = {k: _check_value(k, v, hints[k]) for k, v in overrides.items()}
+    checked = {k: check_value(k, v, hints[k]) for k, v in overrides.items()}
     return dataclasses.replace(cfg, **checked)
 
 
