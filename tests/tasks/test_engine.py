@@ -38,8 +38,8 @@ def test_config_errors_are_clear():
 
 def test_set_values_are_typed_like_the_config():
     # `--set lr=2e-3`: PyYAML reads the exponent without a dot as a string; it must still be the number
-    c = resolve_task_config("segment", "scenes-upernet-demo", overrides=parse_set(["lr=2e-3", "iters=10"]))
-    assert c.lr == 2e-3 and isinstance(c.lr, float) and c.iters == 10
+    c = resolve_task_config("segment", "scenes-upernet-demo", overrides=parse_set(["lr=3e-3", "iters=10"]))
+    assert c.lr == 3e-3 and isinstance(c.lr, float) and c.iters == 10
     with pytest.raises(ValueError, match=r"'batch_size' has the wrong type.*expected int"):
         resolve_task_config("segment", "scenes-upernet-demo", overrides=parse_set(["batch_size=eight"]))
     with pytest.raises(ValueError, match=r"'lr' has the wrong type"):
