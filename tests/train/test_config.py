@@ -99,6 +99,7 @@ def test_unknown_key_is_clear_error(tmp_path):
     "text,match",
     [
         ("lr: fast\n", r"'lr' has the wrong type.*expected float"),
+        ("lr: nan\n", r"'lr' has the wrong type.*expected float"),
         ("epochs: 2.5\n", r"'epochs' has the wrong type.*int"),
         ("model_ema: 1\n", r"'model_ema' has the wrong type.*bool"),
         ("- 1\n- 2\n", "expected a mapping"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -257,10 +258,13 @@ def check_value(name: str, value: Any, hint: Any) -> Any:
                 return float(value)
             if isinstance(value, str):
                 # YAML 1.1 reads `2e-3` (no dot) as a string; it is still the number the user meant
+                # (only finite numbers: "nan" or "inf" stay a type error)
                 try:
-                    return float(value)
+                    f = float(value)
                 except ValueError:
-                    pass
+                    f = math.nan
+                if math.isfinite(f):
+                    return f
         elif t is str:
             if isinstance(value, str):
                 return value
