@@ -84,6 +84,28 @@ def test_padding_matches_explicit_padding_on_the_window_grid():
     torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("hw", [(2, 2), (3, 5), (8, 8), (9, 9)])  # (9, 9): too large, takes the conv
+def test_downsample_patch_linear_equals_conv_in_training(hw):
+    from davit.models import Downsample
+
+    torch.manual_seed(0)
+    m = Downsample(6, 10).double()
+    x = torch.randn(3, *hw, 6, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        out = m(x)
+        w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        return out, torch.autograd.grad((out * w).sum(), [x, *m.parameters()])
+
+    out, grads = run()
+    m.fast = False
+    out_ref, grads_ref = run()
+    assert out.shape == (3, (hw[0] + 1) // 2, (hw[1] + 1) // 2, 10)
+    torch.testing.assert_close(out, out_ref)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_features_only_and_dense_form():
     f = davit.create_model("davit_atto", features_only=True, out_indices=(1, 3))
     assert isinstance(f, DaViTFeatures)

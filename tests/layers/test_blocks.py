@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from davit.layers import ChannelBlock, ConvPosEnc, SpatialBlock
 from davit.layers.attention import channel_attention, channel_attention_ref
-from davit.layers.blocks import _depthwise3x3_taps
+from davit.layers.blocks import _depthwise3x3_tiny
 
 
 def _grads(module, x):
@@ -25,8 +25,8 @@ def test_depthwise_taps_equal_conv2d(hw):
     w = torch.randn(5, 1, 3, 3, dtype=torch.float64)
     b = torch.randn(5, dtype=torch.float64)
     ref = F.conv2d(x.permute(0, 3, 1, 2), w, b, padding=1, groups=5).permute(0, 2, 3, 1)
-    torch.testing.assert_close(_depthwise3x3_taps(x, w, b), ref)
-    torch.testing.assert_close(_depthwise3x3_taps(x, w, None), ref - b)
+    torch.testing.assert_close(_depthwise3x3_tiny(x, w, b), ref)
+    torch.testing.assert_close(_depthwise3x3_tiny(x, w, None), ref - b)
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 3), (3, 3)])  # (3, 3) takes the conv path
