@@ -175,6 +175,19 @@ def test_time_budget_picks_epochs_and_config_repeats_them(tiny_cfg, capsys):
     assert saved["_resolved"]["time_budget"] == 1.0
 
 
+def test_time_budget_deadline_ends_training_but_still_evaluates_and_saves(tiny_cfg, capsys, monkeypatch):
+    # the machine slows down after the plan was made: past the deadline no further step starts, the last
+    # evaluation and the weights are still written
+    import davit.train.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "_epochs_for_budget", lambda *a, **k: (3, None, 0.0))  # deadline passed
+    res = train(tiny_cfg(experiment="deadline", epochs=50, time_budget=60.0))
+    out = capsys.readouterr().out
+    assert res["step"] == 1 and res["epoch"] == 0 and not res["stopped"]
+    assert "time budget reached: training ended at step 1 of the planned" in out
+    assert math.isfinite(res["top1"]) and (Path(res["run_dir"]) / "model.safetensors").is_file()
+
+
 def test_budget_plan_fills_the_budget():
     from davit.train.trainer import budget_plan
 

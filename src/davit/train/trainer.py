@@ -174,13 +174,14 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
     resume_path = (ckpts.latest() if cfg.resume == "auto" else Path(cfg.resume)) if cfg.resume else None
     st = load_checkpoint(resume_path) if resume_path is not None else None
+    deadline = None  # wall-clock time by which a budgeted run stops training steps, whatever its plan
     if cfg.time_budget:
         if st is not None:  # a resumed budget run keeps the schedule length chosen when it started
             cfg = dataclasses.replace(
                 cfg, epochs=st["config"]["epochs"], max_epoch_steps=st["config"].get("max_epoch_steps")
             )
         else:
-            epochs, cap = _epochs_for_budget(
+            epochs, cap, deadline = _epochs_for_budget(
                 cfg, net, data, train_loss_fn, dev, t_start, steps_per_epoch, main
             )
             cfg = dataclasses.replace(cfg, epochs=epochs, max_epoch_steps=cap)
@@ -272,7 +273,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
 
     history: list[dict[str, Any]] = []
     result: dict[str, Any] = {"run_dir": str(run_dir)}
-    stopped = False
+    stopped = out_of_time = False
     with StopFlag() as stop:
         for epoch in range(start_epoch, total_epochs):
             pos = start_pos if epoch == start_epoch else 0
@@ -349,6 +350,12 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     if want_stop:
                         stopped = True
                         break
+                    if deadline is not None and time.time() > deadline:
+                        # the machine ran slower than the plan measured (a shared VM's speed swings by 20%
+                        # within minutes): end the training here, still evaluate and save, and keep the
+                        # promise of the budget rather than the step count
+                        out_of_time = True
+                        break
             if stopped:
                 if main:
                     why = f"signal {stop.signal}" if stop.signal else f"--max-steps {cfg.max_steps}"
@@ -394,6 +401,14 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 if bad:
                     print(f"epoch {epoch + 1}: {bad}", flush=True)
             save(epoch + 1, 0, is_best)
+            if out_of_time:
+                if main:
+                    print(
+                        f"time budget reached: training ended at step {step} of the planned "
+                        f"{cfg.epochs * steps_per_epoch} (the machine ran slower than measured at the start)",
+                        flush=True,
+                    )
+                break
         barrier()
     final_sd = _state_dicts(net, opt, cfg.fsdp)[0]  # collective under FSDP: gathered on every rank
     if main:
@@ -414,10 +429,11 @@ def budget_plan(left: float, step_t: float, eval_t: float, steps_per_epoch: int)
 
 def _epochs_for_budget(
     cfg, net, data, loss_fn, dev, t_start: float, steps_per_epoch: int, main: bool
-) -> tuple[int, int | None]:
+) -> tuple[int, int | None, float]:
     """Epochs, and a cap on steps per epoch, that fill what is left of ``cfg.time_budget`` seconds, from the
     measured speed of a few training steps on a throw-away copy of the model (the RNG streams are restored, so
-    the run itself is unaffected)."""
+    the run itself is unaffected); and the deadline after which no training step starts, so that the last
+    evaluation and the final report still fit the budget if the machine slows down."""
     n = 6
     with torch.random.fork_rng(devices=[]):
         m = copy.deepcopy(net).train()
@@ -456,6 +472,7 @@ def _epochs_for_budget(
     epoch_t = steps_per_epoch * step_t + eval_t
     left = cfg.time_budget - (time.time() - t_start) - 15  # margin for the final report and weights
     epochs, cap = budget_plan(left, step_t, eval_t, steps_per_epoch)
+    deadline = t_start + cfg.time_budget - 15 - 1.1 * eval_t
     if main:
         per_epoch = f"{cap} of {steps_per_epoch}" if cap else f"all {steps_per_epoch}"
         print(
@@ -463,7 +480,7 @@ def _epochs_for_budget(
             f"evaluation ~{epoch_t:.0f}s -> {epochs} epoch(s) of {per_epoch} steps",
             flush=True,
         )
-    return epochs, cap
+    return epochs, cap, deadline
 
 
 def _dataset_classes(cfg: TrainConfig) -> int:
