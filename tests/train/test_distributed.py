@@ -160,3 +160,36 @@ def test_fsdp2_two_process_gloo_matches_one_process(tmp_path, one_process):
 
     net, meta = model_from_metadata(str(tmp_path / "runs/fsdp/model.safetensors"))
     assert meta["model"] == "davit_atto" and net.num_classes == 10
+
+
+@pytest.mark.slow
+def test_two_process_time_budget_follows_rank0_plan_and_deadline(tmp_path):
+    """--time-budget under torchrun: one plan and one deadline for all ranks (rank 0's, broadcast); a budget
+    already spent ends training after the first step on every rank together, which still evaluate and save."""
+    out = tmp_path / "runs"
+    args = list(ARGS)
+    args[args.index("--epochs") + 1] = "5"
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "davit",
+            "train",
+            *args,
+            "-b",
+            "8",
+            "--time-budget",
+            "1",
+            "--output",
+            str(out),
+            "--experiment",
+            "budget",
+        ],
+        tmp_path,
+    )
+    assert "world size 2" in r.stdout and "time budget reached: training ended at step 1" in r.stdout
+    assert len(_losses(out / "budget")) == 1 and (out / "budget/model.safetensors").is_file()

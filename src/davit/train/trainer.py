@@ -184,6 +184,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             epochs, cap, deadline = _epochs_for_budget(
                 cfg, net, data, train_loss_fn, dev, t_start, steps_per_epoch, main
             )
+            # each rank timed its own steps: all follow rank 0's plan and deadline, or their loops differ
+            epochs, cap, time_left = broadcast_object((epochs, cap, deadline - time.time()))
+            deadline = time.time() + time_left
             cfg = dataclasses.replace(cfg, epochs=epochs, max_epoch_steps=cap)
     if cfg.max_epoch_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_epoch_steps)
@@ -307,10 +310,15 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     with sync:
                         with autocast(dev, cfg.amp, cfg.amp_dtype):
                             loss = train_loss_fn(model(x), y)
-                        # one small all-reduce: the mean loss over ranks, and whether any rank was signalled,
-                        # so every rank takes the same decision (stop, NaN) at the same step
+                        # one small all-reduce: the mean loss over ranks, whether any rank was signalled and
+                        # whether any is past the budget's deadline, so every rank takes the same decision
+                        # (stop, NaN, out of time) at the same step
+                        late = deadline is not None and time.time() > deadline
                         flags = all_reduce_mean(
-                            torch.tensor([loss.item(), float(stop.signal is not None)], dtype=torch.float64)
+                            torch.tensor(
+                                [loss.item(), float(stop.signal is not None), float(late)],
+                                dtype=torch.float64,
+                            )
                         )
                         if not math.isfinite(flags[0].item()):
                             _nonfinite(flags[0].item(), epoch, step, ckpts)
@@ -350,7 +358,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     if want_stop:
                         stopped = True
                         break
-                    if deadline is not None and time.time() > deadline:
+                    if flags[2].item() > 0:
                         # the machine ran slower than the plan measured (a shared VM's speed swings by 20%
                         # within minutes): end the training here, still evaluate and save, and keep the
                         # promise of the budget rather than the step count
