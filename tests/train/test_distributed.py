@@ -61,6 +61,12 @@ def _run(cmd, tmp_path):
     return r
 
 
+def _torchrun(train_args, tmp_path):
+    """``davit train`` in two gloo processes under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "davit"]
+    return _run([*cmd, "train", *train_args], tmp_path)
+
+
 def _losses(d):
     return [r["loss"] for r in read_metrics(Path(d) / "metrics.jsonl") if r["kind"] == "train"]
 
@@ -93,16 +99,8 @@ def one_process(tmp_path_factory):
 @pytest.mark.slow
 def test_two_process_gloo_matches_one_process(tmp_path, one_process):
     out = str(tmp_path / "runs")
-    r = _run(
+    r = _torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "davit",
-            "train",
             *ARGS,
             "-b",
             "8",
@@ -130,16 +128,8 @@ def test_two_process_gloo_matches_one_process(tmp_path, one_process):
 def test_fsdp2_two_process_gloo_matches_one_process(tmp_path, one_process):
     """--fsdp (FSDP2 fully_shard per dual block) with --grad-checkpointing trains like a single process."""
     out = str(tmp_path / "runs")
-    r = _run(
+    r = _torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "davit",
-            "train",
             *ARGS,
             "-b",
             "8",
@@ -169,16 +159,8 @@ def test_two_process_time_budget_follows_rank0_plan_and_deadline(tmp_path):
     out = tmp_path / "runs"
     args = list(ARGS)
     args[args.index("--epochs") + 1] = "5"
-    r = _run(
+    r = _torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "davit",
-            "train",
             *args,
             "-b",
             "8",
