@@ -112,6 +112,7 @@ def test_two_process_gloo_matches_one_process(tmp_path, one_process):
         tmp_path,
     )
     assert "world size 2" in r.stdout
+    assert r.stdout.count("final top-1") == 1  # printed by rank 0 only
     (one, ev1), two = one_process, _losses(tmp_path / "runs/two")
     assert len(one) == len(two) == 4
     # same samples per global step (strided shards of one permutation), gradients averaged by DDP:
@@ -175,3 +176,25 @@ def test_two_process_time_budget_follows_rank0_plan_and_deadline(tmp_path):
     )
     assert "world size 2" in r.stdout and "time budget reached: training ended at step 1" in r.stdout
     assert len(_losses(out / "budget")) == 1 and (out / "budget/model.safetensors").is_file()
+
+
+def test_gpu_process_group_also_reduces_cpu_tensors(monkeypatch):
+    """On GPUs the loops all-reduce small CPU tensors (loss, stop and deadline flags, metric counts); NCCL
+    alone rejects those, so the process group pairs NCCL for CUDA tensors with gloo for CPU ones."""
+    import torch
+
+    from davit.train import distributed as d
+
+    seen = {}
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(d, "_pick_device", lambda device, local: torch.device("cuda", local))
+    monkeypatch.setattr(d.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(d.dist, "init_process_group", lambda **kw: seen.update(kw))
+    info = d.init_distributed("cuda")
+    assert info.device == torch.device("cuda", 0) and info.world_size == 2
+    assert sorted(seen["backend"].split(",")) == ["cpu:gloo", "cuda:nccl"]
+    seen.clear()
+    monkeypatch.setattr(d, "_pick_device", lambda device, local: torch.device("cpu"))
+    d.init_distributed("cpu")
+    assert seen["backend"] == "gloo"

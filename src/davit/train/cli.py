@@ -78,7 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"davit train: stopped: {e}", file=sys.stderr)
         return 3
-    if not res.get("stopped") and "top1" in res:
+    from .distributed import env_rank_world
+
+    if not res.get("stopped") and "top1" in res and env_rank_world()[0] == 0:  # once per job, not per rank
         print(f"final top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  run folder: {res['run_dir']}")
     return 0
 

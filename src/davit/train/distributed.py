@@ -76,7 +76,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local))
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        # on GPUs NCCL for the model's tensors plus gloo for the small CPU tensors the loops reduce (loss and
+        # stop flags, metric counts): NCCL alone rejects CPU tensors ("No backend type associated with
+        # device type cpu")
+        backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
         kw = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kw)
     return DistInfo(rank, world, local, dev)
