@@ -81,10 +81,11 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         if truncate_after_step is not None and self.path.exists():
             # resuming: drop records written after the checkpoint, so the file tells one consistent story
+            # (a line torn by a crash mid-write, e.g. a full disk or a power cut, is dropped with them)
             keep = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= truncate_after_step
+                json.dumps(rec)
+                for rec in _records(self.path.read_text())
+                if rec.get("step", 0) <= truncate_after_step
             ]
             self.path.write_text("".join(k + "\n" for k in keep))
         self._f = open(self.path, "a")
@@ -112,6 +113,20 @@ class MetricsLogger:
             self.tb.close()
 
 
+def _records(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl text, skipping lines that do not parse (torn by a crash)."""
+    out = []
+    for ln in text.splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file ([] if it does not exist); torn lines are skipped."""
     p = Path(path)
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+    return _records(p.read_text()) if p.exists() else []
