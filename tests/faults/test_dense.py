@@ -130,13 +130,15 @@ def test_signalled_demo_says_how_to_continue(scenes, tmp_path, monkeypatch, caps
     assert "resumed from" in capsys.readouterr().out and _steps(run) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resumed_run_ends_with_the_uninterrupted_weights(scenes, tmp_path, monkeypatch, workers):
-    """Stopped by SIGTERM at iteration 3 of 5 (past an epoch boundary: 3 batches per epoch) and resumed:
-    the final weights equal those of a run that was never interrupted, bit for bit."""
-    extra = (f"workers={workers}",)
+@pytest.mark.parametrize("workers,stop_at,eval_interval", [(0, 3, 0), (1, 3, 0), (0, 2, 2)])
+def test_resumed_run_ends_with_the_uninterrupted_weights(scenes, tmp_path, monkeypatch, workers, stop_at,
+                                                         eval_interval):
+    """Stopped by SIGTERM at iteration 3 of 5 (past an epoch boundary: 3 batches per epoch), or at 2 where
+    the uninterrupted run evaluates (the stopped one saves without evaluating), and resumed: the final
+    weights equal those of a run that was never interrupted, bit for bit."""
+    extra = (f"workers={workers}", f"eval_interval={eval_interval}")
     assert main(_args(scenes, tmp_path / "whole", 5, *extra)) == 0
-    restore = _signal_in_loss(monkeypatch, 3)
+    restore = _signal_in_loss(monkeypatch, stop_at)
     assert main(_args(scenes, tmp_path / "cut", 5, *extra)) == 130
     restore()
     assert main(_args(scenes, tmp_path / "cut", 5, *extra)) == 0

@@ -136,7 +136,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     scores = train(cfg, args.out, resume=not args.no_resume, progress=args.progress)
     if scores.get("stopped"):
         return 130  # interrupted by a signal after saving; the same command resumes
-    _print_scores(args.task, scores)
+    if scores:  # rank 0 evaluates; the other ranks of a torchrun job return no scores
+        _print_scores(args.task, scores)
     return 0
 
 

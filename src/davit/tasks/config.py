@@ -51,6 +51,7 @@ class TaskConfig:
     channels: int = 512
     aux_channels: int = 256
     aux_weight: float = 0.4
+    dropout: float = 0.1  # before both heads' classifiers (mmseg dropout_ratio)
     crop_size: int = 512
     scale: list = field(default_factory=lambda: [2048, 512])
     ratio_range: list = field(default_factory=lambda: [0.5, 2.0])
@@ -59,6 +60,8 @@ class TaskConfig:
     test_stride: int = 341
     test_scales: list = field(default_factory=lambda: [1.0])
     test_flip: bool = False
+    flip_prob: float = 0.5  # training horizontal flip (both tasks)
+    photometric: bool = True  # segmentation: colour jitter in training
     # optimisation
     batch_size: int = 16  # global (split over DDP ranks)
     epochs: float | None = None  # detection

@@ -60,7 +60,7 @@ def build_datasets(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "val")) 
         img, ann = _paths(cfg, split)
         train = split == "train"
         if cfg.task == "detect":
-            out[split] = CocoInstances(img, ann, train=train)
+            out[split] = CocoInstances(img, ann, train=train, flip_prob=cfg.flip_prob)
         else:
             out[split] = SegFolder(
                 img,
@@ -70,6 +70,8 @@ def build_datasets(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "val")) 
                 scale=cfg.scale,
                 ratio_range=cfg.ratio_range,
                 reduce_zero_label=cfg.reduce_zero_label,
+                flip_prob=cfg.flip_prob,
+                photometric=cfg.photometric,
             )
     return out
 
@@ -109,6 +111,7 @@ def build_model(cfg: TaskConfig, backbone_weights: bool = True) -> nn.Module:
         aux_channels=cfg.aux_channels,
         aux_weight=cfg.aux_weight,
         backbone_kwargs=cfg.backbone_kwargs,
+        dropout=cfg.dropout,
     )
 
 
@@ -159,12 +162,14 @@ def evaluate(
 ) -> dict[str, Any]:
     """Detection: pycocotools box/mask AP; segmentation: mIoU, per-class IoU, aAcc. Also inference img/s."""
     model.eval()
+    # its own generator: a DataLoader without one draws its workers' base seed from the global RNG, so an
+    # evaluation during training would change the dropout and sampling that follow it, and a run resumed
+    # from a checkpoint saved without that evaluation (on a signal) would no longer end with the same weights
+    kw = dict(shuffle=False, num_workers=cfg.workers, generator=torch.Generator().manual_seed(0))
     if cfg.task == "detect":
-        loader = DataLoader(
-            ds, cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers, collate_fn=collate_detection
-        )
+        loader = DataLoader(ds, cfg.eval_batch_size, collate_fn=collate_detection, **kw)
     else:
-        loader = DataLoader(ds, cfg.eval_batch_size, shuffle=False, num_workers=cfg.workers)
+        loader = DataLoader(ds, cfg.eval_batch_size, **kw)
     results, metric, n, t_model = [], SegMetric(cfg.num_classes), 0, 0.0
     with Progress(len(loader), "eval", progress) as bar:
         for images, targets in loader:
@@ -211,8 +216,10 @@ def train(
         cfg.num_classes = data["train"].num_classes
     model = build_model(cfg).to(device)
     if dist_info.distributed:
-        if cfg.task == "segment":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the recipe's SyncBN
+        if cfg.task == "segment" and device.type == "cuda":
+            # the recipe's SyncBN; PyTorch implements it for GPUs only, so CPU ranks (gloo) normalise with
+            # their own batch statistics (DDP broadcasts rank 0's running statistics)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.task == "detect")
     core = model.module if dist_info.distributed else model
 
@@ -313,15 +320,17 @@ def train(
             else:
                 with torch.autocast(device.type, enabled=cfg.amp):
                     losses = model(images.to(device), targets.to(device))  # through forward: DDP syncs
-            # one small all-reduce: the mean loss, and whether any rank was signalled, so that every rank
-            # takes the same decision at the same iteration
-            flags = all_reduce_mean(
-                torch.tensor([losses["loss"].item(), float(stop.signal is not None)], dtype=torch.float64)
-            )
-            if not math.isfinite(flags[0].item()):
+            # one small all-reduce: the losses averaged over ranks (what is logged and checked), and whether
+            # any rank was signalled, so that every rank takes the same decision at the same iteration
+            names = list(losses)  # the same keys in the same order on every rank
+            vals = torch.stack([losses[k].detach().float() for k in names]).double().cpu()  # one sync
+            signalled_here = torch.tensor([float(stop.signal is not None)], dtype=torch.float64)
+            flags = all_reduce_mean(torch.cat([signalled_here, vals]))
+            reduced = dict(zip(names, flags[1:].tolist()))
+            if not math.isfinite(reduced["loss"]):
                 latest_ok = ckpts.latest()
                 raise NonFiniteLossError(
-                    f"loss is {flags[0].item()} at iteration {step + 1}; the step was not applied. Last good "
+                    f"loss is {reduced['loss']} at iteration {step + 1}; the step was not applied. Last good "
                     f"checkpoint: {latest_ok or 'none yet'}. Lower lr or set grad_clip, then run again with "
                     "the same --out to resume from it."
                 )
@@ -333,7 +342,7 @@ def train(
             sched.step()
             step += 1
             seen += len(images) * dist_info.world_size
-            fields = {k: round(v.item(), 4) for k, v in losses.items()}
+            fields = {k: round(v, 4) for k, v in reduced.items()}
             bar.update(1, loss=fields["loss"], lr=optimizer.param_groups[0]["lr"])
             if logger and (step % cfg.log_interval == 0 or step == total):
                 logger.log(
@@ -343,7 +352,7 @@ def train(
                     img_per_s=round(seen / (time.time() - t_start), 2),
                     **fields,
                 )
-            if flags[1].item() > 0:  # SIGTERM/SIGINT: keep this iteration, then exit
+            if flags[0].item() > 0:  # SIGTERM/SIGINT: keep this iteration, then exit
                 save(None) if main else None
                 barrier()
                 signalled = True

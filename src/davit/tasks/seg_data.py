@@ -39,6 +39,7 @@ class SegFolder(Dataset):
         scale: (long, short) base scale for the random rescale (recipe (2048, 512)); None keeps the size.
         ratio_range: rescale ratios drawn uniformly (recipe (0.5, 2.0)); training only.
         crop_size: random crop side in training (recipe 512); evaluation returns the whole image.
+        flip_prob, photometric: horizontal flip probability (recipe 0.5) and colour jitter (recipe on).
     """
 
     def __init__(
@@ -50,6 +51,8 @@ class SegFolder(Dataset):
         scale: Sequence[int] | None = (2048, 512),
         ratio_range: Sequence[float] = (0.5, 2.0),
         reduce_zero_label: bool = False,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
     ) -> None:
         img_dir, ann_dir = Path(img_dir), Path(ann_dir)
         for p in (img_dir, ann_dir):
@@ -76,9 +79,11 @@ class SegFolder(Dataset):
                 v2.RandomCrop(
                     crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}
                 ),
-                v2.RandomHorizontalFlip(),
-                v2.RandomApply([v2.ColorJitter(0.125, 0.5, 0.5, 0.05)], p=0.5),
             ]
+            if flip_prob > 0:
+                ops.append(v2.RandomHorizontalFlip(flip_prob))
+            if photometric:
+                ops.append(v2.RandomApply([v2.ColorJitter(0.125, 0.5, 0.5, 0.05)], p=0.5))
         ops += [
             v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
             v2.Normalize(MEAN, STD),

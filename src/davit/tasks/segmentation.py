@@ -94,12 +94,15 @@ class UperNet(nn.Module):
         aux_index: int = 2,
         aux_weight: float = 0.4,
         ignore_index: int = IGNORE_INDEX,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         chans = backbone.feature_info.channels()
         self.backbone = backbone
-        self.decode_head = UPerHead(chans, num_classes, channels)
-        self.aux_head = FCNHead(chans[aux_index], num_classes, aux_channels) if aux_weight > 0 else None
+        self.decode_head = UPerHead(chans, num_classes, channels, dropout=dropout)
+        self.aux_head = (
+            FCNHead(chans[aux_index], num_classes, aux_channels, dropout=dropout) if aux_weight > 0 else None
+        )
         self.aux_index, self.aux_weight, self.ignore_index = aux_index, aux_weight, ignore_index
         self.num_classes = num_classes
 
@@ -132,15 +135,16 @@ def upernet(
     aux_channels: int = 256,
     aux_weight: float = 0.4,
     backbone_kwargs: dict[str, Any] | None = None,
+    dropout: float = 0.1,
 ) -> UperNet:
     """UperNet with a DaViT backbone (four normed stage outputs).
 
     ``backbone_weights``: a classification checkpoint or an mmseg one (``backbone.*``), path or state dict.
     ``channels``: decode-head width (recipe 512; the CPU demo shrinks it). ``aux_weight=0`` drops the aux
-    head.
+    head. ``dropout``: before both heads' classifiers (mmseg's ``dropout_ratio``, recipe 0.1).
     """
     body = dense_backbone(backbone, backbone_weights, drop_path_rate, backbone_kwargs)
-    return UperNet(body, num_classes, channels, aux_channels, aux_weight=aux_weight)
+    return UperNet(body, num_classes, channels, aux_channels, aux_weight=aux_weight, dropout=dropout)
 
 
 def _slide(model: nn.Module, x: Tensor, crop: int, stride: int) -> Tensor:
