@@ -31,10 +31,15 @@ test: $(STAMP) data
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# crash/fault driver (~20 SIGKILL/SIGTERM/SIGINT trials + a torchrun rank kill); figures into docs/reliability.md
+# crash/fault driver (~20 SIGKILL/SIGTERM/SIGINT trials + a torchrun rank kill, then 20 trials each of the
+# segmentation and detection trainers); figures into docs/reliability.md
 reliability: $(STAMP) data
 	$(BIN)/python benchmarks/faults/crash_driver.py --trials 20 --torchrun \
 	  --json benchmarks/faults/results.json --doc docs/reliability.md
+	for t in segment detect; do \
+	  $(BIN)/python benchmarks/faults/crash_driver.py --task $$t --trials 20 \
+	    --json benchmarks/faults/results-$$t.json --doc docs/reliability.md || exit 1; \
+	done
 
 # CPU speed tables against timm (docs/benchmarks.md); run on an otherwise idle machine
 bench: $(STAMP)

@@ -1,7 +1,11 @@
 """Crash driver: kill `davit train` at random moments, resume with `--resume auto`, check nothing is lost.
 
-usage: python benchmarks/faults/crash_driver.py [--trials 20] [--quick] [--torchrun] [--spawn] [--json F]
-                                                [--doc F]
+usage: python benchmarks/faults/crash_driver.py [--task classify|segment|detect] [--trials 20] [--quick]
+                                                [--torchrun] [--spawn] [--json F] [--doc F]
+
+--task segment / detect drive `davit segment train` / `davit detect train` (UperNet / Mask R-CNN on a few
+tiny scenes built in the work folder) the same way: they checkpoint at every `eval_interval` iterations and
+resume when the same command is run again on the same --out.
 
 One uninterrupted reference run, then per trial a fresh run that is killed (SIGKILL at a random step, or the
 instant a checkpoint's data/sidecar temporary file appears, or between the data file's rename and its sidecar;
@@ -59,25 +63,47 @@ TRAIN = [
 TOTAL_STEPS = 12  # 48 images / batch 8 x 2 epochs
 _CK = re.compile(r"ckpt-(\d+)\.pt$")
 
+# the dense tasks: 8 tiny training scenes, batch 2 -> 4 iterations per epoch, 12 in all; a checkpoint (after
+# an evaluation on the 2 held-out scenes) every INTERVAL iterations, as --checkpoint-every-steps above
+_DENSE_SETS = ["batch_size=2", "workers=0", "threads=1", "time_limit_min=null", "log_interval=1",
+               f"eval_interval={INTERVAL}", "eval_batch_size=2", "keep_checkpoints=2"]  # fmt: skip
+DENSE = {
+    "segment": ["--preset", "scenes-upernet-demo", "--progress", "none", "--set", *_DENSE_SETS,
+                f"iters={TOTAL_STEPS}", "crop_size=48", "scale=[48,48]", "channels=8", "aux_channels=8"],
+    "detect": ["--preset", "scenes-maskrcnn-demo", "--progress", "none", "--set", *_DENSE_SETS,
+               "epochs=3", "min_sizes=[48]", "max_size=48"],
+}  # fmt: skip
+TASK = "classify"  # --task
+SCENES: Path | None = None  # the dense tasks' data, built once per driver run
+
 
 SPAWN = False  # --spawn: a fresh interpreter per run instead of a forked child
 # what `davit train` imports (the bulk of a fresh process's start-up), imported once so children inherit it
 PRELOAD = ("davit.cli", "davit.train.cli", "davit.train.trainer", "davit.data", "timm.scheduler")
+PRELOAD_DENSE = ("davit.tasks.cli", "davit.tasks.engine", "davit.tasks.detection", "davit.tasks.segmentation")
 ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _cmd(out: Path, exp: str, resume: bool, nproc: int = 1) -> list[str]:
-    head = [sys.executable, "-m", "davit", "train"]
+    head = [sys.executable, "-m", "davit"]
     if nproc > 1:
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                "-m", "davit", "train"]  # fmt: skip
+                "-m", "davit"]  # fmt: skip
+    if TASK != "classify":  # the run folder is --out itself; the same command resumes from its checkpoints
+        return head + [TASK, "train", "--data", str(SCENES), "--out", str(out / exp), *DENSE[TASK]]
     return (
-        head + TRAIN + ["--output", str(out), "--experiment", exp] + (["--resume", "auto"] if resume else [])
+        head
+        + ["train", *TRAIN, "--output", str(out), "--experiment", exp]
+        + (["--resume", "auto"] if resume else [])
     )
 
 
+def _ckpt_dir(run: Path) -> Path:
+    return run / ("checkpoints" if TASK == "classify" else "ckpt")
+
+
 def _start(cmd: list[str], log: Path) -> subprocess.Popen | Forked:
-    if not SPAWN and cmd[1:4] == ["-m", "davit", "train"]:
+    if not SPAWN and cmd[1:3] == ["-m", "davit"]:
         return Forked(cmd[3:], log)
     return subprocess.Popen(
         cmd,
@@ -93,7 +119,7 @@ class Forked:
     the driver uses (pid, poll, wait, send_signal)."""
 
     def __init__(self, argv: list[str], log: Path) -> None:
-        for name in PRELOAD:
+        for name in PRELOAD + (PRELOAD_DENSE if TASK != "classify" else ()):
             importlib.import_module(name)
         if "matplotlib.pyplot" not in sys.modules:  # for the end-of-run report, with the backend it selects
             import matplotlib
@@ -233,7 +259,9 @@ def _inspect(ck: Path) -> dict:
 
 
 def _resumed_step(log: Path) -> int:
-    m = re.search(r"resumed from \S+: epoch \d+, step (\d+)", log.read_text(errors="replace"))
+    # `davit train`: "resumed from F: epoch E, step S"; the dense tasks: "resumed from F at iteration S/N"
+    pat = r"resumed from \S+(?:: epoch \d+, step | at iteration )(\d+)"
+    m = re.search(pat, log.read_text(errors="replace"))
     return int(m.group(1)) if m else 0
 
 
@@ -263,7 +291,8 @@ def trial(i: int, mode: str, out: Path, ref: Path, rng: random.Random, tries: in
 
 
 def _trial(exp: str, i: int, mode: str, out: Path, ref: Path, rng: random.Random) -> dict:
-    run, ck = out / exp, out / exp / "checkpoints"
+    run = out / exp
+    ck = _ckpt_dir(run)
     k = rng.randint(0, TOTAL_STEPS - 1)  # wait for this many logged steps first (0: still starting up)
     p = _start(_cmd(out, exp, False), out / f"{exp}.log")
     rec: dict = {"trial": i, "mode": mode, "after_step": k}
@@ -376,7 +405,8 @@ def summarize(results: list[dict], tr: dict | None, wall: float, args: argparse.
     kills = [r for r in results if r["hit"]]
     s = {
         "command": " ".join(["python", "benchmarks/faults/crash_driver.py", *sys.argv[1:]]),
-        "train_flags": " ".join(TRAIN),
+        "task": TASK,
+        "train_flags": " ".join(TRAIN if TASK == "classify" else DENSE[TASK]),
         "total_steps": TOTAL_STEPS,
         "checkpoint_interval": INTERVAL,
         "trials": len(results),
@@ -443,7 +473,8 @@ def render(s: dict) -> str:
 
 
 def update_doc(doc: Path, text: str) -> None:
-    begin, end = "<!-- crash-driver:begin -->", "<!-- crash-driver:end -->"
+    tag = "crash-driver" if TASK == "classify" else f"crash-driver-{TASK}"  # one block per task
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
     src = doc.read_text() if doc.exists() else f"{begin}\n{end}\n"
     if begin not in src:
         src += f"\n{begin}\n{end}\n"
@@ -473,6 +504,7 @@ def plan(n: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", choices=("classify", "segment", "detect"), default="classify")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="3 trials (random kill, kill mid-write, SIGTERM)")
     ap.add_argument("--torchrun", action="store_true", help="also the 2-process kill-one-rank trial")
@@ -482,12 +514,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the figures and every trial here")
     ap.add_argument("--doc", default=None, help="replace the crash-driver block of this markdown file")
     args = ap.parse_args(argv)
-    global SPAWN
-    SPAWN = args.spawn
+    if args.torchrun and args.task != "classify":
+        ap.error("--torchrun is implemented for --task classify only (the dense tasks' 2-process runs are "
+                 "tested in tests/tasks/test_engine_ddp.py)")
+    global SPAWN, TASK, SCENES
+    SPAWN, TASK = args.spawn, args.task
     n = 3 if args.quick else args.trials
     rng = random.Random(args.seed)
     out = Path(args.workdir or tempfile.mkdtemp(prefix="davit-crash-"))
     out.mkdir(parents=True, exist_ok=True)
+    if TASK != "classify":
+        from davit.tasks.scenes import build_scenes
+
+        SCENES = out / "scenes"
+        if not (SCENES / "meta.json").exists():
+            build_scenes(SCENES, num_train=8, num_val=2, size=48, items=(1, 2), item_frac=(0.3, 0.45), seed=5)
     t0 = time.time()
     p = _start(_cmd(out, "reference", False), out / "reference.log")
     if p.wait() != 0:

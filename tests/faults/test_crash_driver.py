@@ -17,6 +17,7 @@ import crash_driver  # noqa: E402
 
 @pytest.mark.slow
 def test_quick_crash_trials(tmp_path):
+    """`davit train` (classification)."""
     out = tmp_path / "figures.json"
     rc = crash_driver.main(
         ["--quick", "--seed", "1", "--workdir", str(tmp_path / "runs"), "--json", str(out)]
@@ -34,3 +35,21 @@ def test_quick_crash_trials(tmp_path):
     assert mid["hit"] and mid["rc"] == -9  # SIGKILLed while a checkpoint's data file was being written
     term = next(r for r in s["trials_detail"] if r["mode"] == "sigterm")
     assert term["rc"] == 0 and term["steps_lost"] == 0  # SIGTERM saved its step before exiting
+
+
+@pytest.mark.slow
+def test_quick_crash_trials_segmentation(tmp_path):
+    """The same three interruptions of `davit segment train` (UperNet on tiny scenes; a checkpoint after each
+    evaluation, every 2 iterations), each resumed by running the same command again."""
+    out = tmp_path / "figures.json"
+    rc = crash_driver.main(
+        ["--task", "segment", "--quick", "--seed", "1", "--workdir", str(tmp_path / "runs"), "--json", str(out)]
+    )
+    s = json.loads(out.read_text())
+    assert rc == 0, json.dumps(s["trials_detail"], indent=1)
+    assert s["task"] == "segment" and s["survived"] == s["trials"] == s["signals_delivered"] == 3
+    assert s["files_lost"] == 0 and s["max_abs_weight_diff"] == 0.0
+    term = next(r for r in s["trials_detail"] if r["mode"] == "sigterm")
+    # seed 1 signals during iteration 2, where the uninterrupted run evaluates: the stopped run saves without
+    # evaluating, and its resume must still end with the same weights (the evaluation draws no random numbers)
+    assert term["rc"] == 130 and term["steps_lost"] == 0 and term["resumed_step"] == 2
