@@ -31,13 +31,13 @@ test: $(STAMP) data
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# crash/fault driver (~20 SIGKILL/SIGTERM/SIGINT trials + a torchrun rank kill, then 20 trials each of the
+# crash/fault driver (~20 SIGKILL/SIGTERM/SIGINT trials + a torchrun rank kill, then the same for each of the
 # segmentation and detection trainers); figures into docs/reliability.md
 reliability: $(STAMP) data
 	$(BIN)/python benchmarks/faults/crash_driver.py --trials 20 --torchrun \
 	  --json benchmarks/faults/results.json --doc docs/reliability.md
 	for t in segment detect; do \
-	  $(BIN)/python benchmarks/faults/crash_driver.py --task $$t --trials 20 \
+	  $(BIN)/python benchmarks/faults/crash_driver.py --task $$t --trials 20 --torchrun \
 	    --json benchmarks/faults/results-$$t.json --doc docs/reliability.md || exit 1; \
 	done
 

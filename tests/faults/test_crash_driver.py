@@ -42,9 +42,8 @@ def test_quick_crash_trials_segmentation(tmp_path):
     """The same three interruptions of `davit segment train` (UperNet on tiny scenes; a checkpoint after each
     evaluation, every 2 iterations), each resumed by running the same command again."""
     out = tmp_path / "figures.json"
-    rc = crash_driver.main(
-        ["--task", "segment", "--quick", "--seed", "1", "--workdir", str(tmp_path / "runs"), "--json", str(out)]
-    )
+    args = ["--task", "segment", "--quick", "--seed", "1"]
+    rc = crash_driver.main([*args, "--workdir", str(tmp_path / "runs"), "--json", str(out)])
     s = json.loads(out.read_text())
     assert rc == 0, json.dumps(s["trials_detail"], indent=1)
     assert s["task"] == "segment" and s["survived"] == s["trials"] == s["signals_delivered"] == 3

@@ -172,3 +172,12 @@ def test_detection_resumed_run_ends_with_the_uninterrupted_weights(scenes, tmp_p
 def test_batch_larger_than_the_training_set_is_a_clear_error(scenes, tmp_path, capsys):
     assert main(_args(scenes, tmp_path / "run", 3, "batch_size=8")) == 2
     assert "fewer than one batch of 8 per process" in capsys.readouterr().err
+
+
+def test_segmentation_batch_of_one_is_a_clear_error(scenes, tmp_path, capsys):
+    # one image per process leaves the pooled 1x1 BatchNorm of the heads a single value per channel (was
+    # PyTorch's "Expected more than 1 value per channel when training" from inside the forward)
+    assert main(_args(scenes, tmp_path / "run", 3, "batch_size=1")) == 2
+    err = capsys.readouterr().err
+    assert "needs at least 2" in err and "set batch_size to at least 2" in err
+    assert not (tmp_path / "run" / "ckpt").exists()  # stopped before training

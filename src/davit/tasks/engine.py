@@ -223,9 +223,22 @@ def train(
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.task == "detect")
     core = model.module if dist_info.distributed else model
 
-    per_rank = max(1, cfg.batch_size // dist_info.world_size)
-    train_ds = data["train"]
     rank, world = dist_info.rank, dist_info.world_size
+    if cfg.batch_size < world or cfg.batch_size % world:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is global and must split evenly over the {world} processes: use a "
+            f"multiple of {world}"
+        )
+    per_rank = cfg.batch_size // world
+    if cfg.task == "segment" and per_rank < 2 and not (dist_info.distributed and device.type == "cuda"):
+        # the heads' BatchNorm (after the 1x1 pyramid pooling) needs 2 values per channel; on GPUs SyncBN
+        # pools the batch over the ranks, on CPU each process normalises alone
+        raise ValueError(
+            f"batch_size {cfg.batch_size} leaves {per_rank} image per process, and the segmentation heads' "
+            f"BatchNorm needs at least 2 (SyncBN, which pools them over processes, is GPU-only): set "
+            f"batch_size to at least {2 * world}"
+        )
+    train_ds = data["train"]
     sampler = EpochSampler(len(train_ds), seed=cfg.seed, rank=rank, world_size=world, batch_size=per_rank)
     iters_per_epoch = sampler.shard_size() // per_rank
     if iters_per_epoch == 0:
