@@ -87,6 +87,24 @@ def test_segment_train_eval_predict_cli(scenes, tmp_path, capsys):
     assert len(list((tmp_path / "p").glob("*.png"))) == 4
 
 
+def test_amp_trains_under_bf16_autocast(scenes, tmp_path, monkeypatch):
+    """amp=true is bf16 autocast on every device: CUDA's default autocast dtype (fp16) would need a grad
+    scaler, which the dense loop does not have."""
+    seen, real = [], torch.autocast
+
+    def spy(device_type, *a, **k):
+        seen.append((device_type, k.get("dtype"), k.get("enabled", True)))
+        return real(device_type, *a, **k)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    args = ["segment", "train", "--preset", "scenes-upernet-demo", "--data", str(scenes), "--out",
+            str(tmp_path / "run"), "--progress", "none", "--set", "iters=1", "batch_size=2", "workers=0",
+            "crop_size=64", "scale=[64,64]", "channels=8", "aux_channels=8", "amp=true", "threads=1",
+            "time_limit_min=null"]  # fmt: skip
+    assert main(args) == 0
+    assert ("cpu", torch.bfloat16, True) in seen
+
+
 def test_data_scenes_cli(tmp_path):
     assert main(["data", "scenes", "--out", str(tmp_path), "--num-train", "2", "--num-val", "1", "--size",
                  "48"]) == 0

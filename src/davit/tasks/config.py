@@ -77,7 +77,7 @@ class TaskConfig:
     warmup_iters: int = 500
     warmup_ratio: float = 0.001
     grad_clip: float | None = None
-    amp: bool = False
+    amp: bool = False  # bf16 autocast in training (CPU and GPU; CUDA's fp16 default would need a grad scaler)
     # running
     eval_interval: int = 0  # iterations; 0: only at the end
     eval_batch_size: int = 1

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, default_collate
 from ..data.loader import BATCH_RNG, EpochSampler, SeededDataset
 from ..train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from ..train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
-from ..train.logging import MetricsLogger, Progress
+from ..train.logging import MetricsLogger, Progress, memory_fields
 from ..train.optim import fused_kwargs
 from ..train.trainer import NonFiniteLossError, StopFlag
 from .coco import CocoInstances, coco_evaluate, coco_results, collate_detection
@@ -327,11 +327,11 @@ def train(
             if cfg.task == "detect":
                 images = [im.to(device) for im in images]
                 targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-                with torch.autocast(device.type, enabled=cfg.amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                     losses = model(images, targets)
                 losses["loss"] = sum(losses.values())
             else:
-                with torch.autocast(device.type, enabled=cfg.amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                     losses = model(images.to(device), targets.to(device))  # through forward: DDP syncs
             # one small all-reduce: the losses averaged over ranks (what is logged and checked), and whether
             # any rank was signalled, so that every rank takes the same decision at the same iteration
@@ -364,6 +364,7 @@ def train(
                     lr=optimizer.param_groups[0]["lr"],
                     img_per_s=round(seen / (time.time() - t_start), 2),
                     **fields,
+                    **memory_fields(device),
                 )
             if flags[0].item() > 0:  # SIGTERM/SIGINT: keep this iteration, then exit
                 save(None) if main else None
