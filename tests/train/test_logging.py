@@ -25,3 +25,13 @@ def test_resume_truncates_after_the_checkpoint_and_drops_torn_lines(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3]  # every line parses again
     assert json.loads(lines[-1])["loss"] == 1.0
+
+
+def test_memory_fields_report_the_cuda_peak_only(monkeypatch):
+    import torch
+
+    from davit.train.logging import memory_fields
+
+    assert memory_fields(torch.device("cpu")) == {}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30 + 2**29)
+    assert memory_fields(torch.device("cuda", 0)) == {"max_mem_gb": 3.5}

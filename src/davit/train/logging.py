@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Progress", "MetricsLogger", "read_metrics"]
+import torch
+
+__all__ = ["Progress", "MetricsLogger", "memory_fields", "read_metrics"]
 
 
 class Progress:
@@ -111,6 +113,13 @@ class MetricsLogger:
         self._f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def memory_fields(device: torch.device) -> dict[str, float]:
+    """``{"max_mem_gb": ...}``: the peak GPU memory allocated so far on ``device`` (CUDA only, else {})."""
+    if device.type != "cuda":
+        return {}
+    return {"max_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
 
 
 def _records(text: str) -> list[dict[str, Any]]:

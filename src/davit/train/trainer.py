@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig, finalize, save_config
 from .distributed import all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
-from .logging import MetricsLogger, Progress
+from .logging import MetricsLogger, Progress, memory_fields
 from .metrics import autocast, evaluate
 from .optim import build_optimizer, build_scheduler
 from .setup import build_data, build_model, weights_metadata
@@ -345,7 +345,15 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     loss_sum, n_loss = loss_sum + step_loss, n_loss + 1
                     cur_lr = opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)
                     if logger and step % max(1, cfg.log_interval) == 0:
-                        logger.log("train", step, epoch=epoch, loss=step_loss, lr=cur_lr)
+                        logger.log(
+                            "train",
+                            step,
+                            epoch=epoch,
+                            loss=step_loss,
+                            lr=cur_lr,
+                            img_per_s=round(seen / max(1e-9, time.time() - t0), 1),  # this epoch so far
+                            **memory_fields(dev),
+                        )
                     prog.update(
                         1,
                         loss=loss_sum / n_loss,
@@ -387,6 +395,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 "epoch_time": train_time,
                 "img_per_s": seen / max(1e-9, train_time),
                 "skipped_files": n_bad,
+                **memory_fields(dev),
             }
             if ema is not None:
                 ev_ema = evaluate(
