@@ -82,6 +82,10 @@ def test_segment_train_eval_predict_cli(scenes, tmp_path, capsys):
     assert "mIoU" in capsys.readouterr().out
     assert main(["segment", "eval", str(run), "--set", "eval_batch_size=four"]) == 2
     assert "'eval_batch_size' has the wrong type" in capsys.readouterr().err
+    assert main(["segment", "eval", str(run), "--device", "cpu"]) == 0
+    if not torch.cuda.is_available():  # asking for a GPU that is not there: one clear line, exit 2
+        assert main(["segment", "eval", str(run), "--device", "cuda"]) == 2
+        assert "no CUDA GPU is available; use --device cpu" in capsys.readouterr().err
     val = str(scenes / "images" / "val")
     assert main(["segment", "predict", str(run), val, "--out", str(tmp_path / "p")]) == 0
     assert len(list((tmp_path / "p").glob("*.png"))) == 4

@@ -46,12 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             metavar="KEY=VALUE",
             help="test-time overrides, e.g. test_mode=slide test_flip=true val_ann=...",
         )
+        q.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda")
         q.set_defaults(func=cmd_eval, task=task)
         q = s.add_parser("predict", help="draw predictions on images into PNGs")
         q.add_argument("run", help="run folder written by train")
         q.add_argument("images", nargs="+", help="image files or folders")
         q.add_argument("--out", required=True, help="output folder for the PNGs")
         q.add_argument("--score", type=float, default=0.5, help="detection score threshold")
+        q.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda")
         q.set_defaults(func=cmd_predict, task=task)
         q = s.add_parser("demo", help="build scenes, train on CPU, evaluate on held-out scenes")
         q.add_argument("--out", default=f"runs/{task}-demo", help="run folder")
@@ -142,16 +144,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
 
+    from ..train.distributed import _pick_device
     from .config import parse_set, resolve_task_config
     from .engine import build_datasets, evaluate, load_run
 
-    model, cfg = load_run(args.run)
+    device = _pick_device(args.device, 0)
+    model, cfg = load_run(args.run, device)
     over = {**parse_set(args.set), **({"data": args.data} if args.data else {})}
     cfg = resolve_task_config(cfg.task, None, None, {**cfg.to_dict(), **over})  # same checks as train
     ds = build_datasets(cfg, ("val",))["val"]
-    scores = evaluate(model, ds, cfg, torch.device("cpu"), progress="auto")
+    scores = evaluate(model, ds, cfg, device, progress="auto")
     _print_scores(args.task, scores)
     return 0
 
@@ -187,10 +190,11 @@ def _image_files(paths: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from ..train.distributed import _pick_device
     from .engine import load_run
     from .predict import predict_files
 
-    model, cfg = load_run(args.run)
+    model, cfg = load_run(args.run, _pick_device(args.device, 0))
     written = predict_files(model, cfg, _image_files(args.images), args.out, args.score)
     print(f"wrote {len(written)} PNGs to {args.out}")
     return 0

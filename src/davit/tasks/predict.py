@@ -44,10 +44,11 @@ def predict_files(
     names, written = _names(cfg), []
     colours = palette(max(cfg.num_classes or 1, len(names)))
     model.eval()
+    dev = next(model.parameters()).device  # inputs go where the model is; drawing happens on the CPU
     for f in files:
         img = TF.pil_to_tensor(Image.open(f).convert("RGB"))  # uint8 (3, H, W)
         if cfg.task == "detect":
-            det = model([img.float() / 255])[0]
+            det = {k: v.cpu() for k, v in model([img.to(dev).float() / 255])[0].items()}
             keep = det["scores"] >= score
             labels = det["labels"][keep].tolist()
             drawn = img
@@ -68,10 +69,10 @@ def predict_files(
                     width=2,
                 )
         else:
-            x = TF.normalize(img.float() / 255, MEAN, STD)[None]
+            x = TF.normalize(img.float() / 255, MEAN, STD)[None].to(dev)
             pred = segment_inference(
                 model, x, cfg.test_mode, cfg.test_crop, cfg.test_stride, cfg.test_scales, cfg.test_flip
-            )[0].argmax(0)
+            )[0].argmax(0).cpu()
             overlay = colours[pred].permute(2, 0, 1)
             drawn = (0.5 * img.float() + 0.5 * overlay.float()).round().to(torch.uint8)
         p = out / f"{f.stem}.png"
