@@ -14,7 +14,8 @@ from davit.train.logging import read_metrics
 
 COMMON = ["--progress", "none", "--set", "workers=0", "threads=1", "time_limit_min=null", "log_interval=1",
           "eval_batch_size=2", "device=cpu", "batch_size=4"]  # fmt: skip
-# no randomness that differs between ranks: augmentation is seeded per rank, dropout draws from the rank's RNG
+# off: the randomness that differs between 1 and 2 processes (augmentation seeds include the rank; dropout
+# draws from each rank's own RNG)
 SEGMENT = ["--preset", "scenes-upernet-demo", *COMMON, "iters=3", "crop_size=48", "scale=[48,48]",
            "ratio_range=[1.0,1.0]", "flip_prob=0", "photometric=false", "dropout=0", "channels=8",
            "aux_channels=8"]  # fmt: skip

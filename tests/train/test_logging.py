@@ -1,4 +1,5 @@
-"""metrics.jsonl survives a crash mid-write: a torn last line is skipped when read and dropped on resume."""
+"""metrics.jsonl survives a crash mid-write (a torn last line is skipped when read and dropped on resume), and
+its records carry the peak GPU memory on CUDA only."""
 
 import json
 
