@@ -14,15 +14,7 @@ from pathlib import Path
 
 import yaml
 
-
-def _records(path: Path) -> list[dict]:
-    out = []
-    for ln in path.read_text().splitlines():
-        try:
-            out.append(json.loads(ln))
-        except json.JSONDecodeError:  # a torn last line
-            continue
-    return out
+from davit.train.logging import read_metrics  # skips a torn last line
 
 
 def _config(run: Path) -> dict:
@@ -33,7 +25,7 @@ def _config(run: Path) -> dict:
 
 def summarise(run: Path) -> dict | None:
     train = sorted(
-        (r for r in _records(run / "metrics.jsonl") if r.get("kind") == "train"), key=lambda r: r["step"]
+        (r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "train"), key=lambda r: r["step"]
     )
     if len(train) < 2:
         return None

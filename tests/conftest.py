@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,3 +12,21 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def davit_cli():
+    """``run(args, cwd, nproc=1)``: ``python -m davit ARGS`` in a fresh process (``nproc`` > 1: that many
+    under torchrun, gloo), one thread per process; asserts exit 0 and returns the CompletedProcess."""
+
+    def run(args: list[str], cwd, nproc: int = 1) -> subprocess.CompletedProcess:
+        head = [sys.executable, "-m", "davit"]
+        if nproc > 1:
+            torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+            head = [sys.executable, *torchrun, "-m", "davit"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([*head, *args], capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r
+
+    return run

@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load_file
 
 from davit.train.checkpoint import CheckpointError, find_latest_valid, verify_checkpoint
+from davit.train.logging import read_metrics
 
 INTERVAL = 2  # --checkpoint-every-steps
 TRAIN = [
@@ -198,17 +199,8 @@ def _child(argv: list[str], log: Path) -> None:
 
 def _logged_step(run: Path) -> int:
     """Highest training step written to metrics.jsonl (a step is logged right after it is applied)."""
-    m = run / "metrics.jsonl"
-    best = 0
-    if m.exists():
-        for ln in m.read_text().splitlines():
-            try:
-                rec = json.loads(ln)
-            except json.JSONDecodeError:  # a line torn by the kill
-                continue
-            if rec.get("kind") == "train":
-                best = max(best, int(rec.get("step", 0)))
-    return best
+    recs = read_metrics(run / "metrics.jsonl")  # skips a line torn by the kill
+    return max((int(r.get("step", 0)) for r in recs if r.get("kind") == "train"), default=0)
 
 
 def _wait_step(p: subprocess.Popen, run: Path, k: int, timeout: float = 300) -> bool:

@@ -2,10 +2,6 @@
 global batch (DDP-averaged gradients, losses averaged over ranks in the log), and Mask R-CNN runs to the end,
 rank 0 alone writing the run folder."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 from safetensors.torch import load_file
 
@@ -29,25 +25,14 @@ def scenes48(tmp_path_factory):
     return out
 
 
-def _davit(args, tmp_path, nproc=1):
-    head = [sys.executable, "-m", "davit"]
-    if nproc > 1:
-        head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                "-m", "davit"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*head, *args], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
 def _train(run):
     return [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
 
 
 @pytest.mark.slow
-def test_segment_two_process_gloo_matches_one_process(scenes48, tmp_path):
+def test_segment_two_process_gloo_matches_one_process(scenes48, tmp_path, davit_cli):
     for name, nproc in (("one", 1), ("two", 2)):
-        _davit(["segment", "train", "--data", str(scenes48), "--out", str(tmp_path / name), *SEGMENT],
+        davit_cli(["segment", "train", "--data", str(scenes48), "--out", str(tmp_path / name), *SEGMENT],
                tmp_path, nproc)  # fmt: skip
     one, two = _train(tmp_path / "one"), _train(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]  # one line per step (rank 0)
@@ -64,9 +49,9 @@ def test_segment_two_process_gloo_matches_one_process(scenes48, tmp_path):
 
 
 @pytest.mark.slow
-def test_detect_two_process_gloo_runs_to_the_end(scenes48, tmp_path):
+def test_detect_two_process_gloo_runs_to_the_end(scenes48, tmp_path, davit_cli):
     run = tmp_path / "det"
-    r = _davit(["detect", "train", "--data", str(scenes48), "--out", str(run), *DETECT], tmp_path, nproc=2)
+    r = davit_cli(["detect", "train", "--data", str(scenes48), "--out", str(run), *DETECT], tmp_path, nproc=2)
     steps = _train(run)
     # 8 scenes, global batch 4 (2 per rank): 2 iterations, each logged once, by rank 0
     assert [s["step"] for s in steps] == [1, 2]

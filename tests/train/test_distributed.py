@@ -1,8 +1,5 @@
 """Two gloo processes under torchrun train like one process with the same global batch."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,32 +51,16 @@ ARGS = [
 ]
 
 
-def _run(cmd, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
-def _torchrun(train_args, tmp_path):
-    """``davit train`` in two gloo processes under torchrun."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "davit"]
-    return _run([*cmd, "train", *train_args], tmp_path)
-
-
 def _losses(d):
     return [r["loss"] for r in read_metrics(Path(d) / "metrics.jsonl") if r["kind"] == "train"]
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
+def one_process(tmp_path_factory, davit_cli):
     """The single-process reference run (batch 16), shared by the DDP and FSDP comparisons."""
     tmp = tmp_path_factory.mktemp("one")
-    _run(
+    davit_cli(
         [
-            sys.executable,
-            "-m",
-            "davit",
             "train",
             *ARGS,
             "-b",
@@ -97,10 +78,11 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_matches_one_process(tmp_path, one_process):
+def test_two_process_gloo_matches_one_process(tmp_path, davit_cli, one_process):
     out = str(tmp_path / "runs")
-    r = _torchrun(
+    r = davit_cli(
         [
+            "train",
             *ARGS,
             "-b",
             "8",
@@ -110,6 +92,7 @@ def test_two_process_gloo_matches_one_process(tmp_path, one_process):
             "two",
         ],
         tmp_path,
+        nproc=2,
     )
     assert "world size 2" in r.stdout
     assert r.stdout.count("final top-1") == 1  # printed by rank 0 only
@@ -126,11 +109,12 @@ def test_two_process_gloo_matches_one_process(tmp_path, one_process):
 
 
 @pytest.mark.slow
-def test_fsdp2_two_process_gloo_matches_one_process(tmp_path, one_process):
+def test_fsdp2_two_process_gloo_matches_one_process(tmp_path, davit_cli, one_process):
     """--fsdp (FSDP2 fully_shard per dual block) with --grad-checkpointing trains like a single process."""
     out = str(tmp_path / "runs")
-    r = _torchrun(
+    r = davit_cli(
         [
+            "train",
             *ARGS,
             "-b",
             "8",
@@ -142,6 +126,7 @@ def test_fsdp2_two_process_gloo_matches_one_process(tmp_path, one_process):
             "fsdp",
         ],
         tmp_path,
+        nproc=2,
     )
     assert "world size 2" in r.stdout
     one, two = one_process[0], _losses(tmp_path / "runs/fsdp")
@@ -154,14 +139,15 @@ def test_fsdp2_two_process_gloo_matches_one_process(tmp_path, one_process):
 
 
 @pytest.mark.slow
-def test_two_process_time_budget_follows_rank0_plan_and_deadline(tmp_path):
+def test_two_process_time_budget_follows_rank0_plan_and_deadline(tmp_path, davit_cli):
     """--time-budget under torchrun: one plan and one deadline for all ranks (rank 0's, broadcast); a budget
     already spent ends training after the first step on every rank together, which still evaluate and save."""
     out = tmp_path / "runs"
     args = list(ARGS)
     args[args.index("--epochs") + 1] = "5"
-    r = _torchrun(
+    r = davit_cli(
         [
+            "train",
             *args,
             "-b",
             "8",
@@ -173,6 +159,7 @@ def test_two_process_time_budget_follows_rank0_plan_and_deadline(tmp_path):
             "budget",
         ],
         tmp_path,
+        nproc=2,
     )
     assert "world size 2" in r.stdout and "time budget reached: training ended at step 1" in r.stdout
     assert len(_losses(out / "budget")) == 1 and (out / "budget/model.safetensors").is_file()

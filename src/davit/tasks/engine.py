@@ -215,10 +215,11 @@ def train(
     if cfg.task == "detect" and cfg.num_classes is None:
         cfg.num_classes = data["train"].num_classes
     model = build_model(cfg).to(device)
+    # the recipe's SyncBN; PyTorch implements it for GPUs only, so CPU ranks (gloo) normalise with their own
+    # batch statistics (DDP broadcasts rank 0's running statistics)
+    sync_bn = cfg.task == "segment" and dist_info.distributed and device.type == "cuda"
     if dist_info.distributed:
-        if cfg.task == "segment" and device.type == "cuda":
-            # the recipe's SyncBN; PyTorch implements it for GPUs only, so CPU ranks (gloo) normalise with
-            # their own batch statistics (DDP broadcasts rank 0's running statistics)
+        if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg.task == "detect")
     core = model.module if dist_info.distributed else model
@@ -230,7 +231,7 @@ def train(
             f"multiple of {world}"
         )
     per_rank = cfg.batch_size // world
-    if cfg.task == "segment" and per_rank < 2 and not (dist_info.distributed and device.type == "cuda"):
+    if cfg.task == "segment" and per_rank < 2 and not sync_bn:
         # the heads' BatchNorm (after the 1x1 pyramid pooling) needs 2 values per channel; on GPUs SyncBN
         # pools the batch over the ranks, on CPU each process normalises alone
         raise ValueError(

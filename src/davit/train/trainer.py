@@ -344,6 +344,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     step_loss = flags[0].item()
                     loss_sum, n_loss = loss_sum + step_loss, n_loss + 1
                     cur_lr = opt.param_groups[0]["lr"] / opt.param_groups[0].get("lr_scale", 1.0)
+                    img_per_s = seen / max(1e-9, time.time() - t0)  # this epoch so far
                     if logger and step % max(1, cfg.log_interval) == 0:
                         logger.log(
                             "train",
@@ -351,14 +352,14 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                             epoch=epoch,
                             loss=step_loss,
                             lr=cur_lr,
-                            img_per_s=round(seen / max(1e-9, time.time() - t0), 1),  # this epoch so far
+                            img_per_s=round(img_per_s, 1),
                             **memory_fields(dev),
                         )
                     prog.update(
                         1,
                         loss=loss_sum / n_loss,
                         lr=cur_lr,
-                        **{"img/s": round(seen / max(1e-9, time.time() - t0))},
+                        **{"img/s": round(img_per_s)},
                     )
                     want_stop = flags[1].item() > 0 or (cfg.max_steps is not None and step >= cfg.max_steps)
                     if want_stop or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
@@ -488,9 +489,10 @@ def _epochs_for_budget(
     step_t = sorted(times[1:])[len(times[1:]) // 2] * cfg.grad_accum_steps * headroom
     eval_t = len(data.val_loader) * t_eval
     epoch_t = steps_per_epoch * step_t + eval_t
-    left = cfg.time_budget - (time.time() - t_start) - 15  # margin for the final report and weights
+    report_s = 15  # kept for the final report and weights
+    left = cfg.time_budget - (time.time() - t_start) - report_s
     epochs, cap = budget_plan(left, step_t, eval_t, steps_per_epoch)
-    deadline = t_start + cfg.time_budget - 15 - 1.1 * eval_t
+    deadline = t_start + cfg.time_budget - report_s - 1.1 * eval_t
     if main:
         per_epoch = f"{cap} of {steps_per_epoch}" if cap else f"all {steps_per_epoch}"
         print(
