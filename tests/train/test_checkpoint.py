@@ -1,4 +1,5 @@
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +58,32 @@ def test_atomic_write_keeps_old_content_when_write_fails(tmp_path, monkeypatch):
         atomic_write(p, b"new content")
     assert p.read_bytes() == b"old"
     assert [f.name for f in tmp_path.iterdir()] == ["f.bin"]  # no temporary file left behind
+
+
+def test_resave_interrupted_between_renames_is_uncommitted_not_damaged(tmp_path, monkeypatch):
+    """A path saved again (best.pt, a step saved twice) and killed after its data rename: the file must read
+    as never committed (no checksum, skipped), not as new data under the old checksum (a damaged file)."""
+    import davit.train.checkpoint as ck
+
+    p = tmp_path / "ckpt-000000004.pt"
+    save_checkpoint({"step": 4, "epoch": 0}, p)
+    real, calls = ck.atomic_write, []
+
+    def dies_after_data(path, data):
+        calls.append(Path(path).name)
+        if Path(path).name.endswith(".sha256"):
+            raise KeyboardInterrupt("killed between the two renames")
+        real(path, data)
+
+    monkeypatch.setattr(ck, "atomic_write", dies_after_data)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 4, "epoch": 1}, p)
+    assert calls == ["ckpt-000000004.pt", "ckpt-000000004.pt.sha256"]
+    with pytest.raises(CheckpointError, match="no checksum file"):
+        verify_checkpoint(p)
+    monkeypatch.setattr(ck, "atomic_write", real)
+    save_checkpoint({"step": 4, "epoch": 1}, p)  # the next save commits it again
+    assert load_checkpoint(p)["epoch"] == 1
 
 
 def test_manager_keeps_last_k_and_best(tmp_path):

@@ -52,6 +52,21 @@ def test_exact_resume_gives_identical_losses(tiny_cfg):
     assert resumed["top1"] == full["top1"]
 
 
+def test_each_step_checkpoint_written_once(tiny_cfg, monkeypatch):
+    """With the interval dividing the epoch, the epoch's last step is saved once, after its evaluation (a
+    second write of the same file could leave it damaged if killed between data and checksum)."""
+    import davit.train.checkpoint as ck
+
+    real, writes = ck.save_checkpoint, []
+    monkeypatch.setattr(
+        ck, "save_checkpoint", lambda st, p: writes.append((Path(p).name, st["epoch"])) or real(st, p)
+    )
+    train(tiny_cfg(experiment="once", epochs=2, checkpoint_every_steps=2, keep_last=10))
+    steps = [n for n, _ in writes if n.startswith("ckpt-")]
+    assert steps == [f"ckpt-{s:09d}.pt" for s in (2, 4, 6, 8)], writes  # 4 steps per epoch
+    assert ("ckpt-000000004.pt", 1) in writes and ("ckpt-000000008.pt", 2) in writes  # the post-eval saves
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, monkeypatch):
     import davit.train.trainer as tr
 

@@ -82,8 +82,15 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> str:
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     p = Path(path)
+    side = p.with_name(p.name + ".sha256")
+    if side.exists():
+        # re-saving a path (best.pt, or a step saved again): withdraw the old checksum first, so that a crash
+        # between the two renames below leaves an uncommitted file (skipped) rather than new data under the
+        # old checksum, which would read as a committed checkpoint damaged (found by the crash driver)
+        side.unlink()
+        _fsync_dir(p.parent)
     atomic_write(p, data)
-    atomic_write(p.with_name(p.name + ".sha256"), f"{digest}  {p.name}\n".encode())
+    atomic_write(side, f"{digest}  {p.name}\n".encode())
     return digest
 
 

@@ -362,7 +362,14 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                         **{"img/s": round(img_per_s)},
                     )
                     want_stop = flags[1].item() > 0 or (cfg.max_steps is not None and step >= cfg.max_steps)
-                    if want_stop or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
+                    # the epoch's last step is saved after the evaluation below, as the same file: not
+                    # here too (one write less, and no rewrite of a committed checkpoint)
+                    interval = (
+                        cfg.checkpoint_every_steps
+                        and step % cfg.checkpoint_every_steps == 0
+                        and pos < steps_per_epoch
+                    )
+                    if want_stop or interval:
                         save(epoch, pos)
                     if want_stop:
                         stopped = True
