@@ -565,6 +565,46 @@ def test_warm_cache_loads_and_adapts(hub, timm_tiny):
     assert torch.allclose(ft.stem.conv.weight[:, 0], tm.stem.conv.weight.sum(1))
 
 
+def test_timm_tagged_names(hub, timm_tiny):
+    """``davit_tiny.msft_in1k`` as timm spells it: pretrained=True fetches that tag, without it nothing."""
+    warm_cache(hub, "timm/davit_tiny.msft_in1k", "model.safetensors", timm_tiny.state_dict())
+    model = davit.create_model("davit_tiny.msft_in1k", pretrained=True)
+    assert torch.equal(model.head.fc.weight, timm_tiny.head.fc.weight)
+    fresh = davit.create_model("davit_tiny.msft_in1k")  # the tag alone downloads nothing, as in timm
+    assert not torch.equal(fresh.head.fc.weight, timm_tiny.head.fc.weight)
+    assert davit.models.model_info("davit_tiny.msft_in1k")["name"] == "davit_tiny"
+    with pytest.raises(ValueError, match=r"unknown pretrained tag 'in22k'.*only tag is 'msft_in1k'"):
+        davit.create_model("davit_tiny.in22k")
+    with pytest.raises(ValueError, match="no released weights, so no tag.*'davit_atto'"):
+        davit.create_model("davit_atto.msft_in1k")
+    with pytest.raises(ValueError, match="unknown model 'davit_tin'.*davit_tiny"):
+        davit.create_model("davit_tin.msft_in1k")
+
+
+def test_train_pretrained_flag(hub, tmp_path):
+    """``davit train --pretrained``: the released trunk under a fresh 10-class head and a 1-channel stem;
+    together with --initial-checkpoint it is refused."""
+    from davit.models import VARIANTS
+    from davit.train.config import TrainConfig
+    from davit.train.setup import build_model
+
+    src = davit.create_model("davit_atto", num_classes=1000)
+    warm_cache(hub, "timm/davit_atto.msft_in1k", "model.safetensors", src.state_dict())
+    arch, meta_ = VARIANTS["davit_atto"]
+    with pytest.MonkeyPatch.context() as mp:  # give the small variant a (cached) released file: fast test
+        mp.setitem(VARIANTS, "davit_atto", (arch, {**meta_, "hf_hub_id": "timm/davit_atto.msft_in1k"}))
+        cfg = TrainConfig(model="davit_atto.msft_in1k", pretrained=True)
+        net = build_model(cfg, num_classes=10, in_chans=1, verbose=False)
+        assert net.head.fc.out_features == 10
+        assert torch.equal(
+            net.stages[2].blocks[1][0].attn.qkv.weight, src.stages[2].blocks[1][0].attn.qkv.weight
+        )
+        assert torch.allclose(net.stem.conv.weight[:, 0], src.stem.conv.weight.sum(1))
+        both = TrainConfig(model="davit_atto", pretrained=True, initial_checkpoint=str(tmp_path / "x.pth"))
+        with pytest.raises(ValueError, match="--pretrained and --initial-checkpoint"):
+            build_model(both, num_classes=10, in_chans=1, verbose=False)
+
+
 def test_florence_repo_takes_the_vision_tower_from_the_vlm(hub, monkeypatch):
     """pretrained=True for a Florence tower reads the whole VLM's pytorch_model.bin from the Florence-2 repo.
 

@@ -450,18 +450,28 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "davit_giant_k2": (_G, _meta(params=1_406_500_000)),
     # Florence-2 vision towers: V2 channel attention, window 12, overlapped downsampling,
     # 768 px, no classifier
-    "davit_base_fl": ({**_B, **_FL, "num_classes": 0},
-                      _meta(img=768, crop_pct=1.0, hf_hub_id="microsoft/Florence-2-base", license="mit")),
-    "davit_huge_fl": ({**_H, **_FL, "num_classes": 0},
-                      _meta(img=768, crop_pct=1.0, hf_hub_id="microsoft/Florence-2-large", license="mit")),
+    "davit_base_fl": (
+        {**_B, **_FL, "num_classes": 0},
+        _meta(img=768, crop_pct=1.0, hf_hub_id="microsoft/Florence-2-base", license="mit"),
+    ),
+    "davit_huge_fl": (
+        {**_H, **_FL, "num_classes": 0},
+        _meta(img=768, crop_pct=1.0, hf_hub_id="microsoft/Florence-2-large", license="mit"),
+    ),
     # small variants for small images and CPUs (not in the paper): stem stride 2, so a 28 px image gives
     # 14/7/4/2 maps and the 7x7 window covers stage 1; heads of 16 or 32 channels
-    "davit_atto": (dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8),
-                        stem_stride=2), _meta(img=32, crop_pct=1.0, license="mit")),
-    "davit_femto": (dict(depths=(1, 1, 2, 1), embed_dims=(48, 96, 192, 384), num_heads=(3, 6, 12, 24),
-                         stem_stride=2), _meta(img=32, crop_pct=1.0, license="mit")),
-    "davit_pico": (dict(depths=(1, 1, 3, 1), embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16),
-                        stem_stride=2), _meta(img=32, crop_pct=1.0, license="mit")),
+    "davit_atto": (
+        dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), stem_stride=2),
+        _meta(img=32, crop_pct=1.0, license="mit"),
+    ),
+    "davit_femto": (
+        dict(depths=(1, 1, 2, 1), embed_dims=(48, 96, 192, 384), num_heads=(3, 6, 12, 24), stem_stride=2),
+        _meta(img=32, crop_pct=1.0, license="mit"),
+    ),
+    "davit_pico": (
+        dict(depths=(1, 1, 3, 1), embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), stem_stride=2),
+        _meta(img=32, crop_pct=1.0, license="mit"),
+    ),
 }
 
 # The official training recipe's drop path per variant (SPEC section 5); 0 where no recipe states one.
@@ -475,11 +485,30 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in VARIANTS if fnmatch.fnmatch(n, pattern))
 
 
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"davit_tiny.msft_in1k"`` -> ``("davit_tiny", "msft_in1k")``, timm's ``variant.tag`` naming;
+    a plain variant name gives ``(name, None)``. The tag must be the variant's released-weights tag."""
+    base, _, tag = name.partition(".")
+    if not tag:
+        return name, None
+    _check_name(base)
+    from .weights import released_tag
+
+    have = released_tag(base)
+    if tag != have:
+        avail = f"its only tag is {have!r}" if have else "it has no released weights, so no tag"
+        raise ValueError(
+            f"unknown pretrained tag {tag!r} in {name!r}: {avail}; or use the plain name {base!r}"
+        )
+    return base, tag
+
+
 def model_info(name: str) -> dict[str, Any]:
     """Architecture kwargs and metadata (input size, crop_pct, mean/std, params, GMACs, paper top-1)
-    of a variant."""
-    arch, meta = VARIANTS[_check_name(name)]
-    return {"name": name, "arch": dict(arch), **meta}
+    of a variant (``name`` may carry timm's ``.tag``)."""
+    base, _tag = split_name(name)
+    arch, meta = VARIANTS[_check_name(base)]
+    return {"name": base, "arch": dict(arch), **meta}
 
 
 def _check_name(name: str) -> str:
@@ -504,7 +533,8 @@ def create_model(
     """Build a DaViT variant.
 
     Args:
-        name: one of :func:`list_models`.
+        name: one of :func:`list_models`, optionally with timm's tag (``"davit_tiny.msft_in1k"``), which
+            names the weights ``pretrained=True`` fetches.
         pretrained: False; True or a tag (``"msft_in1k"``) to download the released weights through the
             Hugging Face hub cache; or a path to a local checkpoint in any layout
             :mod:`davit.weights` accepts.
@@ -515,6 +545,9 @@ def create_model(
         out_indices / out_norm: which stage maps, and a LayerNorm on each (dense-prediction form).
         **kwargs: architecture overrides, e.g. ``window_size=12``, ``drop_rate``.
     """
+    name, tag = split_name(name)
+    if tag is not None and pretrained is True:
+        pretrained = tag
     arch, _meta_ = VARIANTS[_check_name(name)]
     cfg = {**arch, **kwargs}
     if num_classes is not None:

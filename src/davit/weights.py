@@ -666,6 +666,14 @@ def _tag(hub_id: str) -> str:
     return hub_id.split(".", 1)[1] if "." in hub_id.split("/")[-1] else "msft_florence2"
 
 
+def released_tag(name: str) -> str | None:
+    """The tag of a variant's released weights (``"msft_in1k"``), None when it has none."""
+    from .models import model_info
+
+    hub_id = model_info(name)["hf_hub_id"]
+    return _tag(hub_id) if hub_id else None
+
+
 def pretrained_file(name: str, tag: bool | str = True) -> str:
     """Local path of a variant's released weights, fetched with ``huggingface_hub`` (standard hub cache)."""
     from .models import VARIANTS, model_info

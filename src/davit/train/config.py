@@ -44,6 +44,7 @@ class TrainConfig:
     drop_path: float | None = None  # default: the official per-variant rate (SPEC 5), else 0
     drop: float = 0.0
     initial_checkpoint: str | None = None  # fine-tune from these weights (any layout davit.weights reads)
+    pretrained: bool = False  # start from the variant's released weights (hub cache; --model may carry a tag)
     grad_checkpointing: bool = False
     # data
     dataset: str = "fashion-mnist"
@@ -350,6 +351,9 @@ _SHORT = {"batch_size": ["-b"], "workers": ["-j"]}
 _HELP = {
     "resume": "checkpoint file, or 'auto' for the newest valid checkpoint of the run folder",
     "preset": "",
+    "pretrained": "start from the variant's released weights (Hugging Face hub cache; --model may carry "
+    "timm's tag, e.g. davit_tiny.msft_in1k); offline, pass the file with --initial-checkpoint",
+    "initial_checkpoint": "fine-tune from this checkpoint file (any layout davit.weights reads)",
 }
 
 
@@ -409,9 +413,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def finalize(cfg: TrainConfig) -> TrainConfig:
     """Fill values that depend on the model: drop path None -> the official per-variant rate (SPEC 5)."""
     if cfg.drop_path is None:
-        from ..models import DEFAULT_DROP_PATH
+        from ..models import DEFAULT_DROP_PATH, split_name
 
-        cfg = dataclasses.replace(cfg, drop_path=DEFAULT_DROP_PATH.get(cfg.model, 0.0))
+        cfg = dataclasses.replace(cfg, drop_path=DEFAULT_DROP_PATH.get(split_name(cfg.model)[0], 0.0))
     return cfg
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..models import DEFAULT_DROP_PATH, create_model, model_info
+from ..models import DEFAULT_DROP_PATH, create_model, model_info, split_name
 from .config import TrainConfig
 
 __all__ = [
@@ -196,11 +196,26 @@ def _arch_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, verbose: bool = True) -> torch.nn.Module:
     """The model of the config; with ``initial_checkpoint`` its weights are loaded (any layout), the
     classifier left fresh when the class count differs. DaViT has no position tables, so weights fit any
-    resolution and window size unchanged (fine-tuning at 384 or window 12 needs no interpolation)."""
-    drop_path = cfg.drop_path if cfg.drop_path is not None else DEFAULT_DROP_PATH.get(cfg.model, 0.0)
+    resolution and window size unchanged (fine-tuning at 384 or window 12 needs no interpolation).
+    ``pretrained`` loads the released weights the same way (fresh classifier, stem adapted to in_chans)."""
+    if cfg.pretrained and cfg.initial_checkpoint:
+        raise ValueError(
+            "--pretrained and --initial-checkpoint both name starting weights; give one of them "
+            "(--initial-checkpoint takes a released checkpoint file too)"
+        )
+    drop_path = cfg.drop_path
+    if drop_path is None:
+        drop_path = DEFAULT_DROP_PATH.get(split_name(cfg.model)[0], 0.0)
     model = create_model(
-        cfg.model, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path, **_arch_kwargs(cfg)
+        cfg.model,
+        pretrained=cfg.pretrained,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_path_rate=drop_path,
+        **_arch_kwargs(cfg),
     )
+    if cfg.pretrained and verbose:
+        print(f"initial weights: the released {cfg.model} weights", flush=True)
     if cfg.initial_checkpoint:
         from ..weights import check_weights, load_weights
 
