@@ -115,6 +115,36 @@ def test_segfolder_reduce_zero_label_and_crop(tmp_path):
     assert set(y.unique().tolist()) <= {0, 1, 2, 255}  # padding is ignored (255), values stay labels
 
 
+def test_segfolder_normalisation_and_cache(tmp_path):
+    """The image is ImageNet-normalised as v2.ToDtype(scale=True) + v2.Normalize would; the cache returns
+    the same samples (same RNG, same augmentation) without reading the files again."""
+    from torchvision.transforms import v2
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ann").mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "img" / "a.png")
+    Image.fromarray(np.array([[0, 1, 2, 3] * 15] * 40, np.uint8)).save(tmp_path / "ann" / "a.png")
+    x, _ = SegFolder(tmp_path / "img", tmp_path / "ann")[0]
+    ref = v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(
+        torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    )
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-5)
+    kw = dict(train=True, crop_size=32, scale=(60, 40), ratio_range=(0.75, 1.5))
+    plain = SegFolder(tmp_path / "img", tmp_path / "ann", **kw)
+    cached = SegFolder(tmp_path / "img", tmp_path / "ann", cache=True, **kw)
+    for seed in range(4):  # the first call fills the cache, the others read it: the same samples throughout
+        torch.manual_seed(seed)
+        xa, ya = plain[0]
+        torch.manual_seed(seed)
+        xb, yb = cached[0]
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and xb.shape == (3, 32, 32)
+    (tmp_path / "img" / "a.png").unlink()  # the cached dataset no longer needs the file
+    assert cached[0][0].shape == (3, 32, 32)
+    with pytest.raises(FileNotFoundError):
+        plain[0]
+
+
 def test_mmseg_checkpoint_loads_into_backbone():
     body = create_model("davit_atto", features_only=True, out_norm=True)
     native = {k: torch.randn_like(v) for k, v in body.state_dict().items()}

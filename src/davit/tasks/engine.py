@@ -72,6 +72,7 @@ def build_datasets(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "val")) 
                 reduce_zero_label=cfg.reduce_zero_label,
                 flip_prob=cfg.flip_prob,
                 photometric=cfg.photometric,
+                cache=cfg.cache_images,
             )
     return out
 
