@@ -74,12 +74,16 @@ def test_disk_full_then_bitflip_then_resume(tmp_path, reference, monkeypatch, ca
     )
     ck = tmp_path / "run" / "checkpoints"
     names = sorted(p.name for p in ck.iterdir())
+    # the third step checkpoint (step 3; step 2, the epoch's end, is written once, after its evaluation, with
+    # best.pt) hit the full disk: the two before it and best.pt are whole, and no partial file is left behind
     assert names == [
+        "best.pt",
+        "best.pt.sha256",
         "ckpt-000000001.pt",
         "ckpt-000000001.pt.sha256",
         "ckpt-000000002.pt",
         "ckpt-000000002.pt.sha256",
-    ], names  # fmt: skip  (no partial file left behind)
+    ], names  # fmt: skip
     for p in ck.glob("*.pt"):
         verify_checkpoint(p)
     # now the newest checkpoint rots: one bit flipped; resume must warn and take step 1
