@@ -175,13 +175,13 @@ def test_gpu_process_group_also_reduces_cpu_tensors(monkeypatch):
     seen = {}
     for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(d, "_pick_device", lambda device, local: torch.device("cuda", local))
+    monkeypatch.setattr(d, "pick_device", lambda device, local: torch.device("cuda", local))
     monkeypatch.setattr(d.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(d.dist, "init_process_group", lambda **kw: seen.update(kw))
     info = d.init_distributed("cuda")
     assert info.device == torch.device("cuda", 0) and info.world_size == 2
     assert sorted(seen["backend"].split(",")) == ["cpu:gloo", "cuda:nccl"]
     seen.clear()
-    monkeypatch.setattr(d, "_pick_device", lambda device, local: torch.device("cpu"))
+    monkeypatch.setattr(d, "pick_device", lambda device, local: torch.device("cpu"))
     d.init_distributed("cpu")
     assert seen["backend"] == "gloo"

@@ -144,12 +144,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-
-    from ..train.distributed import _pick_device
+    from ..train.distributed import pick_device
     from .config import parse_set, resolve_task_config
     from .engine import build_datasets, evaluate, load_run
 
-    device = _pick_device(args.device, 0)
+    device = pick_device(args.device, 0)
     model, cfg = load_run(args.run, device)
     over = {**parse_set(args.set), **({"data": args.data} if args.data else {})}
     cfg = resolve_task_config(cfg.task, None, None, {**cfg.to_dict(), **over})  # same checks as train
@@ -190,11 +189,11 @@ def _image_files(paths: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..train.distributed import _pick_device
+    from ..train.distributed import pick_device
     from .engine import load_run
     from .predict import predict_files
 
-    model, cfg = load_run(args.run, _pick_device(args.device, 0))
+    model, cfg = load_run(args.run, pick_device(args.device, 0))
     written = predict_files(model, cfg, _image_files(args.images), args.out, args.score)
     print(f"wrote {len(written)} PNGs to {args.out}")
     return 0

@@ -126,13 +126,13 @@ def _eval_transform(meta: dict[str, Any], img_size=None, crop_pct=None, interpol
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import build_dataset, build_loader
-    from .distributed import _pick_device
+    from .distributed import pick_device
     from .metrics import evaluate
     from .setup import model_from_metadata
 
     path = _weights_path(args.checkpoint, args.use_ema)
     net, meta = model_from_metadata(path, args.model, use_ema=args.use_ema)
-    dev = _pick_device(args.device, 0)
+    dev = pick_device(args.device, 0)
     net.to(dev).eval()
     tf = _eval_transform(meta, args.img_size, args.crop_pct, args.interpolation)
     ds = build_dataset(

@@ -23,6 +23,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "env_rank_world",
+    "pick_device",
 ]
 
 
@@ -52,7 +53,9 @@ def env_rank_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
+def pick_device(device: str, local_rank: int) -> torch.device:
+    """``auto`` (a GPU if there is one), ``cpu`` or ``cuda`` -> this process's device (GPU ``local_rank``);
+    shared by the trainer and the eval/predict commands of every task."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -65,7 +68,7 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
 
 def init_distributed(device: str = "auto") -> DistInfo:
     rank, world, local = env_rank_world()
-    dev = _pick_device(device, local)
+    dev = pick_device(device, local)
     if world > 1 and not dist.is_initialized():
         if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ:
             raise RuntimeError(
