@@ -91,6 +91,76 @@ def test_segment_train_eval_predict_cli(scenes, tmp_path, capsys):
     assert len(list((tmp_path / "p").glob("*.png"))) == 4
 
 
+def test_start_over_sets_the_earlier_run_aside_and_resume_continues_the_new_one(scenes, tmp_path, capsys):
+    """`--no-resume` (and every demo) in a used folder: the earlier run's higher-step checkpoints must not
+    survive the new run's pruning, or the next resume continues the earlier run."""
+    run = tmp_path / "run"
+
+    def train(iters, *flags):
+        return main(["segment", "train", "--preset", "scenes-upernet-demo", "--data", str(scenes), "--out",
+                     str(run), "--progress", "none", *flags, "--set", "batch_size=2", "workers=0",
+                     "crop_size=64", "scale=[64,64]", "channels=8", "aux_channels=8", "threads=1",
+                     "time_limit_min=null", "eval_interval=1", "keep_checkpoints=1",
+                     "backbone_kwargs={stem_stride: 4}", f"iters={iters}"])  # fmt: skip
+
+    assert train(4) == 0
+    assert train(2, "--no-resume") == 0
+    out = capsys.readouterr().out
+    assert "starting over: moved the checkpoints of an earlier run" in out
+    (aside,) = (run / "ckpt").glob("replaced-*")
+    assert (aside / "ckpt-000000004.pt").is_file()
+    assert sorted(p.name for p in (run / "ckpt").glob("ckpt-*.pt")) == ["ckpt-000000002.pt"]
+    assert train(3) == 0  # resumes the new run (iteration 2), not the earlier one (4)
+    assert "at iteration 2/3" in capsys.readouterr().out
+
+
+def _hand_made_run(tmp_path, task, preset, **over):
+    """A run folder as `train` writes it (config.json + model.safetensors), without training."""
+    from safetensors.torch import save_file
+
+    from davit.tasks.engine import build_model
+
+    cfg = resolve_task_config(task, preset, overrides=dict(num_classes=11, **over))
+    run = tmp_path / f"{task}-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    save_file(build_model(cfg, backbone_weights=False).state_dict(), str(run / "model.safetensors"))
+    return run
+
+
+def test_load_run_applies_overrides_to_the_model_and_checks_the_task(tmp_path, capsys):
+    from davit.tasks.engine import load_run
+
+    run = _hand_made_run(tmp_path, "detect", "scenes-maskrcnn-demo")
+    model, cfg = load_run(run, overrides={"detections_per_img": 1, "min_sizes": [64]})
+    assert model.roi_heads.detections_per_img == 1 and model.transform.min_size == (64,)
+    assert cfg.detections_per_img == 1
+    with pytest.raises(ValueError, match=r"holds a `davit detect` run, not a segment one"):
+        load_run(run, task="segment")
+    assert main(["segment", "eval", str(run)]) == 2
+    assert "use `davit detect eval|predict` on it" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"do not fit the model built from its config with the overrides"):
+        load_run(run, overrides={"fpn_channels": 32})
+
+
+def test_run_folders_from_before_test_resize_keep_their_test_scales(tmp_path):
+    from davit.tasks.engine import load_run
+
+    run = _hand_made_run(tmp_path, "segment", "scenes-upernet-demo", channels=8, aux_channels=8)
+    assert load_run(run)[1].test_resize is True
+    raw = json.loads((run / "config.json").read_text())
+    del raw["test_resize"]  # as written before the key existed: test_scales were ratios of the image size
+    (run / "config.json").write_text(json.dumps(raw))
+    assert load_run(run)[1].test_resize is False
+
+
+def test_detection_refuses_category_ids_beyond_num_classes(scenes, tmp_path, capsys):
+    args = ["detect", "train", "--preset", "scenes-maskrcnn-demo", "--data", str(scenes), "--out",
+            str(tmp_path / "run"), "--progress", "none", "--set", "num_classes=5", "workers=0"]  # fmt: skip
+    assert main(args) == 2
+    assert "category ids up to 10, but num_classes is 5" in capsys.readouterr().err
+
+
 def test_amp_trains_under_bf16_autocast(scenes, tmp_path, monkeypatch):
     """amp=true is bf16 autocast on every device: CUDA's default autocast dtype (fp16) would need a grad
     scaler, which the dense loop does not have."""

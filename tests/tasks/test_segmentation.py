@@ -8,7 +8,7 @@ from torch import nn
 
 from davit import create_model
 from davit.tasks.seg_data import SegFolder, SegMetric
-from davit.tasks.segmentation import segment_inference, upernet
+from davit.tasks.segmentation import rescale_size, segment_inference, upernet
 from davit.weights import from_native
 
 SMALL = dict(channels=16, aux_channels=8, drop_path_rate=0.0, backbone_kwargs=dict(stem_stride=4))
@@ -98,6 +98,56 @@ def test_slide_and_flip_inference_match_whole_for_pointwise_model():
     assert ms.shape == whole.shape and torch.allclose(ms.sum(1), torch.ones(1, 50, 70))
     with pytest.raises(ValueError, match="mode"):
         segment_inference(model, x, mode="tiles")
+
+
+def test_inference_rescales_to_the_test_scale_and_answers_at_input_size():
+    seen = []
+
+    class Spy(_PixelModel):
+        def forward(self, x):
+            seen.append(tuple(x.shape[2:]))
+            return super().forward(x)
+
+    x = torch.randn(1, 3, 50, 70)
+    out = segment_inference(Spy(), x, scales=(1.0, 1.5), scale=(2048, 100))
+    assert seen == [(100, 140), (150, 210)] and out.shape[2:] == (50, 70)
+    seen.clear()
+    segment_inference(Spy(), x, scales=(0.5,))  # without `scale`: ratios of the input size
+    assert seen == [(25, 35)]
+
+
+def test_rescale_fits_long_and_short_side_whatever_the_orientation():
+    """mmseg's keep-ratio rescale to (2048, 512): the short side goes to 512 unless the long one would pass
+    2048; torchvision's ScaleJitter((512, 2048)) gave a landscape 683 x 512 image 512 x 384."""
+    assert rescale_size(512, 683, (2048, 512)) == (512, 683)  # (h, w) landscape: unchanged
+    assert rescale_size(683, 512, (2048, 512)) == (683, 512)  # portrait
+    assert rescale_size(256, 341, (2048, 512)) == (512, 682)
+    assert rescale_size(300, 2500, (2048, 512)) == (246, 2048)  # the long side binds
+    assert rescale_size(256, 341, (2048, 512), 0.5) == (256, 341)
+    assert rescale_size(128, 128, (64, 64), 1.5) == (96, 96)
+
+
+def test_segfolder_training_rescale_keeps_orientation(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ann").mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(tmp_path / "ann" / "a.png")
+    # ratio 1, a crop larger than the image: the sample is the rescaled image itself (then padded)
+    ds = SegFolder(tmp_path / "img", tmp_path / "ann", train=True, crop_size=500, scale=(2048, 80),
+                   ratio_range=(1.0, 1.0), flip_prob=0, photometric=False)  # fmt: skip
+    x, y = ds[0]
+    # 40 x 60 -> short side 80: 80 x 120, the rest of the 500 px crop is padding (labels 255)
+    assert ((y != 255).sum(0) > 0).sum() == 120 and ((y != 255).sum(1) > 0).sum() == 80
+
+
+def test_segfolder_refuses_labels_beyond_num_classes(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ann").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    Image.fromarray(np.array([[0, 4, 255, 1] * 2] * 8, np.uint8)).save(tmp_path / "ann" / "a.png")
+    assert SegFolder(tmp_path / "img", tmp_path / "ann", num_classes=5)[0][1].max() == 255  # 255: ignored
+    with pytest.raises(ValueError, match=r"a\.png holds class 4, but num_classes is 4.*at least 5"):
+        SegFolder(tmp_path / "img", tmp_path / "ann", num_classes=4)[0]
 
 
 def test_segfolder_reduce_zero_label_and_crop(tmp_path):

@@ -102,6 +102,28 @@ def test_manager_keeps_last_k_and_best(tmp_path):
     assert load_checkpoint(tmp_path / "best.pt")["step"] == 2 and m.latest().name == "ckpt-000000004.pt"
 
 
+def test_set_aside_moves_an_earlier_runs_checkpoints_so_a_new_run_keeps_its_own(tmp_path):
+    """A run starting over in a folder an earlier run used: left in place, the earlier run's higher steps
+    would outlive the new run's checkpoints in the pruning and a resume would continue the earlier run."""
+    old = CheckpointManager(tmp_path, keep_last=2)
+    for step in (7, 8):
+        old.save({"step": step, "run": "old"}, step, is_best=step == 8)
+    (tmp_path / "ckpt-000000009.pt").write_bytes(b"uncommitted")  # a crash mid-write: no checksum
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    new = CheckpointManager(tmp_path, keep_last=2)
+    moved = new.set_aside()
+    assert moved is not None and moved.parent == tmp_path and moved.name.startswith("replaced-")
+    assert sorted(f.name for f in moved.iterdir()) == [
+        "best.pt", "best.pt.sha256", "ckpt-000000007.pt", "ckpt-000000007.pt.sha256", "ckpt-000000008.pt",
+        "ckpt-000000008.pt.sha256", "ckpt-000000009.pt"]  # fmt: skip
+    assert load_checkpoint(moved / "ckpt-000000008.pt")["run"] == "old"  # moved intact, nothing lost
+    assert (tmp_path / "notes.txt").is_file() and new.latest() is None
+    for step in (1, 2, 3):
+        new.save({"step": step, "run": "new"}, step)
+    assert load_checkpoint(new.latest()) == {"step": 3, "run": "new"}
+    assert new.set_aside() != moved and CheckpointManager(tmp_path / "absent").set_aside() is None
+
+
 def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     torch.manual_seed(1)
     np.random.seed(2)

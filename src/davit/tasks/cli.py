@@ -145,13 +145,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..train.distributed import pick_device
-    from .config import parse_set, resolve_task_config
+    from .config import parse_set
     from .engine import build_datasets, evaluate, load_run
 
     device = pick_device(args.device, 0)
-    model, cfg = load_run(args.run, device)
     over = {**parse_set(args.set), **({"data": args.data} if args.data else {})}
-    cfg = resolve_task_config(cfg.task, None, None, {**cfg.to_dict(), **over})  # same checks as train
+    model, cfg = load_run(args.run, device, over, task=args.task)  # the overrides reach the model too
     ds = build_datasets(cfg, ("val",))["val"]
     scores = evaluate(model, ds, cfg, device, progress="auto")
     _print_scores(args.task, scores)
@@ -193,7 +192,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .engine import load_run
     from .predict import predict_files
 
-    model, cfg = load_run(args.run, pick_device(args.device, 0))
+    model, cfg = load_run(args.run, pick_device(args.device, 0), task=args.task)
     written = predict_files(model, cfg, _image_files(args.images), args.out, args.score)
     print(f"wrote {len(written)} PNGs to {args.out}")
     return 0

@@ -28,7 +28,7 @@ from ..train.logging import MetricsLogger, Progress, memory_fields
 from ..train.optim import fused_kwargs
 from ..train.trainer import NonFiniteLossError, StopFlag
 from .coco import CocoInstances, coco_evaluate, coco_results, collate_detection
-from .config import TaskConfig
+from .config import TaskConfig, resolve_task_config
 from .detection import detector_param_groups, maskrcnn
 from .seg_data import SegFolder, SegMetric
 from .segmentation import segment_inference, upernet
@@ -73,6 +73,7 @@ def build_datasets(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "val")) 
                 flip_prob=cfg.flip_prob,
                 photometric=cfg.photometric,
                 cache=cfg.cache_images,
+                num_classes=cfg.num_classes,
             )
     return out
 
@@ -188,6 +189,7 @@ def evaluate(
                     cfg.test_stride,
                     cfg.test_scales,
                     cfg.test_flip,
+                    scale=cfg.scale if cfg.test_resize else None,
                 )
                 t_model += time.perf_counter() - t0
                 metric.update(probs.argmax(1).cpu(), targets)
@@ -215,6 +217,14 @@ def train(
     data = build_datasets(cfg, ("train", "val") if main else ("train",))
     if cfg.task == "detect" and cfg.num_classes is None:
         cfg.num_classes = data["train"].num_classes
+    if cfg.task == "detect":
+        for split, ds in data.items():
+            if ds.num_classes > cfg.num_classes:  # a category id the box predictor has no output for
+                raise ValueError(
+                    f"the {split} annotations use category ids up to {ds.num_classes - 1}, but num_classes "
+                    f"is {cfg.num_classes} (ids 1..{cfg.num_classes - 1}; 0 is the background): set "
+                    f"num_classes={ds.num_classes}"
+                )
     model = build_model(cfg).to(device)
     # the recipe's SyncBN; PyTorch implements it for GPUs only, so CPU ranks (gloo) normalise with their own
     # batch statistics (DDP broadcasts rank 0's running statistics)
@@ -287,6 +297,10 @@ def train(
     ckpts = CheckpointManager(out / "ckpt", cfg.keep_checkpoints)
     step, best = 0, None
     latest = ckpts.latest() if resume else None
+    if latest is None and main:
+        moved = ckpts.set_aside()  # an earlier run's checkpoints would outlive this run's (see set_aside)
+        if moved is not None:
+            print(f"starting over: moved the checkpoints of an earlier run in {out} to {moved}", flush=True)
     if latest is not None:
         st = load_checkpoint(latest)
         core.load_state_dict(st["model"])
@@ -467,17 +481,43 @@ def _class_names(cfg: TaskConfig) -> list[str]:
     return []
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TaskConfig]:
-    """The trained model of a run folder (``config.json`` + ``model.safetensors``), in eval mode."""
+def load_run(
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    overrides: dict[str, Any] | None = None,
+    task: str | None = None,
+) -> tuple[nn.Module, TaskConfig]:
+    """The trained model of a run folder (``config.json`` + ``model.safetensors``), in eval mode.
+
+    ``overrides`` (``--set`` of eval/predict: test-time settings, and model options such as
+    ``detections_per_img`` or ``min_sizes``) apply before the model is built, with the same checks as
+    training; ``task``, when given, must be the run's (a detection run cannot be evaluated as segmentation).
+    """
     run = Path(run_dir)
     for f in ("config.json", "model.safetensors"):
         if not (run / f).is_file():
             raise FileNotFoundError(
                 f"{run / f} not found: pass the folder a `davit detect|segment train` wrote"
             )
-    cfg = TaskConfig(**json.loads((run / "config.json").read_text()))
+    raw = json.loads((run / "config.json").read_text())
+    if task is not None and raw.get("task") != task:
+        raise ValueError(
+            f"{run} holds a `davit {raw.get('task')}` run, not a {task} one: use "
+            f"`davit {raw.get('task')} eval|predict` on it"
+        )
+    # run folders written before `test_resize` existed meant test_scales as ratios of the image size
+    raw.setdefault("test_resize", False)
+    cfg = resolve_task_config(raw["task"], None, None, {**raw, **(overrides or {})})
     model = build_model(cfg, backbone_weights=False)
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(run / "model.safetensors")))
+    except RuntimeError as e:
+        changed = sorted(overrides or {})
+        raise ValueError(
+            f"the weights in {run / 'model.safetensors'} do not fit the model built from its config"
+            + (f" with the overrides {changed}" if changed else "")
+            + f": {str(e).splitlines()[0]} (override test-time options only, not the architecture)"
+        ) from e
     return model.to(device).eval(), cfg

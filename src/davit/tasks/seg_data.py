@@ -5,9 +5,11 @@ Layout: an image folder and a label folder whose files share stems (``images/tra
 to
 255 and shifts the rest down by one, as mmseg does for ADE20K's 150 classes.
 
-Training transform of the recipe (torchvision v2): random rescale of the (2048, 512) scale by a ratio in
-[0.5, 2.0] keeping the aspect ratio, a random crop (padding images with 0 and labels with 255), horizontal
-flip, photometric jitter, ImageNet normalisation. mmseg's ``cat_max_ratio`` crop retry is not reproduced.
+Training transform of the recipe (torchvision v2): random rescale keeping the aspect ratio so that the
+image fits the (2048, 512) scale times a ratio drawn from [0.5, 2.0] (long side within 2048 x ratio, short
+side within 512 x ratio, as mmseg's ``Resize``), a random crop (padding images with 0 and labels with
+255), horizontal flip, photometric jitter, ImageNet normalisation. mmseg's
+``cat_max_ratio`` crop retry is not reproduced.
 """
 
 from __future__ import annotations
@@ -24,12 +26,33 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .segmentation import IGNORE_INDEX
+from .segmentation import IGNORE_INDEX, rescale_size
 
-__all__ = ["SegFolder", "SegMetric"]
+__all__ = ["SegFolder", "SegMetric", "RescaleKeepRatio"]
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class RescaleKeepRatio(v2.Transform):
+    """mmseg's ``Resize(img_scale=scale, ratio_range=..., keep_ratio=True)`` as a torchvision v2 transform:
+    a ratio drawn uniformly from ``ratio_range``, then the image (and its label map, nearest) rescaled by
+    :func:`~davit.tasks.segmentation.rescale_size`. torchvision's ``ScaleJitter`` fits a fixed
+    (width, height) box instead, which gives a landscape image its long side where the short one belongs
+    (a 683 x 512 ADE20K image came out 512 x 384 instead of 683 x 512)."""
+
+    def __init__(self, scale: Sequence[int], ratio_range: Sequence[float] = (1.0, 1.0)) -> None:
+        super().__init__()
+        self.scale, self.ratio_range = tuple(scale), tuple(ratio_range)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        h, w = next(v2.functional.get_size(x) for x in flat_inputs if isinstance(x, tv_tensors.Image))
+        lo, hi = self.ratio_range
+        ratio = lo + torch.rand(1).item() * (hi - lo)  # one draw per sample, like ScaleJitter's
+        return dict(size=rescale_size(h, w, self.scale, ratio))
+
+    def transform(self, inpt, params: dict):
+        return v2.functional.resize(inpt, params["size"], antialias=True)  # masks: nearest, by type
 
 
 class SegFolder(Dataset):
@@ -43,6 +66,9 @@ class SegFolder(Dataset):
         cache: keep every decoded image and label map in memory after its first read (per process). For
             small datasets such as the CPU demo's scenes, where decoding was a fifth of each sample's cost;
             ADE20K's 20k images would need ~20 GB.
+        num_classes: when given, a label map holding a value >= num_classes (other than the ignore index
+            255) is refused with the file's name, instead of failing later inside the loss (on a GPU as a
+            device-side assert).
     """
 
     def __init__(
@@ -57,6 +83,7 @@ class SegFolder(Dataset):
         flip_prob: float = 0.5,
         photometric: bool = True,
         cache: bool = False,
+        num_classes: int | None = None,
     ) -> None:
         img_dir, ann_dir = Path(img_dir), Path(ann_dir)
         for p in (img_dir, ann_dir):
@@ -72,14 +99,12 @@ class SegFolder(Dataset):
             raise ValueError(
                 f"no image/label pairs with matching names in {img_dir} and {ann_dir} (labels: .png)"
             )
-        self.reduce_zero_label = reduce_zero_label
+        self.reduce_zero_label, self.num_classes = reduce_zero_label, num_classes
         self._cache: dict[int, tuple[Tensor, Tensor]] | None = {} if cache else None
         ops: list = []
         if train:
             if scale is not None:
-                ops.append(
-                    v2.ScaleJitter((min(scale), max(scale)), scale_range=tuple(ratio_range), antialias=True)
-                )
+                ops.append(RescaleKeepRatio(scale, ratio_range))
             ops += [
                 v2.RandomCrop(
                     crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}
@@ -108,7 +133,17 @@ class SegFolder(Dataset):
             lab = lab.astype(np.int16) - 1
             lab[lab < 0] = IGNORE_INDEX
             lab[lab == IGNORE_INDEX - 1] = IGNORE_INDEX
-        return lab.astype(np.uint8)
+        lab = lab.astype(np.uint8)
+        if self.num_classes is not None:
+            top = int(lab[lab != IGNORE_INDEX].max(initial=0))
+            if top >= self.num_classes:
+                hint = "" if self.reduce_zero_label else " or reduce_zero_label=true (ADE20K's 0 = 'other')"
+                raise ValueError(
+                    f"label map {self.items[i][1]} holds class {top}, but num_classes is "
+                    f"{self.num_classes} (labels 0..{self.num_classes - 1}, {IGNORE_INDEX} ignored): set "
+                    f"num_classes to at least {top + 1}{hint}"
+                )
+        return lab
 
     def _read(self, i: int) -> tuple[Tensor, Tensor]:
         """uint8 (3, H, W) image and (H, W) label tensors, from the cache when on."""

@@ -20,7 +20,15 @@ from torchvision.ops import Conv2dNormActivation
 
 from .backbone import dense_backbone
 
-__all__ = ["UPerHead", "FCNHead", "UperNet", "upernet", "segment_inference", "IGNORE_INDEX"]
+__all__ = [
+    "UPerHead",
+    "FCNHead",
+    "UperNet",
+    "upernet",
+    "segment_inference",
+    "rescale_size",
+    "IGNORE_INDEX",
+]
 
 IGNORE_INDEX = 255
 
@@ -147,6 +155,16 @@ def upernet(
     return UperNet(body, num_classes, channels, aux_channels, aux_weight=aux_weight, dropout=dropout)
 
 
+def rescale_size(h: int, w: int, scale: Sequence[int], ratio: float = 1.0) -> tuple[int, int]:
+    """(h', w') of an h x w image rescaled keeping its aspect ratio so that its long side fits
+    ``max(scale) * ratio`` and its short side ``min(scale) * ratio``, whatever its orientation: mmseg's
+    ``Resize(img_scale=(2048, 512), keep_ratio=True)`` (mmcv ``imrescale``, sizes rounded half up)."""
+    if h < 1 or w < 1:
+        raise ValueError(f"cannot rescale an empty image ({h} x {w})")
+    r = min(max(scale) * ratio / max(h, w), min(scale) * ratio / min(h, w))
+    return max(1, int(h * r + 0.5)), max(1, int(w * r + 0.5))
+
+
 def _slide(model: nn.Module, x: Tensor, crop: int, stride: int) -> Tensor:
     """mmseg's sliding window: overlapping crop x crop windows, logits averaged where windows overlap."""
     b, _, h, w = x.shape
@@ -175,19 +193,28 @@ def segment_inference(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     out_size: Sequence[int] | None = None,
+    scale: Sequence[int] | None = None,
 ) -> Tensor:
     """Class probabilities (B, K, H, W) for normalised images ``x`` at ``out_size`` (default: input size).
 
     ``mode``: "whole" (one pass) or "slide" (crop/stride windows). ``scales``/``flip``: the multi-scale + flip
-    test (mmseg uses 0.5..1.75); softmax outputs are averaged over all passes.
+    test; softmax outputs are averaged over all passes. ``scale`` (long, short): as mmseg's test pipeline
+    (``img_scale=(2048, 512)`` for ADE20K), each pass first rescales the images keeping their aspect ratio to
+    fit ``scale`` times the pass's ratio (:func:`rescale_size`; mmseg's multi-scale ratios are 0.5..1.75);
+    without it the ratios apply to the input size.
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     out_size = tuple(out_size or x.shape[2:])
+    h, w = x.shape[2:]
     model.eval()
     total = None
     for s in scales:
-        xs = x if s == 1.0 else _up(x, (max(1, round(x.shape[2] * s)), max(1, round(x.shape[3] * s))))
+        if scale is not None:
+            size = rescale_size(h, w, scale, s)
+        else:
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+        xs = x if size == (h, w) else _up(x, size)
         for f in (False, True) if flip else (False,):
             xi = xs.flip(-1) if f else xs
             logits = model(xi) if mode == "whole" else _slide(model, xi, crop, stride)

@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,32 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         return find_latest_valid(self.folder)
+
+    def set_aside(self) -> Path | None:
+        """Move the checkpoints of an earlier run in this folder (step checkpoints, ``best.pt``, their
+        checksums, committed or not) into ``replaced-<UTC time>/`` inside it; returns that folder, or None
+        when there were none. For a run that starts over in a folder an earlier run used: left in place,
+        the earlier run's higher step numbers would outlive the new run's checkpoints in the pruning (which
+        keeps the highest steps) and a later resume would continue the earlier run. Moved, not deleted:
+        nothing saved is lost."""
+        if not self.folder.is_dir():
+            return None
+        old = [
+            f
+            for f in self.folder.iterdir()
+            if f.is_file() and (_NAME.match(f.name.removesuffix(".sha256")) or f.name.startswith("best.pt"))
+        ]
+        if not old:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        dest, n = self.folder / f"replaced-{stamp}", 1
+        while dest.exists():  # two starts within a second
+            dest, n = self.folder / f"replaced-{stamp}-{n}", n + 1
+        dest.mkdir()
+        for f in old:
+            os.replace(f, dest / f.name)
+        _fsync_dir(self.folder)
+        return dest
 
 
 # ----- RNG states as weights_only-loadable values -----------------------------------------------------------

@@ -206,6 +206,10 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     start_epoch, start_pos, step, best = 0, 0, 0, -1.0
     if cfg.resume == "auto" and resume_path is None and main:
         print(f"--resume auto: no valid checkpoint in {ckpts.folder}, starting from scratch", flush=True)
+    if st is None and main:
+        moved = ckpts.set_aside()  # an earlier run's checkpoints would outlive this run's (see set_aside)
+        if moved is not None:
+            print(f"starting over: moved the checkpoints of an earlier run here to {moved}", flush=True)
     if st is not None:
         _load_state_dicts(net, opt, st["model"], st["optimizer"], cfg.fsdp)
         if ema is not None and "model_ema" in st:
