@@ -4,7 +4,7 @@ from safetensors.torch import save_file
 
 from davit import create_model
 from davit.tasks.coco import CocoInstances, coco_evaluate, coco_results
-from davit.tasks.detection import DaViTFPN, maskrcnn
+from davit.tasks.detection import DaViTFPN, detector_param_groups, maskrcnn
 from davit.weights import from_native
 
 SMALL = dict(
@@ -132,3 +132,37 @@ def test_coco_evaluation_perfect_and_empty(scenes):
     # a wrong class everywhere scores 0 too: evaluation really compares categories
     wrong = [dict(o, labels=o["labels"] % 10 + 1) for o in outs]
     assert coco_evaluate(ds.coco, coco_results(wrong, ids))["box_AP"] == 0.0
+
+
+def test_resize_crop_policy_keeps_boxes_and_masks_on_the_crop(scenes):
+    """The official pipeline's second policy: short side 400/500/600, a 384..600 crop; boxes shifted and
+    clipped to the crop, masks cut the same way, boxes left empty dropped with their label and mask."""
+    args = (scenes / "images" / "train", scenes / "annotations" / "instances_train.json")
+    ds = CocoInstances(*args, train=True, flip_prob=0.0, crop_prob=1.0)
+    plain = CocoInstances(*args, train=True, flip_prob=0.0)
+    sizes = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        img, t = ds[seed % len(ds)]
+        h, w = img.shape[1:]
+        sizes.add((h, w))
+        # 64 px scenes go to a 400-600 px short side, then a window of 384..600 per side (at most the image)
+        assert 384 <= h <= 600 and 384 <= w <= 600
+        assert t["masks"].shape[1:] == (h, w) and len(t["masks"]) == len(t["boxes"]) == len(t["labels"])
+        b = t["boxes"]
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all()
+        assert ((b[:, 2] - b[:, 0] >= 1) & (b[:, 3] - b[:, 1] >= 1)).all()
+        for m, box in zip(t["masks"], b.round().long()):  # each mask lies inside its (clipped) box
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            if len(ys):
+                assert xs.min() >= box[0] - 1 and xs.max() <= box[2] and ys.max() <= box[3]
+    assert len(sizes) > 1  # random sizes
+    assert plain[0][0].shape[1:] == (64, 64)  # crop_prob 0: untouched
+
+
+def test_param_groups_decay_every_parameter_as_the_official_configs():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    (g,) = detector_param_groups(m, 0.05)
+    assert len(g["params"]) == 4 and g["weight_decay"] == 0.05
+    decay, no_decay = detector_param_groups(m, 0.05, decay_1d=False)
+    assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0

@@ -24,6 +24,12 @@ def test_presets_follow_the_official_recipes():
     assert (s.crop_size, s.ratio_range, s.drop_path_rate, s.channels, s.aux_weight) == (512, [0.5, 2.0], 0.3,
                                                                                         512, 0.4)
     assert s.num_classes == 150 and s.reduce_zero_label
+    # official mmdet/mmseg configs: weight decay on every parameter, 1000 RPN proposals per image in training,
+    # the resize-and-crop policy for half the images; the test resize to (2048, 512)
+    assert c.decay_1d_params and c3.decay_1d_params and s.decay_1d_params
+    assert (c.crop_prob, c.crop_short_sides, c.crop_size_range, c.rpn_post_nms_top_n_train) == (
+        0.5, [400, 500, 600], [384, 600], 1000)  # fmt: skip
+    assert s.test_resize and s.scale == [2048, 512] and s.test_scales == [1.0]
     assert set(PRESETS) >= {"coco-maskrcnn-1x", "coco-maskrcnn-3x", "ade20k-upernet-160k"}
 
 

@@ -1,9 +1,9 @@
 """COCO-format instance data (image folder + instances JSON) and pycocotools evaluation.
 
 Multi-scale resizing is not done here: Mask R-CNN's own transform draws a short side from ``min_size`` per
-image in training (the recipe's 480..800, max 1333) and uses the last one in evaluation. The dataset only
-flips
-and converts; category ids are kept as they are (COCO 1..90 -> ``num_classes=91``, scenes 1..10 -> 11).
+image in training (the recipe's 480..800, max 1333) and uses the last one in evaluation. The dataset flips,
+applies the recipe's resize-and-crop policy to a share of the training images (``crop_prob``) and converts;
+category ids are kept as they are (COCO 1..90 -> ``num_classes=91``, scenes 1..10 -> 11).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,17 +24,62 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-__all__ = ["CocoInstances", "collate_detection", "coco_results", "coco_evaluate", "COCO_METRICS"]
+__all__ = [
+    "CocoInstances",
+    "ResizeCrop",
+    "collate_detection",
+    "coco_results",
+    "coco_evaluate",
+    "COCO_METRICS",
+]
 
 # names of COCOeval.stats[0:6], the numbers every Mask R-CNN table reports
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+class ResizeCrop(v2.Transform):
+    """The second policy of the official DaViT/Swin Mask R-CNN training pipeline (from DETR): with
+    probability ``p``, rescale keeping the aspect ratio to a short side drawn from ``short_sides`` (long side
+    at most ``max_size``), then crop a random ``h x w`` window with h and w drawn in ``size_range`` (mmdet's
+    ``RandomCrop(crop_type="absolute_range", allow_negative_crop=True)``: an image may keep no box). The
+    detector's own transform then rescales the crop to a short side in ``min_sizes`` (the first policy's
+    480..800), as the pipeline's final ``Resize(override=True)`` does. Boxes are shifted and clipped; those
+    left empty are dropped with their labels and masks by ``SanitizeBoundingBoxes`` afterwards."""
+
+    def __init__(
+        self, p: float, short_sides: Sequence[int], size_range: Sequence[int], max_size: int = 1333
+    ) -> None:
+        super().__init__()
+        self.p, self.short_sides, self.size_range, self.max_size = p, list(short_sides), size_range, max_size
+
+    def make_params(self, flat_inputs: list) -> dict:
+        if torch.rand(1).item() >= self.p:
+            return dict(size=None)
+        h, w = next(v2.functional.get_size(x) for x in flat_inputs if isinstance(x, tv_tensors.Image))
+        short = self.short_sides[int(torch.randint(len(self.short_sides), ()))]
+        r = min(short / min(h, w), self.max_size / max(h, w))
+        h, w = max(1, int(h * r + 0.5)), max(1, int(w * r + 0.5))
+        lo, hi = self.size_range
+        ch = int(torch.randint(min(h, lo), min(h, hi) + 1, ()))
+        cw = int(torch.randint(min(w, lo), min(w, hi) + 1, ()))
+        top = int(torch.randint(h - ch + 1, ()))
+        left = int(torch.randint(w - cw + 1, ()))
+        return dict(size=(h, w), box=(top, left, ch, cw))
+
+    def transform(self, inpt, params: dict):
+        if params["size"] is None:
+            return inpt
+        out = v2.functional.resize(inpt, params["size"], antialias=True)  # masks: nearest, by type
+        return v2.functional.crop(out, *params["box"])
 
 
 class CocoInstances(Dataset):
     """(float image (3, H, W) in [0, 1], target with boxes xyxy, labels, masks (N, H, W) uint8, image_id).
 
     Crowd annotations are dropped from training targets (as torchvision's references do); evaluation uses
-    the JSON through pycocotools, which handles them.
+    the JSON through pycocotools, which handles them. ``crop_prob`` > 0 adds the official pipeline's
+    resize-and-crop policy (:class:`ResizeCrop`, with ``crop_short_sides``/``crop_size_range``/``max_size``)
+    in training.
     """
 
     def __init__(
@@ -43,6 +88,10 @@ class CocoInstances(Dataset):
         ann_file: str | os.PathLike,
         train: bool = False,
         flip_prob: float = 0.5,
+        crop_prob: float = 0.0,
+        crop_short_sides: Sequence[int] = (400, 500, 600),
+        crop_size_range: Sequence[int] = (384, 600),
+        max_size: int = 1333,
     ) -> None:
         for p, what in ((img_dir, "image folder"), (ann_file, "instances JSON")):
             if not os.path.exists(p):
@@ -56,6 +105,8 @@ class CocoInstances(Dataset):
         ops: list = [v2.ToImage()]
         if train and flip_prob > 0:
             ops.append(v2.RandomHorizontalFlip(flip_prob))
+        if train and crop_prob > 0:
+            ops.append(ResizeCrop(crop_prob, crop_short_sides, crop_size_range, max_size))
         ops += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(labels_getter=_labels_getter)]
         self.transform = v2.Compose(ops)
         self.train = train

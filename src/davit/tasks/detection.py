@@ -111,13 +111,18 @@ def maskrcnn(
     )
 
 
-def detector_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on norms, biases and other 1-D parameters (as the mmdet configs)."""
+def detector_param_groups(
+    model: nn.Module, weight_decay: float, decay_1d: bool = True
+) -> list[dict[str, Any]]:
+    """AdamW groups of a dense model: weight decay on every parameter, as the official DaViT mmdet and mmseg
+    configs (no ``paramwise_cfg``), or with ``decay_1d=False`` none on norms, biases and other 1-D
+    parameters (the classification recipe's rule)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+            (no_decay if p.ndim <= 1 and not decay_1d else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay)]
+    return groups + ([dict(params=no_decay, weight_decay=0.0)] if no_decay else [])
 
 
 @torch.no_grad()

@@ -60,7 +60,16 @@ def build_datasets(cfg: TaskConfig, splits: tuple[str, ...] = ("train", "val")) 
         img, ann = _paths(cfg, split)
         train = split == "train"
         if cfg.task == "detect":
-            out[split] = CocoInstances(img, ann, train=train, flip_prob=cfg.flip_prob)
+            out[split] = CocoInstances(
+                img,
+                ann,
+                train=train,
+                flip_prob=cfg.flip_prob,
+                crop_prob=cfg.crop_prob,
+                crop_short_sides=cfg.crop_short_sides,
+                crop_size_range=cfg.crop_size_range,
+                max_size=cfg.max_size,
+            )
         else:
             out[split] = SegFolder(
                 img,
@@ -173,12 +182,18 @@ def evaluate(
     else:
         loader = DataLoader(ds, cfg.eval_batch_size, **kw)
     results, metric, n, t_model = [], SegMetric(cfg.num_classes), 0, 0.0
+
+    def done() -> float:  # GPU kernels run asynchronously: wait for them before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     with Progress(len(loader), "eval", progress) as bar:
         for images, targets in loader:
             t0 = time.perf_counter()
             if cfg.task == "detect":
                 outs = model([im.to(device) for im in images])
-                t_model += time.perf_counter() - t0
+                t_model += done() - t0
                 results += coco_results(outs, [int(t["image_id"]) for t in targets])
             else:
                 probs = segment_inference(
@@ -191,7 +206,7 @@ def evaluate(
                     cfg.test_flip,
                     scale=cfg.scale if cfg.test_resize else None,
                 )
-                t_model += time.perf_counter() - t0
+                t_model += done() - t0
                 metric.update(probs.argmax(1).cpu(), targets)
             n += len(images)
             bar.update(1)
@@ -277,7 +292,7 @@ def train(
     total = math.ceil(cfg.epochs * iters_per_epoch) if cfg.task == "detect" else int(cfg.iters)
 
     optimizer = torch.optim.AdamW(
-        detector_param_groups(core, cfg.weight_decay),
+        detector_param_groups(core, cfg.weight_decay, cfg.decay_1d_params),
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         **fused_kwargs(core.parameters()),
