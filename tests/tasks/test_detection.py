@@ -132,3 +132,13 @@ def test_coco_evaluation_perfect_and_empty(scenes):
     # a wrong class everywhere scores 0 too: evaluation really compares categories
     wrong = [dict(o, labels=o["labels"] % 10 + 1) for o in outs]
     assert coco_evaluate(ds.coco, coco_results(wrong, ids))["box_AP"] == 0.0
+
+
+def test_coco_results_leaves_the_callers_boxes_alone():
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 50.0], [0.0, 0.0, 4.0, 2.0]])  # float on the CPU: no copy made
+    before = boxes.clone()
+    out = dict(boxes=boxes, scores=torch.tensor([0.9, 0.8]), labels=torch.tensor([1, 2]))
+    res = coco_results([out], [7])
+    assert [r["bbox"] for r in res] == [[10.0, 20.0, 20.0, 30.0], [0.0, 0.0, 4.0, 2.0]]  # xywh
+    torch.testing.assert_close(boxes, before)  # still xyxy: evaluating twice must give the same boxes
+    assert [r["bbox"] for r in coco_results([out], [7])] == [r["bbox"] for r in res]

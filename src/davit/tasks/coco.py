@@ -108,8 +108,8 @@ def coco_results(
     """torchvision detector outputs -> COCO result dicts (xywh boxes, RLE masks when the output has masks)."""
     res = []
     for out, img_id in zip(outputs, image_ids):
-        boxes = out["boxes"].detach().cpu().float()
-        boxes[:, 2:] -= boxes[:, :2]
+        xyxy = out["boxes"].detach().cpu().float()  # the caller's own tensor when it is float on the CPU
+        boxes = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1)  # a new tensor: xyxy stays untouched
         masks = None
         if "masks" in out and len(out["masks"]):
             m = (out["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
