@@ -159,15 +159,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_scores(task: str, scores: dict) -> None:
-    keys = (
-        ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
-        if task == "detect"
-        else ("mIoU", "aAcc", "mAcc")
-    )
-    print(
-        "  ".join(f"{k} {scores[k]:.4f}" for k in keys if k in scores)
-        + f"  ({scores.get('infer_img_per_s', 0):.1f} img/s inference)"
-    )
+    from .coco import COCO_METRICS, format_metric
+
+    if task == "detect":  # one line per IoU type: all six COCO numbers, n/a where pycocotools has none
+        rows = [[f"{p}_{m}" for m in COCO_METRICS] for p in ("box", "mask")]
+    else:
+        rows = [["mIoU", "aAcc", "mAcc"]]
+    lines = ["  ".join(f"{k} {format_metric(scores[k])}" for k in row if k in scores) for row in rows]
+    lines = [ln for ln in lines if ln] or [""]
+    lines[-1] += f"  ({scores.get('infer_img_per_s', 0):.1f} img/s inference)"
+    print("\n".join(lines))
     if task == "segment" and "IoU" in scores:
         print("per-class IoU: " + json.dumps([round(v, 4) for v in scores["IoU"]]))
 

@@ -24,10 +24,23 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-__all__ = ["CocoInstances", "collate_detection", "coco_results", "coco_evaluate", "COCO_METRICS"]
+__all__ = [
+    "CocoInstances",
+    "collate_detection",
+    "coco_results",
+    "coco_evaluate",
+    "COCO_METRICS",
+    "format_metric",
+]
 
 # names of COCOeval.stats[0:6], the numbers every Mask R-CNN table reports
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def format_metric(v: float) -> str:
+    """``v`` to 4 decimals, or ``n/a`` for pycocotools' -1 (no ground truth of that kind, e.g. APl when no
+    object is large). Every metric reported here is >= 0, so any negative value is that marker."""
+    return "n/a" if v < 0 else f"{v:.4f}"
 
 
 class CocoInstances(Dataset):
