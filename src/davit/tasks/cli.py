@@ -190,14 +190,22 @@ def _image_files(paths: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Draw predictions into ``--out``. Unreadable files are named on stderr with the reason and skipped; the
+    rest are still written. Exit 1 when any file was skipped (as the classification `davit predict` does, so
+    a script notices a partial result), else 0."""
     from ..train.distributed import pick_device
     from .engine import load_run
     from .predict import predict_files
 
     model, cfg = load_run(args.run, pick_device(args.device, 0))
-    written = predict_files(model, cfg, _image_files(args.images), args.out, args.score)
-    print(f"wrote {len(written)} PNGs to {args.out}")
-    return 0
+    written, skipped = predict_files(model, cfg, _image_files(args.images), args.out, args.score)
+    for bad in skipped:
+        print(f"{bad.path}: skipped, cannot read: {bad.reason}", file=sys.stderr)
+    print(
+        f"wrote {len(written)} PNGs to {args.out}"
+        + (f"; skipped {len(skipped)} unreadable file{'s' * (len(skipped) != 1)}" if skipped else "")
+    )
+    return 1 if skipped else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
