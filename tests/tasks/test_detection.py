@@ -166,3 +166,13 @@ def test_param_groups_decay_every_parameter_as_the_official_configs():
     assert len(g["params"]) == 4 and g["weight_decay"] == 0.05
     decay, no_decay = detector_param_groups(m, 0.05, decay_1d=False)
     assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_coco_results_leaves_the_callers_boxes_alone():
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 50.0], [0.0, 0.0, 4.0, 2.0]])  # float on the CPU: no copy made
+    before = boxes.clone()
+    out = dict(boxes=boxes, scores=torch.tensor([0.9, 0.8]), labels=torch.tensor([1, 2]))
+    res = coco_results([out], [7])
+    assert [r["bbox"] for r in res] == [[10.0, 20.0, 20.0, 30.0], [0.0, 0.0, 4.0, 2.0]]  # xywh
+    torch.testing.assert_close(boxes, before)  # still xyxy: evaluating twice must give the same boxes
+    assert [r["bbox"] for r in coco_results([out], [7])] == [r["bbox"] for r in res]

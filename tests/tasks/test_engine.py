@@ -6,8 +6,9 @@ from torch.utils.data import DataLoader, default_collate
 
 from davit.cli import main
 from davit.data.loader import EpochSampler, SeededDataset
+from davit.tasks.cli import _print_scores
 from davit.tasks.config import PRESETS, TaskConfig, parse_set, resolve_task_config
-from davit.tasks.engine import _batches, _EndBatchRNG, lr_factor
+from davit.tasks.engine import _batches, _EndBatchRNG, _write_report, lr_factor
 
 
 def test_presets_follow_the_official_recipes():
@@ -191,6 +192,30 @@ def test_data_scenes_cli(tmp_path):
     assert json.loads((tmp_path / "meta.json").read_text())["size"] == 48
     # a clear error, no traceback
     assert main(["data", "scenes", "--out", str(tmp_path), "--size", "16"]) == 2
+
+
+def _coco_scores():
+    """Detection scores as evaluate returns them, with pycocotools' -1 for 'no large objects'."""
+    s = {f"{p}_{m}": 0.5 for p in ("box", "mask") for m in ("AP", "AP50", "AP75", "APs", "APm")}
+    return {**s, "box_APl": -1.0, "mask_APl": -1.0, "box_APm": 0.25, "infer_img_per_s": 3.0}
+
+
+def test_report_shows_na_for_coco_minus_one(tmp_path):
+    cfg = TaskConfig(task="detect", data="scenes")
+    _write_report(tmp_path, cfg, _coco_scores(), 5, 10, 60.0, 20, False, [0, 1, 2])
+    report = (tmp_path / "report.md").read_text()
+    assert "| box_APl | n/a |" in report and "| mask_APl | n/a |" in report
+    assert "| box_APm | 0.2500 |" in report and "-1.0" not in report
+
+
+def test_detect_scores_print_every_coco_metric(capsys):
+    _print_scores("detect", _coco_scores())
+    out = capsys.readouterr().out
+    for p in ("box", "mask"):
+        for m in ("AP", "AP50", "AP75", "APs", "APm"):
+            assert f"{p}_{m} 0." in out, (p, m)
+        assert f"{p}_APl n/a" in out
+    assert "-1.0" not in out and out.count("img/s inference") == 1
 
 
 def test_batches_resume_mid_epoch_with_the_same_samples_and_augmentations():

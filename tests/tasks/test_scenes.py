@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -52,3 +53,30 @@ def test_scene_annotations_are_valid_coco(scenes):
             np.testing.assert_array_equal(label, expect)
     meta = json.loads((scenes / "meta.json").read_text())
     assert meta["semantic_classes"][0] == "background" and len(meta["semantic_classes"]) == 11
+
+
+def test_building_over_other_scenes_is_refused_and_keeps_them(tmp_path):
+    kw = dict(num_train=2, num_val=4, size=32, items=(1, 1), item_frac=(0.3, 0.4), seed=0)
+    build_scenes(tmp_path, **kw)
+    before = _files(tmp_path)
+    build_scenes(tmp_path, **kw)  # the same arguments again: allowed (and byte-identical)
+    assert _files(tmp_path) == before
+    with pytest.raises(ValueError, match=r"other arguments \(different: num_val\).*choose an empty folder"):
+        build_scenes(tmp_path, **{**kw, "num_val": 2})  # would leave 2 stale val scenes beside the JSON's 2
+    with pytest.raises(ValueError, match=r"different: seed"):
+        build_scenes(tmp_path, **{**kw, "seed": 1})  # same files, other content: meta.json would lie
+    assert _files(tmp_path) == before  # nothing of the old dataset was touched
+    # without meta.json (an interrupted build) the leftover PNGs alone are enough to refuse
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(ValueError, match=r"images/val holds 2 PNG files .* \(e.g. 000002.png\)"):
+        build_scenes(tmp_path, **{**kw, "num_val": 2})
+    assert len(list((tmp_path / "images" / "val").glob("*.png"))) == 4
+
+
+def test_scenes_cli_refuses_a_folder_with_other_scenes(tmp_path, capsys):
+    from davit.cli import main
+
+    args = ["data", "scenes", "--out", str(tmp_path), "--num-train", "1", "--size", "32"]
+    assert main([*args, "--num-val", "2"]) == 0
+    assert main([*args, "--num-val", "1"]) == 2  # a clear error, no traceback
+    assert "choose an empty folder" in capsys.readouterr().err

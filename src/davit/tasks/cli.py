@@ -158,15 +158,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _print_scores(task: str, scores: dict) -> None:
-    keys = (
-        ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
-        if task == "detect"
-        else ("mIoU", "aAcc", "mAcc")
-    )
-    print(
-        "  ".join(f"{k} {scores[k]:.4f}" for k in keys if k in scores)
-        + f"  ({scores.get('infer_img_per_s', 0):.1f} img/s inference)"
-    )
+    from .coco import COCO_METRICS, format_metric
+
+    if task == "detect":  # one line per IoU type: all six COCO numbers, n/a where pycocotools has none
+        rows = [[f"{p}_{m}" for m in COCO_METRICS] for p in ("box", "mask")]
+    else:
+        rows = [["mIoU", "aAcc", "mAcc"]]
+    lines = ["  ".join(f"{k} {format_metric(scores[k])}" for k in row if k in scores) for row in rows]
+    lines = [ln for ln in lines if ln] or [""]
+    lines[-1] += f"  ({scores.get('infer_img_per_s', 0):.1f} img/s inference)"
+    print("\n".join(lines))
     if task == "segment" and "IoU" in scores:
         print("per-class IoU: " + json.dumps([round(v, 4) for v in scores["IoU"]]))
 
@@ -188,14 +189,22 @@ def _image_files(paths: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Draw predictions into ``--out``. Unreadable files are named on stderr with the reason and skipped; the
+    rest are still written. Exit 1 when any file was skipped (as the classification `davit predict` does, so
+    a script notices a partial result), else 0."""
     from ..train.distributed import pick_device
     from .engine import load_run
     from .predict import predict_files
 
     model, cfg = load_run(args.run, pick_device(args.device, 0), task=args.task)
-    written = predict_files(model, cfg, _image_files(args.images), args.out, args.score)
-    print(f"wrote {len(written)} PNGs to {args.out}")
-    return 0
+    written, skipped = predict_files(model, cfg, _image_files(args.images), args.out, args.score)
+    for bad in skipped:
+        print(f"{bad.path}: skipped, cannot read: {bad.reason}", file=sys.stderr)
+    print(
+        f"wrote {len(written)} PNGs to {args.out}"
+        + (f"; skipped {len(skipped)} unreadable file{'s' * (len(skipped) != 1)}" if skipped else "")
+    )
+    return 1 if skipped else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ __all__ = [
     "coco_results",
     "coco_evaluate",
     "COCO_METRICS",
+    "format_metric",
 ]
 
 # names of COCOeval.stats[0:6], the numbers every Mask R-CNN table reports
@@ -71,6 +72,12 @@ class ResizeCrop(v2.Transform):
             return inpt
         out = v2.functional.resize(inpt, params["size"], antialias=True)  # masks: nearest, by type
         return v2.functional.crop(out, *params["box"])
+
+
+def format_metric(v: float) -> str:
+    """``v`` to 4 decimals, or ``n/a`` for pycocotools' -1 (no ground truth of that kind, e.g. APl when no
+    object is large). Every metric reported here is >= 0, so any negative value is that marker."""
+    return "n/a" if v < 0 else f"{v:.4f}"
 
 
 class CocoInstances(Dataset):
@@ -159,8 +166,8 @@ def coco_results(
     """torchvision detector outputs -> COCO result dicts (xywh boxes, RLE masks when the output has masks)."""
     res = []
     for out, img_id in zip(outputs, image_ids):
-        boxes = out["boxes"].detach().cpu().float()
-        boxes[:, 2:] -= boxes[:, :2]
+        xyxy = out["boxes"].detach().cpu().float()  # the caller's own tensor when it is float on the CPU
+        boxes = torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1)  # a new tensor: xyxy stays untouched
         masks = None
         if "masks" in out and len(out["masks"]):
             m = (out["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)

@@ -467,6 +467,8 @@ def _write_report(
     stopped_early: bool,
     val_ds,
 ) -> None:
+    from .coco import format_metric
+
     lines = [
         f"# davit {cfg.task}: {cfg.model} on {cfg.data or cfg.train_images}",
         "",
@@ -479,7 +481,9 @@ def _write_report(
         "|---|---|",
     ]
     lines += [
-        f"| {k} | {v:.4f} |" for k, v in scores.items() if isinstance(v, float) and k != "infer_img_per_s"
+        f"| {k} | {format_metric(v)} |"
+        for k, v in scores.items()
+        if isinstance(v, float) and k != "infer_img_per_s"
     ]
     if cfg.task == "segment":
         names = _class_names(cfg)

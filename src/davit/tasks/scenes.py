@@ -119,6 +119,36 @@ def make_scene(
     return np.clip(canvas, 0, 255).round().astype(np.uint8), instances
 
 
+def _check_target(out: Path, meta: dict, counts: dict[str, int]) -> None:
+    """Refuse to build over a different scene dataset: its extra PNGs would stay beside the new ones (the
+    segmentation reader takes every image/label pair on disk, whatever the JSON lists) and its meta.json
+    would describe other scenes. Rebuilding the same arguments rewrites the same files and is allowed."""
+    advice = f"choose an empty folder, or delete {out} yourself if you no longer need it"
+    meta_file = out / "meta.json"
+    if meta_file.is_file():
+        try:
+            old = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{meta_file} exists but cannot be read ({e}); {advice}") from e
+        new = json.loads(json.dumps(meta))  # tuples -> lists, as they were written
+        if old != new:
+            diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            raise ValueError(
+                f"{out} already holds scenes built with other arguments (different: {', '.join(diff)}); "
+                + advice
+            )
+    for split, count in counts.items():
+        mine = {f"{i:06d}.png" for i in range(count)}
+        for kind in ("images", "labels"):
+            d = out / kind / split
+            extra = sorted(p.name for p in d.glob("*") if p.suffix.lower() == ".png" and p.name not in mine)
+            if extra:
+                raise ValueError(
+                    f"{d} holds {len(extra)} PNG files this build of {count} {split} scenes would not "
+                    f"write (e.g. {extra[0]}), left from another build; {advice}"
+                )
+
+
 def build_scenes(
     out: str | os.PathLike,
     num_train: int = 2000,
@@ -129,7 +159,12 @@ def build_scenes(
     seed: int = 0,
     fmnist_root: str | os.PathLike = FASHION_MNIST_ROOT,
 ) -> dict:
-    """Write the scene dataset to ``out`` (layout in the module docstring); returns the meta dict."""
+    """Write the scene dataset to ``out`` (layout in the module docstring); returns the meta dict.
+
+    ``out`` must be empty, new, or hold scenes built with these same arguments (rebuilt byte-identically);
+    a folder with other scenes or stray PNGs in the image/label folders is refused with a ValueError before
+    anything is written.
+    """
     if size < 32:
         raise ValueError(f"canvas size must be >= 32 pixels, got {size}")
     if not (1 <= items[0] <= items[1]):
@@ -148,6 +183,7 @@ def build_scenes(
         seed=seed,
         source="Fashion-MNIST (train split -> train scenes, official test split -> val scenes)",
     )
+    _check_target(out, meta, {"train": num_train, "val": num_val})
     for split, count in (("train", num_train), ("val", num_val)):
         images, labels = read_fashion_mnist(fmnist_root, "train" if split == "train" else "test")
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
