@@ -77,7 +77,7 @@ def test_unreadable_files_are_skipped_and_the_rest_written(tmp_path):
 
 
 def test_predict_cli_reports_skipped_files(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(engine, "load_run", lambda run, device: (_Detector(), _cfg()))
+    monkeypatch.setattr(engine, "load_run", lambda run, device, task=None: (_Detector(), _cfg()))
     good = _png(tmp_path / "good.png", 0)
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
