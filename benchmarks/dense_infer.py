@@ -67,7 +67,6 @@ def main() -> None:
         t = _timed(lambda: det([coco_img]), args.repeats, dev)
     rows.append(dict(model="Mask R-CNN davit_tiny (coco-maskrcnn-1x)", input="480x640 -> 800x1067",
                      detections=n_det, times_s=t))  # fmt: skip
-    del det
 
     seg_cfg = resolve_task_config("segment", "ade20k-upernet-160k")
     seg = build_model(seg_cfg, backbone_weights=False).to(dev).eval()
