@@ -127,6 +127,32 @@ def test_skipped_corrupt_images_are_counted(tmp_path, tiny_cfg, capsys):
     assert "2 unreadable files skipped" in out and "broken.png" in out and "empty.jpg" in out
 
 
+def test_unreadable_validation_files_are_reported(tmp_path, tiny_cfg, capsys):
+    """Unreadable validation images are counted and named in the epoch line and metrics, as training ones."""
+    from davit.data import make_image_folder
+
+    root = make_image_folder(str(tmp_path / "imgs"), per_class=4, size=(20, 20))
+    (tmp_path / "imgs/val/fish/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    cfg = tiny_cfg(
+        experiment="badval",
+        dataset="folder",
+        data_dir=root,
+        num_classes=3,
+        in_chans=3,
+        epochs=1,
+        batch_size=4,
+        train_samples=None,
+        val_samples=None,
+        warmup_epochs=0,
+    )
+    res = train(cfg)
+    ep = [r for r in read_metrics(Path(res["run_dir"]) / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert ep[0]["skipped_files"] == 0 and ep[0]["val_skipped_files"] == 1
+    assert res["val_skipped_files"] == 1 and sum(map(sum, res["confusion"])) == 12
+    out = capsys.readouterr().out
+    assert "epoch 1: validation: 1 unreadable files skipped: fish/broken.png" in out
+
+
 def test_eval_and_predict_commands(tiny_cfg, tmp_path, capsys):
     from PIL import Image
 

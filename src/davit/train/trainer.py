@@ -16,9 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.loader import format_bad
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig, finalize, save_config
-from .distributed import all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
+from .distributed import (
+    all_gather_objects,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+)
 from .logging import MetricsLogger, Progress, memory_fields
 from .metrics import autocast, evaluate
 from .optim import build_optimizer, build_scheduler
@@ -144,6 +153,8 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         cfg.mixup, cfg.cutmix, cfg.smoothing, num_classes, cfg.mixup_prob, cfg.mixup_switch_prob
     )
     data = build_data(cfg, di.distributed, mixup_fn)
+    # batches with no readable image come as (None, None): the loop below leaves them out on all ranks at once
+    data.train_loader.yield_empty = True
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     net = build_model(cfg, num_classes, data.params["in_chans"], verbose=main)
     if cfg.grad_checkpointing:
@@ -301,6 +312,14 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 for x, y in data.train_loader:
                     if pos >= steps_per_epoch:
                         break
+                    # a batch whose images were all unreadable is left out by every rank together: a rank
+                    # that left it out alone would run one step fewer and the others would wait for it
+                    # forever in the gradient all-reduce (one more tiny all-reduce per batch under DDP)
+                    if di.distributed:
+                        if all_reduce_sum(torch.tensor([float(x is None)])).item() > 0:
+                            continue
+                    elif x is None:
+                        continue
                     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -393,8 +412,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                         flush=True,
                     )
                 break
-            bad = data.train_loader.bad_report()
-            n_bad = len(data.train_loader.bad)
+            # the unreadable files of every rank, not rank 0's alone (a collective: all ranks call it)
+            bad_list = [b for part in all_gather_objects(list(data.train_loader.bad)) for b in part]
+            bad, n_bad = format_bad(bad_list), len(bad_list)
             train_time = time.time() - t0
             ev = evaluate(net, data.val_loader, dev, num_classes, cfg.amp, cfg.amp_dtype, cfg.channels_last)
             rec = {
@@ -407,6 +427,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 "epoch_time": train_time,
                 "img_per_s": seen / max(1e-9, train_time),
                 "skipped_files": n_bad,
+                "val_skipped_files": ev["skipped_files"],
                 **memory_fields(dev),
             }
             if ema is not None:
@@ -429,6 +450,8 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 print(msg + f"  ({train_time:.0f}s, {rec['img_per_s']:.0f} img/s)", flush=True)
                 if bad:
                     print(f"epoch {epoch + 1}: {bad}", flush=True)
+                if ev["skipped"]:
+                    print(f"epoch {epoch + 1}: validation: {format_bad(ev['skipped'])}", flush=True)
             save(epoch + 1, 0, is_best)
             if out_of_time:
                 if main:
@@ -473,6 +496,8 @@ def _epochs_for_budget(
         for i, (x, y) in enumerate(data.train_loader):
             if i == n:
                 break
+            if x is None:  # no readable image in this batch
+                continue
             # the clock runs from the previous step's end, so fetching and augmenting the batch count too:
             # with the model step at 0.13 s the loader's ~0.02 s was a large part of the real step
             x, y = x.to(dev), y.to(dev)
