@@ -2,7 +2,8 @@
 
 Resolution order (later wins): dataclass defaults < ``--preset`` < ``--config FILE.yaml`` < flags given on the
 command line. The fully resolved config is written to the run folder as ``config.yaml``; passing that
-file back with ``--config`` repeats the run.
+file back with ``--config`` repeats the run, in a new run folder (its ``experiment`` and ``resume`` are not
+carried over, see :func:`load_config_file`).
 """
 
 from __future__ import annotations
@@ -306,7 +307,12 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], where: str) -> 
     return dataclasses.replace(cfg, **checked)
 
 
+# the keys that name a run folder rather than a setting of the run
+RUN_IDENTITY = ("experiment", "resume")
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The config keys of a YAML file, checked; from a run's saved config.yaml without RUN_IDENTITY."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
@@ -318,7 +324,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping of config keys to values, got {type(data).__name__}")
-    data.pop("_resolved", None)  # informational block written by save_config
+    if data.pop("_resolved", None) is not None:
+        # a run's own config.yaml (save_config writes this block): repeating it is a new run with the same
+        # settings, so the keys naming that run's folder are left out; otherwise the repeat would write into
+        # the finished run's folder or, with its `resume: auto`, resume it. --experiment/--resume given on
+        # the command line still choose a run folder.
+        for k in RUN_IDENTITY:
+            data.pop(k, None)
     _check_keys(data, str(p))
     return data
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..data.loader import format_bad
-from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_aside_files, set_rng_state
 from .config import TrainConfig, finalize, save_config
 from .distributed import (
     all_gather_objects,
@@ -34,6 +34,19 @@ from .optim import build_optimizer, build_scheduler
 from .setup import build_data, build_model, weights_metadata
 
 __all__ = ["train", "NonFiniteLossError"]
+
+
+# what a run writes at the top of its folder; a fresh start in a used folder moves an earlier run's aside
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "tb",
+    "report.md",
+    "curves.png",
+    "confusion.png",
+    "model.safetensors",
+    "model_ema.safetensors",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,7 +90,10 @@ def _run_dir(cfg: TrainConfig, is_main: bool) -> Path:
         if runs:  # resume the most recent run of this output folder
             name = max(runs, key=lambda d: d.stat().st_mtime).name
     if name is None:
-        name = f"{cfg.model}-{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        name = stem = f"{cfg.model}-{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while (out / name).exists():  # a new run started within the same second as another
+            name, n = f"{stem}-{n}", n + 1
     name = broadcast_object(name)
     d = out / name
     if is_main:
@@ -221,6 +237,13 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         moved = ckpts.set_aside()  # an earlier run's checkpoints would outlive this run's (see set_aside)
         if moved is not None:
             print(f"starting over: moved the checkpoints of an earlier run here to {moved}", flush=True)
+        # and its record: appended to, its metrics.jsonl would tell two runs as one (report.md showed two
+        # "epoch 1" rows); its config, weights and report would be overwritten
+        earlier = [run_dir / n for n in RUN_FILES if (run_dir / n).exists()]
+        moved = set_aside_files(run_dir, earlier)
+        if moved is not None:
+            names = ", ".join(f.name for f in earlier)
+            print(f"starting over: moved the files of an earlier run here ({names}) to {moved}", flush=True)
     if st is not None:
         _load_state_dicts(net, opt, st["model"], st["optimizer"], cfg.fsdp)
         if ema is not None and "model_ema" in st:
