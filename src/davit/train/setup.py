@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ __all__ = [
     "build_model",
     "weights_metadata",
     "model_from_metadata",
+    "trainer_checkpoint",
+    "trainer_checkpoint_metadata",
 ]
 
 log = logging.getLogger(__name__)
@@ -246,6 +249,65 @@ def weights_metadata(cfg: TrainConfig, classes: list[str], params: dict[str, Any
     }
 
 
+def trainer_checkpoint(path: str | Path) -> dict | None:
+    """The contents of ``path`` if it is a training checkpoint of `davit train` (ckpt-*.pt, best.pt: a dict
+    with the run's ``config`` and ``model``), else None (a weights file, or a file load_state_dict will
+    explain). Read with ``torch.load(weights_only=True)``, memory-mapped: the optimizer state is not read."""
+    p = Path(path)
+    if p.suffix == ".safetensors" or not p.is_file():
+        return None
+    st = None
+    for mmap in (True, False):  # mmap needs the zip format torch.save writes by default
+        try:
+            st = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception:  # not a torch file, or a hostile pickle: load_state_dict reports it
+            continue
+    if isinstance(st, dict) and isinstance(st.get("config"), dict) and isinstance(st.get("model"), dict):
+        return st
+    return None
+
+
+def _run_folder_classes(path: Path) -> list[str] | None:
+    """Class names from the finished run's model.safetensors next to a training checkpoint, if any."""
+    from ..weights import read_metadata
+
+    for d in (path.parent, path.parent.parent):
+        w = d / "model.safetensors"
+        if w.is_file():
+            classes = read_metadata(w).get("classes")
+            if isinstance(classes, list):
+                return classes
+    return None
+
+
+def trainer_checkpoint_metadata(path: str | Path, st: dict) -> dict[str, Any]:
+    """What :func:`weights_metadata` would hold for the weights of a training checkpoint, rebuilt from the
+    run config stored inside it (architecture, input channels, size, normalisation, eval crop), plus that
+    config under ``config``. Class names: stored in the checkpoint (newer runs), else from the run's
+    model.safetensors when the run finished, else left out."""
+    from dataclasses import fields
+
+    from .config import TrainConfig, apply_overrides
+
+    names = {f.name for f in fields(TrainConfig)}
+    # keys of another version of the trainer are left out rather than refused: the model is what matters
+    cfg = apply_overrides(
+        TrainConfig(), {k: v for k, v in st["config"].items() if k in names}, f"{path} (its run config)"
+    )
+    params = resolve_data_params(cfg)
+    classes = st.get("classes") or _run_folder_classes(Path(path))
+    meta = weights_metadata(cfg, list(classes or []), params)
+    for k in ("arch", "classes", "mean", "std"):
+        meta[k] = json.loads(meta[k])
+    if not classes:
+        del meta["classes"]
+        if not cfg.num_classes:
+            del meta["num_classes"]  # model_from_metadata reads it off the classifier's weights
+    meta["config"] = cfg.to_dict()
+    return meta
+
+
 def model_from_metadata(
     path: str,
     model: str | None = None,
@@ -253,10 +315,20 @@ def model_from_metadata(
     num_classes: int | None = None,
     in_chans: int | None = None,
 ) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a trained model from its weights file (metadata from the trainer when present)."""
+    """Rebuild a trained model from its weights file (metadata from the trainer when present) or from a
+    training checkpoint of `davit train` (model rebuilt from the run config inside it)."""
     from ..weights import load_state_dict, load_weights, read_metadata
 
-    meta = read_metadata(path)
+    st = trainer_checkpoint(path)
+    if st is not None:
+        if use_ema and not st.get("model_ema"):
+            raise ValueError(
+                f"--use-ema: {path} holds no EMA weights (was the run trained with --model-ema?)"
+            )
+        meta = trainer_checkpoint_metadata(path, st)
+        del st  # the mapped file is read again below, for the chosen weights only
+    else:
+        meta = read_metadata(path)
     name = model or meta.get("model")
     if not name:
         raise ValueError(f"{path} does not say which model it holds; pass --model (e.g. --model davit_tiny)")

@@ -305,6 +305,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             "best": best,
             "rng": rngs,
             "config": cfg.to_dict(),
+            "classes": data.classes,  # with the config: `davit eval`/`predict` rebuild the model from it
         }
         if ema is not None:
             st["model_ema"] = ema.module.state_dict()
