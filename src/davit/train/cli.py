@@ -220,9 +220,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_classes(path, net, meta, ds, where)
     classes = list(meta.get("classes") or ds.classes)
     if args.num_samples:
-        from .setup import _Head
+        from .setup import _head
 
-        ds = _Head(ds, args.num_samples)
+        ds = _head(ds, args.num_samples, "--num-samples")
     loader = build_loader(ds, args.batch_size, False, workers=args.workers)
     res = evaluate(net, loader, dev, net.num_classes, amp=args.amp)
     skipped = res.pop("skipped")

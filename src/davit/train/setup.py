@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ..models import DEFAULT_DROP_PATH, create_model, model_info, split_name
 from .config import TrainConfig
@@ -77,6 +77,17 @@ class _Head(Dataset):
         return self.ds[i]
 
 
+def _head(ds: Dataset, n: int, flag: str) -> Dataset:
+    """The first ``n`` samples: tar shards (iterable, no indexing) cut their own stream short."""
+    if n < 1:
+        raise ValueError(f"{flag} must be >= 1, got {n}; leave it out to use every sample")
+    if isinstance(ds, IterableDataset):
+        if not hasattr(ds, "head"):
+            raise ValueError(f"{flag} is not supported for {type(ds).__name__}; leave it out")
+        return ds.head(n)
+    return _Head(ds, n)
+
+
 @dataclass
 class DataBundle:
     train_loader: Any
@@ -93,8 +104,8 @@ def _check_batch_fits(cfg: TrainConfig, train_ds: Dataset, train_loader) -> None
     n = getattr(train_ds, "num_samples", None) or len(train_ds)  # tar shards: the count from their index
     inner = train_ds.ds if isinstance(train_ds, _Head) else train_ds
     where = getattr(inner, "root", None) or cfg.data_dir or cfg.dataset
-    fix = "raise --train-samples" if isinstance(train_ds, _Head) else "add training images"
-    if isinstance(train_ds, _Head):
+    fix = "raise --train-samples" if cfg.train_samples else "add training images"
+    if cfg.train_samples:
         where += f" (--train-samples {cfg.train_samples})"
     sampler = train_loader.sampler
     world = getattr(sampler, "world_size", None) or getattr(train_ds, "world_size", 1)
@@ -157,9 +168,9 @@ def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle
     check_class_match(train_ds, val_ds)  # before any step: label k must mean the same class in both
     classes = list(train_ds.classes)
     if cfg.train_samples:
-        train_ds = _Head(train_ds, cfg.train_samples)
+        train_ds = _head(train_ds, cfg.train_samples, "--train-samples")
     if cfg.val_samples:
-        val_ds = _Head(val_ds, cfg.val_samples)
+        val_ds = _head(val_ds, cfg.val_samples, "--val-samples")
     train_loader = build_loader(
         train_ds,
         cfg.batch_size,
