@@ -80,7 +80,9 @@ class TrainConfig:
     batch_size: int = 128  # per process
     grad_accum_steps: int = 1
     lr: float = 1e-3
-    lr_base_size: int | None = None  # scale lr linearly by global batch / lr_base_size when set
+    # scale lr linearly by global batch / lr_base_size when set (presets); an lr given without it, on the
+    # command line or in a config file, is absolute, as timm's --lr (see resolve_config)
+    lr_base_size: int | None = None
     opt_eps: float = 1e-8
     opt_betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.05
@@ -91,7 +93,7 @@ class TrainConfig:
     warmup_epochs: float = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
-    cooldown_epochs: int = 10
+    cooldown_epochs: int = 0  # timm's default; the imagenet preset sets the recipe's 10
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     # precision / speed
@@ -352,10 +354,20 @@ def resolve_config(
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         cfg = apply_overrides(cfg, PRESETS[preset], f"preset {preset}")
     if config_file:
-        cfg = apply_overrides(cfg, load_config_file(config_file), str(config_file))
+        cfg = apply_overrides(cfg, _absolute_lr(load_config_file(config_file)), str(config_file))
     if overrides:
-        cfg = apply_overrides(cfg, overrides, "command line")
+        cfg = apply_overrides(cfg, _absolute_lr(overrides), "command line")
     return cfg
+
+
+def _absolute_lr(d: dict[str, Any]) -> dict[str, Any]:
+    """An ``lr`` given without ``lr_base_size`` beside it is the learning rate itself, as timm's --lr: the
+    preset's batch scaling (``lr_base_size``) is dropped rather than applied to it: ``--preset imagenet
+    --lr 5e-4`` on 2 processes of 128 images trains at 5e-4, not at 5e-4 x 256 / 1024. A run's saved
+    config.yaml holds both keys, so repeating it scales as the run did."""
+    if "lr" in d and "lr_base_size" not in d:
+        return {**d, "lr_base_size": None}
+    return d
 
 
 # ----- argparse ---------------------------------------------------------------------------------------------

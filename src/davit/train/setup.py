@@ -22,6 +22,7 @@ __all__ = [
     "build_model",
     "weights_metadata",
     "model_from_metadata",
+    "check_batch_aug",
     "trainer_checkpoint",
     "trainer_checkpoint_metadata",
 ]
@@ -121,6 +122,24 @@ def _check_batch_fits(cfg: TrainConfig, train_ds: Dataset, train_loader) -> None
     )
 
 
+def check_batch_aug(cfg: TrainConfig) -> None:
+    """--batch-aug (on in the fashion-mnist preset) has flips, pad + crop and erasing only, on Fashion-MNIST's
+    uint8 arrays: refuse what it cannot do, naming the flag that turns it off."""
+    if not cfg.batch_aug:
+        return
+    bad = [
+        *([f"--dataset {cfg.dataset}"] if not _is_fmnist(cfg.dataset) else []),
+        *([f"--aa {cfg.aa}"] if cfg.aa else []),
+        *(["--no-simple-aug"] if not cfg.simple_aug else []),
+    ]
+    if bad:
+        raise ValueError(
+            f"--batch-aug (set by --preset fashion-mnist) cannot do {' and '.join(bad)}: it works with "
+            "--dataset fashion-mnist, --simple-aug and no --aa. Add --no-batch-aug to augment each image "
+            "instead (slower), or leave out " + " and ".join(bad)
+        )
+
+
 def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle:
     """Datasets and loaders. ``batch_aug``: Fashion-MNIST as uint8 tensors augmented a whole batch at a time
     (pad + crop, flip, erasing; several times cheaper than per-image PIL transforms on a small CPU).
@@ -130,8 +149,7 @@ def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle
     dp = resolve_data_params(cfg)
     mode = "L" if dp["in_chans"] == 1 else "RGB"
     if cfg.batch_aug:
-        if not _is_fmnist(cfg.dataset) or cfg.aa or not cfg.simple_aug:
-            raise ValueError("--batch-aug works with --dataset fashion-mnist, --simple-aug and no --aa")
+        check_batch_aug(cfg)
         bt = dict(input_size=dp["img_size"], mean=dp["mean"], std=dp["std"])
         train_tf, val_tf = None, None
         train_bt = build_batch_transform(

@@ -31,7 +31,7 @@ from .distributed import (
 from .logging import MetricsLogger, Progress, memory_fields
 from .metrics import autocast, evaluate
 from .optim import build_optimizer, build_scheduler
-from .setup import build_data, build_model, weights_metadata
+from .setup import build_data, build_model, check_batch_aug, weights_metadata
 
 __all__ = ["train", "NonFiniteLossError"]
 
@@ -157,9 +157,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     if cfg.grad_accum_steps < 1:
         raise ValueError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
     t_start = time.time()
+    check_batch_aug(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = _run_dir(cfg, main)
 
     from ..data import build_mixup
 
@@ -198,6 +198,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             f"--grad-accum-steps {accum} is more than the {batches} batches of --batch-size {cfg.batch_size} "
             f"in an epoch: lower --grad-accum-steps to at most {batches}, or lower --batch-size"
         )
+    # the run folder is made once the data, model and optimizer are built: a mistake found on the way leaves
+    # no empty run folder behind
+    run_dir = _run_dir(cfg, main)
     ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
     resume_path = (ckpts.latest() if cfg.resume == "auto" else Path(cfg.resume)) if cfg.resume else None
     st = load_checkpoint(resume_path) if resume_path is not None else None
