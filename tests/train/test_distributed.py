@@ -258,3 +258,30 @@ def test_two_process_batch_all_unreadable_on_one_rank(tmp_path):
             assert f"epoch {e + 1}: {sum(c)} unreadable files skipped: a/broken.png" in out, out[-3000:]
     # each epoch: the shard's batches less the ones left out on either rank
     assert [r["step"] for r in ep] == [steps[0], steps[0] + steps[1]]
+
+
+def test_slurm_variables_give_rank_world_and_local_rank(monkeypatch):
+    """`srun python -m davit train` without torchrun: SLURM_PROCID/NTASKS/LOCALID are the rank, world size
+    and local rank; MASTER_ADDR must be given (with the command that finds it), MASTER_PORT defaults."""
+    from davit.train import distributed as d
+
+    # a copy of the environment: init_distributed sets RANK, MASTER_PORT... which must not leak to other tests
+    env = {k: v for k, v in d.os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
+    env = {k: v for k, v in env.items() if k not in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    monkeypatch.setattr(d.os, "environ", env)
+    assert d.env_rank_world() == (0, 1, 0)
+    env.update(SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="1")
+    assert d.env_rank_world() == (3, 4, 1)
+    monkeypatch.setattr(d.dist, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR.*scontrol show hostnames"):
+        d.init_distributed("cpu")
+    seen = {}
+    monkeypatch.setattr(d.dist, "init_process_group", lambda **kw: seen.update(kw))
+    env["MASTER_ADDR"] = "node1"
+    info = d.init_distributed("cpu")
+    assert (info.rank, info.world_size, info.local_rank) == (3, 4, 1) and not info.is_main
+    assert (seen["rank"], seen["world_size"], seen["backend"]) == (3, 4, "gloo")
+    assert env["MASTER_PORT"] == "29500" and env["RANK"] == "3" and env["LOCAL_RANK"] == "1"
+    # torchrun's variables win over SLURM's when both are set (torchrun under an srun allocation)
+    env.update(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
+    assert d.env_rank_world() == (0, 2, 0)

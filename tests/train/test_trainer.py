@@ -242,6 +242,29 @@ def test_bf16_grad_accum_and_ema_run(tiny_cfg):
     assert (Path(res["run_dir"]) / "model_ema.safetensors").is_file()
 
 
+def test_channels_last_trains_like_the_default_layout(tiny_cfg):
+    """--channels-last changes the memory layout only: the same losses step for step (float tolerance)."""
+    ref = train(tiny_cfg(experiment="nchw", epochs=1, max_steps=2))
+    cl = train(tiny_cfg(experiment="nhwc", epochs=1, max_steps=2, channels_last=True))
+    a, b = _step_losses(ref["run_dir"]), _step_losses(cl["run_dir"])
+    assert len(a) == 2 and [s for s, _ in b] == [s for s, _ in a]
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-4)
+
+
+def test_torchcompile_trains_and_saves_plain_weights(tiny_cfg):
+    """--torchcompile: a compiled model trains (2 steps) and the saved weights load into a plain model."""
+    from davit.train.setup import model_from_metadata
+
+    res = train(tiny_cfg(experiment="compiled", epochs=1, max_steps=2, torchcompile=True))
+    ref = train(tiny_cfg(experiment="eager", epochs=1, max_steps=2))
+    a, b = _step_losses(ref["run_dir"]), _step_losses(res["run_dir"])
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-3)
+    ckpt = find_latest_valid(Path(res["run_dir"]) / "checkpoints")
+    assert not any("_orig_mod" in k for k in load_checkpoint(ckpt)["model"])
+    net, _ = model_from_metadata(str(ckpt))
+    assert net.num_classes == 10
+
+
 def test_time_budget_picks_epochs_and_config_repeats_them(tiny_cfg, capsys):
     import yaml
 
