@@ -77,6 +77,25 @@ def test_eval_reads_each_sample_once_over_ranks_and_workers(tmp_path, shard_size
     assert sorted(seen) == list(range(50))
 
 
+def test_head_keeps_the_first_samples_over_ranks_and_workers(arrays_shards):
+    """head(n): the first n samples in shard order (the last shard kept cut short), each read once in eval
+    over 2 ranks x 2 workers; training gives each rank its equal share of n."""
+    tf = T.Compose([T.PILToTensor(), T.ConvertImageDtype(torch.float32), T.Lambda(lambda x: x * 255)])
+    seen = []
+    for rank in range(2):
+        ds = build_dataset("wds", arrays_shards, "train", transform=tf, mode="L").head(17)  # 7 + 7 + 3
+        assert ds.num_samples == 17 and len(ds.paths) == 3
+        loader = build_loader(ds, 2, is_training=False, workers=2, distributed=True, rank=rank, world_size=2)
+        seen += [i for b in ids(loader) for i in b]
+    assert sorted(seen) == list(range(17))
+    ds = build_dataset("wds", arrays_shards, "train", transform=tf, mode="L").head(17)
+    loader = build_loader(ds, 4, is_training=True, workers=0, distributed=True, rank=0, world_size=2)
+    got = [i for b in ids(loader) for i in b]
+    assert len(got) == 8 and set(got) <= set(range(17))  # ceil(17 / 2) = 9 per rank: 2 full batches of 4
+    with pytest.raises(ValueError, match=">= 1"):
+        ds.head(0)
+
+
 def test_training_is_equal_per_rank_deterministic_and_resumable(arrays_shards):
     tf = T.Compose([T.PILToTensor(), T.ConvertImageDtype(torch.float32), T.Lambda(lambda x: x * 255)])
 

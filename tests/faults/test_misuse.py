@@ -66,3 +66,9 @@ def test_batch_larger_than_shard(monkeypatch):
     msg = str(e.value)
     assert "--batch-size 12 is larger than the 8 training images per process" in msg, msg
     assert "16 in" in msg and "over 2 processes" in msg and "at most 8" in msg, msg
+
+
+def test_batch_aug_conflict_names_the_fix_and_leaves_no_run_folder(tmp_path, tiny_train, capsys):
+    rc, out = run_cli(tiny_train("--preset", "fashion-mnist", "--aa", "rand-m9-mstd0.5-inc1"), capsys)
+    assert rc == 2 and "--no-batch-aug" in out and "--aa rand-m9-mstd0.5-inc1" in out, out
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

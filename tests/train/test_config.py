@@ -82,6 +82,28 @@ def test_cli_flags_override_preset_and_file(tmp_path):
     assert cfg.mixup == 0.8  # untouched preset value
 
 
+def test_timm_defaults_cooldown_and_absolute_lr(tmp_path):
+    """As in timm: no cooldown epochs unless asked (the imagenet preset asks for the recipe's 10), and an lr
+    given without --lr-base-size is the learning rate itself, not scaled by the preset's batch rule."""
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+
+    def cfg(*argv):
+        return config_from_args(p.parse_args(list(argv)))
+
+    assert TrainConfig().cooldown_epochs == 0 and cfg().cooldown_epochs == 0
+    assert cfg("--preset", "imagenet").cooldown_epochs == 10
+    assert (cfg("--preset", "imagenet").lr, cfg("--preset", "imagenet").lr_base_size) == (1e-3, 1024)
+    assert cfg("--preset", "imagenet", "--lr", "5e-4").lr_base_size is None  # absolute
+    assert cfg("--preset", "imagenet", "--lr", "5e-4", "--lr-base-size", "256").lr_base_size == 256
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: 0.0005\n")
+    assert cfg("--preset", "imagenet", "--config", str(f)).lr_base_size is None
+    # a run's saved config holds both keys: repeating it scales as the run did
+    save_config(cfg("--preset", "imagenet"), tmp_path / "run.yaml", {"world_size": 8})
+    assert cfg("--config", str(tmp_path / "run.yaml")).lr_base_size == 1024
+
+
 def test_config_yaml_round_trip(tmp_path):
     cfg = resolve_config("fashion-mnist", None, {"lr": 3e-3, "model_kwargs": {"window_size": 4}})
     save_config(cfg, tmp_path / "config.yaml", {"world_size": 1})

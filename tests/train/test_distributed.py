@@ -185,3 +185,103 @@ def test_gpu_process_group_also_reduces_cpu_tensors(monkeypatch):
     monkeypatch.setattr(d, "pick_device", lambda device, local: torch.device("cpu"))
     d.init_distributed("cpu")
     assert seen["backend"] == "gloo"
+
+
+def _run_with_timeout(args: list[str], cwd, nproc: int, timeout: float):
+    """`torchrun -m davit ARGS` that fails the test instead of blocking when it hangs: torchrun is stopped,
+    and it stops its workers (they run in sessions of their own, out of reach of a process-group kill)."""
+    import os
+    import subprocess
+    import sys
+
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(
+        [*head, "-m", "davit", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()  # torchrun sends its workers SIGTERM, then SIGKILL 30 s later
+        try:
+            out, _ = p.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out = ""
+        pytest.fail(f"davit train under torchrun hung (killed after {timeout:.0f}s):\n{out[-3000:]}")
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_process_batch_all_unreadable_on_one_rank(tmp_path):
+    """With -b 1 the batch holding the broken image is empty on one rank only: every rank must leave it out
+    (a rank running one step fewer hung the others in the all-reduce), and the epoch line and metrics count
+    the skipped files of both ranks."""
+    from davit.data import ImageFolder, make_image_folder
+    from davit.data.loader import EpochSampler
+
+    root = make_image_folder(str(tmp_path / "imgs"), classes=("a", "b"), per_class=4, size=(16, 16))
+    (tmp_path / "imgs/train/a/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    epochs, seed = 2, 3
+    # where the broken image falls: in each epoch, on which ranks and how often (the padded shards)
+    ds = ImageFolder(root, "train")
+    bad_i = next(i for i, (p, _) in enumerate(ds.samples) if p.endswith("broken.png"))
+    per_epoch, steps = [], []  # times met on each rank; steps run (batches where no rank met it)
+    for e in range(epochs):
+        shards = []
+        for r in range(2):
+            s = EpochSampler(len(ds), True, seed, r, 2, pad=True, batch_size=1)
+            s.set_epoch(e)
+            shards.append(s.indices())
+        per_epoch.append([sh.count(bad_i) for sh in shards])
+        steps.append(sum(bad_i not in batch for batch in zip(*shards)))
+    assert any(min(c) == 0 < max(c) for c in per_epoch), per_epoch  # the case that hung: one rank only
+    args = list(ARGS)
+    for flag, value in (("--epochs", epochs), ("--seed", seed), ("--in-chans", 3), ("--num-classes", 2)):
+        args[args.index(flag) + 1] = str(value)
+    i = args.index("--train-samples")
+    del args[i : i + 4]  # the whole folder
+    run = ["--dataset", "folder", "--data-dir", root, "-b", "1", "--output", str(tmp_path / "runs")]
+    out = _run_with_timeout(["train", *args, *run, "--experiment", "bad"], tmp_path, nproc=2, timeout=240)
+    recs = read_metrics(tmp_path / "runs/bad/metrics.jsonl")
+    ep = [r for r in recs if r["kind"] == "epoch"]
+    assert [r["skipped_files"] for r in ep] == [sum(c) for c in per_epoch]
+    for e, c in enumerate(per_epoch):
+        if sum(c):
+            assert f"epoch {e + 1}: {sum(c)} unreadable files skipped: a/broken.png" in out, out[-3000:]
+    # each epoch: the shard's batches less the ones left out on either rank
+    assert [r["step"] for r in ep] == [steps[0], steps[0] + steps[1]]
+
+
+def test_slurm_variables_give_rank_world_and_local_rank(monkeypatch):
+    """`srun python -m davit train` without torchrun: SLURM_PROCID/NTASKS/LOCALID are the rank, world size
+    and local rank; MASTER_ADDR must be given (with the command that finds it), MASTER_PORT defaults."""
+    from davit.train import distributed as d
+
+    # a copy of the environment: init_distributed sets RANK, MASTER_PORT... which must not leak to other tests
+    env = {k: v for k, v in d.os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
+    env = {k: v for k, v in env.items() if k not in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    monkeypatch.setattr(d.os, "environ", env)
+    assert d.env_rank_world() == (0, 1, 0)
+    env.update(SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="1")
+    assert d.env_rank_world() == (3, 4, 1)
+    monkeypatch.setattr(d.dist, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="MASTER_ADDR.*scontrol show hostnames"):
+        d.init_distributed("cpu")
+    seen = {}
+    monkeypatch.setattr(d.dist, "init_process_group", lambda **kw: seen.update(kw))
+    env["MASTER_ADDR"] = "node1"
+    info = d.init_distributed("cpu")
+    assert (info.rank, info.world_size, info.local_rank) == (3, 4, 1) and not info.is_main
+    assert (seen["rank"], seen["world_size"], seen["backend"]) == (3, 4, "gloo")
+    assert env["MASTER_PORT"] == "29500" and env["RANK"] == "3" and env["LOCAL_RANK"] == "1"
+    # torchrun's variables win over SLURM's when both are set (torchrun under an srun allocation)
+    env.update(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
+    assert d.env_rank_world() == (0, 2, 0)

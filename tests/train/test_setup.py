@@ -1,3 +1,4 @@
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -33,6 +34,25 @@ def test_model_from_metadata_needs_a_model_name(tmp_path):
         model_from_metadata(str(tmp_path / "plain.safetensors"))
     net, meta = model_from_metadata(str(tmp_path / "plain.safetensors"), model="davit_atto", in_chans=1)
     assert net.num_classes == 10 and meta["crop_pct"] == 1.0
+
+
+def test_train_and_val_samples_with_tar_shards(tiny_cfg, tmp_path):
+    """--train-samples/--val-samples take the first N samples of tar shards too (no indexing needed)."""
+    from davit.data import ImageFolder, make_image_folder, write_shards
+    from davit.train.setup import build_data
+
+    root = make_image_folder(str(tmp_path / "imgs"), per_class=4, size=(16, 16))
+    for split in ("train", "val"):
+        write_shards(ImageFolder(root, split), str(tmp_path / "shards" / split), shard_size=5)
+    cfg = tiny_cfg(
+        dataset="wds", data_dir=str(tmp_path / "shards"), in_chans=3, num_classes=3, batch_size=2
+    )
+    data = build_data(dataclasses.replace(cfg, train_samples=7, val_samples=6), distributed=False)
+    data.train_loader.set_epoch(0)
+    assert sum(len(x) for x, _ in data.train_loader) == 6  # 7 samples: 3 full batches of 2
+    assert [y.tolist() for _, y in data.val_loader] == [[0, 0], [0, 0], [1, 1]]  # the first 6, in order
+    with pytest.raises(ValueError, match="--val-samples must be >= 1"):
+        build_data(dataclasses.replace(cfg, val_samples=-1), distributed=False)
 
 
 @pytest.mark.slow

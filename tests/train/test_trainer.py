@@ -1,5 +1,6 @@
 """End-to-end runs of the trainer on a tiny model and 64 Fashion-MNIST images (a few seconds each)."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -33,7 +34,8 @@ def test_run_writes_everything_and_config_round_trips(tiny_cfg):
     ):
         assert (d / f).is_file(), f
     assert find_latest_valid(d / "checkpoints") is not None
-    assert resolve_config(None, str(d / "config.yaml")) == cfg  # the saved config repeats the run
+    # the saved config repeats the run's settings (in a new run folder: the folder's name is not carried)
+    assert resolve_config(None, str(d / "config.yaml")) == dataclasses.replace(cfg, experiment=None)
     assert 0 <= res["top1"] <= 100 and len(res["per_class_acc"]) == 10
     assert sum(map(sum, res["confusion"])) == 32
 
@@ -127,6 +129,67 @@ def test_skipped_corrupt_images_are_counted(tmp_path, tiny_cfg, capsys):
     assert "2 unreadable files skipped" in out and "broken.png" in out and "empty.jpg" in out
 
 
+def test_repeating_a_run_config_starts_a_new_run_folder(tiny_cfg):
+    """`--config RUN/config.yaml` repeats the settings in a new run folder, also for a resumed run (whose
+    config says `resume: auto`); the first run's metrics and checkpoints are untouched."""
+    first = train(tiny_cfg(experiment="first", epochs=1, max_steps=2))  # stopped, then resumed
+    first = train(tiny_cfg(experiment="first", epochs=1, resume="auto"))
+    d1 = Path(first["run_dir"])
+    assert "resume: auto" in (d1 / "config.yaml").read_text()
+    saved = [f for f in d1.rglob("*") if f.suffix in (".jsonl", ".pt")]
+    before = {f: f.read_bytes() for f in saved}
+    again = train(resolve_config(None, str(d1 / "config.yaml")))
+    d2 = Path(again["run_dir"])
+    assert d2 != d1 and d2.parent == d1.parent
+    assert [r["epoch"] for r in read_metrics(d2 / "metrics.jsonl") if r["kind"] == "epoch"] == [0]
+    assert again["step"] == 4  # trained from scratch, not resumed from the first run's last checkpoint
+    assert [f for f in d1.rglob("*") if f.suffix in (".jsonl", ".pt")] == saved
+    assert {f: f.read_bytes() for f in saved} == before
+
+
+def test_fresh_start_in_a_used_run_folder_sets_its_files_aside(tiny_cfg, capsys):
+    """A new run in the folder of an earlier one (same --experiment, no --resume) starts its own
+    metrics.jsonl; the earlier run's record, config and weights are moved aside, not appended to or lost."""
+    one = train(tiny_cfg(experiment="same", epochs=1))
+    d = Path(one["run_dir"])
+    old_metrics = (d / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    two = train(tiny_cfg(experiment="same", epochs=1, seed=4))
+    assert Path(two["run_dir"]) == d
+    assert [r["epoch"] for r in read_metrics(d / "metrics.jsonl") if r["kind"] == "epoch"] == [0]
+    assert (d / "report.md").read_text().count("| 1 |") == 1
+    (aside,) = d.glob("replaced-*")
+    assert (aside / "metrics.jsonl").read_text() == old_metrics
+    assert {f.name for f in aside.iterdir()} >= {"config.yaml", "model.safetensors", "report.md"}
+    assert "starting over: moved the files of an earlier run here" in capsys.readouterr().out
+
+
+def test_unreadable_validation_files_are_reported(tmp_path, tiny_cfg, capsys):
+    """Unreadable validation images are counted and named in the epoch line and metrics, as training ones."""
+    from davit.data import make_image_folder
+
+    root = make_image_folder(str(tmp_path / "imgs"), per_class=4, size=(20, 20))
+    (tmp_path / "imgs/val/fish/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    cfg = tiny_cfg(
+        experiment="badval",
+        dataset="folder",
+        data_dir=root,
+        num_classes=3,
+        in_chans=3,
+        epochs=1,
+        batch_size=4,
+        train_samples=None,
+        val_samples=None,
+        warmup_epochs=0,
+    )
+    res = train(cfg)
+    ep = [r for r in read_metrics(Path(res["run_dir"]) / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert ep[0]["skipped_files"] == 0 and ep[0]["val_skipped_files"] == 1
+    assert res["val_skipped_files"] == 1 and sum(map(sum, res["confusion"])) == 12
+    out = capsys.readouterr().out
+    assert "epoch 1: validation: 1 unreadable files skipped: fish/broken.png" in out
+
+
 def test_eval_and_predict_commands(tiny_cfg, tmp_path, capsys):
     from PIL import Image
 
@@ -177,6 +240,29 @@ def test_bf16_grad_accum_and_ema_run(tiny_cfg):
     )
     assert math.isfinite(res["train_loss"]) and "ema_top1" in res
     assert (Path(res["run_dir"]) / "model_ema.safetensors").is_file()
+
+
+def test_channels_last_trains_like_the_default_layout(tiny_cfg):
+    """--channels-last changes the memory layout only: the same losses step for step (float tolerance)."""
+    ref = train(tiny_cfg(experiment="nchw", epochs=1, max_steps=2))
+    cl = train(tiny_cfg(experiment="nhwc", epochs=1, max_steps=2, channels_last=True))
+    a, b = _step_losses(ref["run_dir"]), _step_losses(cl["run_dir"])
+    assert len(a) == 2 and [s for s, _ in b] == [s for s, _ in a]
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-4)
+
+
+def test_torchcompile_trains_and_saves_plain_weights(tiny_cfg):
+    """--torchcompile: a compiled model trains (2 steps) and the saved weights load into a plain model."""
+    from davit.train.setup import model_from_metadata
+
+    res = train(tiny_cfg(experiment="compiled", epochs=1, max_steps=2, torchcompile=True))
+    ref = train(tiny_cfg(experiment="eager", epochs=1, max_steps=2))
+    a, b = _step_losses(ref["run_dir"]), _step_losses(res["run_dir"])
+    assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-3)
+    ckpt = find_latest_valid(Path(res["run_dir"]) / "checkpoints")
+    assert not any("_orig_mod" in k for k in load_checkpoint(ckpt)["model"])
+    net, _ = model_from_metadata(str(ckpt))
+    assert net.num_classes == 10
 
 
 def test_time_budget_picks_epochs_and_config_repeats_them(tiny_cfg, capsys):

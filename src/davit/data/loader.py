@@ -8,7 +8,8 @@ whatever the number of workers and whether the epoch was started from batch 0 or
 Bad samples: a dataset item that is a :class:`BadSample` is dropped by the collate, which returns it beside
 the batch (this works from worker processes, where a shared counter would not); the loader strips it, yields
 plain ``(x, y)`` and collects the epoch's bad samples in ``loader.bad`` (``loader.bad_report()``
-formats them).
+formats them). A batch with no readable sample is left out, unless ``loader.yield_empty`` is set: then it
+comes as ``(None, None)``, so that a distributed loop can leave it out on every rank together.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 
 from .images import BadSample
 
-__all__ = ["BatchRNG", "EpochSampler", "SeededDataset", "Collate", "Loader", "build_loader", "item_seed"]
+__all__ = [
+    "BatchRNG",
+    "EpochSampler",
+    "SeededDataset",
+    "Collate",
+    "Loader",
+    "build_loader",
+    "item_seed",
+    "format_bad",
+]
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -189,11 +199,14 @@ class Loader(DataLoader):
     - ``position``: batches of this epoch consumed so far, counting skipped and all-bad batches; save it as
       ``start_iter`` to resume exactly after the last batch the trainer used.
     - ``batches_per_epoch``: the full epoch's number of batches, whatever ``start_iter``.
+    - ``yield_empty``: yield ``(None, None)`` for a batch whose samples were all unreadable instead of
+      leaving it out (a distributed trainer must leave such a batch out on all ranks at once).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.bad: list[BadSample] = []
+        self.yield_empty = False
         self.position = 0
         self._start_iter = 0
 
@@ -222,17 +235,23 @@ class Loader(DataLoader):
             self.position += 1
             if bad:
                 self.bad.extend(bad)
-            if x is None:
+            if x is None and not self.yield_empty:
                 continue  # every sample of this batch was unreadable
             yield x, y
 
     def bad_report(self, max_names: int = 10) -> str:
         """'' if nothing was skipped, else '2 unreadable files skipped: a.jpg (empty file), b.jpg (...)'."""
-        if not self.bad:
-            return ""
-        names = ", ".join(f"{b.path} ({b.reason})" for b in self.bad[:max_names])
-        more = f", and {len(self.bad) - max_names} more" if len(self.bad) > max_names else ""
-        return f"{len(self.bad)} unreadable files skipped: {names}{more}"
+        return format_bad(self.bad, max_names)
+
+
+def format_bad(bad: list[BadSample], max_names: int = 10) -> str:
+    """'' for no bad samples, else '2 unreadable files skipped: a.jpg (empty file), b.jpg (...)'; also for
+    the bad samples of all ranks gathered together."""
+    if not bad:
+        return ""
+    names = ", ".join(f"{b.path} ({b.reason})" for b in bad[:max_names])
+    more = f", and {len(bad) - max_names} more" if len(bad) > max_names else ""
+    return f"{len(bad)} unreadable files skipped: {names}{more}"
 
 
 def _dist_rank_world() -> tuple[int, int]:

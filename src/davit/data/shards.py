@@ -13,8 +13,10 @@ of small files on shared storage are the bottleneck: each worker streams whole t
 
 from __future__ import annotations
 
+import copy
 import glob
 import io
+import itertools
 import json
 import math
 import os
@@ -168,8 +170,27 @@ class ShardDataset(IterableDataset):
             classes = [str(k) for k in range(top + 1)]
         self.counts, self.classes = counts, classes
         self.num_samples = sum(counts)
+        self.limits: list[int | None] = [None] * len(self.paths)  # samples read per shard (None: all)
         self.configure()
         self.set_epoch(0)
+
+    def head(self, n: int) -> ShardDataset:
+        """A copy holding only the first ``n`` samples in shard order (for ``--train-samples`` and
+        ``--val-samples``): the first shards, the last cut short; split over ranks and workers as usual."""
+        if n < 1:
+            raise ValueError(f"the number of samples must be >= 1, got {n}")
+        out = copy.copy(self)
+        out.paths, out.counts, out.limits, left = [], [], [], n
+        for p, c in zip(self.paths, self.counts):
+            if left <= 0:
+                break
+            take = min(c, left)
+            out.paths.append(p)
+            out.counts.append(take)
+            out.limits.append(take if take < c else None)
+            left -= take
+        out.num_samples = sum(out.counts)
+        return out
 
     def configure(
         self,
@@ -232,7 +253,7 @@ class ShardDataset(IterableDataset):
         while True:
             i = got = 0
             for si in share:
-                for s in _samples(self.paths[si]):
+                for s in itertools.islice(_samples(self.paths[si]), self.limits[si]):
                     if not by_sample or i % G == g:
                         yield s
                         got += 1

@@ -30,6 +30,7 @@ __all__ = [
     "load_checkpoint",
     "find_latest_valid",
     "CheckpointManager",
+    "set_aside_files",
     "rng_state",
     "set_rng_state",
     "CheckpointError",
@@ -183,17 +184,24 @@ class CheckpointManager:
             for f in self.folder.iterdir()
             if f.is_file() and (_NAME.match(f.name.removesuffix(".sha256")) or f.name.startswith("best.pt"))
         ]
-        if not old:
-            return None
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        dest, n = self.folder / f"replaced-{stamp}", 1
-        while dest.exists():  # two starts within a second
-            dest, n = self.folder / f"replaced-{stamp}-{n}", n + 1
-        dest.mkdir()
-        for f in old:
-            os.replace(f, dest / f.name)
-        _fsync_dir(self.folder)
-        return dest
+        return set_aside_files(self.folder, old)
+
+
+def set_aside_files(folder: str | Path, files: list[Path]) -> Path | None:
+    """Move ``files`` (files or folders inside ``folder``) into a new ``folder/replaced-<UTC time>/``; returns
+    it, or None when ``files`` is empty. Moved, not deleted: what an earlier run saved stays at hand."""
+    folder = Path(folder)
+    if not files:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest, n = folder / f"replaced-{stamp}", 1
+    while dest.exists():  # two starts within a second
+        dest, n = folder / f"replaced-{stamp}-{n}", n + 1
+    dest.mkdir()
+    for f in files:
+        os.replace(f, dest / Path(f).name)
+    _fsync_dir(folder)
+    return dest
 
 
 # ----- RNG states as weights_only-loadable values -----------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: top-1/5, per-class accuracy, confusion matrix")
-    p.add_argument("checkpoint", help="weights file (.safetensors from a run, or any layout) or a run folder")
+    p.add_argument(
+        "checkpoint",
+        help="weights file (.safetensors from a run, or any layout), training checkpoint (ckpt-*.pt, "
+        "best.pt), run folder, or a --output folder of runs (its newest finished run)",
+    )
     p.add_argument("--model", default=None, help="variant (default: from the weights' metadata)")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--split", default="val")
+    p.add_argument(
+        "--dataset", default=None, help="default: the run's (its config.yaml), else fashion-mnist"
+    )
+    p.add_argument("--data-dir", default=None, help="default: the run's, for the run's dataset")
+    p.add_argument("--split", default=None, help="default: the run's validation split, else val")
     p.add_argument("--num-samples", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("-b", "--batch-size", type=int, default=256)
     p.add_argument("-j", "--workers", type=int, default=2)
@@ -47,7 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="classify images: top-k class names with probabilities")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--checkpoint", required=True, help="weights file (.safetensors from a run) or run folder")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="weights file (.safetensors from a run), training checkpoint (ckpt-*.pt, best.pt), run folder, "
+        "or a --output folder of runs (its newest finished run)",
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--use-ema", action="store_true")
     p.add_argument("-k", "--top-k", type=int, default=5)
@@ -94,19 +106,61 @@ def _threads() -> None:
 
 
 # ----- eval / predict --------------------------------------------------------------------------------
+def _newest_run(folder: Path, weights: str) -> Path | None:
+    """The most recently finished run (by its ``weights`` file) among the run folders inside ``folder`` (a
+    ``davit train --output`` folder), None when it holds none."""
+    runs = [d for d in folder.iterdir() if d.is_dir() and (d / weights).is_file()]
+    return max(runs, key=lambda d: (d / weights).stat().st_mtime) if runs else None
+
+
 def _weights_path(path: str, use_ema: bool) -> str:
     p = Path(path)
     if p.is_dir():
-        cand = p / ("model_ema.safetensors" if use_ema else "model.safetensors")
-        if not cand.exists():
-            raise FileNotFoundError(f"{p} has no {cand.name}: pass a weights file or a finished run folder")
-        return str(cand)
+        name = "model_ema.safetensors" if use_ema else "model.safetensors"
+        if (p / name).is_file():
+            return str(p / name)
+        # `davit train --output runs/x` puts each run in runs/x/<model-dataset-time>/: take the newest
+        newest = _newest_run(p, name) if not (p / "config.yaml").is_file() else None
+        if newest is not None:
+            others = sum(1 for d in p.iterdir() if (d / name).is_file()) - 1
+            note = f" (the newest of {others + 1} runs there)" if others else ""
+            print(f"note: {p} is an output folder; using its run {newest.name}{note}", file=sys.stderr)
+            return str(newest / name)
+        ckpts = p / "checkpoints"
+        hint = (
+            f" (unfinished run: pass a training checkpoint such as {ckpts}/best.pt)"
+            if ckpts.is_dir()
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{p} has no {name}{hint}: pass a weights file, a training checkpoint, a finished run folder "
+            "or a --output folder holding finished runs"
+        )
     if use_ema and p.suffix == ".safetensors" and p.name == "model.safetensors":
         ema = p.with_name("model_ema.safetensors")
         if not ema.exists():
             raise FileNotFoundError(f"--use-ema: {ema} not found (was the run trained with --model-ema?)")
         return str(ema)
     return str(p)
+
+
+def _run_config(path: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The training config of the run the weights come from: inside a training checkpoint, else the run's
+    config.yaml next to the weights (or above a checkpoints/ folder); {} when there is none."""
+    if isinstance(meta.get("config"), dict):
+        return meta["config"]
+    import yaml
+
+    p = Path(path)
+    for d in (p.parent, p.parent.parent):
+        f = d / "config.yaml"
+        if f.is_file():
+            try:
+                cfg = yaml.safe_load(f.read_text())
+            except yaml.YAMLError:
+                return {}  # a damaged config only loses the defaults: the flags still work
+            return cfg if isinstance(cfg, dict) else {}
+    return {}
 
 
 def _eval_transform(meta: dict[str, Any], img_size=None, crop_pct=None, interpolation=None):
@@ -124,47 +178,77 @@ def _eval_transform(meta: dict[str, Any], img_size=None, crop_pct=None, interpol
     )
 
 
+def _check_classes(path: str, net: torch.nn.Module, meta: dict[str, Any], ds, where: str) -> None:
+    """Refuse a dataset whose labels would not mean the model's classes (before any image is read)."""
+    n_model, classes = net.num_classes, meta.get("classes")
+    fix = (
+        "evaluate it on the dataset it was trained on (--dataset, --data-dir, --split), or pass the "
+        "weights trained on this one"
+    )
+    if len(ds.classes) > n_model or (len(ds.classes) < n_model and list(ds.classes) != classes):
+        raise ValueError(
+            f"{path} holds a {n_model}-class model but {where} has {len(ds.classes)} classes: {fix}"
+        )
+    if classes and len(classes) == len(ds.classes) and list(classes) != list(ds.classes):
+        diff = [f"{k}: {a!r} vs {b!r}" for k, (a, b) in enumerate(zip(classes, ds.classes)) if a != b]
+        raise ValueError(
+            f"the classes of {where} differ from those {path} was trained on (label {', '.join(diff[:3])}"
+            f"{', ...' if len(diff) > 3 else ''}): {fix}"
+        )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import build_dataset, build_loader
+    from ..data.loader import format_bad
     from .distributed import pick_device
     from .metrics import evaluate
     from .setup import model_from_metadata
 
     path = _weights_path(args.checkpoint, args.use_ema)
     net, meta = model_from_metadata(path, args.model, use_ema=args.use_ema)
+    # the data the run was trained on, unless the command line says otherwise
+    run = _run_config(path, meta)
+    dataset = args.dataset or run.get("dataset") or "fashion-mnist"
+    same = dataset == run.get("dataset")
+    data_dir = args.data_dir if args.data_dir is not None else (run.get("data_dir") if same else None)
+    split = args.split or (run.get("val_split") if same else None) or "val"
     dev = pick_device(args.device, 0)
     net.to(dev).eval()
     tf = _eval_transform(meta, args.img_size, args.crop_pct, args.interpolation)
-    ds = build_dataset(
-        args.dataset, args.data_dir, args.split, transform=tf, mode="L" if meta["in_chans"] == 1 else "RGB"
-    )
+    ds = build_dataset(dataset, data_dir, split, transform=tf, mode="L" if meta["in_chans"] == 1 else "RGB")
+    where = f"{dataset}/{split}" + (f" in {data_dir}" if data_dir else "")
+    _check_classes(path, net, meta, ds, where)
     classes = list(meta.get("classes") or ds.classes)
     if args.num_samples:
-        from .setup import _Head
+        from .setup import _head
 
-        ds = _Head(ds, args.num_samples)
+        ds = _head(ds, args.num_samples, "--num-samples")
     loader = build_loader(ds, args.batch_size, False, workers=args.workers)
     res = evaluate(net, loader, dev, net.num_classes, amp=args.amp)
+    skipped = res.pop("skipped")
     res.update(
         checkpoint=path,
         model=meta["model"],
-        dataset=args.dataset,
-        split=args.split,
+        dataset=dataset,
+        data_dir=data_dir,
+        split=split,
         classes=classes,
         crop_pct=args.crop_pct or meta["crop_pct"],
         interpolation=args.interpolation or meta["interpolation"],
-        skipped_files=len(loader.bad),
+        skipped=[{"path": b.path, "reason": b.reason} for b in skipped],
     )
     print(
-        f"{meta['model']} on {args.dataset}/{args.split} ({res['count']} images): top-1 {res['top1']:.2f}%  "
+        f"{meta['model']} on {dataset}/{split} ({res['count']} images): top-1 {res['top1']:.2f}%  "
         f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}"
     )
     for c, a in zip(classes, res["per_class_acc"]):
-        print(f"  {c:<20} {a:6.2f}%")
-    if loader.bad:
-        print(loader.bad_report())
+        print(f"  {c:<20} {a:6.2f}%" if not math.isnan(a) else f"  {c:<20}  (no images)")
+    if skipped:
+        print(format_bad(skipped))
     if args.results_file:
-        Path(args.results_file).write_text(json.dumps(res, indent=2))
+        # classes without images have no accuracy: null, as NaN is not JSON
+        res["per_class_acc"] = [None if math.isnan(a) else a for a in res["per_class_acc"]]
+        Path(args.results_file).write_text(json.dumps(res, indent=2, allow_nan=False))
         print(f"results written to {args.results_file}")
     if args.confusion_png:
         from .report import plot_confusion

@@ -2,7 +2,8 @@
 
 Resolution order (later wins): dataclass defaults < ``--preset`` < ``--config FILE.yaml`` < flags given on the
 command line. The fully resolved config is written to the run folder as ``config.yaml``; passing that
-file back with ``--config`` repeats the run.
+file back with ``--config`` repeats the run, in a new run folder (its ``experiment`` and ``resume`` are not
+carried over, see :func:`load_config_file`).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class TrainConfig:
     batch_size: int = 128  # per process
     grad_accum_steps: int = 1
     lr: float = 1e-3
-    lr_base_size: int | None = None  # scale lr linearly by global batch / lr_base_size when set
+    # scale lr linearly by global batch / lr_base_size when set (presets); an lr given without it, on the
+    # command line or in a config file, is absolute, as timm's --lr (see resolve_config)
+    lr_base_size: int | None = None
     opt_eps: float = 1e-8
     opt_betas: list = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.05
@@ -90,7 +93,7 @@ class TrainConfig:
     warmup_epochs: float = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
-    cooldown_epochs: int = 10
+    cooldown_epochs: int = 0  # timm's default; the imagenet preset sets the recipe's 10
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     # precision / speed
@@ -306,7 +309,12 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], where: str) -> 
     return dataclasses.replace(cfg, **checked)
 
 
+# the keys that name a run folder rather than a setting of the run
+RUN_IDENTITY = ("experiment", "resume")
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The config keys of a YAML file, checked; from a run's saved config.yaml without RUN_IDENTITY."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
@@ -318,7 +326,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping of config keys to values, got {type(data).__name__}")
-    data.pop("_resolved", None)  # informational block written by save_config
+    if data.pop("_resolved", None) is not None:
+        # a run's own config.yaml (save_config writes this block): repeating it is a new run with the same
+        # settings, so the keys naming that run's folder are left out; otherwise the repeat would write into
+        # the finished run's folder or, with its `resume: auto`, resume it. --experiment/--resume given on
+        # the command line still choose a run folder.
+        for k in RUN_IDENTITY:
+            data.pop(k, None)
     _check_keys(data, str(p))
     return data
 
@@ -340,10 +354,20 @@ def resolve_config(
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         cfg = apply_overrides(cfg, PRESETS[preset], f"preset {preset}")
     if config_file:
-        cfg = apply_overrides(cfg, load_config_file(config_file), str(config_file))
+        cfg = apply_overrides(cfg, _absolute_lr(load_config_file(config_file)), str(config_file))
     if overrides:
-        cfg = apply_overrides(cfg, overrides, "command line")
+        cfg = apply_overrides(cfg, _absolute_lr(overrides), "command line")
     return cfg
+
+
+def _absolute_lr(d: dict[str, Any]) -> dict[str, Any]:
+    """An ``lr`` given without ``lr_base_size`` beside it is the learning rate itself, as timm's --lr: the
+    preset's batch scaling (``lr_base_size``) is dropped rather than applied to it: ``--preset imagenet
+    --lr 5e-4`` on 2 processes of 128 images trains at 5e-4, not at 5e-4 x 256 / 1024. A run's saved
+    config.yaml holds both keys, so repeating it scales as the run did."""
+    if "lr" in d and "lr_base_size" not in d:
+        return {**d, "lr_base_size": None}
+    return d
 
 
 # ----- argparse ---------------------------------------------------------------------------------------------

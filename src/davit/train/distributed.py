@@ -20,6 +20,7 @@ __all__ = [
     "cleanup",
     "all_reduce_mean",
     "all_reduce_sum",
+    "all_gather_objects",
     "barrier",
     "broadcast_object",
     "env_rank_world",
@@ -108,6 +109,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if _active():
         return all_reduce_sum(t) / dist.get_world_size()
     return t
+
+
+def all_gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` when not distributed)."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum
+from .distributed import all_gather_objects, all_reduce_sum
 
 __all__ = ["ClassificationMeter", "evaluate", "autocast"]
 
@@ -76,6 +76,8 @@ def evaluate(
     channels_last: bool = False,
     progress=None,
 ) -> dict[str, Any]:
+    """Loss, top-1/5, per-class accuracy and confusion over the loader (summed over ranks), plus
+    ``skipped_files``/``skipped``: the unreadable images left out (:class:`BadSample`, all ranks)."""
     was_training = model.training
     model.eval()
     meter = ClassificationMeter(num_classes)
@@ -90,4 +92,7 @@ def evaluate(
             progress.update(1)
     meter.reduce()
     model.train(was_training)
-    return meter.result()
+    # unreadable images the loader left out, of every rank (a collective, like meter.reduce): the caller
+    # reports them, as the trainer does for training images, instead of scoring fewer images silently
+    skipped = [b for part in all_gather_objects(list(getattr(loader, "bad", []))) for b in part]
+    return {**meter.result(), "skipped_files": len(skipped), "skipped": skipped}

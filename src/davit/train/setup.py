@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ..models import DEFAULT_DROP_PATH, create_model, model_info, split_name
 from .config import TrainConfig
@@ -21,6 +22,9 @@ __all__ = [
     "build_model",
     "weights_metadata",
     "model_from_metadata",
+    "check_batch_aug",
+    "trainer_checkpoint",
+    "trainer_checkpoint_metadata",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,17 @@ class _Head(Dataset):
         return self.ds[i]
 
 
+def _head(ds: Dataset, n: int, flag: str) -> Dataset:
+    """The first ``n`` samples: tar shards (iterable, no indexing) cut their own stream short."""
+    if n < 1:
+        raise ValueError(f"{flag} must be >= 1, got {n}; leave it out to use every sample")
+    if isinstance(ds, IterableDataset):
+        if not hasattr(ds, "head"):
+            raise ValueError(f"{flag} is not supported for {type(ds).__name__}; leave it out")
+        return ds.head(n)
+    return _Head(ds, n)
+
+
 @dataclass
 class DataBundle:
     train_loader: Any
@@ -90,8 +105,8 @@ def _check_batch_fits(cfg: TrainConfig, train_ds: Dataset, train_loader) -> None
     n = getattr(train_ds, "num_samples", None) or len(train_ds)  # tar shards: the count from their index
     inner = train_ds.ds if isinstance(train_ds, _Head) else train_ds
     where = getattr(inner, "root", None) or cfg.data_dir or cfg.dataset
-    fix = "raise --train-samples" if isinstance(train_ds, _Head) else "add training images"
-    if isinstance(train_ds, _Head):
+    fix = "raise --train-samples" if cfg.train_samples else "add training images"
+    if cfg.train_samples:
         where += f" (--train-samples {cfg.train_samples})"
     sampler = train_loader.sampler
     world = getattr(sampler, "world_size", None) or getattr(train_ds, "world_size", 1)
@@ -107,6 +122,24 @@ def _check_batch_fits(cfg: TrainConfig, train_ds: Dataset, train_loader) -> None
     )
 
 
+def check_batch_aug(cfg: TrainConfig) -> None:
+    """--batch-aug (on in the fashion-mnist preset) has flips, pad + crop and erasing only, on Fashion-MNIST's
+    uint8 arrays: refuse what it cannot do, naming the flag that turns it off."""
+    if not cfg.batch_aug:
+        return
+    bad = [
+        *([f"--dataset {cfg.dataset}"] if not _is_fmnist(cfg.dataset) else []),
+        *([f"--aa {cfg.aa}"] if cfg.aa else []),
+        *(["--no-simple-aug"] if not cfg.simple_aug else []),
+    ]
+    if bad:
+        raise ValueError(
+            f"--batch-aug (set by --preset fashion-mnist) cannot do {' and '.join(bad)}: it works with "
+            "--dataset fashion-mnist, --simple-aug and no --aa. Add --no-batch-aug to augment each image "
+            "instead (slower), or leave out " + " and ".join(bad)
+        )
+
+
 def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle:
     """Datasets and loaders. ``batch_aug``: Fashion-MNIST as uint8 tensors augmented a whole batch at a time
     (pad + crop, flip, erasing; several times cheaper than per-image PIL transforms on a small CPU).
@@ -116,8 +149,7 @@ def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle
     dp = resolve_data_params(cfg)
     mode = "L" if dp["in_chans"] == 1 else "RGB"
     if cfg.batch_aug:
-        if not _is_fmnist(cfg.dataset) or cfg.aa or not cfg.simple_aug:
-            raise ValueError("--batch-aug works with --dataset fashion-mnist, --simple-aug and no --aa")
+        check_batch_aug(cfg)
         bt = dict(input_size=dp["img_size"], mean=dp["mean"], std=dp["std"])
         train_tf, val_tf = None, None
         train_bt = build_batch_transform(
@@ -154,9 +186,9 @@ def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle
     check_class_match(train_ds, val_ds)  # before any step: label k must mean the same class in both
     classes = list(train_ds.classes)
     if cfg.train_samples:
-        train_ds = _Head(train_ds, cfg.train_samples)
+        train_ds = _head(train_ds, cfg.train_samples, "--train-samples")
     if cfg.val_samples:
-        val_ds = _Head(val_ds, cfg.val_samples)
+        val_ds = _head(val_ds, cfg.val_samples, "--val-samples")
     train_loader = build_loader(
         train_ds,
         cfg.batch_size,
@@ -246,6 +278,65 @@ def weights_metadata(cfg: TrainConfig, classes: list[str], params: dict[str, Any
     }
 
 
+def trainer_checkpoint(path: str | Path) -> dict | None:
+    """The contents of ``path`` if it is a training checkpoint of `davit train` (ckpt-*.pt, best.pt: a dict
+    with the run's ``config`` and ``model``), else None (a weights file, or a file load_state_dict will
+    explain). Read with ``torch.load(weights_only=True)``, memory-mapped: the optimizer state is not read."""
+    p = Path(path)
+    if p.suffix == ".safetensors" or not p.is_file():
+        return None
+    st = None
+    for mmap in (True, False):  # mmap needs the zip format torch.save writes by default
+        try:
+            st = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception:  # not a torch file, or a hostile pickle: load_state_dict reports it
+            continue
+    if isinstance(st, dict) and isinstance(st.get("config"), dict) and isinstance(st.get("model"), dict):
+        return st
+    return None
+
+
+def _run_folder_classes(path: Path) -> list[str] | None:
+    """Class names from the finished run's model.safetensors next to a training checkpoint, if any."""
+    from ..weights import read_metadata
+
+    for d in (path.parent, path.parent.parent):
+        w = d / "model.safetensors"
+        if w.is_file():
+            classes = read_metadata(w).get("classes")
+            if isinstance(classes, list):
+                return classes
+    return None
+
+
+def trainer_checkpoint_metadata(path: str | Path, st: dict) -> dict[str, Any]:
+    """What :func:`weights_metadata` would hold for the weights of a training checkpoint, rebuilt from the
+    run config stored inside it (architecture, input channels, size, normalisation, eval crop), plus that
+    config under ``config``. Class names: stored in the checkpoint (newer runs), else from the run's
+    model.safetensors when the run finished, else left out."""
+    from dataclasses import fields
+
+    from .config import TrainConfig, apply_overrides
+
+    names = {f.name for f in fields(TrainConfig)}
+    # keys of another version of the trainer are left out rather than refused: the model is what matters
+    cfg = apply_overrides(
+        TrainConfig(), {k: v for k, v in st["config"].items() if k in names}, f"{path} (its run config)"
+    )
+    params = resolve_data_params(cfg)
+    classes = st.get("classes") or _run_folder_classes(Path(path))
+    meta = weights_metadata(cfg, list(classes or []), params)
+    for k in ("arch", "classes", "mean", "std"):
+        meta[k] = json.loads(meta[k])
+    if not classes:
+        del meta["classes"]
+        if not cfg.num_classes:
+            del meta["num_classes"]  # model_from_metadata reads it off the classifier's weights
+    meta["config"] = cfg.to_dict()
+    return meta
+
+
 def model_from_metadata(
     path: str,
     model: str | None = None,
@@ -253,10 +344,20 @@ def model_from_metadata(
     num_classes: int | None = None,
     in_chans: int | None = None,
 ) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a trained model from its weights file (metadata from the trainer when present)."""
+    """Rebuild a trained model from its weights file (metadata from the trainer when present) or from a
+    training checkpoint of `davit train` (model rebuilt from the run config inside it)."""
     from ..weights import load_state_dict, load_weights, read_metadata
 
-    meta = read_metadata(path)
+    st = trainer_checkpoint(path)
+    if st is not None:
+        if use_ema and not st.get("model_ema"):
+            raise ValueError(
+                f"--use-ema: {path} holds no EMA weights (was the run trained with --model-ema?)"
+            )
+        meta = trainer_checkpoint_metadata(path, st)
+        del st  # the mapped file is read again below, for the chosen weights only
+    else:
+        meta = read_metadata(path)
     name = model or meta.get("model")
     if not name:
         raise ValueError(f"{path} does not say which model it holds; pass --model (e.g. --model davit_tiny)")

@@ -16,15 +16,37 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
+from ..data.loader import format_bad
+from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_aside_files, set_rng_state
 from .config import TrainConfig, finalize, save_config
-from .distributed import all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
+from .distributed import (
+    all_gather_objects,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+)
 from .logging import MetricsLogger, Progress, memory_fields
 from .metrics import autocast, evaluate
 from .optim import build_optimizer, build_scheduler
-from .setup import build_data, build_model, weights_metadata
+from .setup import build_data, build_model, check_batch_aug, weights_metadata
 
 __all__ = ["train", "NonFiniteLossError"]
+
+
+# what a run writes at the top of its folder; a fresh start in a used folder moves an earlier run's aside
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "tb",
+    "report.md",
+    "curves.png",
+    "confusion.png",
+    "model.safetensors",
+    "model_ema.safetensors",
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,7 +90,10 @@ def _run_dir(cfg: TrainConfig, is_main: bool) -> Path:
         if runs:  # resume the most recent run of this output folder
             name = max(runs, key=lambda d: d.stat().st_mtime).name
     if name is None:
-        name = f"{cfg.model}-{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        name = stem = f"{cfg.model}-{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while (out / name).exists():  # a new run started within the same second as another
+            name, n = f"{stem}-{n}", n + 1
     name = broadcast_object(name)
     d = out / name
     if is_main:
@@ -132,9 +157,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     if cfg.grad_accum_steps < 1:
         raise ValueError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
     t_start = time.time()
+    check_batch_aug(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = _run_dir(cfg, main)
 
     from ..data import build_mixup
 
@@ -144,6 +169,8 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         cfg.mixup, cfg.cutmix, cfg.smoothing, num_classes, cfg.mixup_prob, cfg.mixup_switch_prob
     )
     data = build_data(cfg, di.distributed, mixup_fn)
+    # batches with no readable image come as (None, None): the loop below leaves them out on all ranks at once
+    data.train_loader.yield_empty = True
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     net = build_model(cfg, num_classes, data.params["in_chans"], verbose=main)
     if cfg.grad_checkpointing:
@@ -171,6 +198,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             f"--grad-accum-steps {accum} is more than the {batches} batches of --batch-size {cfg.batch_size} "
             f"in an epoch: lower --grad-accum-steps to at most {batches}, or lower --batch-size"
         )
+    # the run folder is made once the data, model and optimizer are built: a mistake found on the way leaves
+    # no empty run folder behind
+    run_dir = _run_dir(cfg, main)
     ckpts = CheckpointManager(run_dir / "checkpoints", cfg.keep_last)
     resume_path = (ckpts.latest() if cfg.resume == "auto" else Path(cfg.resume)) if cfg.resume else None
     st = load_checkpoint(resume_path) if resume_path is not None else None
@@ -210,6 +240,13 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         moved = ckpts.set_aside()  # an earlier run's checkpoints would outlive this run's (see set_aside)
         if moved is not None:
             print(f"starting over: moved the checkpoints of an earlier run here to {moved}", flush=True)
+        # and its record: appended to, its metrics.jsonl would tell two runs as one (report.md showed two
+        # "epoch 1" rows); its config, weights and report would be overwritten
+        earlier = [run_dir / n for n in RUN_FILES if (run_dir / n).exists()]
+        moved = set_aside_files(run_dir, earlier)
+        if moved is not None:
+            names = ", ".join(f.name for f in earlier)
+            print(f"starting over: moved the files of an earlier run here ({names}) to {moved}", flush=True)
     if st is not None:
         _load_state_dicts(net, opt, st["model"], st["optimizer"], cfg.fsdp)
         if ema is not None and "model_ema" in st:
@@ -271,6 +308,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             "best": best,
             "rng": rngs,
             "config": cfg.to_dict(),
+            "classes": data.classes,  # with the config: `davit eval`/`predict` rebuild the model from it
         }
         if ema is not None:
             st["model_ema"] = ema.module.state_dict()
@@ -301,6 +339,14 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 for x, y in data.train_loader:
                     if pos >= steps_per_epoch:
                         break
+                    # a batch whose images were all unreadable is left out by every rank together: a rank
+                    # that left it out alone would run one step fewer and the others would wait for it
+                    # forever in the gradient all-reduce (one more tiny all-reduce per batch under DDP)
+                    if di.distributed:
+                        if all_reduce_sum(torch.tensor([float(x is None)])).item() > 0:
+                            continue
+                    elif x is None:
+                        continue
                     x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -393,8 +439,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                         flush=True,
                     )
                 break
-            bad = data.train_loader.bad_report()
-            n_bad = len(data.train_loader.bad)
+            # the unreadable files of every rank, not rank 0's alone (a collective: all ranks call it)
+            bad_list = [b for part in all_gather_objects(list(data.train_loader.bad)) for b in part]
+            bad, n_bad = format_bad(bad_list), len(bad_list)
             train_time = time.time() - t0
             ev = evaluate(net, data.val_loader, dev, num_classes, cfg.amp, cfg.amp_dtype, cfg.channels_last)
             rec = {
@@ -407,6 +454,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 "epoch_time": train_time,
                 "img_per_s": seen / max(1e-9, train_time),
                 "skipped_files": n_bad,
+                "val_skipped_files": ev["skipped_files"],
                 **memory_fields(dev),
             }
             if ema is not None:
@@ -429,6 +477,8 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 print(msg + f"  ({train_time:.0f}s, {rec['img_per_s']:.0f} img/s)", flush=True)
                 if bad:
                     print(f"epoch {epoch + 1}: {bad}", flush=True)
+                if ev["skipped"]:
+                    print(f"epoch {epoch + 1}: validation: {format_bad(ev['skipped'])}", flush=True)
             save(epoch + 1, 0, is_best)
             if out_of_time:
                 if main:
@@ -473,6 +523,8 @@ def _epochs_for_budget(
         for i, (x, y) in enumerate(data.train_loader):
             if i == n:
                 break
+            if x is None:  # no readable image in this batch
+                continue
             # the clock runs from the previous step's end, so fetching and augmenting the batch count too:
             # with the model step at 0.13 s the loader's ~0.02 s was a large part of the real step
             x, y = x.to(dev), y.to(dev)
