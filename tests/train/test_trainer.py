@@ -164,6 +164,26 @@ def test_fresh_start_in_a_used_run_folder_sets_its_files_aside(tiny_cfg, capsys)
     assert "starting over: moved the files of an earlier run here" in capsys.readouterr().out
 
 
+def test_exact_resume_after_an_unreadable_batch_was_left_out(tmp_path, tiny_cfg):
+    """A batch with no readable image is left out without a step; a checkpoint saved after it must resume
+    at the loader's batch, not at steps x accum, or the resumed run repeats a batch."""
+    from davit.data import make_image_folder
+
+    root = make_image_folder(str(tmp_path / "imgs"), per_class=3, size=(20, 20))
+    (tmp_path / "imgs/train/fish/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    common = dict(dataset="folder", data_dir=root, num_classes=3, in_chans=3, epochs=1, batch_size=1,
+                  train_samples=None, val_samples=None, warmup_epochs=0,
+                  checkpoint_every_steps=1)  # fmt: skip
+    full = train(tiny_cfg(experiment="full", **common))
+    a = _step_losses(full["run_dir"])
+    assert len(a) == 9  # 10 training files, one unreadable: 9 steps
+    for stop in (2, 5, 8):  # stops before and after the left-out batch, then resume
+        part = train(tiny_cfg(experiment=f"s{stop}", max_steps=stop, **common))
+        assert part["stopped"] and part["step"] == stop
+        resumed = train(tiny_cfg(experiment=f"s{stop}", resume="auto", **common))
+        assert _step_losses(resumed["run_dir"]) == a, stop
+
+
 def test_unreadable_validation_files_are_reported(tmp_path, tiny_cfg, capsys):
     """Unreadable validation images are counted and named in the epoch line and metrics, as training ones."""
     from davit.data import make_image_folder

@@ -234,6 +234,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         model = torch.compile(model)
     # ----- resume -------------------------------------------------------------------------------------------
     start_epoch, start_pos, step, best = 0, 0, 0, -1.0
+    start_batch: int | None = None
     if cfg.resume == "auto" and resume_path is None and main:
         print(f"--resume auto: no valid checkpoint in {ckpts.folder}, starting from scratch", flush=True)
     if st is None and main:
@@ -254,6 +255,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         if scaler is not None and "scaler" in st:
             scaler.load_state_dict(st["scaler"])
         start_epoch, start_pos, step, best = st["epoch"], st["position"], st["step"], st.get("best", -1.0)
+        start_batch = st.get("batch_position")  # absent in checkpoints written before it existed
         set_rng_state(st["rng"][min(di.rank, len(st["rng"]) - 1)])
         if main:
             print(f"resumed from {resume_path}: epoch {start_epoch}, step {step}", flush=True)
@@ -290,7 +292,10 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             flush=True,
         )
 
-    def save(epoch: int, position: int, is_best: bool = False) -> None:
+    def save(epoch: int, position: int, is_best: bool = False, batches: int | None = None) -> None:
+        """``position``: optimizer steps done in ``epoch``; ``batches``: the loader's batches consumed in it
+        (more than position x accum once a batch with no readable image was left out), where a resume
+        continues; None: position x accum."""
         msd, osd = _state_dicts(net, opt, cfg.fsdp)  # collective under FSDP: every rank calls it
         rngs = [None] * di.world_size
         if di.distributed:
@@ -304,6 +309,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             "optimizer": osd,
             "epoch": epoch,
             "position": position,
+            "batch_position": position * accum if batches is None else batches,
             "step": step,
             "best": best,
             "rng": rngs,
@@ -322,7 +328,8 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     with StopFlag() as stop:
         for epoch in range(start_epoch, total_epochs):
             pos = start_pos if epoch == start_epoch else 0
-            data.train_loader.set_epoch(epoch, start_iter=pos * accum)
+            first = start_batch if epoch == start_epoch and start_batch is not None else pos * accum
+            data.train_loader.set_epoch(epoch, start_iter=first)
             model.train()
             t0, seen, loss_sum, n_loss = time.time(), 0, 0.0, 0
             micro = 0
@@ -420,7 +427,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                         and pos < steps_per_epoch
                     )
                     if want_stop or interval:
-                        save(epoch, pos)
+                        save(epoch, pos, batches=data.train_loader.position)
                     if want_stop:
                         stopped = True
                         break
