@@ -534,9 +534,12 @@ def load_run(
         model.load_state_dict(load_file(str(run / "model.safetensors")))
     except RuntimeError as e:
         changed = sorted(overrides or {})
+        # torch's message: a header line, then one line per mismatching or missing tensor; name the first
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
         raise ValueError(
             f"the weights in {run / 'model.safetensors'} do not fit the model built from its config"
             + (f" with the overrides {changed}" if changed else "")
-            + f": {str(e).splitlines()[0]} (override test-time options only, not the architecture)"
+            + f": {' '.join(lines[:2])}{more}; override test-time options only, not the architecture"
         ) from e
     return model.to(device).eval(), cfg
