@@ -103,12 +103,12 @@ def test_start_over_sets_the_earlier_run_aside_and_resume_continues_the_new_one(
     survive the new run's pruning, or the next resume continues the earlier run."""
     run = tmp_path / "run"
 
-    def train(iters, *flags):
+    def train(iters, *flags, extra=()):
         return main(["segment", "train", "--preset", "scenes-upernet-demo", "--data", str(scenes), "--out",
                      str(run), "--progress", "none", *flags, "--set", "batch_size=2", "workers=0",
                      "crop_size=64", "scale=[64,64]", "channels=8", "aux_channels=8", "threads=1",
                      "time_limit_min=null", "eval_interval=1", "keep_checkpoints=1",
-                     "backbone_kwargs={stem_stride: 4}", f"iters={iters}"])  # fmt: skip
+                     "backbone_kwargs={stem_stride: 4}", f"iters={iters}", *extra])  # fmt: skip
 
     assert train(4) == 0
     assert train(2, "--no-resume") == 0
@@ -119,6 +119,9 @@ def test_start_over_sets_the_earlier_run_aside_and_resume_continues_the_new_one(
     assert sorted(p.name for p in (run / "ckpt").glob("ckpt-*.pt")) == ["ckpt-000000002.pt"]
     assert train(3) == 0  # resumes the new run (iteration 2), not the earlier one (4)
     assert "at iteration 2/3" in capsys.readouterr().out
+    # the demo preset exempts 1-D parameters from decay (two groups): resuming with one group says what to set
+    assert train(4, extra=["decay_1d_params=true"]) == 2
+    assert "resumes with --set decay_1d_params=false" in capsys.readouterr().err
 
 
 def _hand_made_run(tmp_path, task, preset, **over):

@@ -319,7 +319,14 @@ def train(
     if latest is not None:
         st = load_checkpoint(latest)
         core.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
+        try:
+            optimizer.load_state_dict(st["optimizer"])
+        except ValueError as e:  # e.g. "a different number of parameter groups"
+            raise ValueError(
+                f"the optimizer state in {latest} does not fit this config's parameter groups ({e}): a run "
+                "started with decay_1d_params=false (two groups; every run before the key existed) resumes "
+                "with --set decay_1d_params=false"
+            ) from e
         sched.load_state_dict(st["scheduler"])
         step, best = int(st["step"]), st.get("best")
         set_rng_state(st["rng"])
