@@ -39,7 +39,7 @@ class RescaleKeepRatio(v2.Transform):
     a ratio drawn uniformly from ``ratio_range``, then the image (and its label map, nearest) rescaled by
     :func:`~davit.tasks.segmentation.rescale_size`. torchvision's ``ScaleJitter`` fits a fixed
     (width, height) box instead, which gives a landscape image its long side where the short one belongs
-    (a 683 x 512 ADE20K image came out 512 x 384 instead of 683 x 512)."""
+    (a 683 x 512 ADE20K image, width x height, came out 512 x 384 instead of 683 x 512)."""
 
     def __init__(self, scale: Sequence[int], ratio_range: Sequence[float] = (1.0, 1.0)) -> None:
         super().__init__()
