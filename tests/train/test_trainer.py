@@ -160,7 +160,11 @@ def test_fresh_start_in_a_used_run_folder_sets_its_files_aside(tiny_cfg, capsys)
     assert (d / "report.md").read_text().count("| 1 |") == 1
     (aside,) = d.glob("replaced-*")
     assert (aside / "metrics.jsonl").read_text() == old_metrics
-    assert {f.name for f in aside.iterdir()} >= {"config.yaml", "model.safetensors", "report.md"}
+    kept = {f.name for f in aside.iterdir()}
+    assert kept >= {"checkpoints", "config.yaml", "model.safetensors", "report.md"}
+    # the new run's checkpoints alone in checkpoints/: the earlier run's went with its record
+    assert load_checkpoint(find_latest_valid(d / "checkpoints"))["config"]["seed"] == 4
+    assert load_checkpoint(find_latest_valid(aside / "checkpoints"))["config"]["seed"] != 4
     assert "starting over: moved the files of an earlier run here" in capsys.readouterr().out
 
 

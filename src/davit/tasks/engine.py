@@ -230,9 +230,9 @@ def train(
     out = Path(out_dir)
     torch.manual_seed(cfg.seed + dist_info.rank)
     data = build_datasets(cfg, ("train", "val") if main else ("train",))
-    if cfg.task == "detect" and cfg.num_classes is None:
-        cfg.num_classes = data["train"].num_classes
     if cfg.task == "detect":
+        if cfg.num_classes is None:
+            cfg.num_classes = data["train"].num_classes
         for split, ds in data.items():
             if ds.num_classes > cfg.num_classes:  # a category id the box predictor has no output for
                 raise ValueError(

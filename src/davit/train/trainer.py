@@ -38,6 +38,7 @@ __all__ = ["train", "NonFiniteLossError"]
 
 # what a run writes at the top of its folder; a fresh start in a used folder moves an earlier run's aside
 RUN_FILES = (
+    "checkpoints",
     "config.yaml",
     "metrics.jsonl",
     "tb",
@@ -238,11 +239,9 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     if cfg.resume == "auto" and resume_path is None and main:
         print(f"--resume auto: no valid checkpoint in {ckpts.folder}, starting from scratch", flush=True)
     if st is None and main:
-        moved = ckpts.set_aside()  # an earlier run's checkpoints would outlive this run's (see set_aside)
-        if moved is not None:
-            print(f"starting over: moved the checkpoints of an earlier run here to {moved}", flush=True)
-        # and its record: appended to, its metrics.jsonl would tell two runs as one (report.md showed two
-        # "epoch 1" rows); its config, weights and report would be overwritten
+        # an earlier run's checkpoints would outlive this run's in the pruning (CheckpointManager.set_aside),
+        # and its record, appended to, would tell two runs as one (report.md showed two "epoch 1" rows): all
+        # of it goes into one replaced-<time>/ folder (checkpoints are written into a new checkpoints/)
         earlier = [run_dir / n for n in RUN_FILES if (run_dir / n).exists()]
         moved = set_aside_files(run_dir, earlier)
         if moved is not None:
