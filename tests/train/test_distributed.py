@@ -120,6 +120,10 @@ def test_fsdp2_two_process_gloo_matches_one_process(tmp_path, davit_cli, one_pro
             "8",
             "--fsdp",
             "--grad-checkpointing",
+            # an uneven validation split: rank 0 gets 17 images (3 batches of 8), rank 1 16 (2 batches).
+            # Every FSDP forward all-gathers parameters, so a rank stopping one batch early hung the other
+            "--val-samples",
+            "33",
             "--output",
             out,
             "--experiment",
@@ -131,6 +135,9 @@ def test_fsdp2_two_process_gloo_matches_one_process(tmp_path, davit_cli, one_pro
     assert "world size 2" in r.stdout
     one, two = one_process[0], _losses(tmp_path / "runs/fsdp")
     assert len(two) == 4 and two == pytest.approx(one, rel=1e-4, abs=1e-5)
+    # all 33 validation images scored once (the rank out of batches ran dummies that scored nothing)
+    ev = [r for r in read_metrics(tmp_path / "runs/fsdp/metrics.jsonl") if r["kind"] == "epoch"][0]
+    assert ev["val_count"] == 33
     # the final weights are the full, unsharded tensors and load into a plain model
     from davit.train.setup import model_from_metadata
 

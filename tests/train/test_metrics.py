@@ -34,3 +34,53 @@ def test_top5_and_empty_class():
     r = m.result()
     assert r["top1"] == 50.0 and r["top5"] == 100.0
     assert math.isnan(r["per_class_acc"][0])  # no image of class 0: undefined, not 0%
+
+
+class _CollectiveModel(torch.nn.Module):
+    """A forward that is a collective, as an FSDP model's is (it all-gathers parameters per block)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        s = x.sum().reshape(1)
+        dist.all_reduce(s)
+        return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float() * 5
+
+
+def _lockstep_worker(rank: int, port: int, batches: int, out) -> None:
+    import torch.distributed as dist
+
+    from davit.train.metrics import evaluate
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # rank 0 three batches of two images, rank 1 none at all: an empty shard
+    data = [(torch.full((2, 1, 4, 4), float(i % 3)), torch.tensor([i % 3, 0])) for i in range(batches)]
+    r = evaluate(_CollectiveModel(), data if rank == 0 else [], torch.device("cpu"), 3, lockstep=True)
+    out.put((rank, r["count"], r["top1"]))
+    dist.destroy_process_group()
+
+
+def test_lockstep_evaluation_with_an_empty_shard():
+    """Lockstep evaluation: the rank without batches runs dummy forwards until the other one is done (it
+    would otherwise leave it waiting in the forward's collective), and scores nothing."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_lockstep_worker, args=(r, port, 3, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        p.kill()
+    assert not any(alive), "a rank hung in lockstep evaluation"
+    res = sorted(out.get(timeout=5) for _ in procs)
+    # 6 images, all on rank 0; labels 0,0 / 1,0 / 2,0 against predictions 0,0 / 1,1 / 2,2: 4 of 6 right
+    assert res == [(0, 6, pytest.approx(400 / 6)), (1, 6, pytest.approx(400 / 6))]

@@ -25,6 +25,7 @@ __all__ = [
     "broadcast_object",
     "env_rank_world",
     "pick_device",
+    "world_size",
 ]
 
 
@@ -96,6 +97,11 @@ def cleanup() -> None:
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """The number of processes of the default group (1 when not distributed)."""
+    return dist.get_world_size() if _active() else 1
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

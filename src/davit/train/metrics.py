@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_gather_objects, all_reduce_sum
+from .distributed import world_size as _world
 
 __all__ = ["ClassificationMeter", "evaluate", "autocast"]
 
@@ -75,18 +76,43 @@ def evaluate(
     amp_dtype: str = "bfloat16",
     channels_last: bool = False,
     progress=None,
+    lockstep: bool = False,
 ) -> dict[str, Any]:
     """Loss, top-1/5, per-class accuracy and confusion over the loader (summed over ranks), plus
-    ``skipped_files``/``skipped``: the unreadable images left out (:class:`BadSample`, all ranks)."""
+    ``skipped_files``/``skipped``: the unreadable images left out (:class:`BadSample`, all ranks).
+
+    ``lockstep``: for a model whose forward is itself a collective (FSDP all-gathers its parameters per
+    block), every rank runs as many forwards as the rank with the most batches: evaluation shards differ in
+    length (an uneven split, a batch of unreadable images left out), and a rank that stopped early would leave
+    the others waiting in an all-gather forever. A rank out of batches runs the model on a one-image dummy
+    and scores nothing."""
     was_training = model.training
     model.eval()
     meter = ClassificationMeter(num_classes)
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    it = iter(loader)
+    shape: tuple[int, ...] | None = None  # of this rank's last real input, for its dummies
+    while True:
+        batch = next(it, None)
+        if lockstep:
+            have = int(all_reduce_sum(torch.tensor([int(batch is not None)])).item())
+            if have == 0:
+                break
+            if have < _world():  # some rank is out: each says its input shape, for a rank that had none
+                shapes = all_gather_objects(tuple(batch[0].shape) if batch is not None else shape)
+                shape = shape or next(s for s in shapes if s is not None)
+        elif batch is None:
+            break
+        if batch is None:
+            x = torch.zeros((1, *shape[1:]), device=device)
+        else:
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            shape = tuple(x.shape)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp, amp_dtype):
             logits = model(x)
+        if batch is None:
+            continue  # the dummy's forward only kept the collectives in step
         meter.update(logits, y)
         if progress is not None:
             progress.update(1)

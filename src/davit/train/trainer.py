@@ -449,7 +449,18 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             bad_list = [b for part in all_gather_objects(list(data.train_loader.bad)) for b in part]
             bad, n_bad = format_bad(bad_list), len(bad_list)
             train_time = time.time() - t0
-            ev = evaluate(net, data.val_loader, dev, num_classes, cfg.amp, cfg.amp_dtype, cfg.channels_last)
+            # lockstep under FSDP: every forward all-gathers parameters, so ranks with fewer val batches
+            # (uneven split, unreadable images left out) must keep stepping with the others
+            ev = evaluate(
+                net,
+                data.val_loader,
+                dev,
+                num_classes,
+                cfg.amp,
+                cfg.amp_dtype,
+                cfg.channels_last,
+                lockstep=cfg.fsdp,
+            )
             rec = {
                 "epoch": epoch,
                 "train_loss": loss_sum / max(1, n_loss),
@@ -461,6 +472,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 "img_per_s": seen / max(1e-9, train_time),
                 "skipped_files": n_bad,
                 "val_skipped_files": ev["skipped_files"],
+                "val_count": ev["count"],  # images scored, all ranks
                 **memory_fields(dev),
             }
             if ema is not None:
