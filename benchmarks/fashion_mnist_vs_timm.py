@@ -10,6 +10,8 @@ The preset's stem stride 4 is timm's own. For a stride-2 stem (our small variant
 tokens) timm's ``Stem.__init__`` asserts stride 4, so after building it we replace its conv by the same
 Conv2d(k7, s2, p3) and set ``stem.stride = (2, 2)`` (its forward pads with that stride): the two networks are
 then the same architecture, parameter for parameter (checked below by parameter names and shapes).
+The preset's two-conv stem (``conv_stem``, not in the paper and not in timm) is given to timm's model as the
+same module, returning NCHW as timm's own stem does: the stems are equal, the trunks are the two codes.
 
 The runs are sequential on a shared CPU: compare accuracies; compare times only with the load averages.
 """
@@ -34,7 +36,14 @@ from davit.train.demo import pick_threads
 def timm_twin(ours: nn.Module, num_classes: int, in_chans: int, drop_path: float) -> nn.Module:
     from timm.models.davit import DaVit
 
-    stride = ours.stem.conv.stride[0]
+    from davit.models import ConvStem
+
+    class NCHWConvStem(ConvStem):  # timm's stages take NCHW maps from the stem
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).permute(0, 3, 1, 2)
+
+    conv_stem = isinstance(ours.stem, ConvStem)
+    stride = ours.stem.stride if conv_stem else ours.stem.conv.stride[0]
     m = DaVit(
         in_chans=in_chans,
         num_classes=num_classes,
@@ -44,7 +53,9 @@ def timm_twin(ours: nn.Module, num_classes: int, in_chans: int, drop_path: float
         window_size=ours.window_size,
         drop_path_rate=drop_path,
     )
-    if stride != 4:
+    if conv_stem:
+        m.stem = NCHWConvStem(in_chans, ours.embed_dims[0], stride)
+    elif stride != 4:
         m.stem.conv = nn.Conv2d(in_chans, ours.embed_dims[0], kernel_size=7, stride=stride, padding=3)
         m.stem.stride = (stride, stride)
     a = {n: p.shape for n, p in ours.named_parameters()}

@@ -73,6 +73,33 @@ def test_any_input_size(hw):
         assert f.shape[2:] == (-(-h // red), -(-w // red)), (i, f.shape)
 
 
+@pytest.mark.parametrize("stride", [2, 4])
+@pytest.mark.parametrize("hw", [(28, 28), (1, 1), (33, 47), (97, 13)])
+def test_conv_stem_gives_the_token_grid_of_the_released_stem(hw, stride):
+    """conv_stem=True (two 3x3 convs, BatchNorm between) is a drop-in: same ceil(H/stride) grid, same names
+    of the stem's last conv and norm (stem.conv, stem.norm) that feature widths and loaders read."""
+    kw = dict(num_classes=5, in_chans=1, stem_stride=stride)
+    plain = davit.create_model("davit_atto", **kw).eval()
+    conv = davit.create_model("davit_atto", conv_stem=True, **kw).eval()
+    x = torch.randn(2, 1, *hw)
+    for a, b in zip(
+        plain.forward_intermediates(x, intermediates_only=True),
+        conv.forward_intermediates(x, intermediates_only=True),
+    ):
+        assert a.shape == b.shape
+    assert conv.stem.conv1.stride == (stride // 2,) * 2 and conv.stem.conv.weight.shape == (32, 32, 3, 3)
+    sd = conv.state_dict()
+    assert {"stem.conv1.weight", "stem.bn1.running_var", "stem.conv.weight", "stem.norm.weight"} <= set(sd)
+    # BatchNorm: batch statistics in training, running ones in eval (one image at a time agrees with a batch)
+    with torch.no_grad():
+        assert torch.allclose(conv(x)[:1], conv(x[:1]), atol=1e-5)
+
+
+def test_conv_stem_stride_must_be_2_or_4():
+    with pytest.raises(ValueError, match="stride 2 or 4"):
+        davit.create_model("davit_atto", conv_stem=True, stem_stride=8)
+
+
 def test_padding_matches_explicit_padding_on_the_window_grid():
     # a 16x16 stage-1 map is not a multiple of the 7-window: padding must not leak into the valid outputs'
     # shapes, and batch entries must be independent of each other

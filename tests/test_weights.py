@@ -26,11 +26,13 @@ from davit.weights import (
     check_weights,
     detect_layout,
     from_native,
+    infer_arch,
     load_pretrained,
     load_state_dict,
     load_weights,
     read_metadata,
     save_weights,
+    to_native,
 )
 
 timm = pytest.importorskip("timm")
@@ -309,6 +311,31 @@ def test_grey_classifier_into_rgb_dense_backbone(tmp_path):
     with torch.no_grad():
         for i, (a, b) in enumerate(zip(body(x.expand(-1, 3, -1, -1)), grey(x))):
             assert max_err(a, b) <= 1e-5, f"stage {i}: {max_err(a, b):.3g}"
+
+
+def test_conv_stem_checkpoint_arch_hint_and_grey_to_rgb(tmp_path):
+    """A conv-stem classifier (the Fashion-MNIST demo's): its architecture is read off the tensors, a model
+    without the option is refused saying which option to set, and an RGB trunk adapts its first conv."""
+    from davit.tasks.backbone import dense_backbone
+
+    torch.manual_seed(0)
+    grey = davit.create_model("davit_atto", num_classes=10, in_chans=1, stem_stride=4, conv_stem=True)
+    path = save_weights(grey, tmp_path / "c.safetensors")
+    arch = infer_arch(to_native(load_state_dict(path))[0])
+    assert arch["conv_stem"] is True and arch["in_chans"] == 1 and arch["embed_dims"][0] == 32
+    with pytest.raises(WeightsError, match=r"conv_stem=True") as e:
+        load_weights(davit.create_model("davit_atto", num_classes=10, in_chans=1, stem_stride=4), path)
+    assert "looks like" not in str(e.value)  # the right variant: only the option differs
+    kw = {"stem_stride": 4, "conv_stem": True}
+    body = dense_backbone("davit_atto", path, backbone_kwargs=kw).eval()
+    assert body.stem.conv1.weight.shape[1] == 3
+    ref = davit.create_model("davit_atto", in_chans=1, features_only=True, out_norm=True, **kw).eval()
+    load_weights(ref, path)
+    ref.out_norms.load_state_dict(body.out_norms.state_dict())
+    x = torch.rand(2, 1, 40, 56)
+    with torch.no_grad():
+        for a, b in zip(body(x.expand(-1, 3, -1, -1)), ref(x)):
+            assert max_err(a, b) <= 1e-5
 
 
 # ----- round trips ------------------------------------------------------------------------------------------

@@ -361,7 +361,8 @@ def infer_arch(native: Mapping[str, Tensor]) -> dict[str, Any]:
         ks = {int(m.group(1)) for k in native if (m := re.match(rf"stages\.{i}\.blocks\.(\d+)\.", k))}
         depths.append(max(ks) + 1 if ks else 0)
     down = native.get("stages.1.downsample.conv.weight")
-    stem = native.get("stem.conv.weight")
+    conv_stem = "stem.conv1.weight" in native  # ConvStem: the input channels are its first conv's
+    stem = native.get("stem.conv1.weight" if conv_stem else "stem.conv.weight")
     fc = native.get("head.fc.weight")
     return dict(
         embed_dims=tuple(dims),
@@ -369,6 +370,7 @@ def infer_arch(native: Mapping[str, Tensor]) -> dict[str, Any]:
         down_kernel_size=int(down.shape[-1]) if down is not None else None,
         in_chans=int(stem.shape[1]) if stem is not None else None,
         num_classes=int(fc.shape[0]) if fc is not None else 0,
+        conv_stem=conv_stem,
     )
 
 
@@ -514,16 +516,23 @@ def _hint(model: nn.Module, native: dict[str, Tensor], r: dict) -> str:
     ]
     if any(isinstance(c, str) for _, c, _ in r["mismatched"]):
         hints.append("integer/bool tensors where the model has float parameters: these are not DaViT weights")
+    own_conv_stem = isinstance(getattr(model, "stem", None), nn.Module) and hasattr(model.stem, "conv1")
+    if a["conv_stem"] != own_conv_stem:
+        has = "has" if a["conv_stem"] else "has no"
+        hints.append(
+            f"the checkpoint {has} a two-conv stem (stem.conv1): build the model with "
+            f"conv_stem={a['conv_stem']}"
+        )
     if structural or r["unexpected"] or any(not k.startswith("head.") for k in r["missing"]):
         guesses = guess_variants(native)
         desc = (
             f"embed_dims {a['embed_dims']}, depths {a['depths']}, downsample kernel {a['down_kernel_size']}"
         )
-        if guesses:
+        if guesses and name not in guesses:  # (the right variant with other options: the stem hint says)
             hints.append(
                 f"the checkpoint looks like {' or '.join(guesses)} ({desc}), not {name}; build that model"
             )
-        else:
+        elif not guesses:
             hints.append(f"the checkpoint has {desc}, which matches no registered variant")
     n_cls = getattr(model, "num_classes", None)
     head_keys = r["missing"] + r["unexpected"] + [k for k, _, _ in r["mismatched"]]
@@ -763,14 +772,16 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str) -> Load
 
 
 def _adapt_stem(model: nn.Module, native: dict[str, Tensor]) -> None:
-    """Adapt ``native``'s stem conv in place to the model's input channels when only those differ."""
-    stem, own = native.get("stem.conv.weight"), model.state_dict().get("stem.conv.weight")
+    """Adapt ``native``'s stem conv (the first conv of a ConvStem) in place to the model's input channels
+    when only those differ."""
+    key = "stem.conv1.weight" if "stem.conv1.weight" in native else "stem.conv.weight"
+    stem, own = native.get(key), model.state_dict().get(key)
     if stem is None or own is None or stem.ndim != 4 or stem.shape[1] == own.shape[1]:
         return
     if stem.shape[0] != own.shape[0] or stem.shape[2:] != own.shape[2:]:
         return  # another architecture: the strict load names the mismatch
-    native["stem.conv.weight"] = _adapt_input_conv(stem, own.shape[1])
-    log.info("adapted stem.conv from %d to %d input channels", stem.shape[1], own.shape[1])
+    native[key] = _adapt_input_conv(stem, own.shape[1])
+    log.info("adapted %s from %d to %d input channels", key[:-7], stem.shape[1], own.shape[1])
 
 
 def _adapt_input_conv(w: Tensor, in_chans: int) -> Tensor:
