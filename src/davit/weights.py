@@ -516,7 +516,7 @@ def _hint(model: nn.Module, native: dict[str, Tensor], r: dict) -> str:
     ]
     if any(isinstance(c, str) for _, c, _ in r["mismatched"]):
         hints.append("integer/bool tensors where the model has float parameters: these are not DaViT weights")
-    own_conv_stem = isinstance(getattr(model, "stem", None), nn.Module) and hasattr(model.stem, "conv1")
+    own_conv_stem = hasattr(getattr(model, "stem", None), "conv1")  # a ConvStem
     if a["conv_stem"] != own_conv_stem:
         has = "has" if a["conv_stem"] else "has no"
         hints.append(
