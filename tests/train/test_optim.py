@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from davit import create_model
-from davit.train.optim import build_optimizer, build_scheduler, layer_id, lr_at, param_groups
+from davit.train.optim import (
+    ReplannedSchedule,
+    build_optimizer,
+    build_scheduler,
+    layer_id,
+    lr_at,
+    param_groups,
+)
 
 
 def _tiny():
@@ -56,6 +63,29 @@ def test_schedule_values_match_spec():
     assert lr_at(s, 3050) == pytest.approx(1e-5)  # cooldown epochs stay at min_lr
     s.step_update(1500)
     assert opt.param_groups[0]["lr"] == pytest.approx((1e-3 + 1e-5) / 2)
+
+
+def test_replanned_schedule_stretches_the_rest_continuously():
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    base = build_scheduler(opt, "cosine", 10, 10, 1, 1e-6, 1e-5)  # 100 steps, 10 of warmup
+    ref = [lr_at(base, t) for t in range(101)]
+    s = ReplannedSchedule(base)
+    assert [lr_at(s, t) for t in range(101)] == ref  # no re-plan: the base schedule itself
+    s.replan(40, 120)  # 60 steps were left; now 120: the rest runs at half speed
+    assert [lr_at(s, t) for t in range(41)] == ref[:41]  # the past is unchanged
+    assert lr_at(s, 40) == ref[40] and lr_at(s, 60) == pytest.approx(ref[50])  # continuous, then stretched
+    assert lr_at(s, 160) == pytest.approx(1e-5) and lr_at(s, 159) > 1e-5  # ends at min_lr, at the new end
+    s.replan(100, 20)  # shrunk again: 60 steps' worth of the stretched plan left, now 20
+    assert lr_at(s, 100) == pytest.approx(ref[70]) and lr_at(s, 110) == pytest.approx(ref[85])
+    assert lr_at(s, 120) == pytest.approx(1e-5) and lr_at(s, 500) == pytest.approx(1e-5)
+    base2 = build_scheduler(opt, "cosine", 10, 10, 1, 1e-6, 1e-5)
+    replayed = ReplannedSchedule(base2, [(40, 120), (100, 20)])
+    assert [lr_at(replayed, t) for t in range(130)] == [lr_at(s, t) for t in range(130)]
+    with pytest.raises(ValueError, match="step order"):
+        s.replan(90, 10)
+    s.step_update(110)
+    assert opt.param_groups[0]["lr"] == pytest.approx(ref[85])
 
 
 def test_schedule_applies_layer_scale():

@@ -326,6 +326,50 @@ def test_time_budget_deadline_ends_training_but_still_evaluates_and_saves(tiny_c
     assert math.isfinite(res["top1"]) and (Path(res["run_dir"]) / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_budget_run_replans_from_measured_speed_and_config_repeats_it(tiny_cfg, capsys, monkeypatch):
+    """A budget run plans from a few timed steps, then at each epoch end re-plans the rest from the speed
+    it measured; the lr schedule's rest is stretched over the new plan, and config.yaml (and a resume from a
+    checkpoint after the re-plan) repeat the re-planned run step for step."""
+    import time
+
+    import yaml
+
+    import davit.train.trainer as trainer_mod
+
+    def budget_run(experiment, **over):
+        # the start plan: 2 epochs of 1 step (of 4); the epoch ends measure room for 3 more epochs of 2
+        plans = iter([(3, 2), (2, 2), (1, 2)])
+        monkeypatch.setattr(trainer_mod, "_epochs_for_budget", lambda *a, **k: (2, 1, time.time() + 600))
+        monkeypatch.setattr(trainer_mod, "budget_plan", lambda *a, **k: next(plans))
+        return train(tiny_cfg(experiment=experiment, epochs=50, time_budget=600.0, **over))
+
+    res = budget_run("replan")
+    out = capsys.readouterr().out
+    assert "re-planned from this epoch's speed" in out and "6 steps left in 3 epoch(s) (was 1)" in out
+    assert res["step"] == 1 + 3 * 2 and res["epoch"] == 3  # 4 epochs: 1 step, then 3 x 2
+    saved = yaml.safe_load((Path(res["run_dir"]) / "config.yaml").read_text())
+    assert saved["replans"] == [[1, 1, 4, 2]] and saved["epochs"] == 2 and saved["max_epoch_steps"] == 1
+    recs = [r for r in read_metrics(Path(res["run_dir"]) / "metrics.jsonl") if r["kind"] == "train"]
+    lrs = [r["lr"] for r in recs]
+    assert lrs[-1] == pytest.approx(1e-5) and min(lrs[:-1]) > 1e-5  # the cosine ends at the new last step
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # past the warm-up: no jump up at the re-plan
+
+    # repeated from its config.yaml (no budget, no timing): the same steps, lrs and losses
+    monkeypatch.undo()
+    again = train(resolve_config(None, str(Path(res["run_dir"]) / "config.yaml"), {"experiment": "again"}))
+    assert _step_losses(again["run_dir"]) == _step_losses(res["run_dir"])
+    again_recs = read_metrics(Path(again["run_dir"]) / "metrics.jsonl")
+    assert [r["lr"] for r in again_recs if r["kind"] == "train"] == lrs
+
+    # a budget run stopped after its re-plan (mid epoch 3) resumes on the re-planned schedule
+    part = budget_run("part", max_steps=5)
+    assert part["stopped"] and part["step"] == 5
+    monkeypatch.undo()
+    resumed = train(tiny_cfg(experiment="part", epochs=50, time_budget=600.0, resume="auto"))
+    assert _step_losses(resumed["run_dir"]) == _step_losses(res["run_dir"])
+
+
 def test_budget_plan_fills_the_budget():
     from davit.train.trainer import budget_plan
 

@@ -108,6 +108,11 @@ class TrainConfig:
     max_epoch_steps: int | None = (
         None  # cap on optimizer steps per epoch (set by time_budget on slow machines)
     )
+    # re-plans of a time-budgeted run, made at epoch ends from the speed measured in the epoch (written by
+    # the trainer so that config.yaml repeats the run): [epoch, step, epochs, cap] = from `epoch` on (begun
+    # at optimizer step `step`) the run has `epochs` epochs of `cap` steps (0: all), the lr schedule's rest
+    # spread over them
+    replans: list = field(default_factory=list)
     # run management
     output: str = "output/train"
     experiment: str | None = None  # run folder name (default: model-dataset-timestamp)
@@ -407,6 +412,10 @@ def _none_or(conv):
     return f
 
 
+# written by the trainer into a run's config.yaml, not typed: no command-line flag
+_NO_FLAG = ("replans",)
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (``--batch-size``...), all defaulting to "not given" so that presets
     and config files are only overridden by flags the user actually typed."""
@@ -414,6 +423,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="start from a named recipe")
     hints = _hints()
     for f in fields(TrainConfig):
+        if f.name in _NO_FLAG:
+            continue
         hint = hints[f.name]
         flags = [f"--{f.name.replace('_', '-')}", *_SHORT.get(f.name, [])]
         args = typing.get_args(hint)

@@ -9,7 +9,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "layer_id", "build_optimizer", "build_scheduler", "lr_at", "fused_kwargs"]
+__all__ = [
+    "param_groups",
+    "layer_id",
+    "build_optimizer",
+    "build_scheduler",
+    "ReplannedSchedule",
+    "lr_at",
+    "fused_kwargs",
+]
 
 
 def layer_id(name: str, depths: tuple[int, ...]) -> int:
@@ -105,6 +113,43 @@ def build_scheduler(
         cycle_limit=1,
         t_in_epochs=False,
     )
+
+
+class ReplannedSchedule:
+    """A step schedule whose rest can be stretched or shrunk mid-run (a time-budgeted run that measures its
+    real speed at an epoch's end and re-plans how many steps are left): after ``replan(step, steps_left)``
+    the base schedule's remaining part, from where it stood at ``step`` to its end, is spread evenly over
+    ``steps_left`` steps. The lr stays continuous and still reaches the base schedule's end (``min_lr``)
+    at the re-planned last step; replaying the same re-plans gives the same lr at every step (resume,
+    repeat from config.yaml)."""
+
+    def __init__(self, base, replans: list | tuple = ()) -> None:
+        self.base = base
+        self.knots: list[tuple[int, float, float]] = []  # (step, base step there, base steps per step)
+        for step, steps_left in replans:
+            self.replan(step, steps_left)
+
+    def virtual(self, step: int) -> float:
+        """The base schedule's (fractional) step that ``step`` maps to."""
+        for s, v, rate in reversed(self.knots):
+            if step >= s:
+                return v + (step - s) * rate
+        return float(step)
+
+    def replan(self, step: int, steps_left: int) -> None:
+        if self.knots and step < self.knots[-1][0]:
+            raise ValueError(f"re-plans must come in step order: {step} after {self.knots[-1][0]}")
+        v = self.virtual(step)
+        end = float(self.base.t_initial)
+        # past the base's end (cooldown at min_lr) there is nothing left to stretch
+        rate = (end - v) / steps_left if steps_left > 0 and end > v else 1.0
+        self.knots.append((step, v, rate))
+
+    def step_update(self, num_updates: int) -> None:
+        self.base.step_update(self.virtual(num_updates))
+
+    def _get_lr(self, step: int) -> list:
+        return self.base._get_lr(self.virtual(step))
 
 
 def lr_at(scheduler, step: int) -> float:

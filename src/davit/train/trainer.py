@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import signal
 import time
@@ -30,7 +31,7 @@ from .distributed import (
 )
 from .logging import MetricsLogger, Progress, memory_fields
 from .metrics import autocast, evaluate
-from .optim import build_optimizer, build_scheduler
+from .optim import ReplannedSchedule, build_optimizer, build_scheduler
 from .setup import build_data, build_model, check_batch_aug, weights_metadata
 
 __all__ = ["train", "NonFiniteLossError"]
@@ -206,10 +207,14 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     resume_path = (ckpts.latest() if cfg.resume == "auto" else Path(cfg.resume)) if cfg.resume else None
     st = load_checkpoint(resume_path) if resume_path is not None else None
     deadline = None  # wall-clock time by which a budgeted run stops training steps, whatever its plan
+    budget_end = None  # ... and by which its last evaluation has ended (what re-plans fill)
     if cfg.time_budget:
-        if st is not None:  # a resumed budget run keeps the schedule length chosen when it started
+        if st is not None:  # a resumed budget run keeps the schedule chosen (and re-planned) before
             cfg = dataclasses.replace(
-                cfg, epochs=st["config"]["epochs"], max_epoch_steps=st["config"].get("max_epoch_steps")
+                cfg,
+                epochs=st["config"]["epochs"],
+                max_epoch_steps=st["config"].get("max_epoch_steps"),
+                replans=st["config"].get("replans", []),
             )
         else:
             epochs, cap, deadline = _epochs_for_budget(
@@ -218,12 +223,15 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             # each rank timed its own steps: all follow rank 0's plan and deadline, or their loops differ
             epochs, cap, time_left = broadcast_object((epochs, cap, deadline - time.time()))
             deadline = time.time() + time_left
-            cfg = dataclasses.replace(cfg, epochs=epochs, max_epoch_steps=cap)
-    if cfg.max_epoch_steps:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_epoch_steps)
-    total_epochs = cfg.epochs + cfg.cooldown_epochs
-    sched = build_scheduler(
-        opt, cfg.sched, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr
+            budget_end = t_start + cfg.time_budget - _REPORT_S
+            cfg = dataclasses.replace(cfg, epochs=epochs, max_epoch_steps=cap, replans=[])
+    full_epoch = steps_per_epoch  # the loader's whole epoch, in optimizer steps
+    steps_per_epoch = epoch_steps(cfg, 0, full_epoch)
+    sched = ReplannedSchedule(
+        build_scheduler(
+            opt, cfg.sched, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr
+        ),
+        [(r[1], (r[2] - r[0]) * epoch_steps(cfg, r[0], full_epoch)) for r in cfg.replans],
     )
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and cfg.amp_dtype == "float16" else None
     model: nn.Module = net
@@ -267,11 +275,10 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         if main
         else None
     )
-    if main:
+    def write_config() -> None:
         save_config(
-            dataclasses.replace(
-                cfg, time_budget=None
-            ),  # the epochs it chose are in; repeating needs no probe
+            # the epochs it chose (and re-planned) are in; repeating needs no probe
+            dataclasses.replace(cfg, time_budget=None),
             run_dir / "config.yaml",
             {
                 "world_size": di.world_size,
@@ -283,10 +290,14 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 **data.params,
             },
         )
+
+    if main:
+        write_config()
         print(
             f"run folder: {run_dir}\n{cfg.model}: {sum(p.numel() for p in net.parameters()):,} params, "
             f"{len(data.train_loader.dataset)} train / {len(data.val_loader.dataset)} val images, "
-            f"global batch {global_batch}, lr {lr:.3g}, {total_epochs} epochs x {steps_per_epoch} steps, "
+            f"global batch {global_batch}, lr {lr:.3g}, {total_epochs(cfg)} epochs x {steps_per_epoch} "
+            f"steps, "
             f"device {dev}, world size {di.world_size}",
             flush=True,
         )
@@ -325,7 +336,10 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     stopped = out_of_time = False
     with StopFlag() as stop:
-        for epoch in range(start_epoch, total_epochs):
+        for epoch in itertools.count(start_epoch):
+            if epoch >= total_epochs(cfg):  # re-plans at epoch ends may change it
+                break
+            steps_per_epoch = epoch_steps(cfg, epoch, full_epoch)
             pos = start_pos if epoch == start_epoch else 0
             first = start_batch if epoch == start_epoch and start_batch is not None else pos * accum
             data.train_loader.set_epoch(epoch, start_iter=first)
@@ -335,7 +349,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             left = steps_per_epoch - pos
             prog = Progress(
                 left,
-                f"epoch {epoch + 1}/{total_epochs}",
+                f"epoch {epoch + 1}/{total_epochs(cfg)}",
                 cfg.progress if main else "none",
                 cfg.print_interval,
             )
@@ -451,6 +465,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             train_time = time.time() - t0
             # lockstep under FSDP: every forward all-gathers parameters, so ranks with fewer val batches
             # (uneven split, unreadable images left out) must keep stepping with the others
+            t_eval = time.time()
             ev = evaluate(
                 net,
                 data.val_loader,
@@ -461,6 +476,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 cfg.channels_last,
                 lockstep=cfg.fsdp,
             )
+            t_eval = time.time() - t_eval
             rec = {
                 "epoch": epoch,
                 "train_loss": loss_sum / max(1, n_loss),
@@ -487,7 +503,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             if logger:
                 logger.log("epoch", step, **rec)
                 msg = (
-                    f"epoch {epoch + 1}/{total_epochs}: train loss {rec['train_loss']:.4f}  val loss "
+                    f"epoch {epoch + 1}/{total_epochs(cfg)}: train loss {rec['train_loss']:.4f}  val loss "
                     f"{ev['loss']:.4f}  top1 {ev['top1']:.2f}  top5 {ev['top5']:.2f}"
                 )
                 if ema is not None:
@@ -497,12 +513,34 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     print(f"epoch {epoch + 1}: {bad}", flush=True)
                 if ev["skipped"]:
                     print(f"epoch {epoch + 1}: validation: {format_bad(ev['skipped'])}", flush=True)
+            if budget_end is not None and not out_of_time and epoch + 1 < total_epochs(cfg):
+                # the plan came from a few timed steps at the start; the epoch just run measured the real
+                # speed (a VM's swings by 20-40% over minutes, warm-up): fill what is left of the budget
+                # with it, so that the run neither stops early with its lr schedule cut short nor leaves
+                # time unused (every rank follows rank 0's decision)
+                run = pos - (start_pos if epoch == start_epoch else 0)
+                new = None
+                if main:
+                    new = _replan(cfg, epoch, step, run, train_time, t_eval, budget_end, full_epoch)
+                new = broadcast_object(new)
+                if new is not None:
+                    old_left = (total_epochs(cfg) - epoch - 1) * steps_per_epoch
+                    cfg = dataclasses.replace(cfg, replans=[*cfg.replans, new])
+                    steps_left = (new[2] - new[0]) * epoch_steps(cfg, new[0], full_epoch)
+                    sched.replan(step, steps_left)
+                    if main:
+                        write_config()
+                        print(
+                            f"re-planned from this epoch's speed ({train_time / max(1, run):.3f}s/step): "
+                            f"{steps_left} steps left in {new[2] - new[0]} epoch(s) (was {old_left})",
+                            flush=True,
+                        )
             save(epoch + 1, 0, is_best)
             if out_of_time:
                 if main:
                     print(
                         f"time budget reached: training ended at step {step} of the planned "
-                        f"{cfg.epochs * steps_per_epoch} (the machine ran slower than measured at the start)",
+                        f"{planned_steps(cfg, full_epoch)} (the machine ran slower than planned)",
                         flush=True,
                     )
                 break
@@ -515,6 +553,42 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     return result
 
 
+def epoch_steps(cfg: TrainConfig, epoch: int, full: int) -> int:
+    """Optimizer steps of ``epoch``: ``full`` (the loader's epoch), capped by ``max_epoch_steps`` or the
+    latest re-plan that reached it."""
+    cap = cfg.max_epoch_steps
+    for first, _step, _epochs, c in cfg.replans:
+        if epoch >= first:
+            cap = c or None
+    return min(full, cap) if cap else full
+
+
+def total_epochs(cfg: TrainConfig) -> int:
+    """Epochs of the run, cooldown included, as last (re-)planned."""
+    return (cfg.replans[-1][2] if cfg.replans else cfg.epochs) + cfg.cooldown_epochs
+
+
+def planned_steps(cfg: TrainConfig, full: int) -> int:
+    return sum(epoch_steps(cfg, e, full) for e in range(total_epochs(cfg)))
+
+
+def _replan(
+    cfg: TrainConfig, epoch: int, step: int, steps_run: int, train_time: float, eval_t: float,
+    budget_end: float, full: int,
+) -> list | None:
+    """[epoch, step, epochs, cap] for the rest of a budget run from the speed of the epoch just run, or None
+    when the current plan is within 2% of it (or the run has a cooldown, which the plan does not cover)."""
+    if steps_run < 1 or cfg.cooldown_epochs:
+        return None
+    step_t = train_time / steps_run * _HEADROOM
+    more, cap = budget_plan(budget_end - time.time(), step_t, eval_t, full)
+    new_left = more * (cap or full)
+    old_left = (total_epochs(cfg) - epoch - 1) * epoch_steps(cfg, epoch + 1, full)
+    if abs(new_left - old_left) <= 0.02 * old_left:
+        return None
+    return [epoch + 1, step, epoch + 1 + more, cap or 0]
+
+
 def budget_plan(left: float, step_t: float, eval_t: float, steps_per_epoch: int) -> tuple[int, int | None]:
     """(epochs, steps per epoch or None for all) filling ``left`` seconds: as many epochs as needed, each
     capped to the same number of steps, rather than only the whole epochs that fit (2.8 epochs' worth of
@@ -522,6 +596,12 @@ def budget_plan(left: float, step_t: float, eval_t: float, steps_per_epoch: int)
     epochs = max(1, math.ceil(left / (steps_per_epoch * step_t + eval_t)))
     cap = max(1, int((left / epochs - eval_t) / step_t + 1e-9))  # epsilon: 200 / 0.2 is 999.99...
     return epochs, (cap if cap < steps_per_epoch else None)
+
+
+_REPORT_S = 15  # seconds of a time budget kept for the final report and weights
+# on measured step times: the deadline keeps the budget if the machine slows down, and a cautious plan
+# wastes it (10% headroom left 55 s of the demo's 10 minutes unused)
+_HEADROOM = 1.03
 
 
 def _epochs_for_budget(
@@ -564,13 +644,12 @@ def _epochs_for_budget(
             t = time.time()
             m(x.to(dev))
             t_eval = time.time() - t
-    # median step (the first is warm-up), with 3% headroom: the deadline below keeps the budget if the machine
-    # slows down, and a cautious plan wastes it (10% headroom left 55 s of the demo's 10 minutes unused)
-    headroom = 1.03
+    # median step (the first is warm-up), with the headroom
+    headroom = _HEADROOM
     step_t = sorted(times[1:])[len(times[1:]) // 2] * cfg.grad_accum_steps * headroom
     eval_t = len(data.val_loader) * t_eval
     epoch_t = steps_per_epoch * step_t + eval_t
-    report_s = 15  # kept for the final report and weights
+    report_s = _REPORT_S
     left = cfg.time_budget - (time.time() - t_start) - report_s
     epochs, cap = budget_plan(left, step_t, eval_t, steps_per_epoch)
     deadline = t_start + cfg.time_budget - report_s - 1.1 * eval_t
