@@ -46,6 +46,21 @@ def test_eval_takes_the_runs_dataset_and_an_output_folder(folder_run, tmp_path, 
     assert main(["predict", img, "--checkpoint", str(run.parent)]) == 0
 
 
+def test_eval_tta_flip_scores_each_image_with_its_mirror(folder_run, tmp_path, capsys):
+    run, _ = folder_run
+    results = {}
+    for name, extra in {"plain": [], "flip": ["--tta-flip"]}.items():
+        f = tmp_path / f"{name}.json"
+        rc, out, err = _eval([str(run), "--results-file", str(f), *extra], capsys)
+        assert rc == 0, out + err
+        assert ("(flip TTA)" in out) == bool(extra)
+        results[name] = json.loads(f.read_text())
+    assert results["flip"]["tta_flip"] and not results["plain"]["tta_flip"]
+    assert results["flip"]["count"] == results["plain"]["count"] == 12
+    # random colour images are not mirror-symmetric: the averaged logits give another loss
+    assert results["flip"]["loss"] != pytest.approx(results["plain"]["loss"], rel=1e-6)
+
+
 def test_eval_refuses_a_dataset_with_other_classes(folder_run, capsys):
     run, _ = folder_run
     rc, out, err = _eval([str(run), "--dataset", "fashion-mnist"], capsys)

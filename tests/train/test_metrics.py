@@ -84,3 +84,26 @@ def test_lockstep_evaluation_with_an_empty_shard():
     res = sorted(out.get(timeout=5) for _ in procs)
     # 6 images, all on rank 0; labels 0,0 / 1,0 / 2,0 against predictions 0,0 / 1,1 / 2,2: 4 of 6 right
     assert res == [(0, 6, pytest.approx(400 / 6)), (1, 6, pytest.approx(400 / 6))]
+
+
+class _SideModel(torch.nn.Module):
+    """Logits: class 0 = sum of the leftmost column, class 1 = sum of the rightmost one."""
+
+    def forward(self, x):
+        return torch.stack([x[..., 0].sum((1, 2)), x[..., -1].sum((1, 2))], 1)
+
+
+def test_flip_evaluation_averages_an_image_and_its_mirror():
+    from davit.train.metrics import evaluate
+
+    x = torch.zeros(3, 1, 2, 3)
+    x[0, :, :, 0] = 1.0  # bright left: class 0 plain, a tie (0.5, 0.5) with flip
+    x[1, :, :, -1] = 1.0  # bright right: class 1 plain, a tie with flip
+    x[2, :, :, 0], x[2, :, :, -1] = 2.0, 1.0  # ties with flip too: mean logits (1.5, 1.5)
+    y = torch.tensor([0, 1, 1])
+    plain = evaluate(_SideModel(), [(x, y)], torch.device("cpu"), 2)
+    flip = evaluate(_SideModel(), [(x, y)], torch.device("cpu"), 2, flip=True)
+    assert plain["top1"] == pytest.approx(200 / 3)  # images 0 and 1 right, image 2 (left 4 > right 2) wrong
+    # with flips every image's logits are equal, so the loss is log(2) for each
+    assert flip["loss"] == pytest.approx(math.log(2))
+    assert plain["loss"] != pytest.approx(math.log(2))

@@ -47,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop-pct", type=float, default=None, help="default: the model metadata's")
     p.add_argument("--interpolation", default=None, help="default: the model metadata's")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument(
+        "--tta-flip",
+        action="store_true",
+        help="test-time augmentation: score each image as the mean logits of it and its mirror image",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--results-file", default=None, help="write the results as JSON here")
     p.add_argument("--confusion-png", default=None, help="also draw the confusion matrix here")
@@ -224,7 +229,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         ds = _head(ds, args.num_samples, "--num-samples")
     loader = build_loader(ds, args.batch_size, False, workers=args.workers)
-    res = evaluate(net, loader, dev, net.num_classes, amp=args.amp)
+    res = evaluate(net, loader, dev, net.num_classes, amp=args.amp, flip=args.tta_flip)
     skipped = res.pop("skipped")
     res.update(
         checkpoint=path,
@@ -233,13 +238,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data_dir=data_dir,
         split=split,
         classes=classes,
+        tta_flip=args.tta_flip,
         crop_pct=args.crop_pct or meta["crop_pct"],
         interpolation=args.interpolation or meta["interpolation"],
         skipped=[{"path": b.path, "reason": b.reason} for b in skipped],
     )
     print(
         f"{meta['model']} on {dataset}/{split} ({res['count']} images): top-1 {res['top1']:.2f}%  "
-        f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}"
+        f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}" + ("  (flip TTA)" if args.tta_flip else "")
     )
     for c, a in zip(classes, res["per_class_acc"]):
         print(f"  {c:<20} {a:6.2f}%" if not math.isnan(a) else f"  {c:<20}  (no images)")

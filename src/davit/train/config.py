@@ -349,7 +349,10 @@ def save_config(cfg: TrainConfig, path: str | Path, extra: dict[str, Any] | None
     d = cfg.to_dict()
     if extra:
         d["_resolved"] = extra
-    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
+    from .checkpoint import atomic_write
+
+    # atomic: a budget run rewrites it at each re-plan, and a kill mid-write must not leave half a file
+    atomic_write(path, yaml.safe_dump(d, sort_keys=False).encode())
 
 
 def resolve_config(

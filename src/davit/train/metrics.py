@@ -77,6 +77,7 @@ def evaluate(
     channels_last: bool = False,
     progress=None,
     lockstep: bool = False,
+    flip: bool = False,
 ) -> dict[str, Any]:
     """Loss, top-1/5, per-class accuracy and confusion over the loader (summed over ranks), plus
     ``skipped_files``/``skipped``: the unreadable images left out (:class:`BadSample`, all ranks).
@@ -85,7 +86,11 @@ def evaluate(
     block), every rank runs as many forwards as the rank with the most batches: evaluation shards differ in
     length (an uneven split, a batch of unreadable images left out), and a rank that stopped early would leave
     the others waiting in an all-gather forever. A rank out of batches runs the model on a one-image dummy
-    and scores nothing."""
+    and scores nothing.
+
+    ``flip``: test-time augmentation, each image scored as the mean of its logits and those of its mirror
+    image (twice the forwards; for data whose classes are mirror-symmetric, as training with flips
+    assumes)."""
     was_training = model.training
     model.eval()
     meter = ClassificationMeter(num_classes)
@@ -111,6 +116,8 @@ def evaluate(
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp, amp_dtype):
             logits = model(x)
+            if flip:
+                logits = (logits + model(x.flip(-1))) / 2
         if batch is None:
             continue  # the dummy's forward only kept the collectives in step
         meter.update(logits, y)
