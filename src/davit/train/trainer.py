@@ -297,8 +297,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             f"run folder: {run_dir}\n{cfg.model}: {sum(p.numel() for p in net.parameters()):,} params, "
             f"{len(data.train_loader.dataset)} train / {len(data.val_loader.dataset)} val images, "
             f"global batch {global_batch}, lr {lr:.3g}, {total_epochs(cfg)} epochs x {steps_per_epoch} "
-            f"steps, "
-            f"device {dev}, world size {di.world_size}",
+            f"steps, device {dev}, world size {di.world_size}",
             flush=True,
         )
 
@@ -524,7 +523,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     new = _replan(cfg, epoch, step, run, train_time, t_eval, budget_end, full_epoch)
                 new = broadcast_object(new)
                 if new is not None:
-                    old_left = (total_epochs(cfg) - epoch - 1) * steps_per_epoch
+                    old_left = (total_epochs(cfg) - epoch - 1) * epoch_steps(cfg, epoch + 1, full_epoch)
                     cfg = dataclasses.replace(cfg, replans=[*cfg.replans, new])
                     steps_left = (new[2] - new[0]) * epoch_steps(cfg, new[0], full_epoch)
                     sched.replan(step, steps_left)
@@ -611,7 +610,9 @@ def _epochs_for_budget(
     measured speed of a few training steps on a throw-away copy of the model (the RNG streams are restored, so
     the run itself is unaffected); and the deadline after which no training step starts, so that the last
     evaluation and the final report still fit the budget if the machine slows down."""
-    n = 6
+    # the first steps of a fresh model run slower than later ones (here the demo's 136-144 ms, then 95-105
+    # from about the tenth): time 12 and keep the later half
+    n = 12
     with torch.random.fork_rng(devices=[]):
         m = copy.deepcopy(net).train()
         opt = build_optimizer(m, "adamw", 0.0, 0.0)  # the run's optimizer kind (fused when possible)
@@ -644,9 +645,10 @@ def _epochs_for_budget(
             t = time.time()
             m(x.to(dev))
             t_eval = time.time() - t
-    # median step (the first is warm-up), with the headroom
+    # median of the later half of the steps (the first ones are warm-up), with the headroom
+    warm = sorted(times[len(times) // 2 :] or times)
     headroom = _HEADROOM
-    step_t = sorted(times[1:])[len(times[1:]) // 2] * cfg.grad_accum_steps * headroom
+    step_t = warm[len(warm) // 2] * cfg.grad_accum_steps * headroom
     eval_t = len(data.val_loader) * t_eval
     epoch_t = steps_per_epoch * step_t + eval_t
     report_s = _REPORT_S
