@@ -97,9 +97,9 @@ def test_flip_evaluation_averages_an_image_and_its_mirror():
     from davit.train.metrics import evaluate
 
     x = torch.zeros(3, 1, 2, 3)
-    x[0, :, :, 0] = 1.0  # bright left: class 0 plain, a tie (0.5, 0.5) with flip
-    x[1, :, :, -1] = 1.0  # bright right: class 1 plain, a tie with flip
-    x[2, :, :, 0], x[2, :, :, -1] = 2.0, 1.0  # ties with flip too: mean logits (1.5, 1.5)
+    x[0, :, :, 0] = 1.0  # bright left: logits (2, 0), class 0; with flip the mean (1, 1), a tie
+    x[1, :, :, -1] = 1.0  # bright right: (0, 2), class 1; with flip a tie
+    x[2, :, :, 0], x[2, :, :, -1] = 2.0, 1.0  # (4, 2), class 0; with flip the mean (3, 3), a tie
     y = torch.tensor([0, 1, 1])
     plain = evaluate(_SideModel(), [(x, y)], torch.device("cpu"), 2)
     flip = evaluate(_SideModel(), [(x, y)], torch.device("cpu"), 2, flip=True)
