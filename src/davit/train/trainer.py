@@ -475,7 +475,6 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                 cfg.channels_last,
                 lockstep=cfg.fsdp,
             )
-            t_eval = time.time() - t_eval
             rec = {
                 "epoch": epoch,
                 "train_loss": loss_sum / max(1, n_loss),
@@ -495,6 +494,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     ema.module, data.val_loader, dev, num_classes, cfg.amp, cfg.amp_dtype, cfg.channels_last
                 )
                 rec.update(ema_top1=ev_ema["top1"], ema_top5=ev_ema["top5"], ema_val_loss=ev_ema["loss"])
+            t_eval = time.time() - t_eval  # both evaluations: what each later epoch will spend too
             is_best = ev["top1"] > best
             best = max(best, ev["top1"])
             history.append(rec)
@@ -649,7 +649,7 @@ def _epochs_for_budget(
     warm = sorted(times[len(times) // 2 :] or times)
     headroom = _HEADROOM
     step_t = warm[len(warm) // 2] * cfg.grad_accum_steps * headroom
-    eval_t = len(data.val_loader) * t_eval
+    eval_t = len(data.val_loader) * t_eval * (2 if cfg.model_ema else 1)  # the EMA weights are evaluated too
     epoch_t = steps_per_epoch * step_t + eval_t
     report_s = _REPORT_S
     left = cfg.time_budget - (time.time() - t_start) - report_s
