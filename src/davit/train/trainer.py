@@ -231,7 +231,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         build_scheduler(
             opt, cfg.sched, cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr
         ),
-        [(r[1], (r[2] - r[0]) * epoch_steps(cfg, r[0], full_epoch)) for r in cfg.replans],
+        [(r[1], _replan_steps(cfg, r, full_epoch)) for r in cfg.replans],
     )
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and cfg.amp_dtype == "float16" else None
     model: nn.Module = net
@@ -512,20 +512,22 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
                     print(f"epoch {epoch + 1}: {bad}", flush=True)
                 if ev["skipped"]:
                     print(f"epoch {epoch + 1}: validation: {format_bad(ev['skipped'])}", flush=True)
-            if budget_end is not None and not out_of_time and epoch + 1 < total_epochs(cfg):
+            # (not with cooldown epochs: the plan does not cover them)
+            replan = budget_end is not None and not cfg.cooldown_epochs and not out_of_time
+            if replan and epoch + 1 < total_epochs(cfg):
                 # the plan came from a few timed steps at the start; the epoch just run measured the real
                 # speed (a VM's swings by 20-40% over minutes, warm-up): fill what is left of the budget
                 # with it, so that the run neither stops early with its lr schedule cut short nor leaves
                 # time unused (every rank follows rank 0's decision)
                 run = pos - (start_pos if epoch == start_epoch else 0)
+                old_left = (total_epochs(cfg) - epoch - 1) * epoch_steps(cfg, epoch + 1, full_epoch)
                 new = None
                 if main:
-                    new = _replan(cfg, epoch, step, run, train_time, t_eval, budget_end, full_epoch)
+                    new = _replan(epoch, step, old_left, run, train_time, t_eval, budget_end, full_epoch)
                 new = broadcast_object(new)
                 if new is not None:
-                    old_left = (total_epochs(cfg) - epoch - 1) * epoch_steps(cfg, epoch + 1, full_epoch)
                     cfg = dataclasses.replace(cfg, replans=[*cfg.replans, new])
-                    steps_left = (new[2] - new[0]) * epoch_steps(cfg, new[0], full_epoch)
+                    steps_left = _replan_steps(cfg, new, full_epoch)
                     sched.replan(step, steps_left)
                     if main:
                         write_config()
@@ -571,19 +573,22 @@ def planned_steps(cfg: TrainConfig, full: int) -> int:
     return sum(epoch_steps(cfg, e, full) for e in range(total_epochs(cfg)))
 
 
+def _replan_steps(cfg: TrainConfig, replan: list, full: int) -> int:
+    """Optimizer steps left after the re-plan ``[epoch, step, epochs, cap]`` (``cfg`` holding it)."""
+    return (replan[2] - replan[0]) * epoch_steps(cfg, replan[0], full)
+
+
 def _replan(
-    cfg: TrainConfig, epoch: int, step: int, steps_run: int, train_time: float, eval_t: float,
+    epoch: int, step: int, old_left: int, steps_run: int, train_time: float, eval_t: float,
     budget_end: float, full: int,
 ) -> list | None:
     """[epoch, step, epochs, cap] for the rest of a budget run from the speed of the epoch just run, or None
-    when the current plan is within 2% of it (or the run has a cooldown, which the plan does not cover)."""
-    if steps_run < 1 or cfg.cooldown_epochs:
+    when the ``old_left`` steps still planned are within 2% of it."""
+    if steps_run < 1:
         return None
     step_t = train_time / steps_run * _HEADROOM
     more, cap = budget_plan(budget_end - time.time(), step_t, eval_t, full)
-    new_left = more * (cap or full)
-    old_left = (total_epochs(cfg) - epoch - 1) * epoch_steps(cfg, epoch + 1, full)
-    if abs(new_left - old_left) <= 0.02 * old_left:
+    if abs(more * (cap or full) - old_left) <= 0.02 * old_left:
         return None
     return [epoch + 1, step, epoch + 1 + more, cap or 0]
 
