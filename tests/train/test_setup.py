@@ -55,6 +55,22 @@ def test_train_and_val_samples_with_tar_shards(tiny_cfg, tmp_path):
         build_data(dataclasses.replace(cfg, val_samples=-1), distributed=False)
 
 
+def test_validation_batch_size_sets_the_eval_batches_only(tiny_cfg, tmp_path):
+    from davit.data import ImageFolder, make_image_folder, write_shards
+    from davit.train.setup import build_data
+
+    root = make_image_folder(str(tmp_path / "imgs"), per_class=4, size=(16, 16))
+    for split in ("train", "val"):
+        write_shards(ImageFolder(root, split), str(tmp_path / "shards" / split), shard_size=5)
+    cfg = tiny_cfg(dataset="wds", data_dir=str(tmp_path / "shards"), in_chans=3, num_classes=3, batch_size=2)
+    data = build_data(dataclasses.replace(cfg, validation_batch_size=5), distributed=False)
+    data.train_loader.set_epoch(0)
+    assert {len(x) for x, _ in data.train_loader} == {2}
+    assert [len(x) for x, _ in data.val_loader] == [5, 5, 2]  # the 12 val images: 5 + 5 + 2
+    data = build_data(cfg, distributed=False)  # left out: the training batch
+    assert [len(x) for x, _ in data.val_loader] == [2] * 6
+
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     args = [

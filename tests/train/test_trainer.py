@@ -256,6 +256,14 @@ def test_fp16_on_cpu_is_clear_error(tiny_cfg):
         train(tiny_cfg(experiment="fp16", amp=True, amp_dtype="float16"))
 
 
+@pytest.mark.parametrize(
+    "key,flag", [("batch_size", "--batch-size"), ("validation_batch_size", "--validation-batch-size")]
+)
+def test_batch_sizes_below_one_are_clear_errors(tiny_cfg, key, flag):
+    with pytest.raises(ValueError, match=f"{flag} must be >= 1, got 0"):
+        train(tiny_cfg(experiment="b0", **{key: 0}))
+
+
 def test_bf16_grad_accum_and_ema_run(tiny_cfg):
     res = train(
         tiny_cfg(

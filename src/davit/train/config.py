@@ -78,6 +78,8 @@ class TrainConfig:
     # optimisation
     opt: str = "adamw"
     batch_size: int = 128  # per process
+    # evaluation batch per process (default: batch_size); larger batches evaluate faster on a CPU
+    validation_batch_size: int | None = None
     grad_accum_steps: int = 1
     lr: float = 1e-3
     # scale lr linearly by global batch / lr_base_size when set (presets); an lr given without it, on the
@@ -223,6 +225,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         cutmix=0.0,
         smoothing=0.1,
         batch_size=64,  # twice the updates of 128 in the same time; 84.5 vs 83.8% in the probe
+        validation_batch_size=512,  # 1.5x the img/s of 64 in evaluation: ~2% more of the budget trains
         lr=2e-3,
         lr_base_size=None,
         weight_decay=0.05,
@@ -381,7 +384,7 @@ def _absolute_lr(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----- argparse ---------------------------------------------------------------------------------------------
-_SHORT = {"batch_size": ["-b"], "workers": ["-j"]}
+_SHORT = {"batch_size": ["-b"], "validation_batch_size": ["-vb"], "workers": ["-j"]}
 _HELP = {
     "resume": "checkpoint file, or 'auto' for the newest valid checkpoint of the run folder",
     "preset": "",

@@ -202,7 +202,7 @@ def build_data(cfg: TrainConfig, distributed: bool, mixup_fn=None) -> DataBundle
     _check_batch_fits(cfg, train_ds, train_loader)
     val_loader = build_loader(
         val_ds,
-        cfg.batch_size,
+        cfg.validation_batch_size or cfg.batch_size,
         False,
         workers=cfg.workers,
         distributed=distributed,

@@ -158,6 +158,13 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         raise ValueError("--model-ema is not supported with --fsdp (the EMA copy would not be sharded)")
     if cfg.grad_accum_steps < 1:
         raise ValueError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.validation_batch_size is not None and cfg.validation_batch_size < 1:
+        raise ValueError(
+            f"--validation-batch-size must be >= 1, got {cfg.validation_batch_size}; leave it out to "
+            "evaluate with --batch-size"
+        )
     t_start = time.time()
     check_batch_aug(cfg)
     if cfg.threads:
