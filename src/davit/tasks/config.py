@@ -189,8 +189,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         **{**_CPU_DEMO, "workers": 0},
         model="davit_atto",
         # strides 4..32 as the ADE20K model; with the variant's stride-2 stem the 3x3 fusion conv of the head
-        # runs at 64x64 and a training step of 8 crops took 3.2 s instead of 0.9 s (one thread)
-        backbone_kwargs={"stem_stride": 4},
+        # runs at 64x64 and a training step of 8 crops took 3.2 s instead of 0.9 s (one thread). The two-conv
+        # stem of the classification demo (conv_stem): mIoU 0.534 and 0.539 against 0.521 and 0.530 with the
+        # released 7x7 conv, in 13 minutes each, with fewer iterations (docs/benchmarks.md, session 10-11)
+        backbone_kwargs={"stem_stride": 4, "conv_stem": True},
         num_classes=11,
         drop_path_rate=0.0,
         lr=2e-3,  # 0.204 vs 0.182 mIoU after 600 iterations at 1e-3 (docs/benchmarks.md)
