@@ -391,6 +391,7 @@ _HELP = {
     "pretrained": "start from the variant's released weights (Hugging Face hub cache; --model may carry "
     "timm's tag, e.g. davit_tiny.msft_in1k); offline, pass the file with --initial-checkpoint",
     "initial_checkpoint": "fine-tune from this checkpoint file (any layout davit.weights reads)",
+    "validation_batch_size": "evaluation batch per process; None: --batch-size",
 }
 
 
