@@ -11,8 +11,9 @@ from davit.train.logging import read_metrics
 COMMON = ["--progress", "none", "--set", "workers=0", "threads=1", "time_limit_min=null", "log_interval=1",
           "eval_batch_size=2", "device=cpu", "batch_size=4"]  # fmt: skip
 # off: the randomness that differs between 1 and 2 processes (augmentation seeds include the rank; dropout
-# draws from each rank's own RNG). The backbone keeps the released stem: the preset's two-conv stem has a
-# BatchNorm too, a second layer normalised per rank on CPU (see below), which moved the losses by up to 0.6%
+# draws from each rank's own RNG). The backbone_kwargs replace the preset's: the released stem (and depths
+# 1/1/2/1), as the preset's two-conv stem has a BatchNorm too, a second layer normalised per rank on CPU (see
+# below), which moved the losses by up to 0.6%
 SEGMENT = ["--preset", "scenes-upernet-demo", *COMMON, "iters=3", "crop_size=48", "scale=[48,48]",
            "ratio_range=[1.0,1.0]", "flip_prob=0", "photometric=false", "dropout=0", "channels=8",
            "aux_channels=8", 'backbone_kwargs={"stem_stride": 4}']  # fmt: skip

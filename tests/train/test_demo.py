@@ -15,9 +15,9 @@ from davit.train.trainer import train
 
 
 def test_flip_eval_matches_davit_eval_tta_flip(tiny_cfg, tmp_path, capsys):
-    res = train(tiny_cfg(img_size=28, crop_pct=1.0, epochs=1, warmup_epochs=0))
-    run = Path(res["run_dir"])
-    flip = demo._flip_eval(str(run), FASHION_MNIST_DIR)
+    cfg = tiny_cfg(img_size=28, crop_pct=1.0, epochs=1, warmup_epochs=0, data_dir=FASHION_MNIST_DIR)
+    run = Path(train(cfg)["run_dir"])
+    flip = demo._flip_eval(str(run), cfg)
     out_json = tmp_path / "ev.json"
     rc = main(["eval", str(run), "--tta-flip", "-j", "0", "-b", "500", "--results-file", str(out_json)])
     assert rc == 0, capsys.readouterr()

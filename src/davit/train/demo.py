@@ -86,8 +86,8 @@ def run_demo(
             f"--resume auto --experiment {os.path.basename(d)} --output {output}"
         )
         return 130
-    flip = _flip_eval(d, root)
-    sheets = _attention_sheets(d, root)
+    flip = _flip_eval(d, cfg)
+    sheets = _attention_sheets(d, cfg)
     wall = time.time() - t0  # the whole command, start-up and attention sheets included
     print()
     print(
@@ -107,23 +107,20 @@ def run_demo(
     return 0
 
 
-def _test_batches(root: str, batch: int = 512):
-    """The official test images as normalised (B, 1, 28, 28) float batches with their labels (the
-    evaluation preprocessing of the preset: no resize, crop_pct 1)."""
-    import torch
+def _test_loader(cfg, batch: int | None = None):
+    """The official test images as the run evaluated them: its uint8 dataset and evaluation batch transform
+    (the pieces :func:`davit.train.setup.build_data` uses, without decoding the training set)."""
+    from ..data import build_batch_transform, build_dataset, build_loader
+    from .setup import resolve_data_params
 
-    from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, build_dataset
-
-    test = build_dataset("fashion-mnist", root, "val", raw=True)
-    mean = torch.tensor(FASHION_MNIST_MEAN).view(1, -1, 1, 1)
-    std = torch.tensor(FASHION_MNIST_STD).view(1, -1, 1, 1)
-    data, targets = torch.as_tensor(test.data), torch.as_tensor(test.targets)
-    for i in range(0, len(data), batch):
-        x = (data[i : i + batch].unsqueeze(1).float() / 255 - mean) / std
-        yield x, targets[i : i + batch]
+    dp = resolve_data_params(cfg)
+    ds = build_dataset(cfg.dataset, cfg.data_dir, cfg.val_split, raw=True)
+    bt = build_batch_transform(False, input_size=dp["img_size"], mean=dp["mean"], std=dp["std"])
+    size = batch or cfg.validation_batch_size or cfg.batch_size
+    return build_loader(ds, size, False, workers=0, batch_transform=bt)
 
 
-def _flip_eval(run_dir: str, root: str) -> dict:
+def _flip_eval(run_dir: str, cfg) -> dict:
     """Top-1/5 of the trained model with test-time flips, also appended to the run's report.md; the
     single-view figures stay the run's result (metrics.jsonl, the printed top-1)."""
     import torch
@@ -132,7 +129,7 @@ def _flip_eval(run_dir: str, root: str) -> dict:
     from .setup import model_from_metadata
 
     model, _ = model_from_metadata(os.path.join(run_dir, "model.safetensors"))
-    res = evaluate(model, list(_test_batches(root)), torch.device("cpu"), model.num_classes, flip=True)
+    res = evaluate(model, _test_loader(cfg), torch.device("cpu"), model.num_classes, flip=True)
     with open(os.path.join(run_dir, "report.md"), "a") as f:
         f.write(
             f"\nWith test-time flips (`davit eval {run_dir} --tta-flip`: the mean logits of each test "
@@ -142,13 +139,13 @@ def _flip_eval(run_dir: str, root: str) -> dict:
     return res
 
 
-def _attention_sheets(run_dir: str, root: str, n: int = 4) -> list:
+def _attention_sheets(run_dir: str, cfg, n: int = 4) -> list:
     """Window/channel attention and Grad-CAM sheets of the trained model for the first ``n`` test images."""
     from ..data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
     from ..viz.run import load_model, write_demo_sheets
 
     model, _ = load_model(None, os.path.join(run_dir, "model.safetensors"))
-    x, y = next(_test_batches(root, n))  # (n, 1, 28, 28), the eval preprocessing
+    x, y = next(iter(_test_loader(cfg, n)))  # (n, 1, 28, 28), the eval preprocessing
     labels = [int(t) for t in y]
     return write_demo_sheets(model, x, labels, FASHION_MNIST_CLASSES, os.path.join(run_dir, "viz"),
                              mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
