@@ -197,11 +197,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         backbone_kwargs={"stem_stride": 4, "conv_stem": True, "depths": [1, 1, 1, 1]},
         num_classes=11,
         drop_path_rate=0.0,
-        # batches of 16 at lr 3e-3: 20-30% more crops per second than 8 (fewer, larger steps; part of it
-        # the VM's speed, which moved by ~15% in that hour) and mIoU 0.560 and 0.575 against 0.542 for
-        # batches of 8 at 2e-3 (0.544 without the colour jitter) in the same hour; batches of 32 at 4e-3:
-        # 0.533 (session 12). At batch 8, 2e-3 beat 1e-3: 0.204 vs 0.182 mIoU after 600 iterations
-        # (session 4; docs/benchmarks.md)
+        # batches of 16 at lr 3e-3: 15-36% more crops per second than batches of 8 (fewer, larger steps;
+        # the VM's speed moved too) and mIoU 0.554-0.575 (three 13-minute runs) against 0.542-0.551 for
+        # batches of 8 at 2e-3 (two runs) in the same two hours; batches of 32 at 4e-3: 0.533 (session 12).
+        # At batch 8, 2e-3 beat 1e-3: 0.204 vs 0.182 mIoU after 600 iterations (session 4;
+        # docs/benchmarks.md)
         lr=3e-3,
         weight_decay=0.01,
         decay_1d_params=False,  # as measured (docs/benchmarks.md); the ADE20K recipe decays every parameter
