@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import ChannelAttention, WindowAttention, window_partition, window_reverse
-from .fused import fused_cpu_inference, has_hooks
+from .fused import fused_cpu_inference, has_hooks, linear
 
 __all__ = ["DropPath", "ConvPosEnc", "Mlp", "SpatialBlock", "ChannelBlock", "drop_path", "linear_residual"]
 
@@ -94,7 +94,7 @@ def linear_residual(
     (bit-identical, ~30% faster than linear then add: one pass over the output instead of three)."""
     if fast and (drop.p == 0.0 or not drop.training) and fused_cpu_inference(x):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
-    return residual + drop(layer(x))
+    return residual + drop(linear(x, layer, fast))
 
 
 class Mlp(nn.Module):
@@ -115,7 +115,7 @@ class Mlp(nn.Module):
     def hidden(self, x: Tensor) -> Tensor:
         if self.fast and fused_cpu_inference(x):
             return torch.ops.mkldnn._linear_pointwise(x, self.fc1.weight, self.fc1.bias, "gelu", [], "none")
-        return self.act(self.fc1(x))
+        return self.act(linear(x, self.fc1, self.fast))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.hidden(x))
@@ -179,7 +179,7 @@ class SpatialBlock(nn.Module):
         if (pad_b or pad_r) and H <= ws and W <= ws and self.attn.fast:
             # the map is smaller than one window: attend without materialising the padding (same result)
             t = self.attn.attend_one_padded(t.reshape(B, H * W, C), ws * ws - H * W)
-            return (t if proj is None else proj(t)).view(B, H, W, C)
+            return (t if proj is None else linear(t, proj, self.attn.fast)).view(B, H, W, C)
         if pad_b or pad_r:
             # zero tokens appended AFTER the norm take part as keys (they carry the qkv bias),
             # as in the release
@@ -187,7 +187,7 @@ class SpatialBlock(nn.Module):
         Hp, Wp = H + pad_b, W + pad_r
         t = self.attn.attend(window_partition(t, ws))  # (B*nW, ws*ws, C)
         if proj is not None:
-            t = proj(t)
+            t = linear(t, proj, self.attn.fast)
         t = window_reverse(t, ws, Hp, Wp)
         if pad_b or pad_r:
             t = t[:, :H, :W, :]

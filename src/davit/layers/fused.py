@@ -7,8 +7,17 @@ row (an extra full pass over a fresh, page-faulting buffer), and for some shapes
 50176 x 96 -> 288) MKL's path for a transposed weight runs at half speed. Results are bit-identical to the
 plain ops on the shapes we test.
 
-They are private operators, so every use is behind :func:`fused_cpu_inference` and the plain path stays for
-training, other dtypes and devices, tracing, export and ``torch.compile`` (which does its own fusion).
+They are private operators, so every use is behind a guard and the plain path stays for other dtypes and
+devices, autocast, tracing and export.
+
+Training and ``torch.compile`` use the plain linear through :func:`onednn_linear`, a registered custom
+operator (fake-tensor rule and autograd formula included, so ``fullgraph=True`` compiles it as one opaque
+call): forward and input gradient run in oneDNN, the weight gradient in ATen's ``mm``. Where it pays: on
+AVX-512 CPUs (AMD Zen 4/5) PyTorch's MKL runs fp32 GEMMs on its AVX2 path (~185 GFLOP/s on 2 Zen 5 cores)
+while oneDNN uses AVX-512 (~410 GFLOP/s, docs/benchmarks.md, session 13). The input gradient through oneDNN
+needs the weight's transpose as a dense (in, out) tensor: a copy of the weight per call, small next to the
+activations. The weight gradient through oneDNN would need transposed copies of both activations and ran
+slower than ``mm``.
 """
 
 from __future__ import annotations
@@ -16,7 +25,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["fused_cpu_inference", "has_hooks", "linear"]
+__all__ = [
+    "fused_cpu_inference",
+    "has_hooks",
+    "linear",
+    "onednn_linear",
+    "onednn_training",
+    "set_onednn_training",
+]
 
 
 def _mkldnn_fusions_available() -> bool:
@@ -50,8 +66,80 @@ def has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+# ----- the plain linear as a custom operator: training (eager and compiled) and compiled inference ---------
+@torch.library.custom_op("davit::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` computed by oneDNN (CPU fp32); differentiable, traceable by dynamo."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _onednn_linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _onednn_linear_backward(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        # grad @ weight, as a linear with the (in, out) transpose for weight
+        gx = onednn_linear(grad, weight.t().contiguous(), None)
+    g2 = grad.reshape(-1, grad.shape[-1])
+    if ctx.needs_input_grad[1]:
+        gw = g2.t() @ x.reshape(-1, x.shape[-1])
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = g2.sum(0)
+    return gx, gw, gb
+
+
+onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
+
+# below this many multiply-adds per call the custom op's dispatch (tens of microseconds in eager) eats what
+# the faster GEMM gives: the Fashion-MNIST demo model's training step (largest linear 16.8 M MACs at batch
+# 64) ran at 46.4 ms with its larger linears on oneDNN against 45.1 ms on F.linear (median of 6 interleaved
+# rounds, session 13), so it stays on F.linear; davit_tiny's linears at batch 8 and 224 px: 0.23-0.92 G MACs
+_MIN_MACS = 1 << 25
+
+
+def onednn_training(x: Tensor, layer: nn.Linear) -> bool:
+    """True where :func:`onednn_linear` replaces ``layer(x)``: CPU fp32 outside autocast, large enough, not
+    traced or exported (ONNX sees the plain op), eager or compiled."""
+    return (
+        _MKLDNN
+        and _ONEDNN_TRAINING
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and layer.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_exporting()
+        and x.numel() * layer.out_features >= _MIN_MACS
+        and not has_hooks(layer)
+    )
+
+
+_ONEDNN_TRAINING = True  # davit.layers.fused.set_onednn_training(False): the plain F.linear everywhere
+
+
+def set_onednn_training(enable: bool) -> None:
+    """Route training and compiled linears through oneDNN (default) or keep ``F.linear`` (A/B timing,
+    tests)."""
+    global _ONEDNN_TRAINING
+    _ONEDNN_TRAINING = bool(enable)
+
+
 def linear(x: Tensor, layer: nn.Linear, fast: bool = True) -> Tensor:
-    """``layer(x)``, through oneDNN in CPU fp32 inference (unless the layer is hooked)."""
+    """``layer(x)``: through oneDNN in CPU fp32 (eager inference: the private kernel directly; training and
+    compiled code: :func:`onednn_linear`), unless the layer is hooked."""
     if fast and fused_cpu_inference(x) and not has_hooks(layer):
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+    if fast and onednn_training(x, layer):
+        return onednn_linear(x, layer.weight, layer.bias)
     return layer(x)  # the module call, so hooks on it still fire

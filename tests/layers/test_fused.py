@@ -1,0 +1,103 @@
+"""The oneDNN linear operator of training and compiled code (davit.layers.fused) equals F.linear, forward and
+backward, and its registration (fake tensor rule, autograd) is what torch.compile and opcheck expect."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import davit
+from davit.layers import fused
+
+pytestmark = pytest.mark.skipif(not fused._MKLDNN, reason="this PyTorch build has no oneDNN linear kernel")
+
+
+@pytest.mark.parametrize("shape", [(37, 24), (2, 9, 24), (3, 5, 7, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_forward_and_grads_equal_f_linear(shape, bias):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    up = torch.randn(*shape[:-1], 40)
+    out = fused.onednn_linear(x, w, b)
+    ref = F.linear(x, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    params = [x, w] + ([b] if bias else [])
+    g = torch.autograd.grad((out * up).sum(), params)
+    g_ref = torch.autograd.grad((ref * up).sum(), params)
+    for a, r in zip(g, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
+
+
+def test_onednn_linear_non_contiguous_input():
+    torch.manual_seed(0)
+    x = torch.randn(6, 24, 10).transpose(1, 2)  # (6, 10, 24), not contiguous
+    w, b = torch.randn(16, 24), torch.randn(16)
+    torch.testing.assert_close(fused.onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linear_opcheck():
+    """PyTorch's own check of a custom op: schema, fake tensor rule, autograd registration, AOT dispatch."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 8, requires_grad=True)
+    w = torch.randn(12, 8, requires_grad=True)
+    b = torch.randn(12, requires_grad=True)
+    torch.library.opcheck(fused.onednn_linear, (x, w, b))
+    torch.library.opcheck(fused.onednn_linear, (x, w, None))
+
+
+def _train_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_model_training_onednn_equals_plain_linear(monkeypatch):
+    """Every linear of a training step through oneDNN (size threshold off) against F.linear: same logits and
+    gradients to fp32 rounding."""
+    monkeypatch.setattr(fused, "_MIN_MACS", 0)
+    torch.manual_seed(0)
+    model = davit.create_model("davit_atto", num_classes=7, stem_stride=4)
+    x = torch.randn(2, 3, 60, 44)
+    calls = []
+    real = fused.onednn_linear
+    monkeypatch.setattr(fused, "onednn_linear", lambda *a: calls.append(1) or real(*a))
+    out, g = _train_grads(model, x)
+    assert calls, "the training step did not go through the oneDNN linear"
+    fused.set_onednn_training(False)
+    try:
+        n = len(calls)
+        out_ref, g_ref = _train_grads(model, x)
+        assert len(calls) == n, "set_onednn_training(False) still used the oneDNN linear"
+    finally:
+        fused.set_onednn_training(True)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(g, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_small_linears_and_other_dtypes_keep_f_linear():
+    layer = torch.nn.Linear(32, 96)
+    assert not fused.onednn_training(torch.randn(64, 49, 32), layer)  # the demo's stage-1 qkv: 9.6 M MACs
+    assert fused.onednn_training(torch.randn(64, 196, 32), layer)
+    assert not fused.onednn_training(torch.randn(64, 196, 32, dtype=torch.float64), layer.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused.onednn_training(torch.randn(64, 196, 32), layer)
+
+
+def test_compiled_training_step_fullgraph_with_onednn_linear(monkeypatch):
+    """dynamo traces the custom op (fake tensor rule) and AOT autograd differentiates it (aot_eager: the
+    graphs inductor would get, without its minutes of C++ compilation)."""
+    monkeypatch.setattr(fused, "_MIN_MACS", 0)
+    torch.manual_seed(0)
+    model = davit.create_model("davit_atto", num_classes=5, stem_stride=4)
+    x = torch.randn(2, 3, 32, 32)
+    out_ref, g_ref = _train_grads(model, x)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out, g = _train_grads(compiled, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(g, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
