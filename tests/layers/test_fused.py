@@ -31,6 +31,28 @@ def test_onednn_linear_forward_and_grads_equal_f_linear(shape, bias):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("mkn", [(37, 24, 40), (1, 8, 3), (300, 96, 5)])
+def test_weight_grad_as_conv_equals_mm(mkn):
+    m, k, n = mkn
+    torch.manual_seed(0)
+    g, x = torch.randn(m, n), torch.randn(m, k)
+    torch.testing.assert_close(fused._weight_grad(g, x), g.t() @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_large_weights_take_the_mm_weight_grad(monkeypatch):
+    """Above _MAX_CONV_WGRAD weight elements the weight gradient is ``mm`` (the conv's scratch buffer would
+    raise the peak memory): both branches give F.linear's gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 11, 24)
+    w = torch.randn(40, 24, requires_grad=True)
+    up = torch.randn(3, 11, 40)
+    ref = torch.autograd.grad((F.linear(x, w) * up).sum(), w)[0]
+    for bound in (1 << 20, 0):
+        monkeypatch.setattr(fused, "_MAX_CONV_WGRAD", bound)
+        got = torch.autograd.grad((fused.onednn_linear(x, w, None) * up).sum(), w)[0]
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_onednn_linear_non_contiguous_input():
     torch.manual_seed(0)
     x = torch.randn(6, 24, 10).transpose(1, 2)  # (6, 10, 24), not contiguous

@@ -12,12 +12,12 @@ devices, autocast, tracing and export.
 
 Training and ``torch.compile`` use the plain linear through :func:`onednn_linear`, a registered custom
 operator (fake-tensor rule and autograd formula included, so ``fullgraph=True`` compiles it as one opaque
-call): forward and input gradient run in oneDNN, the weight gradient in ATen's ``mm``. Where it pays: on
-AVX-512 CPUs (AMD Zen 4/5) PyTorch's MKL runs fp32 GEMMs on its AVX2 path (~185 GFLOP/s on 2 Zen 5 cores)
-while oneDNN uses AVX-512 (~410 GFLOP/s, docs/benchmarks.md, session 13). The input gradient through oneDNN
-needs the weight's transpose as a dense (in, out) tensor: a copy of the weight per call, small next to the
-activations. The weight gradient through oneDNN would need transposed copies of both activations and ran
-slower than ``mm``.
+call): forward, input and weight gradients all run in oneDNN. Where it pays: on AVX-512 CPUs (AMD Zen 4/5)
+PyTorch's MKL runs fp32 GEMMs on its AVX2 path (~185 GFLOP/s on 2 Zen 5 cores) while oneDNN uses AVX-512
+(~410 GFLOP/s, docs/benchmarks.md, session 13). The input gradient needs the weight's transpose as a dense
+(in, out) tensor: a copy of the weight per call, small next to the activations. The weight gradient runs as
+the weight gradient of a 1x1 convolution; through the linear kernel it would need transposed copies of both
+activations and ran slower than ``mm``.
 """
 
 from __future__ import annotations
@@ -92,10 +92,31 @@ def _onednn_linear_backward(ctx, grad: Tensor):
         gx = onednn_linear(grad, weight.t().contiguous(), None)
     g2 = grad.reshape(-1, grad.shape[-1])
     if ctx.needs_input_grad[1]:
-        gw = g2.t() @ x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        # oneDNN's convolution sums per-thread partial weight gradients in a scratch buffer of the weight's
+        # size: for stage 4's 768 x 3072 MLP weights (9.4 MB) that raised the training step's peak above
+        # timm's (1207 vs 1198 MB, davit_tiny at batch 8), so large weights keep ``mm``
+        gw = _weight_grad(g2, x2) if weight.numel() <= _MAX_CONV_WGRAD else g2.t() @ x2
     if ctx.has_bias and ctx.needs_input_grad[2]:
         gb = g2.sum(0)
     return gx, gw, gb
+
+
+_MAX_CONV_WGRAD = 1 << 20  # weight elements (4 MB in fp32)
+
+
+def _weight_grad(g: Tensor, x: Tensor) -> Tensor:
+    """``g.t() @ x`` for (M, N) and (M, K) rows, as the weight gradient of a 1x1 convolution over an (M, 1)
+    channels-last map, which oneDNN computes with AVX-512 where MKL's ``mm`` stays on AVX2: 1.1-1.8x the
+    rate of ``mm`` on davit_tiny's shapes (Zen 5, session 13). Both views are free: (M, C) rows are
+    exactly a channels-last (1, C, M, 1) tensor."""
+    (m, n), k = g.shape, x.shape[1]
+    xv = x.contiguous().view(1, m, 1, k).permute(0, 3, 1, 2)
+    gv = g.contiguous().view(1, m, 1, n).permute(0, 3, 1, 2)
+    w = x.new_empty((n, 1, 1, k)).permute(0, 3, 1, 2)  # only its shape and layout are read
+    return torch.ops.aten.convolution_backward(
+        gv, xv, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+    )[1].view(n, k)
 
 
 onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
