@@ -1,4 +1,4 @@
-"""Guarded oneDNN kernels for CPU fp32 inference.
+"""Guarded oneDNN kernels for the CPU fp32 linears: eager inference, training and compiled code.
 
 ``torch.ops.mkldnn._linear_pointwise`` runs a linear layer with its bias and an optional epilogue (exact GELU,
 or an elementwise add of a residual) in one pass over the output. On the 2-core AVX2 machines of PERF_NOTES.md
@@ -12,9 +12,10 @@ devices, autocast, tracing and export.
 
 Training and ``torch.compile`` use the plain linear through :func:`onednn_linear`, a registered custom
 operator (fake-tensor rule and autograd formula included, so ``fullgraph=True`` compiles it as one opaque
-call): forward, input and weight gradients all run in oneDNN. Where it pays: on AVX-512 CPUs (AMD Zen 4/5)
-PyTorch's MKL runs fp32 GEMMs on its AVX2 path (~185 GFLOP/s on 2 Zen 5 cores) while oneDNN uses AVX-512
-(~410 GFLOP/s, docs/benchmarks.md, session 13). The input gradient needs the weight's transpose as a dense
+call): forward, input and weight gradients run in oneDNN (the weight gradient of weights over 1 M elements
+in ``mm``, see below). Where it pays: on AVX-512 CPUs (AMD Zen 4/5) PyTorch's MKL runs fp32 GEMMs on its
+AVX2 path (~185 GFLOP/s on 2 Zen 5 cores) while oneDNN uses AVX-512 (~410 GFLOP/s, docs/benchmarks.md,
+session 13). The input gradient needs the weight's transpose as a dense
 (in, out) tensor: a copy of the weight per call, small next to the activations. The weight gradient runs as
 the weight gradient of a 1x1 convolution; through the linear kernel it would need transposed copies of both
 activations and ran slower than ``mm``.
