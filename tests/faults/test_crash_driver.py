@@ -49,6 +49,9 @@ def test_quick_crash_trials_segmentation(tmp_path):
     assert s["task"] == "segment" and s["survived"] == s["trials"] == s["signals_delivered"] == 3
     assert s["files_lost"] == 0 and s["max_abs_weight_diff"] == 0.0
     term = next(r for r in s["trials_detail"] if r["mode"] == "sigterm")
-    # seed 1 signals during iteration 2, where the uninterrupted run evaluates: the stopped run saves without
-    # evaluating, and its resume must still end with the same weights (the evaluation draws no random numbers)
-    assert term["rc"] == 130 and term["steps_lost"] == 0 and term["resumed_step"] == 2
+    # a graceful stop saves the iteration it stopped at: nothing is lost and the resume starts there. Which
+    # iteration the signal lands in depends on the CPU's speed (iteration 2 on a slow VM, 3 on a fast one), so
+    # the case of a signal during an evaluating iteration is pinned deterministically in
+    # tests/faults/test_dense.py (test_resumed_run_ends_with_the_uninterrupted_weights, stop_at=2).
+    assert term["rc"] == 130 and term["steps_lost"] == 0
+    assert term["resumed_step"] == term["logged_step"] >= 1
