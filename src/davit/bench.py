@@ -271,6 +271,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     peak = matmul_peak_tflops(dtype, device, args.peak_n)
     print(f"matmul peak ({args.peak_n}^3 {args.dtype}, {device.type}): {peak * 1e3:.1f} GFLOP/s")
+    if device.type == "cpu":
+        from .layers.fused import onednn_training_enabled
+
+        # which GEMM library ours' training and compiled linears use here (by CPU, see the op's docstring)
+        lib = "oneDNN" if onednn_training_enabled() else "F.linear (MKL)"
+        print(f"ours' training and compiled fp32 linears: {lib} (DAVIT_ONEDNN_TRAINING=0/1 overrides)")
     flavour = (
         args.backend
         if args.backend != "torch"
@@ -440,6 +446,9 @@ def environment() -> dict[str, Any]:
         git=rev,
         command=" ".join(["davit bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "(in-process)",
     )
+    from .layers.fused import onednn_training_enabled
+
+    env["onednn_training_linears"] = onednn_training_enabled()
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env

@@ -13,6 +13,38 @@ from davit.layers import fused
 pytestmark = pytest.mark.skipif(not fused._MKLDNN, reason="this PyTorch build has no oneDNN linear kernel")
 
 
+@pytest.fixture(autouse=True)
+def _onednn_training_on():
+    """The op's tests run on every CPU; which CPUs use it by default is tested separately."""
+    previous = fused.set_onednn_training(True)
+    yield
+    fused.set_onednn_training(previous)
+
+
+@pytest.mark.parametrize(
+    "vendor,capability,expected",
+    [
+        ("AuthenticAMD", "AVX512", True),  # MKL stays on AVX2 there: oneDNN's AVX-512 GEMMs pay
+        ("GenuineIntel", "AVX512", False),  # MKL runs AVX-512 itself: the op only adds overhead
+        ("AuthenticAMD", "AVX2", False),
+        ("", "DEFAULT", False),
+    ],
+)
+def test_default_onednn_training_by_cpu(monkeypatch, vendor, capability, expected):
+    monkeypatch.delenv("DAVIT_ONEDNN_TRAINING", raising=False)
+    assert fused.default_onednn_training(vendor, capability) is expected
+
+
+def test_default_onednn_training_env_override(monkeypatch):
+    monkeypatch.setenv("DAVIT_ONEDNN_TRAINING", "1")
+    assert fused.default_onednn_training("GenuineIntel", "AVX512") is True
+    monkeypatch.setenv("DAVIT_ONEDNN_TRAINING", "0")
+    assert fused.default_onednn_training("AuthenticAMD", "AVX512") is False
+    monkeypatch.setenv("DAVIT_ONEDNN_TRAINING", "yes")
+    with pytest.warns(UserWarning, match="set it to 1 .* or 0"):
+        assert fused.default_onednn_training("GenuineIntel", "AVX512") is False
+
+
 @pytest.mark.parametrize("shape", [(37, 24), (2, 9, 24), (3, 5, 7, 24)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_onednn_linear_forward_and_grads_equal_f_linear(shape, bias):
@@ -89,13 +121,10 @@ def test_model_training_onednn_equals_plain_linear(monkeypatch):
     monkeypatch.setattr(fused, "onednn_linear", lambda *a: calls.append(1) or real(*a))
     out, g = _train_grads(model, x)
     assert calls, "the training step did not go through the oneDNN linear"
-    fused.set_onednn_training(False)
-    try:
-        n = len(calls)
-        out_ref, g_ref = _train_grads(model, x)
-        assert len(calls) == n, "set_onednn_training(False) still used the oneDNN linear"
-    finally:
-        fused.set_onednn_training(True)
+    fused.set_onednn_training(False)  # the fixture restores the setting
+    n = len(calls)
+    out_ref, g_ref = _train_grads(model, x)
+    assert len(calls) == n, "set_onednn_training(False) still used the oneDNN linear"
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(g, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)

@@ -15,13 +15,18 @@ operator (fake-tensor rule and autograd formula included, so ``fullgraph=True`` 
 call): forward, input and weight gradients run in oneDNN (the weight gradient of weights over 1 M elements
 in ``mm``, see below). Where it pays: on AVX-512 CPUs (AMD Zen 4/5) PyTorch's MKL runs fp32 GEMMs on its
 AVX2 path (~185 GFLOP/s on 2 Zen 5 cores) while oneDNN uses AVX-512 (~410 GFLOP/s, docs/benchmarks.md,
-session 13). The input gradient needs the weight's transpose as a dense
-(in, out) tensor: a copy of the weight per call, small next to the activations. The weight gradient runs as
-the weight gradient of a 1x1 convolution; through the linear kernel it would need transposed copies of both
-activations and ran slower than ``mm``.
+session 13). On Intel AVX-512 CPUs MKL runs AVX-512 itself and the op lost 8-11% of the training step
+(session 14), so it is on by default on AMD AVX-512 CPUs only (:func:`default_onednn_training`; the
+environment variable ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). The input gradient needs the weight's
+transpose as a dense (in, out) tensor: a copy of the weight per call, small next to the activations. The
+weight gradient runs as the weight gradient of a 1x1 convolution; through the linear kernel it would need
+transposed copies of both activations and ran slower than ``mm``.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +36,9 @@ __all__ = [
     "has_hooks",
     "linear",
     "onednn_linear",
+    "default_onednn_training",
     "onednn_training",
+    "onednn_training_enabled",
     "set_onednn_training",
 ]
 
@@ -147,14 +154,51 @@ def onednn_training(x: Tensor, layer: nn.Linear) -> bool:
     )
 
 
-_ONEDNN_TRAINING = True  # davit.layers.fused.set_onednn_training(False): the plain F.linear everywhere
+def _cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo ("AuthenticAMD", "GenuineIntel"), "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
-def set_onednn_training(enable: bool) -> None:
-    """Route training and compiled linears through oneDNN (default) or keep ``F.linear`` (A/B timing,
-    tests)."""
+def default_onednn_training(vendor: str | None = None, capability: str | None = None) -> bool:
+    """Whether training and compiled linears use oneDNN by default: on AMD CPUs with AVX-512 only.
+
+    The gain comes from MKL running its AVX2 GEMMs on AMD CPUs (Zen 5: 1.04x -> 1.53x timm's training step,
+    session 13). On an Intel AVX-512 CPU MKL already runs AVX-512 and the custom op's extra weight transposes
+    and dispatch made davit_tiny's training step 8-11% *slower* (2214 vs 2046 and 2082 vs 1855 ms, median of
+    10 and 6 interleaved rounds, Xeon with AMX, session 14). ``DAVIT_ONEDNN_TRAINING=1`` or ``0``
+    overrides."""
+    env = os.environ.get("DAVIT_ONEDNN_TRAINING", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        msg = f"DAVIT_ONEDNN_TRAINING={env!r} ignored: set it to 1 (oneDNN) or 0 (F.linear)"
+        warnings.warn(msg, stacklevel=2)
+    vendor = _cpu_vendor() if vendor is None else vendor
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return vendor == "AuthenticAMD" and capability.startswith("AVX512")
+
+
+# davit.layers.fused.set_onednn_training(False): the plain F.linear everywhere
+_ONEDNN_TRAINING = default_onednn_training()
+
+
+def onednn_training_enabled() -> bool:
+    return _ONEDNN_TRAINING
+
+
+def set_onednn_training(enable: bool) -> bool:
+    """Route training and compiled linears through oneDNN or keep ``F.linear`` (A/B timing, tests); the
+    default is :func:`default_onednn_training`. Returns the previous setting."""
     global _ONEDNN_TRAINING
-    _ONEDNN_TRAINING = bool(enable)
+    previous, _ONEDNN_TRAINING = _ONEDNN_TRAINING, bool(enable)
+    return previous
 
 
 def linear(x: Tensor, layer: nn.Linear, fast: bool = True) -> Tensor:
