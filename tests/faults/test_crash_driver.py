@@ -29,8 +29,13 @@ def test_quick_crash_trials(tmp_path):
     assert {r["mode"] for r in s["trials_detail"]} == {"kill_random", "kill_ckpt_data", "sigterm"}
     assert s["files_lost"] == 0 and s["max_abs_weight_diff"] == 0.0
     assert s["max_steps_lost"] <= s["checkpoint_interval"]
-    for r in s["trials_detail"]:  # a checkpoint had been completed before each interruption (seed 1): found
-        assert r["resumed_step"] == r["latest_valid"] > 0, r
+    for r in s["trials_detail"]:  # the resume starts from the newest valid checkpoint ...
+        assert r["resumed_step"] == r["latest_valid"], r
+        # ... which exists once the run had logged a step past the first checkpoint (written synchronously
+        # after its step). Not pinned to seed 1's draws: a retried trial (a kill that missed the run on a
+        # fast CPU) draws a new, CPU-speed-dependent stopping point.
+        if r["logged_step"] > s["checkpoint_interval"]:
+            assert r["latest_valid"] > 0, r
     mid = next(r for r in s["trials_detail"] if r["mode"] == "kill_ckpt_data")
     assert mid["hit"] and mid["rc"] == -9  # SIGKILLed while a checkpoint's data file was being written
     term = next(r for r in s["trials_detail"] if r["mode"] == "sigterm")
