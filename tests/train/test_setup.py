@@ -90,7 +90,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
         "--model-kwargs",
         "{depths: [1, 1, 1, 1], embed_dims: [16, 16, 16, 16], num_heads: [1, 1, 1, 1], window_size: 4}",
         "--train-samples",
-        "4096",
+        "65536",  # 4096 steps per epoch: a fast CPU must still be in epoch 0 when the signal lands
         "--val-samples",
         "32",
         "-j",
@@ -116,7 +116,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     t0 = time.time()
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert p.poll() is None and time.time() - t0 < 300, "training did not start"
-        time.sleep(0.5)
+        time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-2000:]
