@@ -51,7 +51,8 @@ def test_eval_tta_flip_scores_each_image_with_its_mirror(folder_run, tmp_path, c
     results = {}
     for name, extra in {"plain": [], "flip": ["--tta-flip"]}.items():
         f = tmp_path / f"{name}.json"
-        rc, out, err = _eval([str(run), "--results-file", str(f), *extra], capsys)
+        # --json: the alias `davit bench` and `davit predict` users reach for, same as --results-file
+        rc, out, err = _eval([str(run), "--json" if extra else "--results-file", str(f), *extra], capsys)
         assert rc == 0, out + err
         assert ("(flip TTA)" in out) == bool(extra)
         results[name] = json.loads(f.read_text())

@@ -53,7 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="test-time augmentation: score each image as the mean logits of it and its mirror image",
     )
     p.add_argument("--device", default="auto")
-    p.add_argument("--results-file", default=None, help="write the results as JSON here")
+    p.add_argument(
+        "--results-file", "--json", dest="results_file", default=None, help="write the results as JSON here"
+    )
     p.add_argument("--confusion-png", default=None, help="also draw the confusion matrix here")
     p.set_defaults(func=cmd_eval)
 
