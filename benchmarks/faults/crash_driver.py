@@ -203,6 +203,15 @@ def _logged_step(run: Path) -> int:
     return max((int(r.get("step", 0)) for r in recs if r.get("kind") == "train"), default=0)
 
 
+def _remaining_s(run: Path) -> float | None:
+    """The run's expected time to its last step, from the pace of the steps it logged (None: too few yet)."""
+    recs = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "train" and "time" in r]
+    if len(recs) < 2 or recs[-1]["step"] <= recs[0]["step"]:
+        return None
+    per_step = (recs[-1]["time"] - recs[0]["time"]) / (recs[-1]["step"] - recs[0]["step"])
+    return max(0.0, (TOTAL_STEPS - recs[-1]["step"]) * per_step)
+
+
 def _wait_step(p: subprocess.Popen, run: Path, k: int, timeout: float = 300) -> bool:
     t0 = time.time()
     while p.poll() is None and time.time() - t0 < timeout:
@@ -294,7 +303,10 @@ def _trial(exp: str, i: int, mode: str, out: Path, ref: Path, rng: random.Random
     rec: dict = {"trial": i, "mode": mode, "after_step": k}
     if _wait_step(p, run, k):
         if mode == "kill_random":
-            time.sleep(rng.uniform(0, 0.8))
+            # within the run's expected remaining time (at most 0.8 s): on a fast CPU the last steps take
+            # less than that, and a delay drawn from the whole 0.8 s would mostly land after the run ended
+            left = _remaining_s(run)
+            time.sleep(rng.uniform(0, 0.8 if left is None else min(0.8, 0.9 * left)))
             hit = p.poll() is None
         elif mode in ("kill_ckpt_data", "kill_ckpt_sidecar", "kill_between_renames"):
             what = {"kill_ckpt_data": "data_tmp", "kill_ckpt_sidecar": "sidecar_tmp"}.get(
