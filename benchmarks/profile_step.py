@@ -1,0 +1,153 @@
+"""Time and profile one training step of the CPU demos' models: where does an iteration go on this machine?
+
+    .venv/bin/python benchmarks/profile_step.py --task classify            # the Fashion-MNIST demo's step
+    .venv/bin/python benchmarks/profile_step.py --task segment --by-shape  # the UperNet demo's, per op shape
+    .venv/bin/python benchmarks/profile_step.py --task vs-timm             # davit_tiny ours vs timm, per op
+
+The step is the trainers' own: forward, loss, backward (and for ``classify`` gradient clipping), fused AdamW,
+on random inputs of the demos' sizes (batch 64 of 28 px grey images; batch 16 of 64 px RGB crops), with the
+models built from the demos' presets. It prints the median step time of ``--rounds`` rounds of ``--steps``
+steps after a warm-up, then torch.profiler's table of the ops by self CPU time (``--by-shape``: the top shapes
+of the heaviest ops). Data loading is not included: see the docs for its cost.
+
+``--task vs-timm`` profiles the forward and backward of ``--model`` (davit_tiny) at 224 px, batch 8, for ours
+and timm's model with the same weights, in interleaved rounds, and prints each op's median self time per step
+side by side: where one model spends time the other does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def classify_step(batch: int) -> Callable[[], None]:
+    from davit.train.config import resolve_config
+    from davit.train.setup import build_model
+
+    cfg = resolve_config("fashion-mnist", None, {"device": "cpu"})
+    model = build_model(cfg, cfg.num_classes, cfg.in_chans, verbose=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
+    x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+    y = torch.randint(0, cfg.num_classes, (batch,))
+
+    def step() -> None:
+        loss_fn(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def segment_step(batch: int) -> Callable[[], None]:
+    from davit.tasks.config import resolve_task_config
+    from davit.tasks.engine import build_model
+
+    cfg = resolve_task_config("segment", "scenes-upernet-demo")
+    model = build_model(cfg, backbone_weights=False).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    x = torch.randn(batch, 3, cfg.crop_size, cfg.crop_size)
+    y = torch.randint(0, cfg.num_classes, (batch, cfg.crop_size, cfg.crop_size))
+
+    def step() -> None:
+        model(x, y)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def compare_with_timm(model: str, batch: int, rounds: int, steps: int, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from davit import create_model
+    from davit.bench import load_timm_weights, timm_counterpart
+
+    ours = create_model(model).train()
+    peer = timm_counterpart(model, ours.num_classes).train()
+    load_timm_weights(ours, peer)
+    x = torch.randn(batch, 3, 224, 224)
+    per_op: dict[str, dict[str, list[float]]] = {"ours": {}, "timm": {}}
+    totals: dict[str, list[float]] = {"ours": [], "timm": []}
+    for r in range(rounds):
+        for name in ("ours", "timm") if r % 2 == 0 else ("timm", "ours"):
+            net = ours if name == "ours" else peer
+            net(x).sum().backward()  # warm
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    net(x).sum().backward()
+            events = prof.key_averages()
+            for e in events:
+                per_op[name].setdefault(e.key, []).append(e.self_cpu_time_total / 1000 / steps)
+            totals[name].append(sum(e.self_cpu_time_total for e in events) / 1000 / steps)
+            net.zero_grad(set_to_none=True)
+
+    def med(name: str, key: str) -> float:
+        v = per_op[name].get(key, [])
+        return statistics.median(v + [0.0] * (rounds - len(v))) if v else 0.0
+
+    print(f"{model} b{batch} 224 forward + backward, {rounds} interleaved rounds of {steps} steps; ms/step")
+    print("totals ours", [round(t) for t in totals["ours"]], "timm", [round(t) for t in totals["timm"]])
+    keys = sorted(
+        set(per_op["ours"]) | set(per_op["timm"]), key=lambda k: -max(med("ours", k), med("timm", k))
+    )
+    print(f"{'op':64s} {'ours':>8s} {'timm':>8s}")
+    for k in keys[:rows]:
+        print(f"{k[:64]:64s} {med('ours', k):8.1f} {med('timm', k):8.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=("classify", "segment", "vs-timm"), default="classify")
+    ap.add_argument("--model", default="davit_tiny", help="--task vs-timm: the variant")
+    ap.add_argument("-b", "--batch-size", type=int, help="default: the demo's (64 classify, 16 segment)")
+    ap.add_argument("--threads", type=int, default=0, help="0 = all cores (the demos' default)")
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed round and profiled")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--by-shape", action="store_true", help="the top input shapes of the heaviest ops")
+    ap.add_argument("--rows", type=int, default=30)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.task == "vs-timm":
+        compare_with_timm(args.model, args.batch_size or 8, args.rounds, args.steps, args.rows)
+        return
+    batch = args.batch_size or (64 if args.task == "classify" else 16)
+    step = (classify_step if args.task == "classify" else segment_step)(batch)
+    for _ in range(args.steps):
+        step()
+    times = []
+    for _ in range(args.rounds):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        times.append((time.perf_counter() - t) / args.steps * 1000)
+    print(
+        f"{args.task}, batch {batch}, {torch.get_num_threads()} threads: median "
+        f"{statistics.median(times):.1f} ms per step (rounds: {', '.join(f'{t:.1f}' for t in times)})"
+    )
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
+        for _ in range(args.steps):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.by_shape:
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:6]
+        rows = prof.key_averages(group_by_input_shape=True)
+        for op in ops:
+            mine = sorted((e for e in rows if e.key == op.key), key=lambda e: -e.self_cpu_time_total)[:5]
+            for e in mine:
+                per_step = e.self_cpu_time_total / 1000 / args.steps
+                print(f"{op.key:40s} {per_step:7.2f} ms/step  x{e.count // args.steps}  {e.input_shapes}")
+
+
+if __name__ == "__main__":
+    main()
