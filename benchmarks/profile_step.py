@@ -63,7 +63,7 @@ def segment_step(batch: int) -> Callable[[], None]:
     return step
 
 
-def compare_with_timm(model: str, batch: int, rounds: int, steps: int, rows: int) -> None:
+def compare_with_timm(model: str, batch: int, img_size: int, rounds: int, steps: int, rows: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from davit import create_model
@@ -72,7 +72,7 @@ def compare_with_timm(model: str, batch: int, rounds: int, steps: int, rows: int
     ours = create_model(model).train()
     peer = timm_counterpart(model, ours.num_classes).train()
     load_timm_weights(ours, peer)
-    x = torch.randn(batch, 3, 224, 224)
+    x = torch.randn(batch, 3, img_size, img_size)
     per_op: dict[str, dict[str, list[float]]] = {"ours": {}, "timm": {}}
     totals: dict[str, list[float]] = {"ours": [], "timm": []}
     for r in range(rounds):
@@ -92,7 +92,10 @@ def compare_with_timm(model: str, batch: int, rounds: int, steps: int, rows: int
         v = per_op[name].get(key, [])
         return statistics.median(v + [0.0] * (rounds - len(v))) if v else 0.0
 
-    print(f"{model} b{batch} 224 forward + backward, {rounds} interleaved rounds of {steps} steps; ms/step")
+    print(
+        f"{model} b{batch} {img_size} px forward + backward, {rounds} interleaved rounds of {steps} steps; "
+        "ms per step"
+    )
     print("totals ours", [round(t) for t in totals["ours"]], "timm", [round(t) for t in totals["timm"]])
     keys = sorted(
         set(per_op["ours"]) | set(per_op["timm"]), key=lambda k: -max(med("ours", k), med("timm", k))
@@ -106,6 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=("classify", "segment", "vs-timm"), default="classify")
     ap.add_argument("--model", default="davit_tiny", help="--task vs-timm: the variant")
+    ap.add_argument("--img-size", type=int, default=224, help="--task vs-timm: the input size")
     ap.add_argument("-b", "--batch-size", type=int, help="default: the demo's (64 classify, 16 segment)")
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores (the demos' default)")
     ap.add_argument("--steps", type=int, default=10, help="steps per timed round and profiled")
@@ -117,7 +121,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.task == "vs-timm":
-        compare_with_timm(args.model, args.batch_size or 8, args.rounds, args.steps, args.rows)
+        compare_with_timm(args.model, args.batch_size or 8, args.img_size, args.rounds, args.steps, args.rows)
         return
     batch = args.batch_size or (64 if args.task == "classify" else 16)
     step = (classify_step if args.task == "classify" else segment_step)(batch)
