@@ -4,11 +4,11 @@
     .venv/bin/python benchmarks/profile_step.py --task segment --by-shape  # the UperNet demo's, per op shape
     .venv/bin/python benchmarks/profile_step.py --task vs-timm             # davit_tiny ours vs timm, per op
 
-The step is the trainers' own: forward, loss, backward (and for ``classify`` gradient clipping), fused AdamW,
-on random inputs of the demos' sizes (batch 64 of 28 px grey images; batch 16 of 64 px RGB crops), with the
-models built from the demos' presets. It prints the median step time of ``--rounds`` rounds of ``--steps``
-steps after a warm-up, then torch.profiler's table of the ops by self CPU time (``--by-shape``: the top shapes
-of the heaviest ops). Data loading is not included: see the docs for its cost.
+The step is the trainers' sequence: forward, loss, backward (for ``classify`` the gradient clipping too), a
+fused AdamW step, on random inputs of the demos' sizes (batch 64 of 28 px grey images; batch 16 of 64 px RGB
+crops), with the models built from the demos' presets. It prints the median step time of ``--rounds`` rounds
+of ``--steps`` steps after a warm-up, then torch.profiler's table of the ops by self CPU time (``--by-shape``:
+the top shapes of the heaviest ops). Data loading is not included: see the docs for its cost.
 
 ``--task vs-timm`` profiles the forward and backward of ``--model`` (davit_tiny) at 224 px, batch 8, for ours
 and timm's model with the same weights, in interleaved rounds, and prints each op's median self time per step
@@ -81,12 +81,13 @@ def compare_with_timm(model: str, batch: int, img_size: int, rounds: int, steps:
             net(x).sum().backward()  # warm
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
+                    # as in training: each step's backward writes fresh gradients, it does not add to them
+                    net.zero_grad(set_to_none=True)
                     net(x).sum().backward()
             events = prof.key_averages()
             for e in events:
                 per_op[name].setdefault(e.key, []).append(e.self_cpu_time_total / 1000 / steps)
             totals[name].append(sum(e.self_cpu_time_total for e in events) / 1000 / steps)
-            net.zero_grad(set_to_none=True)
 
     def med(name: str, key: str) -> float:
         v = per_op[name].get(key, [])
