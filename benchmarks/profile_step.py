@@ -27,11 +27,12 @@ import torch
 
 def classify_step(batch: int) -> Callable[[], None]:
     from davit.train.config import resolve_config
+    from davit.train.optim import build_optimizer
     from davit.train.setup import build_model
 
     cfg = resolve_config("fashion-mnist", None, {"device": "cpu"})
     model = build_model(cfg, cfg.num_classes, cfg.in_chans, verbose=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    opt = build_optimizer(model, cfg.opt, cfg.lr, cfg.weight_decay, cfg.opt_eps, tuple(cfg.opt_betas))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.smoothing)
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
     y = torch.randint(0, cfg.num_classes, (batch,))
@@ -47,11 +48,14 @@ def classify_step(batch: int) -> Callable[[], None]:
 
 def segment_step(batch: int) -> Callable[[], None]:
     from davit.tasks.config import resolve_task_config
+    from davit.tasks.detection import detector_param_groups
     from davit.tasks.engine import build_model
+    from davit.train.optim import fused_kwargs
 
     cfg = resolve_task_config("segment", "scenes-upernet-demo")
     model = build_model(cfg, backbone_weights=False).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    groups = detector_param_groups(model, cfg.weight_decay, cfg.decay_1d_params)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **fused_kwargs(model.parameters()))
     x = torch.randn(batch, 3, cfg.crop_size, cfg.crop_size)
     y = torch.randint(0, cfg.num_classes, (batch, cfg.crop_size, cfg.crop_size))
 
