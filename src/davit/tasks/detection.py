@@ -75,9 +75,8 @@ def maskrcnn(
         backbone: DaViT variant (``davit.list_models()``).
         num_classes: including background: for COCO-style category ids use ``max(category id) + 1``.
         backbone_weights: a classification checkpoint (official, timm, ours; head keys ignored, output norms
-            keep
-            their init) or an mmdet/mmseg checkpoint (its ``backbone.*`` keys, ``backbone.norm{i}`` -> output
-            norms), as a path or a state dict.
+            keep their init) or an mmdet/mmseg checkpoint (its ``backbone.*`` keys, ``backbone.norm{i}`` ->
+            output norms), as a path or a state dict.
         drop_path_rate: stochastic depth of the backbone (recipe: 0.1 for 1x, 0.2 for 3x with DaViT-T).
         min_size / max_size: the model's internal resize. A sequence of short sides is drawn from at random in
             training (multi-scale training) and its last entry is used in evaluation.

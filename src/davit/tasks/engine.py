@@ -1,5 +1,5 @@
-"""Training and evaluation loop of the dense tasks, read top to bottom: build, resume, iterate, evaluate,
-report.
+"""Training and evaluation loop of the dense tasks, read top to bottom: build, resume, iterate,
+evaluate, report.
 
 Reuses the classification trainer's pieces: atomic checksummed checkpoints and resume
 (:mod:`davit.train.checkpoint`), progress bar and ``metrics.jsonl`` (:mod:`davit.train.logging`) and torchrun
@@ -301,8 +301,7 @@ def train(
 
     def progress(it: int) -> float:
         # iterations done; with a time limit, the elapsed share of it when larger, so that a run cut short by
-        # a
-        # slow or busy machine still goes through its whole schedule (the CPU demos' fixed time budget)
+        # a slow or busy machine still goes through its whole schedule (the CPU demos' fixed time budget)
         p = it / total
         if cfg.time_limit_min:
             p = max(p, (time.time() - t_start) / (60 * cfg.time_limit_min))

@@ -2,8 +2,7 @@
 
 Layout: an image folder and a label folder whose files share stems (``images/training/x.jpg`` ->
 ``annotations/training/x.png``). Label value 255 is ignored; ``reduce_zero_label`` maps 0 ("other" in ADE20K)
-to
-255 and shifts the rest down by one, as mmseg does for ADE20K's 150 classes.
+to 255 and shifts the rest down by one, as mmseg does for ADE20K's 150 classes.
 
 Training transform of the recipe (torchvision v2): random rescale keeping the aspect ratio so that the
 image fits the (2048, 512) scale times a ratio drawn from [0.5, 2.0] (long side within 2048 x ratio, short
