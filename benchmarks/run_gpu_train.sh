@@ -6,14 +6,23 @@
 #
 #   benchmarks/run_gpu_train.sh [OUT_DIR]                    on a CUDA machine (~15 min)
 #   DEVICE=cpu QUICK=1 benchmarks/run_gpu_train.sh /tmp/gt   smoke test of the same commands on a CPU (tiny sizes)
-# env: RUNS (regex of run names, default all), DAVIT (default .venv/bin/davit), PY (default .venv/bin/python)
+# env: RUNS (regex of run names, default all), DAVIT (default .venv/bin/davit; a command, e.g. "python3 -m
+# davit"), PY (default .venv/bin/python), FMNIST (folder of the Fashion-MNIST IDX files, default the Debian
+# package's), RUN_TIMEOUT and DEADLINE (benchmarks/run_lib.sh), and the lengths CLS_STEPS (300), SCENES (2000
+# training scenes), DET_EPOCHS (2), SEG_ITERS (300); benchmarks/device_run.sh sets them for one device call
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu-train-$(date -u +%Y%m%d-%H%M)}
-DAVIT=${DAVIT:-.venv/bin/davit}
-PY=${PY:-.venv/bin/python}
+read -ra DAVIT <<< "${DAVIT:-.venv/bin/davit}"
+read -ra PY <<< "${PY:-.venv/bin/python}"
+DATA=()
+[[ -n "${FMNIST:-}" ]] && DATA=(--data-dir "$FMNIST")
+FM_ROOT=()
+[[ -n "${FMNIST:-}" ]] && FM_ROOT=(--fmnist-root "$FMNIST")
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
+# shellcheck source=benchmarks/run_lib.sh
+source benchmarks/run_lib.sh
 if [[ -n "${QUICK:-}" ]]; then
     CLS=(--img-size 64 -b 4 --max-steps 4 --train-samples 64 --val-samples 16 -j 0 --log-interval 1)
     SCENES=(--num-train 8 --num-val 2 --size 64)
@@ -22,17 +31,17 @@ if [[ -n "${QUICK:-}" ]]; then
          test_mode=whole threads=2)
 else
     # 300 steps of 128: the compiled run's first step includes compilation (reported separately)
-    CLS=(--img-size 224 -b 128 --max-steps 300 -j 8 --log-interval 10)
-    SCENES=(--num-train 2000 --num-val 100 --size 256)
-    DET=(batch_size=16 epochs=2 workers=8 log_interval=10)   # 2 img/GPU x 8 in the recipe; here one GPU holds 16
-    SEG=(batch_size=16 iters=300 workers=8 log_interval=10)
+    CLS=(--img-size 224 -b 128 --max-steps "${CLS_STEPS:-300}" -j 8 --log-interval 10)
+    SCENES=(--num-train "${SCENES:-2000}" --num-val 100 --size 256)
+    # 2 img/GPU x 8 in the recipe; here one GPU holds 16
+    DET=(batch_size=16 epochs="${DET_EPOCHS:-2}" workers=8 log_interval=10)
+    SEG=(batch_size=16 iters="${SEG_ITERS:-300}" workers=8 log_interval=10)
 fi
 
 run() {
     local name=$1; shift
     [[ $name =~ ${RUNS:-.} ]] || return 0  # RUNS=regex selects runs, e.g. RUNS='cls'
-    echo "== $name: $*" >&2
-    "$@" 2>&1 | tee "$OUT/$name.log"
+    run_limited "$name" "$OUT/$name.log" "$@"
 }
 
 { nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; lscpu | grep 'Model name'; uptime; } > "$OUT/machine.txt"
@@ -41,18 +50,18 @@ run() {
 for flavour in eager compiled; do
     extra=()
     [[ $flavour == compiled ]] && extra=(--torchcompile)
-    run "cls_$flavour" "$DAVIT" train --preset imagenet --model davit_tiny --dataset fashion-mnist --num-classes 10 \
+    run "cls_$flavour" "${DAVIT[@]}" train --preset imagenet --model davit_tiny --dataset fashion-mnist --num-classes 10 \
         --in-chans 3 --amp --amp-dtype bfloat16 --device "$DEVICE" --progress plain --no-tensorboard \
-        --output "$OUT" --experiment "cls_$flavour" "${CLS[@]}" "${extra[@]}"
+        --output "$OUT" --experiment "cls_$flavour" "${DATA[@]}" "${CLS[@]}" "${extra[@]}"
 done
 
 # issue 5: the COCO Mask R-CNN 1x and ADE20K UperNet presets with davit_tiny on the scenes, bf16 autocast
-[[ -f "$OUT/scenes/meta.json" ]] || "$DAVIT" data scenes --out "$OUT/scenes" "${SCENES[@]}"
-run det "$DAVIT" detect train --preset coco-maskrcnn-1x --data "$OUT/scenes" --out "$OUT/det" --no-resume \
+[[ -f "$OUT/scenes/meta.json" ]] || "${DAVIT[@]}" data scenes --out "$OUT/scenes" "${SCENES[@]}" "${FM_ROOT[@]}"
+run det "${DAVIT[@]}" detect train --preset coco-maskrcnn-1x --data "$OUT/scenes" --out "$OUT/det" --no-resume \
     --progress plain --set num_classes=11 amp=true device="$DEVICE" "${DET[@]}"
-run seg "$DAVIT" segment train --preset ade20k-upernet-160k --data "$OUT/scenes" --out "$OUT/seg" --no-resume \
+run seg "${DAVIT[@]}" segment train --preset ade20k-upernet-160k --data "$OUT/scenes" --out "$OUT/seg" --no-resume \
     --progress plain --set num_classes=11 reduce_zero_label=false amp=true device="$DEVICE" "${SEG[@]}"
 
-"$PY" benchmarks/train_report.py "$OUT" > "$OUT/table.md"
+"${PY[@]}" benchmarks/train_report.py "$OUT" > "$OUT/table.md"
 cat "$OUT/table.md"
 echo "wrote $OUT/table.md" >&2

@@ -1,10 +1,11 @@
-"""The profiling script of benchmarks/ runs end to end at tiny sizes (its timings are never asserted)."""
+"""The scripts of benchmarks/ run end to end at tiny sizes (their timings are never asserted)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,40 @@ def test_profile_step_vs_timm_lists_both_models_per_op():
     # both models run their linears as matrix products: a positive time in each column
     gemm = rows.get("aten::mm") or rows.get("aten::addmm")
     assert gemm is not None and all(float(v) > 0 for v in gemm), out
+
+
+RUN_LIB = SCRIPT.parent / "run_lib.sh"
+
+
+def _run_limited(tmp_path: Path, env: dict[str, str], *command: str) -> subprocess.CompletedProcess:
+    """benchmarks/run_lib.sh's run_limited on one command, as the GPU scripts call it."""
+    log = tmp_path / "probe.log"
+    script = f'set -euo pipefail; source "{RUN_LIB}"; run_limited probe "{log}" "$@"; echo after'
+    return subprocess.run(
+        ["bash", "-c", script, "bash", *command],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", **env},
+    )
+
+
+def test_run_limited_logs_a_command_and_goes_on(tmp_path):
+    r = _run_limited(tmp_path, {}, "echo", "hello")
+    assert r.returncode == 0 and r.stdout.splitlines() == ["hello", "after"], (r.stdout, r.stderr)
+    assert (tmp_path / "probe.log").read_text() == "hello\n"
+
+
+def test_run_limited_stops_a_run_past_its_timeout_and_the_script_goes_on(tmp_path):
+    t = time.monotonic()
+    r = _run_limited(tmp_path, {"RUN_TIMEOUT": "1"}, "sleep", "20")
+    assert time.monotonic() - t < 15
+    # under `set -e` a stopped run would end the caller; one device call must reach the next run and the table
+    assert r.returncode == 0 and r.stdout.strip() == "after", (r.stdout, r.stderr)
+    assert "== probe: exit status 124" in r.stderr
+
+
+def test_run_limited_skips_a_run_when_the_deadline_is_near(tmp_path):
+    r = _run_limited(tmp_path, {"DEADLINE": str(int(time.time()) + 10)}, "echo", "never")
+    assert r.returncode == 0 and r.stdout.strip() == "after", (r.stdout, r.stderr)
+    assert "== probe: skipped" in r.stderr and not (tmp_path / "probe.log").exists()
+    # with time left, the deadline bounds the run like a timeout
+    r = _run_limited(tmp_path, {"DEADLINE": str(int(time.time()) + 40)}, "echo", "ran")
+    assert r.stdout.splitlines() == ["ran", "after"] and re.search(r"at most (39|40) s", r.stderr), r.stderr

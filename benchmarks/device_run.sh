@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 3-5 sized for a lent device machine (one H100/H200; 15 minutes of device time per
+# session, start-up included, at most 10 minutes per call, and the machine goes back after 30 s idle): two
+# calls, back to back, each under 10 minutes. Prepare here first (wheels and data the machine lacks):
+#
+#   benchmarks/device_prepare.sh
+#   device run: command "bash benchmarks/device_run.sh bench", carry [".whl", ".devdata"], timeout_s 590
+#   device run: command "bash benchmarks/device_run.sh train", carry [".whl", ".devdata"], timeout_s 590
+#
+# bench: issue 4's GPU rows (benchmarks/run_gpu.sh runs 01, 02, 04: davit_tiny bf16, inference at batch 256
+#        eager and compiled, training at batch 128 compiled, each against timm with identical weights; the MFU
+#        column is the training target).
+# train: issues 3 and 5's short real runs (benchmarks/run_gpu_train.sh, shortened): davit_tiny with the imagenet
+#        preset at 224 px in bf16, eager and compiled; Mask R-CNN (coco-maskrcnn-1x) and UperNet
+#        (ade20k-upernet-160k) on 256 px scenes at the recipes' resolutions; img/s and peak memory.
+# Results go to $OUT (the device tool's return folder), else benchmarks/results/device; each part prints its
+# table last; every run ends by LIMIT seconds (default 560) after the start, the last ones shortened or
+# skipped if the first took long. On a CPU, a smoke test of the same paths:
+#   DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python benchmarks/device_run.sh bench /tmp/dev
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PART=${1:?usage: device_run.sh bench|train [OUT_DIR]}
+DEST=${2:-${OUT:-benchmarks/results/device}}
+PYTHON=${PYTHON:-python3}  # the device image's Python, which holds its torch
+LIMIT=${LIMIT:-560}  # seconds this part may take: under the call's timeout_s (590), which would lose the tables
+export DEADLINE=$(($(date +%s) + LIMIT))
+mkdir -p "$DEST"
+# the carried wheels, unless what they provide imports already (e.g. on this machine, for a smoke test)
+if ! "$PYTHON" -c "import pycocotools, webdataset" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}  # this checkout's davit, not an installed one
+export DAVIT="$PYTHON -m davit" PY="$PYTHON" DEVICE=${DEVICE:-cuda}
+if [[ -d .devdata/fashion-mnist ]]; then export FMNIST=.devdata/fashion-mnist; fi
+
+# what the machine is, and that davit imports and runs there, before spending minutes on it
+"$PYTHON" - "$DEVICE" <<'EOF' 2>&1 | tee "$DEST/env_$PART.txt"
+import sys, time, torch, torchvision
+import davit
+dev = sys.argv[1]
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, davit from {davit.__file__}")
+if dev == "cuda":
+    print(torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+m = davit.create_model("davit_tiny").to(dev).eval()
+with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
+    t = time.perf_counter()
+    y = m(torch.randn(2, 3, 224, 224, device=dev))
+print(f"davit_tiny bf16 forward: {tuple(y.shape)} in {time.perf_counter() - t:.2f} s (first call)")
+EOF
+
+case $PART in
+    bench)
+        # the four davit_tiny rows; a compiled row compiles both models first (inductor)
+        RUNS=${RUNS:-'^0[124]_'} RUN_TIMEOUT=${RUN_TIMEOUT:-240} benchmarks/run_gpu.sh "$DEST/bench"
+        ;;
+    train)
+        CLS_STEPS=${CLS_STEPS:-150} SCENES=${SCENES:-600} DET_EPOCHS=${DET_EPOCHS:-1} SEG_ITERS=${SEG_ITERS:-200} \
+            RUN_TIMEOUT=${RUN_TIMEOUT:-150} benchmarks/run_gpu_train.sh "$DEST/train"
+        ;;
+    *)
+        echo "unknown part '$PART': use bench or train" >&2
+        exit 2
+        ;;
+esac
