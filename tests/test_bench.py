@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from davit import create_model
-from davit.bench import load_timm_weights, matmul_peak_tflops, run_bench, step_memory, timm_counterpart
+from davit.bench import (
+    cmd_bench,
+    load_timm_weights,
+    matmul_peak_tflops,
+    run_bench,
+    step_memory,
+    timm_counterpart,
+)
 from davit.cli import build_parser, main
 
 CPU = torch.device("cpu")
@@ -105,3 +112,9 @@ def test_onnxruntime_backend_needs_fp32_inference():
     args = build_parser().parse_args(argv)
     with pytest.raises(ValueError, match="fp32 inference only"):
         run_bench(args)
+
+
+@pytest.mark.parametrize("flag", ["-b", "--img-size", "--iters"])
+def test_a_zero_size_is_refused_not_read_as_the_default(flag):
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+        cmd_bench(build_parser().parse_args(f"bench --model davit_atto {flag} 0 {QUICK}".split()))

@@ -510,6 +510,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1 or args.warmup < 1:
         raise ValueError("--repeats and --warmup must be >= 1 (the first call compiles/initialises)")
+    sizes = {"--batch-size": args.batch_size, "--img-size": args.img_size, "--iters": args.iters}
+    for flag, v in sizes.items():
+        if v is not None and v < 1:  # 0 would otherwise read as "not given" and run the default
+            raise ValueError(f"{flag} must be >= 1, got {v} (leave it out for the default)")
     if hasattr(sys.stdout, "reconfigure"):  # progress shows up line by line under tee/grep during long runs
         sys.stdout.reconfigure(line_buffering=True)
     report = run_bench(args)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -41,6 +42,25 @@ def test_config_errors_are_clear():
         resolve_task_config("detect", "ade20k-upernet-160k")
     with pytest.raises(ValueError, match="unknown preset"):
         resolve_task_config("detect", "coco-1x")
+
+
+@pytest.mark.parametrize(
+    "task, preset, over, message",
+    [
+        ("segment", "scenes-upernet-demo", {"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ("detect", "scenes-maskrcnn-demo", {"epochs": -1}, "epochs must be > 0, got -1.0"),
+        ("detect", "scenes-maskrcnn-demo", {"lr": 0}, "lr must be > 0, got 0.0"),
+        ("segment", "scenes-upernet-demo", {"time_limit_min": 0}, "time_limit_min must be > 0"),
+        ("segment", "scenes-upernet-demo", {"test_scales": []}, "test_scales must be a non-empty list"),
+        ("segment", "scenes-upernet-demo", {"ratio_range": [2, 1]}, "low <= high"),
+        ("detect", "scenes-maskrcnn-demo", {"min_sizes": [96, -1]}, "min_sizes must be a non-empty list"),
+    ],
+)
+def test_values_no_run_can_use_are_refused_by_name(task, preset, over, message):
+    # before, a demo with epochs=-1 trained nothing, evaluated and wrote over its run folder
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_task_config(task, preset, overrides=over)
+    resolve_task_config(task, preset, overrides={"warmup_iters": 0, "workers": 0, "eval_interval": 0})
 
 
 def test_set_values_are_typed_like_the_config():

@@ -118,3 +118,12 @@ def test_results_file_is_json_with_null_for_classes_without_images(folder_run, t
 
     ev = json.loads(f.read_text(), parse_constant=refuse)
     assert ev["per_class_acc"][1:] == [None, None] and isinstance(ev["per_class_acc"][0], float)
+
+
+@pytest.mark.parametrize("cmd", [["eval"], ["predict", "--checkpoint"]])
+def test_a_missing_checkpoint_is_named_as_missing(cmd, tmp_path, capsys):
+    # not "does not say which model it holds", which sent users looking for a --model flag
+    gone = tmp_path / "no-such-run"
+    rc = main([*cmd, str(gone), *(["x.png"] if cmd[0] == "predict" else [])])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{gone} not found" in err and "which model" not in err, err

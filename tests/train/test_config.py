@@ -1,4 +1,5 @@
 import argparse
+import re
 
 import pytest
 import yaml
@@ -132,6 +133,25 @@ def test_wrong_types_are_clear_errors(tmp_path, text, match):
     f.write_text(text)
     with pytest.raises(ValueError, match=match):
         resolve_config(None, str(f))
+
+
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"epochs": 0}, "--epochs must be > 0, got 0"),
+        ({"time_budget": 0}, "--time-budget must be > 0, got 0.0; leave it out for the default"),
+        ({"warmup_epochs": -1}, "--warmup-epochs must be >= 0, got -1"),
+        ({"lr": 0}, "--lr must be > 0, got 0"),
+        ({"max_steps": 0}, "--max-steps must be >= 1, got 0"),
+        ({"model_ema_decay": 1.0}, "--model-ema-decay must be between 0 and 1"),
+    ],
+)
+def test_values_no_run_can_use_are_refused_by_flag(over, message):
+    # each used to pass: --epochs 0 wrote an empty report, --time-budget 0 ran without a budget
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_config("fashion-mnist", None, over)
+    # the edges that mean something stay allowed: no warmup, no clipping, no workers
+    resolve_config("fashion-mnist", None, {"warmup_epochs": 0, "clip_grad": 0, "workers": 0})
 
 
 def test_exponent_without_dot_is_a_number(tmp_path):

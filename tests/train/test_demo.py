@@ -27,3 +27,11 @@ def test_flip_eval_matches_davit_eval_tta_flip(tiny_cfg, tmp_path, capsys):
     assert flip["loss"] == pytest.approx(ev["loss"], rel=1e-5)
     report = (run / "report.md").read_text()
     assert f"top-1 {flip['top1']:.2f}%, top-5 {flip['top5']:.2f}% on 10000 images" in report
+
+
+def test_a_budget_too_short_to_train_is_refused(tmp_path):
+    # after start-up and the ~20 s kept for the final evaluation, 12 s leave nothing: a negative time budget
+    # used to surface as an error about --time-budget, a flag the demo's user never gave
+    with pytest.raises(ValueError, match=r"--minutes 0.2 leaves -?\d+ s to train"):
+        demo.run_demo(str(tmp_path / "out"), data_dir=str(tmp_path), minutes=0.2)
+    assert not (tmp_path / "out").exists()

@@ -280,4 +280,31 @@ def resolve_task_config(
         raise ValueError("segmentation needs `iters` (e.g. --preset ade20k-upernet-160k or --set iters=1000)")
     if cfg.schedule not in ("step", "poly"):
         raise ValueError(f"schedule must be 'step' or 'poly', got {cfg.schedule!r}")
+    check_ranges(cfg)
     return cfg
+
+
+# (option, smallest allowed value, whether that value itself is allowed): a zero or negative count would
+# otherwise run a demo that trains nothing and then overwrites its run folder with an empty evaluation
+_RANGES = [
+    ("batch_size", 1, True), ("eval_batch_size", 1, True), ("epochs", 0, False), ("iters", 1, True),
+    ("lr", 0, False), ("warmup_iters", 0, True), ("crop_size", 1, True), ("test_crop", 1, True),
+    ("test_stride", 1, True), ("max_size", 1, True), ("channels", 1, True), ("aux_channels", 1, True),
+    ("aux_weight", 0, True), ("log_interval", 1, True), ("keep_checkpoints", 1, True), ("workers", 0, True),
+    ("eval_interval", 0, True), ("time_limit_min", 0, False),
+]
+
+
+def check_ranges(cfg: TaskConfig) -> None:
+    """Refuse values no run can use, naming the option and what it accepts."""
+    for name, low, inclusive in _RANGES:
+        v = getattr(cfg, name)
+        if v is not None and (v < low if inclusive else v <= low):
+            need = f">= {low}" if inclusive else f"> {low}"
+            raise ValueError(f"{name} must be {need}, got {v}")
+    for name in ("min_sizes", "test_scales", "scale", "ratio_range"):
+        v = getattr(cfg, name)
+        if not v or any(not isinstance(x, (int, float)) or x <= 0 for x in v):
+            raise ValueError(f"{name} must be a non-empty list of positive numbers, got {v!r}")
+    if cfg.ratio_range[0] > cfg.ratio_range[-1]:
+        raise ValueError(f"ratio_range must be [low, high] with low <= high, got {cfg.ratio_range}")

@@ -122,6 +122,11 @@ def _newest_run(folder: Path, weights: str) -> Path | None:
 
 def _weights_path(path: str, use_ema: bool) -> str:
     p = Path(path)
+    if not p.exists():  # said first: otherwise the metadata reader's "does not say which model" would
+        raise FileNotFoundError(
+            f"{p} not found: pass a weights file (.safetensors, .pth), a training checkpoint or a run folder "
+            "of davit train"
+        )
     if p.is_dir():
         name = "model_ema.safetensors" if use_ema else "model.safetensors"
         if (p / name).is_file():

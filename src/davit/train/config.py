@@ -370,7 +370,38 @@ def resolve_config(
         cfg = apply_overrides(cfg, _absolute_lr(load_config_file(config_file)), str(config_file))
     if overrides:
         cfg = apply_overrides(cfg, _absolute_lr(overrides), "command line")
+    check_ranges(cfg)
     return cfg
+
+
+# (key, smallest allowed value, whether that value itself is allowed); None (not given) always passes.
+# Zero and negative values used to pass silently: `--epochs 0` wrote an empty report, `--time-budget 0` and
+# `--warmup-epochs -1` ran as if left out
+_RANGES = [
+    ("epochs", 0, False), ("batch_size", 1, True), ("validation_batch_size", 1, True),
+    ("grad_accum_steps", 1, True), ("lr", 0, False), ("warmup_epochs", 0, True), ("cooldown_epochs", 0, True),
+    ("warmup_lr", 0, True), ("min_lr", 0, True), ("weight_decay", 0, True), ("drop_path", 0, True),
+    ("drop", 0, True), ("clip_grad", 0, True), ("time_budget", 0, False), ("max_epoch_steps", 1, True),
+    ("max_steps", 1, True), ("workers", 0, True), ("img_size", 1, True), ("keep_last", 1, True),
+    ("log_interval", 1, True), ("print_interval", 1, True), ("checkpoint_every_steps", 1, True),
+    ("threads", 0, True), ("opt_eps", 0, False),
+]
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Refuse values no run can use, naming the flag (also the config key, with underscores)."""
+    for key, low, inclusive in _RANGES:
+        v = getattr(cfg, key)
+        if v is not None and (v < low if inclusive else v <= low):
+            flag = "--" + key.replace("_", "-")
+            need = f">= {low}" if inclusive else f"> {low}"
+            optional = TrainConfig.__dataclass_fields__[key].default is None
+            hint = "; leave it out for the default" if optional else ""
+            raise ValueError(f"{flag} must be {need}, got {v}{hint}")
+    if not 0 < cfg.model_ema_decay < 1:
+        raise ValueError(
+            f"--model-ema-decay must be between 0 and 1 (e.g. 0.9998), got {cfg.model_ema_decay}"
+        )
 
 
 def _absolute_lr(d: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,11 @@ def run_demo(
         # here) is taken off, and ~20 s are kept for what runs after training: the flip evaluation (two passes
         # over the 10k test images, 6-12 s) and the attention sheets
         over["time_budget"] = minutes * 60 - _process_age() - 20
+        if over["time_budget"] < 10:
+            raise ValueError(
+                f"--minutes {minutes:g} leaves {over['time_budget']:.0f} s to train once start-up "
+                f"({_process_age():.0f} s) and the final evaluation (~20 s) are taken off: give at least 1"
+            )
     cfg = resolve_config("fashion-mnist", None, over)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data.loader import format_bad
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_aside_files, set_rng_state
-from .config import TrainConfig, finalize, save_config
+from .config import TrainConfig, check_ranges, finalize, save_config
 from .distributed import (
     all_gather_objects,
     all_reduce_mean,
@@ -156,15 +156,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
         raise ValueError("--fsdp shards over several processes: launch with torchrun --nproc-per-node=N")
     if cfg.fsdp and cfg.model_ema:
         raise ValueError("--model-ema is not supported with --fsdp (the EMA copy would not be sharded)")
-    if cfg.grad_accum_steps < 1:
-        raise ValueError(f"--grad-accum-steps must be >= 1, got {cfg.grad_accum_steps}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.validation_batch_size is not None and cfg.validation_batch_size < 1:
-        raise ValueError(
-            f"--validation-batch-size must be >= 1, got {cfg.validation_batch_size}; leave it out to "
-            "evaluate with --batch-size"
-        )
+    check_ranges(cfg)  # again: a TrainConfig built in code skips resolve_config
     t_start = time.time()
     check_batch_aug(cfg)
     if cfg.threads:
