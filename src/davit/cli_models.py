@@ -48,6 +48,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     info = model_info(args.model)
+    if args.img_size is not None and args.img_size < 1:  # 0 would read as "not given" below
+        raise ValueError(f"--img-size must be >= 1, got {args.img_size} (leave it out for the variant's)")
     img = args.img_size or info["input_size"][1]
     with torch.device("meta"):  # the giant variant has 1.4B parameters: never allocate them for counting
         model = create_model(args.model, num_classes=args.num_classes)

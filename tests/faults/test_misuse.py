@@ -72,3 +72,11 @@ def test_batch_aug_conflict_names_the_fix_and_leaves_no_run_folder(tmp_path, tin
     rc, out = run_cli(tiny_train("--preset", "fashion-mnist", "--aa", "rand-m9-mstd0.5-inc1"), capsys)
     assert rc == 2 and "--no-batch-aug" in out and "--aa rand-m9-mstd0.5-inc1" in out, out
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_zero_image_size_is_refused_not_read_as_the_default(capsys):
+    rc, out = run_cli(["info", "davit_tiny", "--img-size", "0"], capsys)
+    assert rc == 2 and "--img-size must be >= 1, got 0" in out, out
+    # -5 failed inside torch (negative dimension)
+    rc, out = run_cli(["info", "davit_tiny", "--img-size", "-5"], capsys)
+    assert rc == 2 and "--img-size must be >= 1, got -5" in out, out
