@@ -57,3 +57,11 @@ def test_bench_onnxruntime_backend(tmp_path):
     assert main(f"{args} --warmup 1 --threads 1 --peak-n 128 --json {out}".split()) == 0
     (res,) = json.loads(out.read_text())["results"]
     assert res["flavour"] == "onnxruntime" and res["img_per_s"] > 0 and res["peak_mem_mb"] is None
+
+
+def test_a_zero_image_size_is_refused_not_read_as_the_default(tmp_path):
+    from davit.cli import main
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", "davit_atto", "--img-size", "0", "--out", str(out)]) == 2
+    assert not out.exists()

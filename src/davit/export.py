@@ -120,6 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.img_size is not None and args.img_size < 1:  # 0 would read as "not given" below
+        raise ValueError(f"--img-size must be >= 1, got {args.img_size} (leave it out for the variant's)")
     img = args.img_size or model_info(args.model)["input_size"][1]
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -80,3 +81,18 @@ def test_scenes_cli_refuses_a_folder_with_other_scenes(tmp_path, capsys):
     assert main([*args, "--num-val", "2"]) == 0
     assert main([*args, "--num-val", "1"]) == 2  # a clear error, no traceback
     assert "choose an empty folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"size": 16}, "canvas size must be >= 32 pixels, got 16"),
+        ({"items": (3, 1)}, "items must be (min, max) with 1 <= min <= max"),
+        ({"item_frac": (0.5, 2.0)}, "item_frac must be (min, max) canvas fractions"),
+        ({"num_train": -3}, "scene counts must be >= 0, got num_train=-3"),  # printed "wrote -3 train" before
+    ],
+)
+def test_impossible_scene_arguments_are_refused_before_writing(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_scenes(tmp_path / "out", **{"num_train": 1, "num_val": 1, "size": 32, **kw})
+    assert not (tmp_path / "out").exists()

@@ -171,6 +171,8 @@ def build_scenes(
         raise ValueError(f"items must be (min, max) with 1 <= min <= max, got {items}")
     if not (0 < item_frac[0] <= item_frac[1] <= 0.9):
         raise ValueError(f"item_frac must be (min, max) canvas fractions in (0, 0.9], got {item_frac}")
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"scene counts must be >= 0, got num_train={num_train}, num_val={num_val}")
     out = Path(out)
     meta = dict(
         classes=list(FASHION_CLASSES),
