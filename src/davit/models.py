@@ -545,6 +545,19 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _check_options(kwargs: dict[str, Any]) -> None:
+    """An architecture option DaViT does not take is named, with the closest ones it does: a typo such as
+    ``windowsize=12`` otherwise surfaces as a bare TypeError from ``__init__``."""
+    import inspect
+
+    known = [p for p in inspect.signature(DaViT.__init__).parameters if p not in ("self", "kwargs")]
+    for k in kwargs:
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=2, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise TypeError(f"unknown model option {k!r}.{hint} Options: {', '.join(known)}")
+
+
 def create_model(
     name: str,
     pretrained: bool | str = False,
@@ -575,6 +588,9 @@ def create_model(
     if tag is not None and pretrained is True:
         pretrained = tag
     arch, _meta_ = VARIANTS[_check_name(name)]
+    _check_options(kwargs)
+    if num_classes is not None and num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0: no classifier, features only), got {num_classes}")
     cfg = {**arch, **kwargs}
     if num_classes is not None:
         cfg["num_classes"] = num_classes

@@ -80,3 +80,12 @@ def test_a_zero_image_size_is_refused_not_read_as_the_default(capsys):
     # -5 failed inside torch (negative dimension)
     rc, out = run_cli(["info", "davit_tiny", "--img-size", "-5"], capsys)
     assert rc == 2 and "--img-size must be >= 1, got -5" in out, out
+
+
+def test_a_misspelt_model_option_names_the_right_one():
+    # was a bare "DaViT.__init__() got an unexpected keyword argument 'windowsize'"
+    with pytest.raises(TypeError, match=r"unknown model option 'windowsize'\. Did you mean 'window_size'\?"):
+        davit.create_model("davit_atto", windowsize=12)
+    with pytest.raises(ValueError, match="num_classes must be >= 0"):  # was accepted as "no classifier"
+        davit.create_model("davit_atto", num_classes=-1)
+    assert davit.create_model("davit_atto", num_classes=0, window_size=4).num_classes == 0
