@@ -38,6 +38,8 @@ def test_presets_follow_the_official_recipes():
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="unknown option"):
         resolve_task_config("detect", "coco-maskrcnn-1x", overrides={"learning_rate": 1})
+    with pytest.raises(ValueError, match="Did you mean 'channels' for 'chanels'"):
+        resolve_task_config("segment", "scenes-upernet-demo", overrides={"chanels": 48})
     with pytest.raises(ValueError, match="task 'segment'"):
         resolve_task_config("detect", "ade20k-upernet-160k")
     with pytest.raises(ValueError, match="unknown preset"):

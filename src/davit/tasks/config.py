@@ -7,6 +7,7 @@ One flat dataclass for both tasks; a preset is a dict of overrides, then a YAML/
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import typing
 from dataclasses import dataclass, field
@@ -269,7 +270,9 @@ def resolve_task_config(
     known = {f.name for f in dataclasses.fields(TaskConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; known: {', '.join(sorted(known))}")
+        close = {u: difflib.get_close_matches(u, known, n=1, cutoff=0.6) for u in unknown}
+        hint = "".join(f" Did you mean {c[0]!r} for {u!r}?" for u, c in close.items() if c)
+        raise ValueError(f"unknown option(s) {unknown}.{hint} Known: {', '.join(sorted(known))}")
     hints = typing.get_type_hints(TaskConfig)
     cfg = TaskConfig(**{k: check_value(k, v, hints[k]) for k, v in values.items()})
     if cfg.task != task:
