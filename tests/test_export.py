@@ -59,9 +59,11 @@ def test_bench_onnxruntime_backend(tmp_path):
     assert res["flavour"] == "onnxruntime" and res["img_per_s"] > 0 and res["peak_mem_mb"] is None
 
 
-def test_a_zero_image_size_is_refused_not_read_as_the_default(tmp_path):
+def test_a_zero_image_size_is_refused_not_read_as_the_default(tmp_path, capsys):
     from davit.cli import main
 
     out = tmp_path / "m.onnx"
-    assert main(["export", "--model", "davit_atto", "--img-size", "0", "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--model", "davit_atto", "--img-size", "0", "--out", str(out)])
+    assert e.value.code == 2 and "--img-size: must be >= 1, got 0" in capsys.readouterr().err
     assert not out.exists()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cli import positive_int
 from .models import create_model, model_info
 from .train.optim import fused_kwargs
 
@@ -462,11 +463,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-b",
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="default: 16 infer / 8 train on CPU, 256 / 128 on CUDA",
     )
-    p.add_argument("--img-size", type=int, default=None, help="default: the variant's input size")
+    p.add_argument("--img-size", type=positive_int, default=None, help="default: the variant's input size")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="bf16/fp16 run under autocast")
     p.add_argument("--channels-last", action="store_true")
@@ -498,7 +499,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate (first = compile)")
-    p.add_argument("--iters", type=int, default=None, help="steps per round (default 1 CPU, 20 CUDA)")
+    p.add_argument(
+        "--iters", type=positive_int, default=None, help="steps per round (default 1 CPU, 20 CUDA)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--peak-n", type=int, default=4096, help="side of the reference matmul")
@@ -510,10 +513,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1 or args.warmup < 1:
         raise ValueError("--repeats and --warmup must be >= 1 (the first call compiles/initialises)")
-    sizes = {"--batch-size": args.batch_size, "--img-size": args.img_size, "--iters": args.iters}
-    for flag, v in sizes.items():
-        if v is not None and v < 1:  # 0 would otherwise read as "not given" and run the default
-            raise ValueError(f"{flag} must be >= 1, got {v} (leave it out for the default)")
     if hasattr(sys.stdout, "reconfigure"):  # progress shows up line by line under tee/grep during long runs
         sys.stdout.reconfigure(line_buffering=True)
     report = run_bench(args)

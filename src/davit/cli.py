@@ -19,6 +19,18 @@ COMMAND_MODULES = [
 ]
 
 
+def positive_int(text: str) -> int:
+    """argparse type of sizes and counts (``type=positive_int``): 0 would otherwise read as "not given"
+    where a command falls back with ``args.x or default``, and a negative size fails deep inside torch."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v} (leave it out for the default)")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="davit",

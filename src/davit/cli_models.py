@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from .cli import positive_int
 from .flops import count_gmacs, count_params
 from .models import create_model, list_models, model_info
 
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("info", help="parameters, GMACs and metadata of a variant")
     p.add_argument("model", help="variant name (see `davit list`)")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: the variant's)")
+    p.add_argument("--img-size", type=positive_int, default=None, help="input side (default: the variant's)")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
@@ -48,8 +49,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     info = model_info(args.model)
-    if args.img_size is not None and args.img_size < 1:  # 0 would read as "not given" below
-        raise ValueError(f"--img-size must be >= 1, got {args.img_size} (leave it out for the variant's)")
     img = args.img_size or info["input_size"][1]
     with torch.device("meta"):  # the giant variant has 1.4B parameters: never allocate them for counting
         model = create_model(args.model, num_classes=args.num_classes)

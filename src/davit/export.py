@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cli import positive_int
 from .models import create_model, model_info
 
 __all__ = ["export_onnx", "ort_session", "verify_onnx"]
@@ -109,7 +110,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, help="weights file (any layout davit.weights reads)")
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", required=True, help="output .onnx file")
-    p.add_argument("--img-size", type=int, default=None, help="fixed input side (default: the variant's)")
+    p.add_argument(
+        "--img-size", type=positive_int, default=None, help="fixed input side (default: the variant's)"
+    )
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
@@ -120,8 +123,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.img_size is not None and args.img_size < 1:  # 0 would read as "not given" below
-        raise ValueError(f"--img-size must be >= 1, got {args.img_size} (leave it out for the variant's)")
     img = args.img_size or model_info(args.model)["input_size"][1]
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..train.config import check_value
+from ..train.config import check_value, refuse_out_of_range
 
 __all__ = ["TaskConfig", "PRESETS", "resolve_task_config", "parse_set"]
 
@@ -300,11 +300,8 @@ _RANGES = [
 
 def check_ranges(cfg: TaskConfig) -> None:
     """Refuse values no run can use, naming the option and what it accepts."""
-    for name, low, inclusive in _RANGES:
-        v = getattr(cfg, name)
-        if v is not None and (v < low if inclusive else v <= low):
-            need = f">= {low}" if inclusive else f"> {low}"
-            raise ValueError(f"{name} must be {need}, got {v}")
+    # no "leave it out" hint: epochs / iters / time_limit_min default to None but a run needs its preset's
+    refuse_out_of_range(cfg, _RANGES, str, hint_optional=False)
     for name in ("min_sizes", "test_scales", "scale", "ratio_range"):
         v = getattr(cfg, name)
         if not v or any(not isinstance(x, (int, float)) or x <= 0 for x in v):

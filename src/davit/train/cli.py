@@ -122,7 +122,7 @@ def _newest_run(folder: Path, weights: str) -> Path | None:
 
 def _weights_path(path: str, use_ema: bool) -> str:
     p = Path(path)
-    if not p.exists():  # said first: otherwise the metadata reader's "does not say which model" would
+    if not p.exists():  # checked first: the metadata reader would report it as "does not say which model"
         raise FileNotFoundError(
             f"{p} not found: pass a weights file (.safetensors, .pth), a training checkpoint or a run folder "
             "of davit train"

@@ -14,6 +14,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -388,16 +389,25 @@ _RANGES = [
 ]
 
 
-def check_ranges(cfg: TrainConfig) -> None:
-    """Refuse values no run can use, naming the flag (also the config key, with underscores)."""
-    for key, low, inclusive in _RANGES:
+def refuse_out_of_range(
+    cfg: Any, ranges: list[tuple[str, float, bool]], label: Callable[[str], str], hint_optional: bool
+) -> None:
+    """Raise a ValueError naming the first value of ``cfg`` (a config dataclass) outside its range: each
+    ``(key, low, inclusive)`` of ``ranges`` needs ``value >= low`` (``> low`` when not inclusive); None (not
+    given) passes. ``label(key)`` is how the message names it; ``hint_optional`` adds "leave it out for the
+    default" for keys whose default is None. Shared by the classification and dense-task configs."""
+    fields = type(cfg).__dataclass_fields__
+    for key, low, inclusive in ranges:
         v = getattr(cfg, key)
         if v is not None and (v < low if inclusive else v <= low):
-            flag = "--" + key.replace("_", "-")
             need = f">= {low}" if inclusive else f"> {low}"
-            optional = TrainConfig.__dataclass_fields__[key].default is None
-            hint = "; leave it out for the default" if optional else ""
-            raise ValueError(f"{flag} must be {need}, got {v}{hint}")
+            hint = "; leave it out for the default" if hint_optional and fields[key].default is None else ""
+            raise ValueError(f"{label(key)} must be {need}, got {v}{hint}")
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Refuse values no run can use, naming the flag (also the config key, with underscores)."""
+    refuse_out_of_range(cfg, _RANGES, lambda key: "--" + key.replace("_", "-"), hint_optional=True)
     if not 0 < cfg.model_ema_decay < 1:
         raise ValueError(
             f"--model-ema-decay must be between 0 and 1 (e.g. 0.9998), got {cfg.model_ema_decay}"
