@@ -157,6 +157,26 @@ def test_features_equal_intermediates():
     assert torch.equal(last, b[-1])
 
 
+def test_three_stage_model_as_the_fashion_mnist_demo():
+    # the demo's classifier has three stages (its fourth map would be 1x1): every surface follows the
+    # stage count, and features_only returns all stages by default
+    kw = dict(stem_stride=4, conv_stem=True, depths=[1, 1, 1], embed_dims=[32, 64, 128], num_heads=[1, 2, 4])
+    m = davit.create_model("davit_atto", in_chans=1, num_classes=10, **kw).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert m(x).shape == (2, 10)
+        maps = m.forward_intermediates(x, intermediates_only=True)
+    assert [t.shape for t in maps] == [(2, 32, 7, 7), (2, 64, 4, 4), (2, 128, 2, 2)]
+    f = davit.create_model("davit_atto", in_chans=1, features_only=True, **kw)
+    f.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("head")})
+    assert f.feature_info.channels() == [32, 64, 128] and f.feature_info.reduction() == [4, 8, 16]
+    with torch.no_grad():
+        for u, v in zip(f.eval()(x), maps):
+            assert torch.equal(u, v)
+    with pytest.raises(ValueError, match=r"stage indices in \[0, 2\], got \(0, 3\)"):
+        davit.create_model("davit_atto", features_only=True, out_indices=(0, 3), **kw)
+
+
 def test_forward_head_pre_logits_and_reset_classifier():
     m = davit.create_model("davit_atto", num_classes=7).eval()
     x = torch.randn(2, 3, 32, 32)

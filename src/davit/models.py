@@ -165,7 +165,8 @@ class DaViT(nn.Module):
     Args:
         in_chans: input image channels.
         num_classes: classifier outputs; 0 keeps pooling + norm and drops the Linear.
-        depths: dual blocks per stage (one dual block = SpatialBlock + ChannelBlock).
+        depths: dual blocks per stage (one dual block = SpatialBlock + ChannelBlock); as many stages as
+            entries (four in the paper, three in the Fashion-MNIST demo, whose fourth map would be 1x1).
         embed_dims: channels per stage.
         num_heads: window-attention heads = channel-attention groups per stage.
         window_size: spatial attention window.
@@ -352,10 +353,12 @@ class DaViTFeatures(nn.Module):
     """
 
     def __init__(
-        self, model: DaViT, out_indices: Sequence[int] = (0, 1, 2, 3), out_norm: bool = False
+        self, model: DaViT, out_indices: Sequence[int] | None = None, out_norm: bool = False
     ) -> None:
         super().__init__()
         n = len(model.stages)
+        if out_indices is None:  # every stage: (0, 1, 2, 3) for the paper's models
+            out_indices = range(n)
         out_indices = tuple(i % n if i < 0 else i for i in out_indices)
         if not out_indices or any(i < 0 or i >= n for i in out_indices):
             raise ValueError(f"out_indices must be stage indices in [0, {n - 1}], got {out_indices}")
@@ -565,7 +568,7 @@ def create_model(
     in_chans: int = 3,
     drop_path_rate: float = 0.0,
     features_only: bool = False,
-    out_indices: Sequence[int] = (0, 1, 2, 3),
+    out_indices: Sequence[int] | None = None,
     out_norm: bool = False,
     **kwargs: Any,
 ) -> DaViT | DaViTFeatures:
@@ -581,7 +584,8 @@ def create_model(
         in_chans: input channels.
         drop_path_rate: stochastic depth (official linear schedule over all blocks).
         features_only: return a :class:`DaViTFeatures` backbone giving NCHW stage maps.
-        out_indices / out_norm: which stage maps, and a LayerNorm on each (dense-prediction form).
+        out_indices / out_norm: which stage maps (default: all), and a LayerNorm on each (dense-prediction
+            form).
         **kwargs: architecture overrides, e.g. ``window_size=12``, ``drop_rate``.
     """
     name, tag = split_name(name)

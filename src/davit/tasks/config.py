@@ -194,7 +194,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # stem of the classification demo (conv_stem): mIoU 0.534 and 0.539 against 0.521 and 0.530 with the
         # released 7x7 conv, in 13 minutes each, with fewer iterations; one block per stage, as that demo
         # too: 0.574 with 32% more iterations in the same 13 minutes (docs/benchmarks.md, sessions 10-11).
-        # The backbone is then the Fashion-MNIST demo classifier's shape, whose weights it can load
+        # The backbone is the four-stage form of the Fashion-MNIST demo classifier (which has three since
+        # session 17): a classifier trained with depths [1, 1, 1, 1] loads into it (README)
         backbone_kwargs={"stem_stride": 4, "conv_stem": True, "depths": [1, 1, 1, 1]},
         num_classes=11,
         drop_path_rate=0.0,
