@@ -229,10 +229,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         crop_padding=0,
         hflip=0.5,
         aa=None,
-        # no random erasing: +0.23 points over 12 epochs (92.49 vs 92.26%, a fixed schedule), but not in
-        # the ~8-9 epochs the 10-minute demo trains on the 2-core Intel VM (91.56 and 91.79% against
-        # 91.76-91.88%); longer runs: --reprob 0.25 (docs/benchmarks.md, session 18)
-        reprob=0.0,
+        # random erasing: +0.23 points over 12 epochs (92.49 vs 92.26%, a fixed schedule), where the model
+        # starts to overfit; no change in the ~8-9 epochs the 10-minute demo trains on the 2-core Intel VM
+        # (make demo in the same hour: 91.56 vs 91.51%; 91.79 vs 91.80/91.88% in session 17's probes).
+        # ~0.7 ms per batch of 64 (timm's per-image loop): ~1% of a step (docs/benchmarks.md, session 18)
+        reprob=0.25,
         mixup=0.0,
         cutmix=0.0,
         smoothing=0.1,
