@@ -225,7 +225,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_classes=10,
         simple_aug=True,
         batch_aug=True,  # augment whole uint8 batches: no per-image Python in the 10-minute budget
-        # flips only: within ~3 epochs random crops cost more accuracy than they add (76 vs 84% in the probe)
+        # no crops: within ~3 epochs random crops cost more accuracy than they add (76 vs 84% in the probe)
         crop_padding=0,
         hflip=0.5,
         aa=None,
