@@ -111,6 +111,35 @@ def test_padding_matches_explicit_padding_on_the_window_grid():
     torch.testing.assert_close(full, single, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["stem", "stem4", "conv_stem", "down2", "down3"])
+@pytest.mark.parametrize("hw", [(447, 1), (64, 2), (33, 3), (1, 1)])
+def test_bf16_one_column_outputs_are_right(kind, hw):
+    # torch 2.14.1's oneDNN gives wrong bf16 values (even NaN) for strided convs with one output column on
+    # AVX-512/AMX Intel CPUs; strided_conv avoids it. Compared with the same module in float64, gradients too.
+    from davit.models import ConvStem, Downsample, Stem
+
+    torch.manual_seed(0)
+    m = {
+        "stem": lambda: Stem(3, 16, stride=2),
+        "stem4": lambda: Stem(3, 16, stride=4),
+        "conv_stem": lambda: ConvStem(3, 16, stride=4),
+        "down2": lambda: Downsample(16, 32, kernel_size=2),
+        "down3": lambda: Downsample(16, 32, kernel_size=3),
+    }[kind]().eval()
+    shape = (2, 3, *hw) if kind.startswith(("stem", "conv")) else (2, *hw, 16)
+    x = torch.randn(shape, dtype=torch.float64)
+    ref = m.double()(x.requires_grad_())
+    w = torch.randn(ref.shape, dtype=torch.float64)  # not .sum(): LayerNorm outputs sum to a constant
+    (gref,) = torch.autograd.grad((ref * w).sum(), x)
+    xb = x.detach().bfloat16().requires_grad_()
+    for _ in range(3):  # the wrong values varied from call to call
+        out = m.bfloat16()(xb)
+        (g,) = torch.autograd.grad((out * w.bfloat16()).sum(), xb)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out.double(), ref.detach(), atol=0.15, rtol=0.05)
+        torch.testing.assert_close(g.double(), gref, atol=0.15 * gref.abs().max().item(), rtol=0.05)
+
+
 @pytest.mark.parametrize("hw", [(2, 2), (3, 5), (8, 8), (9, 9)])  # (9, 9): too large, takes the conv
 def test_downsample_patch_linear_equals_conv_in_training(hw):
     from davit.models import Downsample

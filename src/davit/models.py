@@ -25,6 +25,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def strided_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for the stem and downsample convs, exact also where oneDNN is not.
+
+    On Intel CPUs with AVX-512/AMX, torch 2.14.1's oneDNN (3.12) returns wrong values (errors of order 1,
+    sometimes NaN/inf, varying from call to call) for a strided bfloat16 convolution whose output is one
+    column wide, e.g. a 447x1 image through the stem (tests/faults/test_fuzz.py found it; fp32, fp16, stride 1
+    and one-row outputs are right). With ``stride`` zero columns added on the right the output is two columns
+    wide and its first column is the same sum (those columns were zero padding anyway), so we drop the second.
+    Only one-column outputs on CPU take this path: a few extra zeros for a degenerate shape."""
+    s = conv.stride[1]
+    if s > 1 and x.is_cpu and x.shape[-1] + 2 * conv.padding[1] - conv.kernel_size[1] < s:
+        return conv(F.pad(x, (0, s)))[..., :1]
+    return conv(x)
+
+
 class Stem(nn.Module):
     """Zero-pad right/bottom to a multiple of the stride, Conv2d(k7, s4, p3), LayerNorm. NCHW in, NHWC out."""
 
@@ -39,7 +54,7 @@ class Stem(nn.Module):
         s = self.stride
         if H % s or W % s:
             x = F.pad(x, (0, (-W) % s, 0, (-H) % s))
-        return self.norm(self.conv(x).permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
+        return self.norm(strided_conv(self.conv, x).permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
 
 
 class ConvStem(nn.Module):
@@ -62,7 +77,8 @@ class ConvStem(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.conv(self.act(self.bn1(self.conv1(x)))).permute(0, 2, 3, 1))
+        x = self.act(self.bn1(strided_conv(self.conv1, x)))
+        return self.norm(strided_conv(self.conv, x).permute(0, 2, 3, 1))
 
 
 class Downsample(nn.Module):
@@ -91,7 +107,7 @@ class Downsample(nn.Module):
             patches = x.reshape(B, H // 2, 2, W // 2, 2, C).transpose(2, 3).reshape(B, H // 2, W // 2, 4 * C)
             weight = self.conv.weight.permute(0, 2, 3, 1).reshape(self.conv.out_channels, 4 * C)
             return F.linear(patches, weight, self.conv.bias)
-        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return strided_conv(self.conv, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class DaViTStage(nn.Module):
