@@ -67,6 +67,39 @@ def test_window_attention_fast_equals_ref(Bw, L, h, d):
     torch.testing.assert_close(ga, gb)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_window_attention_bf16_training_on_cpu_avoids_the_slow_sdpa_backward(padded, monkeypatch):
+    # the fused kernel's bf16 backward is 5-7x slower on CPU (davit.layers.attention._attention): training
+    # in bf16 must not call it, and the explicit form must still give the attention to bf16 precision
+    from davit.layers.attention import window_attention_one_padded
+
+    torch.manual_seed(0)
+    h, d, L = 2, 16, 49 if not padded else 10
+    qkv = torch.randn(6, L, 3 * h * d, dtype=torch.float64)
+    pad = torch.randn(3 * h * d, dtype=torch.float64)
+
+    def run(t):
+        return window_attention_one_padded(t, h, pad, 39) if padded else window_attention(t, h)
+
+    ref = run(qkv.requires_grad_())
+    w = torch.randn(ref.shape, dtype=torch.float64)
+    (gref,) = torch.autograd.grad((ref * w).sum(), qkv)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
+    xb = qkv.detach().bfloat16().requires_grad_()
+    out = run(xb)
+    (g,) = torch.autograd.grad((out * w.bfloat16()).sum(), xb)
+    assert not calls
+    torch.testing.assert_close(out.double(), ref.detach(), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(g.double(), gref, atol=0.05 * gref.abs().max().item(), rtol=0.05)
+    with torch.no_grad():  # inference keeps the fused kernel
+        torch.testing.assert_close(run(xb).double(), ref.detach(), atol=0.05, rtol=0.05)
+    assert calls
+
+
 def test_window_partition_round_trip():
     x = torch.randn(2, 14, 21, 5)
     w = window_partition(x, 7)

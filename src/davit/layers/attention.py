@@ -64,10 +64,27 @@ def window_attention_ref(qkv: Tensor, num_heads: int) -> Tensor:
     return _merge_heads(attn.softmax(dim=-1) @ v)
 
 
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v: the fused SDPA kernel, except for low-precision training on CPU.
+
+    torch 2.14.1's CPU flash-attention backward in bfloat16 is 5-7x slower than two matmuls and a softmax at
+    DaViT's window sizes (49 tokens, head dim 32; 2 threads, Intel AVX-512/AMX: 15.1 vs 2.3 ms forward +
+    backward for 64 windows, 32.7 vs 6.0 ms for 144): davit_tiny's bf16-autocast training step took 1.9 s
+    instead of 1.2 s (docs/benchmarks.md, session 19). There the attention is formed explicitly, as autocast
+    would run the reference formulation (the CPU softmax accumulates in fp32 and rounds its output)."""
+    low = q.dtype in (torch.bfloat16, torch.float16)
+    if low and q.is_cpu and torch.is_grad_enabled() and q.requires_grad:
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            logits = logits + mask
+        return logits.softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def window_attention(qkv: Tensor, num_heads: int) -> Tensor:
     """Fast path of :func:`window_attention_ref` (fused SDPA kernel)."""
     q, k, v = _split_heads(qkv, num_heads)
-    return _merge_heads(F.scaled_dot_product_attention(q, k, v))
+    return _merge_heads(_attention(q, k, v))
 
 
 def window_attention_one_padded(qkv: Tensor, num_heads: int, pad_qkv: Tensor | None, n_pad: int) -> Tensor:
@@ -86,7 +103,7 @@ def window_attention_one_padded(qkv: Tensor, num_heads: int, pad_qkv: Tensor | N
     q, k, v = _split_heads(qkv, num_heads)
     # per key
     logit_offset = torch.cat([qkv.new_zeros(L), qkv.new_full((1,), math.log(n_pad))]).view(1, L + 1)
-    return _merge_heads(F.scaled_dot_product_attention(q[:, :, :L], k, v, attn_mask=logit_offset))
+    return _merge_heads(_attention(q[:, :, :L], k, v, logit_offset))
 
 
 def channel_attention_ref(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
