@@ -74,9 +74,11 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> T
     would run the reference formulation (the CPU softmax accumulates in fp32 and rounds its output)."""
     low = q.dtype in (torch.bfloat16, torch.float16)
     if low and q.is_cpu and torch.is_grad_enabled() and q.requires_grad:
-        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        # scaled in place after the matmul: autograd then keeps only q, k (views of the live qkv) and the
+        # probabilities, no scaled copy of q
+        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
         if mask is not None:
-            logits = logits + mask
+            logits.add_(mask)
         return logits.softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
