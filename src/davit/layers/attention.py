@@ -84,7 +84,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> T
 
 
 def window_attention(qkv: Tensor, num_heads: int) -> Tensor:
-    """Fast path of :func:`window_attention_ref` (fused SDPA kernel)."""
+    """Fast path of :func:`window_attention_ref` (the fused SDPA kernel, or in bf16/fp16 CPU training the
+    explicit form: :func:`_attention`)."""
     q, k, v = _split_heads(qkv, num_heads)
     return _merge_heads(_attention(q, k, v))
 
