@@ -388,3 +388,46 @@ def test_budget_plan_fills_the_budget():
     assert budget_plan(1000, 0.2, 10, 937) == (6, 783)
     assert budget_plan(2 * 200.0, 0.2, 0.0, 1000) == (2, None)  # two whole epochs fit exactly: no cap
     assert budget_plan(-5, 0.2, 10, 937) == (1, 1)  # nothing fits: the minimum, one step
+
+
+def test_a_step_failing_after_sigterm_is_reported_as_the_signal(tiny_cfg, monkeypatch):
+    """SIGTERM/SIGINT reach the process group: a helper of the step (torch.compile's C++ compiler) dies with
+    them and the step fails with its error. The run says it was stopped by the signal, in a few lines (not the
+    compiler's thousand), and keeps the checkpoints saved before."""
+    import signal
+
+    import davit.train.trainer as tr
+
+    real = tr.build_model
+    calls = {"n": 0, "signal": True}
+
+    def interrupted(*a, **k):
+        m = real(*a, **k)
+        fwd = m.forward
+
+        def forward(x):
+            if m.training:
+                calls["n"] += 1
+                if calls["n"] == 5:
+                    if calls["signal"]:
+                        signal.raise_signal(signal.SIGTERM)  # the trainer's handler sets its stop flag
+                    raise RuntimeError("C++ compile error\n" + "warning: overflow in conversion\n" * 1000)
+            return fwd(x)
+
+        m.forward = forward
+        return m
+
+    monkeypatch.setattr(tr, "build_model", interrupted)
+    cfg = tiny_cfg(experiment="sig", checkpoint_every_steps=2)
+    with pytest.raises(RuntimeError) as info:
+        train(cfg)
+    msg = str(info.value)
+    assert msg.startswith("stopped by SIGTERM in the middle of a step")
+    assert "RuntimeError (C++ compile error)" in msg
+    assert "resume with --resume auto --experiment sig" in msg and "warning" not in msg and len(msg) < 600
+    last = find_latest_valid(Path(cfg.output) / "sig" / "checkpoints")
+    assert last.name == "ckpt-000000004.pt" and load_checkpoint(last)["step"] == 4
+    # without a signal the same error is the step's own, unchanged
+    calls.update(n=0, signal=False)
+    with pytest.raises(RuntimeError, match=r"^C\+\+ compile error"):
+        train(tiny_cfg(experiment="plain"))

@@ -84,6 +84,28 @@ class StopFlag:
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _cut_short_by_signal(stop: StopFlag, ckpt_dir: Path, resume_hint: str):
+    """An error raised inside a step after SIGTERM/SIGINT arrived: the signal, not a bug, made it.
+
+    The signal reaches the whole process group, so helper processes die mid-step with it (torch.compile's C++
+    compiler during a first compiled step, which takes minutes on a CPU; data-loader workers): the step then
+    fails with their error, e.g. a ``CppCompileError`` whose text is a thousand lines of compiler output.
+    Say what happened instead, in a few lines; the checkpoints saved before the step are kept."""
+    try:
+        yield
+    except Exception as e:
+        if stop.signal is None or isinstance(e, NonFiniteLossError):
+            raise
+        name = signal.Signals(stop.signal).name
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise RuntimeError(
+            f"stopped by {name} in the middle of a step, which then failed with {type(e).__name__} "
+            f"({first}): the signal also stopped a helper process of the step (torch.compile's compiler, "
+            f"data-loader workers). Checkpoints saved before it are kept in {ckpt_dir}; {resume_hint}"
+        ) from e
+
+
 def _run_dir(cfg: TrainConfig, is_main: bool) -> Path:
     out = Path(cfg.output)
     name = cfg.experiment
@@ -333,7 +355,8 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     stopped = out_of_time = False
-    with StopFlag() as stop:
+    resume_hint = f"resume with --resume auto --experiment {run_dir.name} --output {cfg.output}"
+    with StopFlag() as stop, _cut_short_by_signal(stop, ckpts.folder, resume_hint):
         for epoch in itertools.count(start_epoch):
             if epoch >= total_epochs(cfg):  # re-plans at epoch ends may change it
                 break
@@ -451,11 +474,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             if stopped:
                 if main:
                     why = f"signal {stop.signal}" if stop.signal else f"--max-steps {cfg.max_steps}"
-                    print(
-                        f"stopped at step {step} ({why}); resume with --resume auto "
-                        f"--experiment {run_dir.name} --output {cfg.output}",
-                        flush=True,
-                    )
+                    print(f"stopped at step {step} ({why}); {resume_hint}", flush=True)
                 break
             # the unreadable files of every rank, not rank 0's alone (a collective: all ranks call it)
             bad_list = [b for part in all_gather_objects(list(data.train_loader.bad)) for b in part]
