@@ -266,3 +266,38 @@ def test_batches_resume_mid_epoch_with_the_same_samples_and_augmentations():
     assert sorted(int(i) for b in whole[:5] for i in b[:, 0]) == list(range(10))
     resumed = take(3, 4)  # iteration 3: across the epoch boundary
     assert all(torch.equal(a, b) for a, b in zip(resumed, whole[3:]))
+
+
+def test_an_iteration_failing_after_sigterm_is_reported_as_the_signal(scenes, tmp_path, monkeypatch, capsys):
+    """A data-loader worker or compiler stopped by the same SIGTERM makes the iteration fail: the run says it
+    was the signal, in a few lines, not the helper's error text."""
+    import signal
+
+    import davit.tasks.engine as eng
+
+    real = eng.build_model
+
+    def interrupted(*a, **k):
+        m = real(*a, **k)
+        fwd, calls = m.forward, {"n": 0}
+
+        def forward(*args, **kw):
+            if m.training:
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    signal.raise_signal(signal.SIGTERM)  # the loop's handler sets its stop flag
+                    raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Terminated.\n" * 50)
+            return fwd(*args, **kw)
+
+        m.forward = forward
+        return m
+
+    monkeypatch.setattr(eng, "build_model", interrupted)
+    args = ["segment", "train", "--preset", "scenes-upernet-demo", "--data", str(scenes), "--out",
+            str(tmp_path / "run"), "--progress", "none", "--set", "iters=4", "batch_size=2", "workers=0",
+            "crop_size=64", "scale=[64,64]", "channels=8", "aux_channels=8", "threads=1"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: stopped by SIGTERM in the middle of a step" in err
+    assert "(DataLoader worker (pid 1234)" in err
+    assert "run the same command again (same --out) to resume" in err and err.count("pid 1234") == 1

@@ -10,6 +10,7 @@ import itertools
 import math
 import signal
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def _cut_short_by_signal(stop: StopFlag, ckpt_dir: Path, resume_hint: str):
+def cut_short_by_signal(stop: StopFlag, ckpt_dir: Path, resume_hint: str) -> Iterator[None]:
     """An error raised inside a step after SIGTERM/SIGINT arrived: the signal, not a bug, made it.
 
     The signal reaches the whole process group, so helper processes die mid-step with it (torch.compile's C++
@@ -356,7 +357,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     stopped = out_of_time = False
     resume_hint = f"resume with --resume auto --experiment {run_dir.name} --output {cfg.output}"
-    with StopFlag() as stop, _cut_short_by_signal(stop, ckpts.folder, resume_hint):
+    with StopFlag() as stop, cut_short_by_signal(stop, ckpts.folder, resume_hint):
         for epoch in itertools.count(start_epoch):
             if epoch >= total_epochs(cfg):  # re-plans at epoch ends may change it
                 break
