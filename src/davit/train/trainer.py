@@ -102,8 +102,9 @@ def cut_short_by_signal(stop: StopFlag, ckpt_dir: Path, resume_hint: str) -> Ite
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise RuntimeError(
             f"stopped by {name} in the middle of a step, which then failed with {type(e).__name__} "
-            f"({first}): the signal also stopped a helper process of the step (torch.compile's compiler, "
-            f"data-loader workers). Checkpoints saved before it are kept in {ckpt_dir}; {resume_hint}"
+            f"({first}): the signal reaches the whole process group, so it most likely stopped a helper "
+            f"process of the step (torch.compile's compiler, data-loader workers). Checkpoints saved before "
+            f"it are kept in {ckpt_dir}; {resume_hint}"
         ) from e
 
 
