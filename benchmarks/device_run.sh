@@ -17,6 +17,9 @@
 # table last; every run ends by LIMIT seconds (default 560) after the start, the last ones shortened or
 # skipped if the first took long. On a CPU, a smoke test of the same paths:
 #   DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python benchmarks/device_run.sh bench /tmp/dev
+# where the GPU limits stop the compiled rows (inductor's first compile of a training step takes 3-4 minutes
+# on 2 cores); the train part's four rows, compiled one included, end in ~6.5 minutes with
+#   DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python RUN_TIMEOUT=300 LIMIT=900 benchmarks/device_run.sh train /tmp/dev
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:?usage: device_run.sh bench|train [OUT_DIR]}
