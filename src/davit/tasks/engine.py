@@ -26,7 +26,7 @@ from ..train.checkpoint import CheckpointManager, load_checkpoint, rng_state, se
 from ..train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
 from ..train.logging import MetricsLogger, Progress, memory_fields
 from ..train.optim import fused_kwargs
-from ..train.trainer import NonFiniteLossError, StopFlag, cut_short_by_signal
+from ..train.trainer import NonFiniteLossError, StopFlag
 from .coco import CocoInstances, coco_evaluate, coco_results, collate_detection
 from .config import TaskConfig, resolve_task_config
 from .detection import detector_param_groups, maskrcnn
@@ -360,13 +360,9 @@ def train(
     batches = _batches(loader, sampler, step)  # a resumed run continues the same batches
     model.train()
     resume_hint = "run the same command again (same --out) to resume"
-    with (
-        StopFlag() as stop,
-        cut_short_by_signal(stop, ckpts.folder, resume_hint),
-        Progress(
-            total - step, f"{cfg.task} train", progress if main else "none", every=cfg.log_interval
-        ) as bar,
-    ):
+    with StopFlag(ckpts.folder, resume_hint) as stop, Progress(
+        total - step, f"{cfg.task} train", progress if main else "none", every=cfg.log_interval
+    ) as bar:
         while step < total:
             images, targets = next(batches)
             if cfg.task == "detect":

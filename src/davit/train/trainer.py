@@ -10,7 +10,6 @@ import itertools
 import math
 import signal
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,11 +56,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits.
 
-    def __init__(self) -> None:
+    An error raised inside the block after the signal arrived is the signal's doing, not a bug: it reaches the
+    whole process group, so helper processes die mid-step with it (torch.compile's C++ compiler during a first
+    compiled step, which takes minutes on a CPU; data-loader workers) and the step fails with their error,
+    e.g. a ``CppCompileError`` whose text is a thousand lines of compiler output. On leaving the block that
+    error becomes a few lines naming the signal, where the checkpoints saved before the step are
+    (``ckpt_dir``) and how to resume (``resume_hint``)."""
+
+    def __init__(self, ckpt_dir: Path | None = None, resume_hint: str = "") -> None:
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
+        self.ckpt_dir, self.resume_hint = ckpt_dir, resume_hint
 
     def __enter__(self) -> StopFlag:
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -80,32 +87,18 @@ class StopFlag:
             flush=True,
         )
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def cut_short_by_signal(stop: StopFlag, ckpt_dir: Path, resume_hint: str) -> Iterator[None]:
-    """An error raised inside a step after SIGTERM/SIGINT arrived: the signal, not a bug, made it.
-
-    The signal reaches the whole process group, so helper processes die mid-step with it (torch.compile's C++
-    compiler during a first compiled step, which takes minutes on a CPU; data-loader workers): the step then
-    fails with their error, e.g. a ``CppCompileError`` whose text is a thousand lines of compiler output.
-    Say what happened instead, in a few lines; the checkpoints saved before the step are kept."""
-    try:
-        yield
-    except Exception as e:
-        if stop.signal is None or isinstance(e, NonFiniteLossError):
-            raise
-        name = signal.Signals(stop.signal).name
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if self.signal is None or not isinstance(exc, Exception) or isinstance(exc, NonFiniteLossError):
+            return  # no signal, no error, or one that is not the signal's (KeyboardInterrupt passes too)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise RuntimeError(
-            f"stopped by {name} in the middle of a step, which then failed with {type(e).__name__} "
-            f"({first}): the signal reaches the whole process group, so it most likely stopped a helper "
-            f"process of the step (torch.compile's compiler, data-loader workers). Checkpoints saved before "
-            f"it are kept in {ckpt_dir}; {resume_hint}"
-        ) from e
+            f"stopped by {signal.Signals(self.signal).name} in the middle of a step, which then failed with "
+            f"{type(exc).__name__} ({first}): the signal reaches the whole process group, so it most likely "
+            f"stopped a helper process of the step (torch.compile's compiler, data-loader workers). "
+            f"Checkpoints saved before it are kept in {self.ckpt_dir}; {self.resume_hint}"
+        ) from exc
 
 
 def _run_dir(cfg: TrainConfig, is_main: bool) -> Path:
@@ -358,7 +351,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     result: dict[str, Any] = {"run_dir": str(run_dir)}
     stopped = out_of_time = False
     resume_hint = f"resume with --resume auto --experiment {run_dir.name} --output {cfg.output}"
-    with StopFlag() as stop, cut_short_by_signal(stop, ckpts.folder, resume_hint):
+    with StopFlag(ckpts.folder, resume_hint) as stop:
         for epoch in itertools.count(start_epoch):
             if epoch >= total_epochs(cfg):  # re-plans at epoch ends may change it
                 break
