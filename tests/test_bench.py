@@ -45,6 +45,7 @@ def test_bench_both_modes_writes_json(tmp_path, capsys):
     assert tr["step_peak_mb"] > tr["state_mb"] / 3  # at least the gradients
     assert tr["step_peak_mb"] > inf["step_peak_mb"] > 0  # saved activations vs transient ones
     assert "ours train eager" in capsys.readouterr().out
+    assert rep["malloc"].startswith("glibc malloc: ")  # both models time under the same davit.alloc setting
 
 
 def test_vs_timm_prints_ratio_and_agrees(tmp_path, capsys):

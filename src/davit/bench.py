@@ -245,6 +245,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError("--device cuda requested but no CUDA device is visible; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = None
+    if device.type == "cpu":
+        # as in CPU training (davit.alloc): the timed steps of both models allocate from the same tuned malloc
+        from .alloc import tune_malloc
+
+        malloc = tune_malloc()
+        print(malloc)
     dtype = DTYPES[args.dtype]
     if args.backend == "onnxruntime" and (args.mode != "infer" or dtype != torch.float32 or args.compile):
         raise ValueError(
@@ -289,6 +296,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         dtype=args.dtype,
         device=str(device),
         threads=torch.get_num_threads(),
+        malloc=malloc,
         channels_last=args.channels_last,
         compile=args.compile,
         dynamic=args.dynamic,

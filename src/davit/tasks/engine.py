@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from ..alloc import tune_malloc
 from ..data.loader import BATCH_RNG, EpochSampler, SeededDataset
 from ..train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from ..train.distributed import all_reduce_mean, barrier, cleanup, init_distributed
@@ -227,6 +228,10 @@ def train(
         from ..train.demo import pick_threads
 
         torch.set_num_threads(cfg.threads or pick_threads())
+    if device.type == "cpu":  # before the loaders fork their workers (see davit.alloc)
+        malloc_line = tune_malloc()
+        if main:
+            print(malloc_line, flush=True)
     out = Path(out_dir)
     torch.manual_seed(cfg.seed + dist_info.rank)
     data = build_datasets(cfg, ("train", "val") if main else ("train",))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..alloc import tune_malloc
 from ..data.loader import format_bad
 from .checkpoint import CheckpointManager, load_checkpoint, rng_state, set_aside_files, set_rng_state
 from .config import TrainConfig, check_ranges, finalize, save_config
@@ -178,6 +179,8 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
     check_batch_aug(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # before the loaders fork their workers; on CPU the steps' activations come from malloc (see davit.alloc)
+    malloc_line = tune_malloc() if dev.type == "cpu" else ""
 
     from ..data import build_mixup
 
@@ -313,7 +316,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             f"run folder: {run_dir}\n{cfg.model}: {sum(p.numel() for p in net.parameters()):,} params, "
             f"{len(data.train_loader.dataset)} train / {len(data.val_loader.dataset)} val images, "
             f"global batch {global_batch}, lr {lr:.3g}, {total_epochs(cfg)} epochs x {steps_per_epoch} "
-            f"steps, device {dev}, world size {di.world_size}",
+            f"steps, device {dev}, world size {di.world_size}" + (f"\n{malloc_line}" if malloc_line else ""),
             flush=True,
         )
 
