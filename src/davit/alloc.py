@@ -1,22 +1,23 @@
 """Keep the memory a CPU training step frees for the next step, instead of handing it back to the OS.
 
-A CPU training step allocates and frees its activations and gradients every step: ~550 MB at davit_tiny's
-batch 8 at 224 px, ~4.5 GB at batch 32. PyTorch's CPU allocator takes them from glibc's ``malloc``, whose
-defaults return that memory to the kernel once it is freed (blocks above the dynamic mmap threshold, at most
-32 MiB, are unmapped; a free heap top above the trim threshold, at most 64 MiB, is trimmed), so the next step
-faults every page in again and the kernel zeroes it: 131-148 k minor page faults and 0.23-0.29 CPU-seconds
-of system time per step at batch 8, 1.1 M faults and 3.5 s at batch 32 (2-core Zen 4 VM, session 21).
+A CPU training step allocates and frees its activations and gradients every step. PyTorch's CPU allocator
+takes them from glibc's ``malloc``, which maps every block above its mmap threshold (dynamic, but never above
+32 MiB) on its own and unmaps it when freed, so the next step faults every page in again and the kernel
+zeroes it. davit_tiny at 224 px has 38.5 MiB activations at batch 8: 125-143 k minor page faults and
+0.24-0.29 CPU-seconds of system time per step; at batch 32, 1.1-1.2 M faults and 3.1-3.3 s
+(``benchmarks/malloc_step.py``, 2-core Zen 4 VM, session 21, docs/benchmarks.md).
 
-:func:`tune_malloc` sets glibc's mmap threshold to 128 MiB and its trim threshold to 1 GiB with
-``mallopt``: blocks below 128 MiB come from the heap and freed memory up to 1 GiB stays in the process.
-Measured with ``benchmarks/malloc_step.py`` (docs/benchmarks.md): page faults per step fall to 0-2 k at
-batch 8 and 163-178 k at batch 32, and the step gets 10-25 % faster. The two thresholds go together: a trim
-threshold alone (which also freezes the mmap threshold at its 128 KiB start) made the step 40 % slower.
+:func:`tune_malloc` sets glibc's mmap threshold to 128 MiB and its trim threshold to 1 GiB with ``mallopt``:
+smaller blocks come from the heap, and up to 1 GiB of freed heap stays in the process. There the faults fell
+to 0.5-3.4 k per step at batch 8 (161-470 k at batch 32), and the step became 1.10x as fast at batch 8
+(median of 5 process pairs) and 1.32x at batch 32 (3 pairs), for 2-3 % (8-23 %) more peak resident memory.
+The two go together: setting the trim threshold alone (which also freezes the mmap threshold at its 128 KiB
+start) made the step 1.4x slower.
 
-It changes a process-wide setting, so the library never does it on import: the training entry points
-(``davit train``, ``davit detect|segment train``) and ``davit bench`` call it. ``DAVIT_MALLOC_TUNING=0``
-turns it off; glibc's own ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``/``GLIBC_TUNABLES`` and a
-preloaded allocator (jemalloc, tcmalloc) are left alone.
+It changes a process-wide setting, so the library never does it on import: the CPU training entry points
+(``davit train``, ``davit detect|segment train``) call it, ``davit bench`` with ``--malloc tuned``.
+``DAVIT_MALLOC_TUNING=0`` turns it off; glibc's own ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``
+or ``GLIBC_TUNABLES`` and a preloaded allocator (jemalloc, tcmalloc) are left alone.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import os
 import platform
 import sys
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_malloc"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "malloc_setting", "tune_malloc"]
 
 MMAP_THRESHOLD = 128 << 20  # bytes: blocks at least this large are mapped (and unmapped) one by one
 TRIM_THRESHOLD = 1 << 30  # bytes of free heap top kept before glibc returns memory to the OS
@@ -77,4 +78,10 @@ def tune_malloc() -> str:
         elif reason is None:
             reason = "mallopt refused the thresholds: left as it is"
     _done = f"glibc malloc: {reason}"
+    return _done
+
+
+def malloc_setting() -> str | None:
+    """The line :func:`tune_malloc` returned in this process, None where it was not called (glibc's defaults
+    or the user's own settings hold)."""
     return _done

@@ -247,10 +247,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     malloc = None
     if device.type == "cpu":
-        # as in CPU training (davit.alloc): the timed steps of both models allocate from the same tuned malloc
-        from .alloc import tune_malloc
+        # glibc's defaults by default: what both models get in a user's own script. `davit train` tunes malloc
+        # (davit.alloc), which removes most of the page faults of the allocations; timm's many temporaries
+        # gain more from it than ours (docs/benchmarks.md, session 21)
+        from .alloc import malloc_setting, tune_malloc
 
-        malloc = tune_malloc()
+        malloc = tune_malloc() if args.malloc == "tuned" else malloc_setting()
+        malloc = malloc or "glibc malloc: defaults (--malloc tuned: as davit train sets it)"
         print(malloc)
     dtype = DTYPES[args.dtype]
     if args.backend == "onnxruntime" and (args.mode != "infer" or dtype != torch.float32 or args.compile):
@@ -492,6 +495,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["batch", "auto", "all", "static"],
         default="batch",
         help="compiled shapes: batch = batch dim symbolic (no recompile per batch size)",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=["default", "tuned"],
+        default="default",
+        help="CPU: glibc malloc's defaults, or its thresholds as davit train sets them (davit.alloc)",
     )
     p.add_argument(
         "--backend",

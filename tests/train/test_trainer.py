@@ -127,7 +127,7 @@ def test_skipped_corrupt_images_are_counted(tmp_path, tiny_cfg, capsys):
     assert ep[0]["skipped_files"] == 2
     out = capsys.readouterr().out
     assert "2 unreadable files skipped" in out and "broken.png" in out and "empty.jpg" in out
-    assert "\nglibc malloc: " in out  # a CPU run sets (or says why it leaves) malloc's thresholds: davit.alloc
+    assert "\nglibc malloc: " in out  # a CPU run sets malloc's thresholds (or says why not): davit.alloc
 
 
 def test_repeating_a_run_config_starts_a_new_run_folder(tiny_cfg):
