@@ -31,6 +31,17 @@ def test_profile_step_times_and_profiles_the_demo_step(task, batch):
     assert re.search(rf"ms/step  x\d+  \[\[{batch}, ", out), out
 
 
+def test_malloc_step_alternates_fresh_processes_and_reports_faults():
+    script = SCRIPT.parent / "malloc_step.py"
+    args = ["--model", "davit_atto", "-b", "2", "--img-size", "32", "--steps", "1", "--rounds", "2"]
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rounds = re.findall(r"round (\d) (default|tuned) +step +\d+ ms  minor faults/step +\d+", r.stdout)
+    assert rounds == [("1", "default"), ("1", "tuned"), ("2", "default"), ("2", "tuned")], r.stdout
+    summary = r"davit_atto b2 32 px: tuned step [\d.]+x as fast as the defaults \(median of 2"
+    assert re.search(summary, r.stdout), r.stdout
+
+
 def test_profile_step_vs_timm_lists_both_models_per_op():
     pytest.importorskip("timm")
     out = _run(

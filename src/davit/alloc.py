@@ -10,7 +10,7 @@ zeroes it. davit_tiny at 224 px has 38.5 MiB activations at batch 8: 125-143 k m
 :func:`tune_malloc` sets glibc's mmap threshold to 128 MiB and its trim threshold to 1 GiB with ``mallopt``:
 smaller blocks come from the heap, and up to 1 GiB of freed heap stays in the process. There the faults fell
 to 0.5-3.4 k per step at batch 8 (161-470 k at batch 32), and the step became 1.10x as fast at batch 8
-(median of 5 process pairs) and 1.32x at batch 32 (3 pairs), for 2-3 % (8-23 %) more peak resident memory.
+(median of 5 process pairs) and 1.32x at batch 32 (3 pairs), for 0-4 % (5-23 %) more peak resident memory.
 The two go together: setting the trim threshold alone (which also freezes the mmap threshold at its 128 KiB
 start) made the step 1.4x slower.
 
