@@ -152,3 +152,40 @@ def test_compiled_training_step_fullgraph_with_onednn_linear(monkeypatch):
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(g, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_backward_keeps_the_conv_weight_grad_opaque(monkeypatch):
+    """Under torch.compile the weight gradient is the ``davit::conv_weight_grad`` op, not the convolution's
+    views traced in the open (inductor relaid those out into transposed copies); eager keeps the plain
+    function (no op dispatch). Same gradients either way."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    monkeypatch.setattr(fused, "_MIN_MACS", 0)
+    backward_graphs = []
+
+    def capture(gm, _inputs):
+        backward_graphs.append(gm)
+        return gm.forward
+
+    backend = aot_autograd(fw_compiler=lambda gm, _inputs: gm.forward, bw_compiler=capture)
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 24)
+    w = torch.randn(40, 24, requires_grad=True)
+    up = torch.randn(3, 7, 40)
+
+    def loss(x, w):
+        return (fused.onednn_linear(x, w, None) * up).sum()
+
+    eager = torch.autograd.grad(loss(x, w), w)[0]
+    compiled = torch.autograd.grad(torch.compile(loss, backend=backend, fullgraph=True)(x, w), w)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(eager, (up.reshape(-1, 40).t() @ x.reshape(-1, 24)), rtol=1e-5, atol=1e-4)
+    (graph,) = backward_graphs
+    targets = {n.target for n in graph.graph.nodes if n.op == "call_function"}
+    assert torch.ops.davit.conv_weight_grad.default in targets, targets
+    assert torch.ops.aten.convolution_backward.default not in targets, targets
+
+
+def test_conv_weight_grad_opcheck():
+    torch.manual_seed(0)
+    torch.library.opcheck(fused.conv_weight_grad, (torch.randn(30, 16), torch.randn(30, 8)))
