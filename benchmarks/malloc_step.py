@@ -74,12 +74,16 @@ def main() -> None:
     res: dict[str, list[dict]] = {"default": [], "tuned": []}
     for i in range(a.rounds):
         for setting in res:
-            env = dict(os.environ)
-            # the defaults: tune_malloc is not called; the tuned child calls it (and is not switched off)
-            env.pop("DAVIT_MALLOC_TUNING", None)
+            # glibc's own defaults in the default child (no MALLOC_* variables, tune_malloc not called); the
+            # tuned child calls tune_malloc, which nothing in the environment switches off
+            skip = ("DAVIT_MALLOC_TUNING", "GLIBC_TUNABLES")
+            env = {k: v for k, v in os.environ.items() if k not in skip and not k.startswith("MALLOC_")}
             cmd = [sys.executable, __file__, "--child", setting, "--model", a.model, "-b", str(a.batch_size)]
             cmd += ["--img-size", str(a.img_size), "--steps", str(a.steps)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"the {setting} child process failed:\n{proc.stderr[-3000:]}")
+            out = proc.stdout
             r = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
             res[setting].append(r)
             print(

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "conv_weight_grad",
     "fused_cpu_inference",
     "has_hooks",
     "linear",
