@@ -12,15 +12,17 @@ devices, autocast, tracing and export.
 
 Training and ``torch.compile`` use the plain linear through :func:`onednn_linear`, a registered custom
 operator (fake-tensor rule and autograd formula included, so ``fullgraph=True`` compiles it as one opaque
-call): forward, input and weight gradients run in oneDNN (the weight gradient of weights over 1 M elements
-in ``mm``, see below). Where it pays: on AVX-512 CPUs (AMD Zen 4/5) PyTorch's MKL runs fp32 GEMMs on its
-AVX2 path (~185 GFLOP/s on 2 Zen 5 cores) while oneDNN uses AVX-512 (~410 GFLOP/s, docs/benchmarks.md,
-session 13). On Intel AVX-512 CPUs MKL runs AVX-512 itself and the op lost 8-11% of the training step
-(session 14), so it is on by default on AMD AVX-512 CPUs only (:func:`default_onednn_training`; the
-environment variable ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). The input gradient needs the weight's
-transpose as a dense (in, out) tensor: a copy of the weight per call, small next to the activations. The
-weight gradient runs as the weight gradient of a 1x1 convolution; through the linear kernel it would need
-transposed copies of both activations and ran slower than ``mm``.
+call): forward, input and weight gradients run in oneDNN (the weight gradient of weights over 1 M elements in
+``mm``, see below). Where it pays: on AMD CPUs with AVX-512 PyTorch's MKL runs fp32 GEMMs on its AVX2 path
+(~185 GFLOP/s on 2 Zen 5 cores) while oneDNN uses AVX-512 (~410 GFLOP/s, docs/benchmarks.md, session 13); on
+Zen 4, which runs AVX-512 on 256-bit units, both reach ~200 GFLOP/s and the op neither gains nor loses (timm's
+training step: 0.97x with ``F.linear``, 0.99x with the op, session 21). On Intel AVX-512 CPUs MKL runs AVX-512
+itself and the op lost 8-11% of the training step (session 14), so it is on by default on AMD AVX-512 CPUs
+only (:func:`default_onednn_training`; the environment variable ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). The
+input gradient needs the weight's transpose as a dense (in, out) tensor: a copy of the weight per call, small
+next to the activations. The weight gradient runs as the weight gradient of a 1x1 convolution (in compiled
+code as the opaque :func:`conv_weight_grad`); through the linear kernel it would need transposed copies of
+both activations and ran slower than ``mm``.
 """
 
 from __future__ import annotations
