@@ -22,7 +22,7 @@
 #   DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python RUN_TIMEOUT=300 LIMIT=900 benchmarks/device_run.sh train /tmp/dev
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?usage: device_run.sh bench|train [OUT_DIR]}
+PART=${1:?usage: device_run.sh bench|eager|compiled|train [OUT_DIR]}
 DEST=${2:-${OUT:-benchmarks/results/device}}
 PYTHON=${PYTHON:-python3}  # the device image's Python, which holds its torch
 LIMIT=${LIMIT:-560}  # seconds this part may take: under the call's timeout_s (590), which would lose the tables
@@ -50,19 +50,44 @@ with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
     t = time.perf_counter()
     y = m(torch.randn(2, 3, 224, 224, device=dev))
 print(f"davit_tiny bf16 forward: {tuple(y.shape)} in {time.perf_counter() - t:.2f} s (first call)")
+# issue 4's numerics on this device: fast path vs reference path in true fp32 (no TF32), random weights
+from davit.bench import full_fp32
+x = torch.randn(4, 3, 224, 224, device=dev)
+with torch.inference_mode(), full_fp32():
+    fast = m(x)
+    m.set_fast(False)
+    ref = m(x)
+    m.set_fast(True)
+print(f"fast vs reference path, fp32 (no TF32): max abs diff {(fast - ref).abs().max().item():.2e} (target <= 1e-4)")
 EOF
 
+eager_rows() {
+    # issue 4's eager inference row against timm (seconds), then where both eager steps go (profile_gpu.py)
+    RUNS='^01_' RUN_TIMEOUT=120 benchmarks/run_gpu.sh "$DEST/bench"
+    if (($(date +%s) + 90 < DEADLINE)); then
+        timeout -k 5 60 "$PYTHON" benchmarks/profile_gpu.py --device "$DEVICE" ${QUICK:+--img-size 64 \
+            --batch-infer 2 --batch-train 2 --steps 1} > "$DEST/bench/profile.txt" 2>&1 \
+            || echo "== profile: exit status $?" >&2
+        grep -A12 '^== ' "$DEST/bench/profile.txt" || true
+    fi
+}
+compiled_rows() {
+    # the compiled training row (the MFU target; inductor compiles both models' forward and backward
+    # first), then compiled inference; each run_gpu.sh call re-writes table.md from every row so far
+    RUNS='^04_' RUN_TIMEOUT=${RUN_TIMEOUT:-300} benchmarks/run_gpu.sh "$DEST/bench"
+    RUNS='^02_' RUN_TIMEOUT=${RUN_TIMEOUT:-240} benchmarks/run_gpu.sh "$DEST/bench"
+}
+
 case $PART in
-    bench)
-        # the four davit_tiny rows; a compiled row compiles both models first (inductor)
-        RUNS=${RUNS:-'^0[124]_'} RUN_TIMEOUT=${RUN_TIMEOUT:-240} benchmarks/run_gpu.sh "$DEST/bench"
-        ;;
+    bench) eager_rows; compiled_rows ;;
+    eager) eager_rows ;;  # a first short call (~2 min) that shows the code runs there, then:
+    compiled) compiled_rows ;;
     train)
         CLS_STEPS=${CLS_STEPS:-150} SCENES=${SCENES:-600} DET_EPOCHS=${DET_EPOCHS:-1} SEG_ITERS=${SEG_ITERS:-200} \
             RUN_TIMEOUT=${RUN_TIMEOUT:-150} benchmarks/run_gpu_train.sh "$DEST/train"
         ;;
     *)
-        echo "unknown part '$PART': use bench or train" >&2
+        echo "unknown part '$PART': use bench (= eager, then compiled) or train" >&2
         exit 2
         ;;
 esac

@@ -13,6 +13,7 @@ Method (so that ratios mean something on a shared or noisy machine):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -20,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -390,8 +391,21 @@ def _default_batch(mode: str, device: torch.device) -> int:
 def _agreement(ours: nn.Module, peer: nn.Module, img: int, device: torch.device) -> float:
     ours.eval(), peer.eval()
     x = torch.randn(2, ours.in_chans, img, img, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), full_fp32():
         return (ours(x) - peer(x)).abs().max().item()
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """fp32 convolutions and matmuls without TF32 on CUDA. cuDNN's convolutions default to TF32 (a 10-bit
+    mantissa), so two correct models would differ by ~1e-3 depending on which algorithm each call picks: the
+    1e-4 agreement check is meaningful in true fp32 only."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
 
 
 def _measure(cands: list[Candidate], args: argparse.Namespace, device: torch.device) -> None:
