@@ -4,9 +4,10 @@
     python benchmarks/profile_gpu.py --device cpu --batch-infer 2 --batch-train 2 --img-size 64   # smoke test
 
 For each mode (inference under inference_mode, training = forward, loss, backward, fused AdamW step, as
-`davit bench` runs them) and each model (eager), it warms up, profiles ``--steps`` steps and prints the
-device time per step, the wall time per step and the ops with the most self device time (on a CPU: self CPU
-time). That is the profile issue 4 asks for next to the ratios of `davit bench`.
+`davit bench` runs them) and each model (eager, or with ``--compile``), it warms up, profiles ``--steps``
+steps and prints the device time per step, the wall time per step and the kernels with the most device time
+(on a CPU: the ops with the most self CPU time). That is the profile issue 4 asks for next to the ratios
+of `davit bench`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from davit import create_model
-from davit.bench import DTYPES, _make_step, _sync, load_timm_weights, timm_counterpart
+from davit.bench import DTYPES, _compile, _make_step, _sync, load_timm_weights, timm_counterpart
 
 
 def _self_device_us(evt) -> float:
@@ -42,6 +43,8 @@ def profile_step(step, device: torch.device, steps: int, top: int, label: str) -
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     events = prof.key_averages()
     if device.type == "cuda":
+        # device work only (kernels, copies): an op's self device time repeats its kernels' time
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         key = lambda e: _self_device_us(e)  # noqa: E731
     else:
         key = lambda e: float(e.self_cpu_time_total)  # noqa: E731
@@ -69,6 +72,7 @@ def main() -> None:
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (ours fullgraph)")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -81,8 +85,17 @@ def main() -> None:
         x = torch.randn(bs, ours.in_chans, args.img_size, args.img_size, device=device)
         for name, m in (("ours", ours), ("timm", peer)):
             m.train(mode == "train")
-            step, opt = _make_step(m, x, mode, dtype, device, m)
-            profile_step(step, device, args.steps, args.top, f"{name} {mode} b{bs} {args.dtype} eager")
+            fn = m
+            if args.compile:
+                fn = _compile(m, "default", fullgraph=name == "ours", dynamic="batch")
+                torch._dynamo.mark_dynamic(x, 0)
+            step, opt = _make_step(fn, x, mode, dtype, device, m)
+            flavour = "compiled" if args.compile else "eager"
+            t0 = time.perf_counter()
+            step()  # the first call (compiles)
+            _sync(device)
+            print(f"\n{name} {mode}: first call {time.perf_counter() - t0:.1f} s")
+            profile_step(step, device, args.steps, args.top, f"{name} {mode} b{bs} {args.dtype} {flavour}")
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
             del step, opt

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import ChannelBlock, SpatialBlock
+from .layers import ChannelBlock, LayerNorm, SpatialBlock
 from .layers.fused import has_hooks
 
 __all__ = ["DaViT", "DaViTFeatures", "create_model", "list_models", "model_info", "VARIANTS"]
@@ -47,7 +47,7 @@ class Stem(nn.Module):
         super().__init__()
         self.stride = stride
         self.conv = nn.Conv2d(in_chans, dim, kernel_size=7, stride=stride, padding=3)
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm = LayerNorm(dim, eps=norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
@@ -74,7 +74,7 @@ class ConvStem(nn.Module):
         self.bn1 = nn.BatchNorm2d(dim)
         self.act = nn.GELU()
         self.conv = nn.Conv2d(dim, dim, kernel_size=3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm = LayerNorm(dim, eps=norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(self.bn1(strided_conv(self.conv1, x)))
@@ -89,7 +89,7 @@ class Downsample(nn.Module):
         if kernel_size not in (2, 3):
             raise ValueError(f"downsample kernel_size must be 2 or 3, got {kernel_size}")
         self.even_k = kernel_size == 2
-        self.norm = nn.LayerNorm(in_dim, eps=norm_eps)
+        self.norm = LayerNorm(in_dim, eps=norm_eps, autocast_out=True)  # feeds the conv only
         self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, stride=2, padding=0 if self.even_k else 1)
         self.fast = True
 
@@ -166,7 +166,7 @@ class ClassifierHead(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0, norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm = LayerNorm(dim, eps=norm_eps)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -384,7 +384,7 @@ class DaViTFeatures(nn.Module):
         self.stages = model.stages[: max(out_indices) + 1]
         self.feature_info = FeatureInfo(model.feature_info[i] for i in out_indices)
         self.out_norms = (
-            nn.ModuleList(nn.LayerNorm(model.embed_dims[i]) for i in out_indices) if out_norm else None
+            nn.ModuleList(LayerNorm(model.embed_dims[i]) for i in out_indices) if out_norm else None
         )
         self._check = model.check_input
 

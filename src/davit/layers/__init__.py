@@ -11,6 +11,7 @@ from .attention import (
     window_reverse,
 )
 from .blocks import ChannelBlock, ConvPosEnc, DropPath, Mlp, SpatialBlock, drop_path
+from .norm import LayerNorm
 
 __all__ = [
     "ChannelAttention",
@@ -24,6 +25,7 @@ __all__ = [
     "ChannelBlock",
     "ConvPosEnc",
     "DropPath",
+    "LayerNorm",
     "Mlp",
     "SpatialBlock",
     "drop_path",

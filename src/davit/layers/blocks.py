@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .attention import ChannelAttention, WindowAttention, window_partition, window_reverse
 from .fused import fused_cpu_inference, has_hooks, linear
+from .norm import LayerNorm
 
 __all__ = ["DropPath", "ConvPosEnc", "Mlp", "SpatialBlock", "ChannelBlock", "drop_path", "linear_residual"]
 
@@ -137,11 +138,11 @@ class SpatialBlock(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.cpe1 = ConvPosEnc(dim)
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = LayerNorm(dim, eps=norm_eps, autocast_out=True)
         self.attn = WindowAttention(dim, num_heads, qkv_bias)
         self.drop_path1 = DropPath(drop_path)
         self.cpe2 = ConvPosEnc(dim)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = LayerNorm(dim, eps=norm_eps, autocast_out=True)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path2 = DropPath(drop_path)
 
@@ -211,11 +212,11 @@ class ChannelBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.cpe1 = ConvPosEnc(dim)
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm1 = LayerNorm(dim, eps=norm_eps, autocast_out=True)
         self.attn = ChannelAttention(dim, num_heads, qkv_bias, v2=v2)
         self.drop_path1 = DropPath(drop_path)
         self.cpe2 = ConvPosEnc(dim)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2 = LayerNorm(dim, eps=norm_eps, autocast_out=True)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path2 = DropPath(drop_path)
 

@@ -1,0 +1,121 @@
+"""LayerNorm over the channels of (..., C) tokens, with a Triton kernel for CUDA inference.
+
+PyTorch's CUDA layer norm runs one thread block per row. DaViT's rows are short (C = 96 in davit_tiny's first
+stage, 802 816 rows at batch 256), so most of each block idles: on an H200 the 29 layer norms of davit_tiny's
+bf16-autocast forward at batch 256 took 10.7 of its 36.8 ms, a fraction of the memory bandwidth they need
+(docs/benchmarks.md, session 22; timm's model spends the same). :func:`triton_layer_norm` normalises a tile
+of rows per program instead, in fp32, and can write its output directly in the autocast dtype when the norm
+feeds a linear or convolution that autocast would run in that dtype anyway: that also saves the cast kernel
+and half the bytes written. The rounding is the one the cast would do (round to nearest even), so results
+equal the plain path's up to the order of the fp32 sums.
+
+It is used in eager CUDA inference only (no autograd, no compile, trace or export: those keep
+``F.layer_norm``, which inductor fuses itself); everything else runs the plain op. Without Triton (CPU-only
+installs, other platforms) the module is a plain ``nn.LayerNorm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerNorm", "triton_available", "triton_layer_norm"]
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ln_fwd(
+        X, W, B, Y, M, N, stride_x, stride_y, eps,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOWNCAST: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = (rows < M)[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)  # two passes over the registers: no cancellation
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * w[None, :] + b[None, :]
+        if DOWNCAST:  # to bf16/fp16, rounded as the cast autocast would do (nearest even)
+            y = y.to(Y.dtype.element_ty, fp_downcast_rounding="rtne")
+        else:
+            y = y.to(Y.dtype.element_ty)
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
+
+    return ln_fwd, triton.next_power_of_2
+
+
+def triton_layer_norm(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """Layer norm of the last dim of ``x`` (any leading shape) in fp32, returned in ``out_dtype`` (default
+    ``x.dtype``). No autograd: callers use it where no gradient is needed."""
+    kernel, next_pow2 = _kernel()
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    block_n = next_pow2(N)
+    # ~4096 elements per program (32 rows of 128 at C = 96): enough work per block, 32 values per thread
+    block_m = max(1, min(128, 4096 // block_n))
+    warps = 4 if block_n <= 1024 else 8
+    kernel[(-(-M // block_m),)](
+        x2, weight, bias, y, M, N, x2.stride(0), y.stride(0), eps,
+        BLOCK_M=block_m, BLOCK_N=block_n, DOWNCAST=y.element_size() < 4, num_warps=warps,
+    )  # fmt: skip
+    return y.view(x.shape)
+
+
+def _traced() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state-dict keys) that runs :func:`triton_layer_norm` in eager
+    CUDA inference.
+
+    ``autocast_out=True`` declares that the output only feeds ops autocast runs in its low-precision dtype
+    (a linear, a convolution): under CUDA autocast the kernel then writes that dtype instead of the fp32 that
+    autocast's layer norm returns. Norms whose output is a result or a residual stream keep fp32.
+    ``fast=False`` (``DaViT.set_fast(False)``) selects the plain op."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, autocast_out: bool = False, **kw) -> None:
+        super().__init__(normalized_shape, eps=eps, **kw)
+        self.autocast_out = autocast_out
+        self.fast = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.fast
+            and x.is_cuda
+            and self.weight is not None
+            and self.bias is not None
+            and len(self.normalized_shape) == 1
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and triton_available()
+            and not _traced()
+        ):
+            if torch.is_autocast_enabled("cuda"):
+                out = torch.get_autocast_dtype("cuda") if self.autocast_out else torch.float32
+            else:
+                out = x.dtype  # as F.layer_norm returns, also for mixed input/weight dtypes
+            return triton_layer_norm(x, self.weight, self.bias, self.eps, out)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)

@@ -1,0 +1,117 @@
+"""LayerNorm: the plain op everywhere but eager CUDA inference, where a Triton kernel runs.
+
+The kernel itself runs here under Triton's CPU interpreter (a subprocess with TRITON_INTERPRET=1), and on a
+CUDA machine against F.layer_norm directly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from davit import create_model
+from davit.layers.norm import LayerNorm, triton_available
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_same_parameters_and_keys_as_nn_layernorm():
+    ours, plain = LayerNorm(96, eps=1e-6, autocast_out=True), nn.LayerNorm(96, eps=1e-6)
+    assert ours.state_dict().keys() == plain.state_dict().keys()
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 7, 96)
+    torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)
+
+
+def test_cpu_keeps_the_plain_op_under_autocast():
+    # autocast_out changes nothing off CUDA: dtype and values are nn.LayerNorm's under the same autocast
+    norm, plain = LayerNorm(32, autocast_out=True), nn.LayerNorm(32)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = norm(x), plain(x)
+    assert y.dtype == ref.dtype
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_model_norms_are_ours_and_set_fast_reaches_them():
+    m = create_model("davit_tiny", num_classes=10)
+    norms = [mod for mod in m.modules() if isinstance(mod, nn.LayerNorm)]
+    assert norms and all(isinstance(n, LayerNorm) for n in norms)
+    # the norms that feed a linear/conv only may be written in autocast's dtype; stem and head keep fp32
+    assert not m.stem.norm.autocast_out and not m.head.norm.autocast_out
+    assert sum(n.autocast_out for n in norms) == len(norms) - 2
+    m.set_fast(False)
+    assert not any(n.fast for n in norms)
+
+
+_INTERPRETED = textwrap.dedent(
+    """
+    import torch, torch.nn.functional as F
+    from davit.layers.norm import triton_layer_norm
+    torch.manual_seed(0)
+    cases = [((3, 5, 7, 96), torch.float32, None), ((37, 192), torch.bfloat16, torch.float32),
+             ((2, 9, 384), torch.float32, torch.bfloat16), ((4, 768), torch.float16, None),
+             ((5, 1000), torch.float32, None), ((1, 1, 1, 8), torch.float32, None)]
+    for shape, dt, out in cases:
+        x = (torch.randn(shape) * 3 + 1).to(dt)
+        w, b = torch.randn(shape[-1]), torch.randn(shape[-1])
+        y = triton_layer_norm(x, w, b, 1e-5, out)
+        ref = F.layer_norm(x.float(), (shape[-1],), w, b, 1e-5)
+        assert y.shape == x.shape and y.dtype == (out or dt), (shape, y.dtype)
+        # fp32 out: round-off; low-precision out: one unit in the last place (the interpreter truncates
+        # to bf16 where the GPU rounds to nearest even, see test_cuda_matches_plain_op)
+        tol = 1e-5 if y.dtype == torch.float32 else 2 * torch.finfo(y.dtype).eps * ref.abs().max().item()
+        err = (y.float() - ref).abs().max().item()
+        assert err <= tol, (shape, dt, out, err, tol)
+    # a non-contiguous input (every other row)
+    x = torch.randn(10, 64)[::2]
+    y = triton_layer_norm(x, torch.ones(64), torch.zeros(64), 1e-5)
+    assert (y - F.layer_norm(x, (64,))).abs().max().item() <= 1e-5
+    print("ok")
+    """
+)
+
+
+@needs_triton
+def test_kernel_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_plain_op(dtype):
+    torch.manual_seed(0)
+    norm = LayerNorm(96, autocast_out=True).cuda()
+    nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
+    x = (torch.randn(8, 56, 56, 96, device="cuda") * 2 + 1).to(dtype)
+    with torch.inference_mode():
+        ref = F.layer_norm(x.float(), (96,), norm.weight, norm.bias, norm.eps)
+        torch.testing.assert_close(norm(x).float(), ref.to(dtype).float(), rtol=0, atol=1e-5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = norm(x)
+        assert y.dtype == torch.bfloat16
+        # rounded to nearest even as the cast would be: all but rare ties of the fp32 sums agree exactly
+        assert (y != ref.bfloat16()).float().mean().item() < 1e-3
+        norm.autocast_out = False
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert norm(x).dtype == torch.float32
+
+
+@needs_cuda
+def test_cuda_training_uses_the_plain_op_with_gradients():
+    norm = LayerNorm(64, autocast_out=True).cuda()
+    x = torch.randn(4, 64, device="cuda", requires_grad=True)
+    norm(x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
