@@ -62,10 +62,17 @@ print(f"fast vs reference path, fp32 (no TF32): max abs diff {(fast - ref).abs()
 EOF
 
 eager_rows() {
-    # issue 4's eager inference row against timm (seconds), then where both eager steps go (profile_gpu.py)
-    RUNS='^01_' RUN_TIMEOUT=120 benchmarks/run_gpu.sh "$DEST/bench"
+    # the Triton layer norm's CUDA tests (opt-in until they and row 01b have run on a GPU), issue 4's eager
+    # inference rows against timm (seconds each: 01 plain, 01b with the Triton layer norm), then where both
+    # eager steps go (profile_gpu.py, with the Triton layer norm)
+    if "$PYTHON" -c "import pytest" 2> /dev/null; then
+        "$PYTHON" -m pytest -q -p no:cacheprovider tests/layers/test_norm.py 2>&1 | tail -4 \
+            | tee "$DEST/test_norm.txt" || true
+    fi
+    mkdir -p "$DEST/bench"
+    RUNS='^01' RUN_TIMEOUT=120 benchmarks/run_gpu.sh "$DEST/bench"
     if (($(date +%s) + 90 < DEADLINE)); then
-        timeout -k 5 60 "$PYTHON" benchmarks/profile_gpu.py --device "$DEVICE" ${QUICK:+--img-size 64 \
+        DAVIT_TRITON_LAYERNORM=1 timeout -k 5 60 "$PYTHON" benchmarks/profile_gpu.py --device "$DEVICE" ${QUICK:+--img-size 64 \
             --batch-infer 2 --batch-train 2 --steps 1} > "$DEST/bench/profile.txt" 2>&1 \
             || echo "== profile: exit status $?" >&2
         grep -A12 '^== ' "$DEST/bench/profile.txt" || true

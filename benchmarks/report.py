@@ -49,7 +49,7 @@ def render(paths: list[str], title: str) -> str:
             mem = f"{_f(o['peak_mem_mb'], '.0f')} / {_f(t['peak_mem_mb'], '.0f') if t else '–'}"
             lines.append(
                 f"| {i} | {r['model']} | {r['img_size']} | {mode} {r['dtype']} | {o['batch_size']} "
-                f"| {o['flavour']} "
+                f"| {o['flavour']}{' + Triton LN' if r.get('triton_layernorm') else ''} "
                 f"| {_sig(o['img_per_s'])} | {_sig(t['img_per_s']) if t else '–'} "
                 f"| {'**' + format(ratio, '.2f') + 'x**' if ratio else '–'} "
                 f"| {o['tflops'] * 1e3:.1f} ({100 * o['frac_peak']:.0f}%) | {mem} | {comp} |"

@@ -33,6 +33,8 @@ run() {
 { nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; lscpu | grep 'Model name'; uptime; } > "$OUT/machine.txt"
 
 run 01_tiny_infer_eager     --model davit_tiny --mode infer "${S[@]}" "${BI[@]}" --vs-timm
+# the same with ours' Triton layer norm (opt-in until measured: src/davit/layers/norm.py)
+DAVIT_TRITON_LAYERNORM=1 run 01b_tiny_infer_eager_triton_ln --model davit_tiny --mode infer "${S[@]}" "${BI[@]}" --vs-timm
 run 02_tiny_infer_compiled  --model davit_tiny --mode infer "${S[@]}" "${BI[@]}" --vs-timm --compile
 run 03_tiny_train_eager     --model davit_tiny --mode train "${S[@]}" "${BT[@]}" --vs-timm
 run 04_tiny_train_compiled  --model davit_tiny --mode train "${S[@]}" "${BT[@]}" --vs-timm --compile

@@ -289,6 +289,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         # which GEMM library ours' training and compiled linears use here (by CPU, see the op's docstring)
         lib = "oneDNN" if onednn_training_enabled() else "F.linear (MKL)"
         print(f"ours' training and compiled fp32 linears: {lib} (DAVIT_ONEDNN_TRAINING=0/1 overrides)")
+    triton_ln = None
+    if device.type == "cuda":
+        from .layers.norm import triton_layer_norm_enabled
+
+        triton_ln = triton_layer_norm_enabled()
+        kind = "Triton kernel" if triton_ln else "F.layer_norm"
+        print(f"ours' eager-inference layer norms: {kind} (DAVIT_TRITON_LAYERNORM=1 selects the kernel)")
     flavour = (
         args.backend
         if args.backend != "torch"
@@ -310,6 +317,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         warmup=args.warmup,
         vs_timm=args.vs_timm,
         agreement_max_abs_diff=max_diff,
+        triton_layernorm=triton_ln,
         matmul_peak_tflops=peak,
         matmul_peak_n=args.peak_n,
         **environment(),

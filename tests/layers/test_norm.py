@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from davit import create_model
-from davit.layers.norm import LayerNorm, triton_available
+from davit.layers import norm as norm_mod
+from davit.layers.norm import LayerNorm, set_triton_layer_norm, triton_available
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -38,6 +39,41 @@ def test_cpu_keeps_the_plain_op_under_autocast():
         y, ref = norm(x), plain(x)
     assert y.dtype == ref.dtype
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_kernel_is_opt_in(monkeypatch):
+    monkeypatch.delenv("DAVIT_TRITON_LAYERNORM", raising=False)
+    r = subprocess.run(
+        [sys.executable, "-c", "from davit.layers.norm import _ENABLED; print(_ENABLED)"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+def test_set_triton_layer_norm(monkeypatch):
+    monkeypatch.setattr(norm_mod, "_ENABLED", False)
+    set_triton_layer_norm(True)
+    assert norm_mod.triton_layer_norm_enabled() == triton_available()
+    set_triton_layer_norm(False)
+    assert not norm_mod.triton_layer_norm_enabled()
+
+
+def test_a_failing_kernel_warns_and_falls_back(monkeypatch):
+    # where the kernel would run (CUDA inference, enabled) but cannot build: the plain op, a warning, and
+    # the kernel stays off for later calls
+    monkeypatch.setattr(LayerNorm, "_kernel_ok", lambda self, x: norm_mod._ENABLED)
+    monkeypatch.setattr(norm_mod, "_ENABLED", True)
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(norm_mod, "triton_layer_norm", broken)
+    norm = LayerNorm(16)
+    x = torch.randn(3, 16)
+    with pytest.warns(RuntimeWarning, match="Triton layer-norm kernel failed.*no kernel here"):
+        y = norm(x)
+    torch.testing.assert_close(y, F.layer_norm(x, (16,), norm.weight, norm.bias), rtol=0, atol=0)
+    assert not norm_mod._ENABLED
 
 
 def test_model_norms_are_ours_and_set_fast_reaches_them():
@@ -91,7 +127,8 @@ def test_kernel_under_triton_interpreter():
 @needs_cuda
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_plain_op(dtype):
+def test_cuda_matches_plain_op(dtype, monkeypatch):
+    monkeypatch.setattr(norm_mod, "_ENABLED", True)
     torch.manual_seed(0)
     norm = LayerNorm(96, autocast_out=True).cuda()
     nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
@@ -107,6 +144,7 @@ def test_cuda_matches_plain_op(dtype):
         norm.autocast_out = False
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert norm(x).dtype == torch.float32
+    assert norm_mod._ENABLED  # the kernel ran: no fallback
 
 
 @needs_cuda

@@ -1,34 +1,60 @@
 """LayerNorm over the channels of (..., C) tokens, with a Triton kernel for CUDA inference.
 
-PyTorch's CUDA layer norm runs one thread block per row. DaViT's rows are short (C = 96 in davit_tiny's first
-stage, 802 816 rows at batch 256), so most of each block idles: on an H200 the 29 layer norms of davit_tiny's
-bf16-autocast forward at batch 256 took 10.7 of its 36.8 ms, a fraction of the memory bandwidth they need
-(docs/benchmarks.md, session 22; timm's model spends the same). :func:`triton_layer_norm` normalises a tile
-of rows per program instead, in fp32, and can write its output directly in the autocast dtype when the norm
-feeds a linear or convolution that autocast would run in that dtype anyway: that also saves the cast kernel
-and half the bytes written. The rounding is the one the cast would do (round to nearest even), so results
-equal the plain path's up to the order of the fp32 sums.
+PyTorch's CUDA layer norm launches one thread block per row, and DaViT's rows are short (C = 96 in
+davit_tiny's first stage, 802 816 rows at batch 256). On an H200 the 29 layer norms of davit_tiny's
+bf16-autocast forward at batch 256 took 10.7 of its 36.8 ms (timm's model: the same 10.7 ms) for ~7.5 GB of
+fp32 reads and writes: ~0.7 TB/s, where a plain copy moves ~4.3 TB/s (docs/benchmarks.md, session 22).
+:func:`triton_layer_norm` normalises a tile of rows per program instead, in fp32, and can write its output
+directly in the autocast dtype when the norm feeds a linear or convolution that autocast would run in that
+dtype anyway: that also saves the cast kernel and half the bytes written. The rounding is the one the cast
+would do (round to nearest even), so results equal the plain path's up to the order of the fp32 sums.
 
 It is used in eager CUDA inference only (no autograd, no compile, trace or export: those keep
 ``F.layer_norm``, which inductor fuses itself); everything else runs the plain op. Without Triton (CPU-only
 installs, other platforms) the module is a plain ``nn.LayerNorm``.
+
+**Opt-in until measured on a GPU**: the kernel is checked against ``F.layer_norm`` under Triton's CPU
+interpreter (tests/layers/test_norm.py), but the device lent in session 22 was withdrawn before it ran there,
+so it is off unless ``DAVIT_TRITON_LAYERNORM=1`` or :func:`set_triton_layer_norm` turns it on. If the kernel
+fails to build or launch, a warning says so and the plain op is used from then on.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerNorm", "triton_available", "triton_layer_norm"]
+__all__ = [
+    "LayerNorm",
+    "set_triton_layer_norm",
+    "triton_available",
+    "triton_layer_norm",
+    "triton_layer_norm_enabled",
+]
+
+_ENABLED = os.environ.get("DAVIT_TRITON_LAYERNORM", "0") == "1"
 
 
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def set_triton_layer_norm(enable: bool) -> None:
+    """Turn the Triton kernel of eager CUDA inference on or off (default: ``DAVIT_TRITON_LAYERNORM=1``)."""
+    global _ENABLED
+    _ENABLED = bool(enable)
+
+
+def triton_layer_norm_enabled() -> bool:
+    """Whether eager CUDA inference may use the kernel (it also needs Triton installed)."""
+    return _ENABLED and triton_available()
 
 
 @functools.cache
@@ -90,7 +116,7 @@ def _traced() -> bool:
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters and state-dict keys) that runs :func:`triton_layer_norm` in eager
-    CUDA inference.
+    CUDA inference when :func:`triton_layer_norm_enabled`.
 
     ``autocast_out=True`` declares that the output only feeds ops autocast runs in its low-precision dtype
     (a linear, a convolution): under CUDA autocast the kernel then writes that dtype instead of the fp32 that
@@ -102,20 +128,32 @@ class LayerNorm(nn.LayerNorm):
         self.autocast_out = autocast_out
         self.fast = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        if (
+    def _kernel_ok(self, x: Tensor) -> bool:
+        return (
             self.fast
             and x.is_cuda
             and self.weight is not None
             and self.bias is not None
             and len(self.normalized_shape) == 1
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            and triton_available()
+            and triton_layer_norm_enabled()
             and not _traced()
-        ):
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._kernel_ok(x):
             if torch.is_autocast_enabled("cuda"):
                 out = torch.get_autocast_dtype("cuda") if self.autocast_out else torch.float32
             else:
                 out = x.dtype  # as F.layer_norm returns, also for mixed input/weight dtypes
-            return triton_layer_norm(x, self.weight, self.bias, self.eps, out)
+            try:
+                return triton_layer_norm(x, self.weight, self.bias, self.eps, out)
+            except Exception as e:  # a Triton/driver combination it does not build on: keep working
+                set_triton_layer_norm(False)
+                warnings.warn(
+                    f"davit: the Triton layer-norm kernel failed ({type(e).__name__}: {e}); using "
+                    "F.layer_norm from now on. Unset DAVIT_TRITON_LAYERNORM to silence this.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
