@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # The GPU checks of issues 3-5 sized for a lent device machine (one H100/H200; 15 minutes of device time per
-# session, start-up included, at most 10 minutes per call, and the machine goes back after 30 s idle): two
-# calls, back to back, each under 10 minutes. Prepare here first (wheels and data the machine lacks):
+# session, start-up included, at most 10 minutes per call, and the machine goes back after 30 s idle).
+# Prepare here first (wheels and data the machine lacks), then call the device tool:
 #
 #   benchmarks/device_prepare.sh
-#   device run: command "bash benchmarks/device_run.sh bench", carry [".whl", ".devdata"], timeout_s 590
-#   device run: command "bash benchmarks/device_run.sh train", carry [".whl", ".devdata"], timeout_s 590
+#   device run: "LIMIT=200 bash benchmarks/device_run.sh eager /tmp/r; (cd /tmp/r && tar czf $OUT/e.tgz .)",
+#               carry [".whl", ".devdata"], timeout_s 260          (H200, session 22: 85 s + ~30 s start-up)
+#   device run: the same with "LIMIT=540 ... compiled", timeout_s 600, at once (the machine is still warm)
+#                                                                  (H200, session 22: 300 s)
+#   device run: "bash benchmarks/device_run.sh train", timeout_s 590, if device time is left
 #
-# bench: issue 4's GPU rows (benchmarks/run_gpu.sh runs 01, 02, 04: davit_tiny bf16, inference at batch 256
-#        eager and compiled, training at batch 128 compiled, each against timm with identical weights; the MFU
-#        column is the training target).
+# (the tar: the tool returns at most 8 files from $OUT)
+# eager:    the Triton layer norm's CUDA tests, issue 4's eager inference rows (benchmarks/run_gpu.sh 01 and 01b:
+#           davit_tiny bf16 at batch 256 against timm with identical weights, 01b with DAVIT_TRITON_LAYERNORM=1)
+#           and where the eager steps go (benchmarks/profile_gpu.py).
+# compiled: the compiled rows 04 (training at batch 128; its MFU column is the training target) and 02
+#           (inference at batch 256). bench = eager, then compiled, in one call.
 # train: issues 3 and 5's short real runs (benchmarks/run_gpu_train.sh, shortened): davit_tiny with the imagenet
 #        preset at 224 px in bf16, eager and compiled; Mask R-CNN (coco-maskrcnn-1x) and UperNet
 #        (ade20k-upernet-160k) on 256 px scenes at the recipes' resolutions; img/s and peak memory.
 # Results go to $OUT (the device tool's return folder), else benchmarks/results/device; each part prints its
 # table last; every run ends by LIMIT seconds (default 560) after the start, the last ones shortened or
 # skipped if the first took long. On a CPU, a smoke test of the same paths:
-#   DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python benchmarks/device_run.sh bench /tmp/dev
+#   DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python benchmarks/device_run.sh bench /tmp/dev   (eager part: 40 s)
 # where the GPU limits stop the compiled rows (inductor's first compile of a training step takes 3-4 minutes
 # on 2 cores); the train part's four rows, compiled one included, end in ~6.5 minutes with
 #   DEVICE=cpu QUICK=1 PYTHON=.venv/bin/python RUN_TIMEOUT=300 LIMIT=900 benchmarks/device_run.sh train /tmp/dev
