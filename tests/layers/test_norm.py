@@ -106,6 +106,8 @@ _INTERPRETED = textwrap.dedent(
         tol = 1e-5 if y.dtype == torch.float32 else 2 * torch.finfo(y.dtype).eps * ref.abs().max().item()
         err = (y.float() - ref).abs().max().item()
         assert err <= tol, (shape, dt, out, err, tol)
+    # no rows
+    assert triton_layer_norm(torch.randn(0, 7, 32), torch.ones(32), torch.zeros(32), 1e-5).shape == (0, 7, 32)
     # a non-contiguous input (every other row)
     x = torch.randn(10, 64)[::2]
     y = triton_layer_norm(x, torch.ones(64), torch.zeros(64), 1e-5)

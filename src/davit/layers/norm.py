@@ -21,6 +21,7 @@ fails to build or launch, a warning says so and the plain op is used from then o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -99,14 +100,17 @@ def triton_layer_norm(
         x2 = x2.contiguous()
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    if M == 0:
+        return y.view(x.shape)
     block_n = next_pow2(N)
     # ~4096 elements per program (32 rows of 128 at C = 96): enough work per block, 32 values per thread
     block_m = max(1, min(128, 4096 // block_n))
     warps = 4 if block_n <= 1024 else 8
-    kernel[(-(-M // block_m),)](
-        x2, weight, bias, y, M, N, x2.stride(0), y.stride(0), eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOWNCAST=y.element_size() < 4, num_warps=warps,
-    )  # fmt: skip
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton: current device
+        kernel[(-(-M // block_m),)](
+            x2, weight, bias, y, M, N, x2.stride(0), y.stride(0), eps,
+            BLOCK_M=block_m, BLOCK_N=block_n, DOWNCAST=y.element_size() < 4, num_warps=warps,
+        )  # fmt: skip
     return y.view(x.shape)
 
 
@@ -135,6 +139,7 @@ class LayerNorm(nn.LayerNorm):
             and self.weight is not None
             and self.bias is not None
             and len(self.normalized_shape) == 1
+            and self.normalized_shape[0] <= 8192  # one row per program at most: the tile stays in registers
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
             and triton_layer_norm_enabled()
             and not _traced()
