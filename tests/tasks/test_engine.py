@@ -106,7 +106,8 @@ def test_segment_train_eval_predict_cli(scenes, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resumed from" in out and "glibc malloc: " in out  # CPU training sets malloc's thresholds
     assert main(["segment", "eval", str(run)]) == 0
-    assert "mIoU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "glibc malloc:" in out
     # test-time overrides go through the same type checks as training (a bad value is exit 2, not a traceback)
     assert main(["segment", "eval", str(run), "--set", "test_flip=true", "test_scales=[0.5,1.0]"]) == 0
     assert "mIoU" in capsys.readouterr().out

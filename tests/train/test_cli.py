@@ -39,6 +39,7 @@ def test_eval_takes_the_runs_dataset_and_an_output_folder(folder_run, tmp_path, 
     assert rc == 0, out + err
     assert f"using its run {run.name}" in err
     assert "on folder/val (12 images)" in out
+    assert "glibc malloc:" in out  # CPU: the allocator setting, as training prints it (davit.alloc)
     ev = json.loads(out_json.read_text())
     assert ev["top1"] == pytest.approx(res["top1"]) and ev["confusion"] == res["confusion"]
     assert ev["classes"] == ["cat", "dog", "fish"]

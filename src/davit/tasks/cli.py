@@ -149,6 +149,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .engine import build_datasets, evaluate, load_run
 
     device = pick_device(args.device, 0)
+    if device.type == "cpu":  # large activations reused, not re-mapped per batch (davit.alloc)
+        from ..alloc import tune_malloc
+
+        print(tune_malloc())
     over = {**parse_set(args.set), **({"data": args.data} if args.data else {})}
     model, cfg = load_run(args.run, device, over, task=args.task)  # the overrides reach the model too
     ds = build_datasets(cfg, ("val",))["val"]

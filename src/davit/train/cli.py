@@ -225,6 +225,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data_dir = args.data_dir if args.data_dir is not None else (run.get("data_dir") if same else None)
     split = args.split or (run.get("val_split") if same else None) or "val"
     dev = pick_device(args.device, 0)
+    if dev.type == "cpu":  # large batches' activations reused, not re-mapped per batch (davit.alloc)
+        from ..alloc import tune_malloc
+
+        print(tune_malloc())
     net.to(dev).eval()
     tf = _eval_transform(meta, args.img_size, args.crop_pct, args.interpolation)
     ds = build_dataset(dataset, data_dir, split, transform=tf, mode="L" if meta["in_chans"] == 1 else "RGB")
