@@ -65,6 +65,17 @@ with torch.inference_mode(), full_fp32():
     ref = m(x)
     m.set_fast(True)
 print(f"fast vs reference path, fp32 (no TF32): max abs diff {(fast - ref).abs().max().item():.2e} (target <= 1e-4)")
+# the Triton layer norm (opt-in) against F.layer_norm in the whole model, bf16 autocast, random weights
+from davit.layers.norm import set_triton_layer_norm, triton_available
+if dev == "cuda" and triton_available():
+    def logits(on):
+        set_triton_layer_norm(on)
+        with torch.inference_mode(), torch.autocast(dev, dtype=torch.bfloat16):
+            return m(x).float()
+    a, b = logits(True), logits(False)
+    rel = ((a - b).norm() / b.norm()).item()
+    same = (a.argmax(1) == b.argmax(1)).float().mean().item()
+    print(f"bf16 logits, Triton layer norm vs F.layer_norm: relative diff {rel:.2e}, top-1 equal {same:.3f}")
 EOF
 
 eager_rows() {
