@@ -14,7 +14,8 @@ It is used in eager CUDA inference only (no autograd, no compile, trace or expor
 installs, other platforms) the module is a plain ``nn.LayerNorm``.
 
 **Opt-in until measured on a GPU**: the kernel is checked against ``F.layer_norm`` under Triton's CPU
-interpreter (tests/layers/test_norm.py), but the device lent in session 22 was withdrawn before it ran there,
+interpreter and compiled for sm_90 offline (tests/layers/test_norm.py), but the device lent in session 22 was
+withdrawn before it ran there,
 so it is off unless ``DAVIT_TRITON_LAYERNORM=1`` or :func:`set_triton_layer_norm` turns it on. If the kernel
 fails to build or launch, a warning says so and the plain op is used from then on.
 """
