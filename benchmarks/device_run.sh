@@ -15,7 +15,8 @@
 #           davit_tiny bf16 at batch 256 against timm with identical weights, 01b with DAVIT_TRITON_LAYERNORM=1)
 #           and where the eager steps go (benchmarks/profile_gpu.py).
 # compiled: the compiled rows 04 (training at batch 128; its MFU column is the training target) and 02
-#           (inference at batch 256). bench = eager, then compiled, in one call.
+#           (inference at batch 256), then a profile of compiled inference if time is left. bench = eager,
+#           then compiled, in one call.
 # train: issues 3 and 5's short real runs (benchmarks/run_gpu_train.sh, shortened): davit_tiny with the imagenet
 #        preset at 224 px in bf16, eager and compiled; Mask R-CNN (coco-maskrcnn-1x) and UperNet
 #        (ade20k-upernet-160k) on 256 px scenes at the recipes' resolutions; img/s and peak memory.
@@ -100,6 +101,13 @@ compiled_rows() {
     # first), then compiled inference; each run_gpu.sh call re-writes table.md from every row so far
     RUNS='^04_' RUN_TIMEOUT=${RUN_TIMEOUT:-300} benchmarks/run_gpu.sh "$DEST/bench"
     RUNS='^02_' RUN_TIMEOUT=${RUN_TIMEOUT:-240} benchmarks/run_gpu.sh "$DEST/bench"
+    # where compiled inference goes (inductor's kernels, both models; ~2 minutes with the compiles)
+    if (($(date +%s) + 150 < DEADLINE)); then
+        timeout -k 5 140 "$PYTHON" benchmarks/profile_gpu.py --device "$DEVICE" --compile --modes infer \
+            ${QUICK:+--img-size 64 --batch-infer 2 --steps 1} > "$DEST/bench/profile_compiled.txt" 2>&1 \
+            || echo "== compiled profile: exit status $?" >&2
+        grep -A12 '^== ' "$DEST/bench/profile_compiled.txt" || true
+    fi
 }
 
 case $PART in

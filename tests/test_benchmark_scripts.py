@@ -54,6 +54,21 @@ def test_profile_step_vs_timm_lists_both_models_per_op():
     assert gemm is not None and all(float(v) > 0 for v in gemm), out
 
 
+def test_profile_gpu_profiles_both_models_on_a_cpu():
+    # the GPU profile script's code path, on a CPU (self CPU time instead of device time)
+    pytest.importorskip("timm")
+    args = ["--device", "cpu", "--dtype", "fp32", "--img-size", "32", "--batch-infer", "2"]
+    args += ["--batch-train", "2"]
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "profile_gpu.py"), *args, "--steps", "1", "--top", "4"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    heads = re.findall(r"== (ours|timm) (infer|train) b2 fp32 eager: wall [\d.]+ ms/step", r.stdout)
+    assert heads == [("ours", "infer"), ("timm", "infer"), ("ours", "train"), ("timm", "train")], r.stdout
+    assert re.search(r"^aten::\w+ +[\d.]+ +[\d.]+% +[\d.]+$", r.stdout, re.M), r.stdout
+
+
 RUN_LIB = SCRIPT.parent / "run_lib.sh"
 
 
