@@ -292,16 +292,23 @@ def test_torchcompile_trains_and_saves_plain_weights(tiny_cfg, monkeypatch):
     the same functions at other shapes, dynamo's automatic dynamic shapes made inductor fail (a sympy
     relational in its stride ordering). The model's own compile (fullgraph, new sizes) is tested in
     tests/test_models.py."""
-    import functools
 
     from davit.train.setup import model_from_metadata
 
     torch._dynamo.reset()  # independent of what earlier tests compiled
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    seen, compile_ = {}, torch.compile
+
+    def eager_backend(model, **kw):
+        seen.update(kw)  # what the trainer asked inductor for: options are inductor's, dropped here
+        return compile_(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_backend)
     try:
         res = train(tiny_cfg(experiment="compiled", epochs=1, max_steps=2, torchcompile=True))
     finally:
         torch._dynamo.reset()
+    # on CPU without inductor's layout optimisation (see davit.train.trainer.compile_options)
+    assert seen == {"options": {"layout_optimization": False}}
     ref = train(tiny_cfg(experiment="eager", epochs=1, max_steps=2))
     a, b = _step_losses(ref["run_dir"]), _step_losses(res["run_dir"])
     assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-3)

@@ -145,6 +145,17 @@ def _load_state_dicts(net: nn.Module, opt: torch.optim.Optimizer, msd: dict, osd
     opt.load_state_dict(osd)
 
 
+def compile_options(device: torch.device) -> dict:
+    """``torch.compile`` arguments for training on ``device``.
+
+    On CPU inductor's layout optimisation (on by default in graphs with convolutions) copies every position
+    encoding's input, already channels-last, into a channels-last buffer and stores the residual stream and
+    saved activations in a (B, W, C, H) order that the next kernels transpose back; without it davit_tiny's
+    compiled training step at batch 8 took 1899 instead of 2199 ms (medians of 8 alternating pairs of fresh
+    processes, 7 in its favour, Zen 4 VM, docs/benchmarks.md, session 22). GPUs keep the default."""
+    return {"options": {"layout_optimization": False}} if device.type == "cpu" else {}
+
+
 def _wrap_fsdp(net: nn.Module, device: torch.device) -> None:
     from torch.distributed.fsdp import fully_shard
 
@@ -259,7 +270,7 @@ def _train(cfg: TrainConfig, di) -> dict[str, Any]:
             net, device_ids=[dev.index] if dev.type == "cuda" else None
         )
     if cfg.torchcompile:
-        model = torch.compile(model)
+        model = torch.compile(model, **compile_options(dev))
     # ----- resume -------------------------------------------------------------------------------------------
     start_epoch, start_pos, step, best = 0, 0, 0, -1.0
     start_batch: int | None = None
