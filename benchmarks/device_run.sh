@@ -11,7 +11,7 @@
 #   device run: "bash benchmarks/device_run.sh train", timeout_s 590, if device time is left
 #
 # (the tar: the tool returns at most 8 files from $OUT)
-# eager:    the Triton layer norm's CUDA tests, issue 4's eager inference rows (benchmarks/run_gpu.sh 01 and 01b:
+# eager:    the CUDA tests (tests/layers/test_norm.py, tests/test_devices.py), issue 4's eager inference rows (benchmarks/run_gpu.sh 01 and 01b:
 #           davit_tiny bf16 at batch 256 against timm with identical weights, 01b with DAVIT_TRITON_LAYERNORM=1)
 #           and where the eager steps go (benchmarks/profile_gpu.py).
 # compiled: the compiled rows 04 (training at batch 128; its MFU column is the training target) and 02
@@ -80,12 +80,12 @@ if dev == "cuda" and triton_available():
 EOF
 
 eager_rows() {
-    # the Triton layer norm's CUDA tests (opt-in until they and row 01b have run on a GPU), issue 4's eager
+    # the CUDA tests (the Triton layer norm is opt-in until they and row 01b have run on a GPU), issue 4's eager
     # inference rows against timm (seconds each: 01 plain, 01b with the Triton layer norm), then where both
     # eager steps go (profile_gpu.py, with the Triton layer norm)
     if "$PYTHON" -c "import pytest" 2> /dev/null; then
-        "$PYTHON" -m pytest -q -p no:cacheprovider tests/layers/test_norm.py 2>&1 | tail -4 \
-            | tee "$DEST/test_norm.txt" || true
+        "$PYTHON" -m pytest -q -p no:cacheprovider tests/layers/test_norm.py tests/test_devices.py 2>&1 \
+            | tail -6 | tee "$DEST/tests_cuda.txt" || true
     fi
     mkdir -p "$DEST/bench"
     RUNS='^01' RUN_TIMEOUT=120 benchmarks/run_gpu.sh "$DEST/bench"
