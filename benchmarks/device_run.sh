@@ -11,9 +11,9 @@
 #   device run: "bash benchmarks/device_run.sh train", timeout_s 590, if device time is left
 #
 # (the tar: the tool returns at most 8 files from $OUT)
-# eager:    the CUDA tests (tests/layers/test_norm.py, tests/test_devices.py), issue 4's eager inference rows (benchmarks/run_gpu.sh 01 and 01b:
-#           davit_tiny bf16 at batch 256 against timm with identical weights, 01b with DAVIT_TRITON_LAYERNORM=1)
-#           and where the eager steps go (benchmarks/profile_gpu.py).
+# eager:    the CUDA tests (tests/layers/test_norm.py, tests/test_devices.py), issue 4's eager inference
+#           rows (benchmarks/run_gpu.sh 01 and 01b: davit_tiny bf16 at batch 256 against timm with identical
+#           weights, 01b with DAVIT_TRITON_LAYERNORM=1) and where the eager steps go (profile_gpu.py).
 # compiled: the compiled rows 04 (training at batch 128; its MFU column is the training target) and 02
 #           (inference at batch 256), then a profile of compiled inference if time is left. bench = eager,
 #           then compiled, in one call.
