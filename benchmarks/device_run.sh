@@ -4,10 +4,11 @@
 # Prepare here first (wheels and data the machine lacks), then call the device tool:
 #
 #   benchmarks/device_prepare.sh
-#   device run: "LIMIT=200 bash benchmarks/device_run.sh eager /tmp/r; (cd /tmp/r && tar czf $OUT/e.tgz .)",
-#               carry [".whl", ".devdata"], timeout_s 260          (H200, session 22: 85 s + ~30 s start-up)
-#   device run: the same with "LIMIT=540 ... compiled", timeout_s 600, at once (the machine is still warm)
-#                                                                  (H200, session 22: 300 s)
+#   device run: "LIMIT=240 bash benchmarks/device_run.sh eager /tmp/r; (cd /tmp/r && tar czf $OUT/e.tgz .)",
+#               carry [".whl", ".devdata"], timeout_s 300
+#   device run: the same with "LIMIT=480 ... compiled", timeout_s 540, at once (the machine is still warm)
+#   (H200, session 22: eager 85 s before the CUDA tests were added, compiled 300 s before its profile; both
+#   calls with a ~30 s start fit the 15 minutes; a part past its LIMIT skips its last steps, see run_lib.sh)
 #   device run: "bash benchmarks/device_run.sh train", timeout_s 590, if device time is left
 #
 # (the tar: the tool returns at most 8 files from $OUT)
@@ -90,8 +91,8 @@ eager_rows() {
     mkdir -p "$DEST/bench"
     RUNS='^01' RUN_TIMEOUT=120 benchmarks/run_gpu.sh "$DEST/bench"
     if (($(date +%s) + 90 < DEADLINE)); then
-        DAVIT_TRITON_LAYERNORM=1 timeout -k 5 60 "$PYTHON" benchmarks/profile_gpu.py --device "$DEVICE" ${QUICK:+--img-size 64 \
-            --batch-infer 2 --batch-train 2 --steps 1} > "$DEST/bench/profile.txt" 2>&1 \
+        DAVIT_TRITON_LAYERNORM=1 timeout -k 5 60 "$PYTHON" benchmarks/profile_gpu.py --device "$DEVICE" \
+            ${QUICK:+--img-size 64 --batch-infer 2 --batch-train 2 --steps 1} > "$DEST/bench/profile.txt" 2>&1 \
             || echo "== profile: exit status $?" >&2
         grep -A12 '^== ' "$DEST/bench/profile.txt" || true
     fi

@@ -145,7 +145,7 @@ def _load_state_dicts(net: nn.Module, opt: torch.optim.Optimizer, msd: dict, osd
     opt.load_state_dict(osd)
 
 
-def compile_options(device: torch.device) -> dict:
+def compile_options(device: torch.device) -> dict[str, Any]:
     """``torch.compile`` arguments for training on ``device``.
 
     On CPU inductor's layout optimisation (on by default in graphs with convolutions) copies every position
