@@ -85,8 +85,8 @@ eager_rows() {
     # inference rows against timm (seconds each: 01 plain, 01b with the Triton layer norm), then where both
     # eager steps go (profile_gpu.py, with the Triton layer norm)
     if "$PYTHON" -c "import pytest" 2> /dev/null; then
-        "$PYTHON" -m pytest -q -p no:cacheprovider tests/layers/test_norm.py tests/test_devices.py 2>&1 \
-            | tail -6 | tee "$DEST/tests_cuda.txt" || true
+        timeout -k 5 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/layers/test_norm.py \
+            tests/test_devices.py 2>&1 | tail -6 | tee "$DEST/tests_cuda.txt" || true
     fi
     mkdir -p "$DEST/bench"
     RUNS='^01' RUN_TIMEOUT=120 benchmarks/run_gpu.sh "$DEST/bench"
