@@ -142,9 +142,9 @@ def test_kernel_compiles_for_hopper(out):
     kernel, _ = norm_mod._kernel()
     sig = {"X": "*fp32", "W": "*fp32", "B": "*fp32", "Y": f"*{out}", "M": "i32", "N": "i32",
            "stride_x": "i32", "stride_y": "i32", "eps": "fp32",
-           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "DOWNCAST": "constexpr"}  # fmt: skip
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}  # fmt: skip
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6, 7)}
-    consts = {"BLOCK_M": 32, "BLOCK_N": 128, "DOWNCAST": out == "bf16"}
+    consts = {"BLOCK_M": 32, "BLOCK_N": 128}
     try:
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     except TypeError as e:  # pragma: no cover - another Triton's signature

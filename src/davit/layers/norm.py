@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import _traced
+
 __all__ = [
     "LayerNorm",
     "set_triton_layer_norm",
@@ -67,7 +69,7 @@ def _kernel():
     @triton.jit
     def ln_fwd(
         X, W, B, Y, M, N, stride_x, stride_y, eps,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOWNCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
@@ -80,7 +82,7 @@ def _kernel():
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
         y = xc * rstd[:, None] * w[None, :] + b[None, :]
-        if DOWNCAST:  # to bf16/fp16, rounded as the cast autocast would do (nearest even)
+        if Y.dtype.element_ty != tl.float32:  # to bf16/fp16, rounded as autocast's cast would (nearest even)
             y = y.to(Y.dtype.element_ty, fp_downcast_rounding="rtne")
         else:
             y = y.to(Y.dtype.element_ty)
@@ -110,13 +112,9 @@ def triton_layer_norm(
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton: current device
         kernel[(-(-M // block_m),)](
             x2, weight, bias, y, M, N, x2.stride(0), y.stride(0), eps,
-            BLOCK_M=block_m, BLOCK_N=block_n, DOWNCAST=y.element_size() < 4, num_warps=warps,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
     return y.view(x.shape)
-
-
-def _traced() -> bool:
-    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class LayerNorm(nn.LayerNorm):
