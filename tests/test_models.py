@@ -187,6 +187,73 @@ def test_features_equal_intermediates():
     assert torch.equal(last, b[-1])
 
 
+def _record_slices(model) -> list[list[int]]:
+    """Per stage, the batch sizes its blocks run on. Wraps ``_forward`` on the instances: a forward hook
+    would itself turn the slicing off."""
+    seen: list[list[int]] = []
+    for stage in model.stages:
+        sizes: list[int] = []
+        seen.append(sizes)
+
+        def wrapped(t, _f=stage._forward, _sizes=sizes):
+            _sizes.append(t.shape[0])
+            return _f(t)
+
+        stage._forward = wrapped
+    return seen
+
+
+@pytest.mark.parametrize("conv_stem", [False, True])
+def test_cpu_inference_in_batch_slices_equals_the_whole_batch(conv_stem):
+    m = davit.create_model("davit_atto", conv_stem=conv_stem).eval()
+    x = torch.randn(5, 3, 40, 40)  # stage maps 20x20, 10x10, 5x5, 3x3 (stem stride 2)
+    with torch.no_grad():
+        for s in m.stages:
+            s.infer_chunk_tokens = 0
+        whole = m(x)
+        for s in m.stages:
+            s.infer_chunk_tokens = 800
+        seen = _record_slices(m)
+        sliced = m(x)
+    # 2 images of 400 tokens per slice in stage 0 (with the stem), 8 of 100 in stage 1: the whole batch
+    assert seen == [[2, 2, 1], [5], [5], [5]]
+    torch.testing.assert_close(sliced, whole)  # round-off: GEMMs of other row counts
+
+
+def test_features_in_batch_slices_equal_the_whole_batch():
+    f = davit.create_model("davit_atto", features_only=True, out_norm=True, out_indices=(0, 2)).eval()
+    x = torch.randn(3, 3, 48, 40)
+    with torch.no_grad():
+        for s in f.stages:
+            s.infer_chunk_tokens = 0
+        whole = f(x)
+        for s in f.stages:
+            s.infer_chunk_tokens = 30  # 1 image per slice in every stage (480, 120, 30 tokens each)
+        seen = _record_slices(f)
+        sliced = f(x)
+    assert seen == [[1, 1, 1], [1, 1, 1], [1, 1, 1]]
+    for a, b in zip(sliced, whole):
+        torch.testing.assert_close(a, b)
+
+
+def test_batch_slices_only_in_cpu_inference_without_hooks():
+    m = davit.create_model("davit_atto").eval()
+    for s in m.stages:
+        s.infer_chunk_tokens = 400
+    seen = _record_slices(m)
+    x = torch.randn(3, 3, 40, 40)
+    m(x)  # gradients enabled: training needs the batch whole (and autograd keeps the activations anyway)
+    with torch.no_grad():
+        m.train()  # train mode: drop path per sample is fine, but a BatchNorm stem needs batch statistics
+        m(x)
+        m.eval()
+        handle = m.stages[0].blocks[0][0].attn.qkv.register_forward_hook(lambda *a: None)
+        m(x)  # a hook (davit.viz records attention so) would fire once per slice
+        handle.remove()
+        m(x)
+    assert seen[0] == [3, 3, 3, 1, 1, 1]
+
+
 def test_three_stage_model_as_the_fashion_mnist_demo():
     # the demo's classifier has three stages (its fourth map would be 1x1): every surface follows the
     # stage count, and features_only returns all stages by default

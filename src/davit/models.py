@@ -8,7 +8,7 @@ layout is mapped by :mod:`davit.weights`.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import ChannelBlock, LayerNorm, SpatialBlock
+from .layers.attention import _traced
 from .layers.fused import has_hooks
 
 __all__ = ["DaViT", "DaViTFeatures", "create_model", "list_models", "model_info", "VARIANTS"]
@@ -110,6 +111,46 @@ class Downsample(nn.Module):
         return strided_conv(self.conv, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+#: Tokens (pixels of the stage's map times images) per slice of the batch in CPU inference. A stage that runs
+#: a batch at once allocates its activations at full batch size: for davit_tiny at batch 16, 224 px, stage 1's
+#: MLP hidden map is 77 MB and its qkv 58 MB, above glibc's largest mmap threshold (32 MiB), so every such
+#: buffer is mapped fresh, faulted in page by page and zeroed by the kernel on every call. One 56 x 56 image
+#: per slice keeps every buffer of stage 1 under 5 MB, reused from the heap and mostly in cache.
+INFER_CHUNK_TOKENS = 3136
+
+
+def in_slices(fn: Callable[[Tensor], Tensor], x: Tensor, n: int) -> Tensor:
+    """``fn(x)`` computed on slices of ``n`` images of the batch (all at once if ``n`` is 0), for functions
+    that treat each image on its own."""
+    if not n or n >= x.shape[0]:
+        return fn(x)
+    out = None
+    for i in range(0, x.shape[0], n):
+        y = fn(x[i : i + n])
+        if out is None:
+            out = y.new_empty((x.shape[0], *y.shape[1:]))
+        out[i : i + n] = y
+    return out
+
+
+def stem_then_stage(stem: nn.Module, stage: DaViTStage, x: Tensor) -> Tensor:
+    """``stage(stem(x))`` for the first stage; in CPU inference the two run together on slices of the batch,
+    so the stem's full-batch output is never allocated either."""
+    r = stem.stride
+    n = stage.inference_slice(x, -(-x.shape[2] // r) * -(-x.shape[3] // r), stem)
+    if n:
+        return in_slices(lambda t: stage._forward(stem(t)), x, n)
+    return stage(stem(x))
+
+
+def _hooked(module: nn.Module) -> bool:
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return True
+    return any(has_hooks(m) for m in module.modules())
+
+
 class DaViTStage(nn.Module):
     """Optional downsample, then ``depth`` dual blocks (SpatialBlock, ChannelBlock)."""
 
@@ -150,8 +191,35 @@ class DaViTStage(nn.Module):
             )
         self.blocks = nn.Sequential(*blocks)
         self.grad_checkpointing = False
+        self.infer_chunk_tokens = INFER_CHUNK_TOKENS
 
     def forward(self, x: Tensor) -> Tensor:
+        H, W = x.shape[1], x.shape[2]
+        if not isinstance(self.downsample, nn.Identity):
+            H, W = (H + 1) // 2, (W + 1) // 2
+        return in_slices(self._forward, x, self.inference_slice(x, H * W))
+
+    def inference_slice(self, x: Tensor, tokens: int, *before: nn.Module) -> int:
+        """Images per slice of the batch ``x`` when this stage runs in CPU inference on a map of ``tokens``
+        pixels per image (see INFER_CHUNK_TOKENS), or 0: the whole batch at once (training, GPU, tracing,
+        compiling, or a batch that is one slice anyway). ``before``: modules that would run on the slices
+        too (the stem)."""
+        if (
+            self.infer_chunk_tokens <= 0
+            or x.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or self.training
+            or any(m.training for m in before)
+            or _traced()
+            or torch.jit.is_scripting()
+        ):
+            return 0
+        n = max(1, self.infer_chunk_tokens // max(1, tokens))
+        if n >= x.shape[0] or any(_hooked(m) for m in (self, *before)):
+            return 0  # hooks would fire once per slice
+        return n
+
+    def _forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -312,11 +380,10 @@ class DaViT(nn.Module):
     def _run_stages(self, x: Tensor, take: set[int] | None = None, stop: int | None = None):
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self.check_input(x)
-        x = self.stem(x)
         feats = []
         last = len(self.stages) - 1 if stop is None else stop
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            x = stage(x) if i else stem_then_stage(self.stem, stage, x)
             if take is not None and i in take:
                 feats.append(x)
             if i >= last:
@@ -395,10 +462,9 @@ class DaViTFeatures(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self._check(x)
-        x = self.stem(x)
         outs = []
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            x = stage(x) if i else stem_then_stage(self.stem, stage, x)
             if i in self.out_indices:
                 y = x
                 if self.out_norms is not None:
