@@ -42,6 +42,19 @@ def test_malloc_step_alternates_fresh_processes_and_reports_faults():
     assert re.search(summary, r.stdout), r.stdout
 
 
+def test_malloc_step_compares_inference_on_batch_slices():
+    script = SCRIPT.parent / "malloc_step.py"
+    args = ["--compare", "slices", "--model", "davit_atto", "-b", "2", "--img-size", "32", "--steps", "1"]
+    r = subprocess.run(
+        [sys.executable, str(script), *args, "--rounds", "1"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rounds = re.findall(r"round (\d) (whole|sliced) +step +\d+ ms  minor faults/step +\d+", r.stdout)
+    assert rounds == [("1", "whole"), ("1", "sliced")], r.stdout
+    summary = r"davit_atto b2 32 px: sliced inference [\d.]+x as fast as the whole batch \(median of 1"
+    assert re.search(summary, r.stdout), r.stdout
+
+
 def test_profile_step_vs_timm_lists_both_models_per_op():
     pytest.importorskip("timm")
     out = _run(
