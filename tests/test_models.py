@@ -208,11 +208,9 @@ def test_cpu_inference_in_batch_slices_equals_the_whole_batch(conv_stem):
     m = davit.create_model("davit_atto", conv_stem=conv_stem).eval()
     x = torch.randn(5, 3, 40, 40)  # stage maps 20x20, 10x10, 5x5, 3x3 (stem stride 2)
     with torch.no_grad():
-        for s in m.stages:
-            s.infer_chunk_tokens = 0
+        m.set_inference_slices(0)
         whole = m(x)
-        for s in m.stages:
-            s.infer_chunk_tokens = 800
+        m.set_inference_slices(800)
         seen = _record_slices(m)
         sliced = m(x)
     # 2 images of 400 tokens per slice in stage 0 (with the stem), 8 of 100 in stage 1: the whole batch
@@ -224,11 +222,9 @@ def test_features_in_batch_slices_equal_the_whole_batch():
     f = davit.create_model("davit_atto", features_only=True, out_norm=True, out_indices=(0, 2)).eval()
     x = torch.randn(3, 3, 48, 40)
     with torch.no_grad():
-        for s in f.stages:
-            s.infer_chunk_tokens = 0
+        f.set_inference_slices(0)
         whole = f(x)
-        for s in f.stages:
-            s.infer_chunk_tokens = 30  # 1 image per slice in every stage (480, 120, 30 tokens each)
+        f.set_inference_slices(30)  # 1 image per slice in every stage (480, 120, 30 tokens each)
         seen = _record_slices(f)
         sliced = f(x)
     assert seen == [[1, 1, 1], [1, 1, 1], [1, 1, 1]]

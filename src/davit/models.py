@@ -330,6 +330,12 @@ class DaViT(nn.Module):
         for s in self.stages:
             s.grad_checkpointing = enable
 
+    def set_inference_slices(self, tokens: int = INFER_CHUNK_TOKENS) -> None:
+        """CPU inference runs each stage on slices of the batch of about ``tokens`` tokens (0: the whole
+        batch at once). Same results; see INFER_CHUNK_TOKENS for why."""
+        for s in self.stages:
+            s.infer_chunk_tokens = int(tokens)
+
     def set_fast(self, enable: bool = True) -> None:
         """Select the fast attention/MLP kernels (default) or the literal reference formulations."""
         for m in self.modules():
@@ -458,6 +464,8 @@ class DaViTFeatures(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for s in self.stages:
             s.grad_checkpointing = enable
+
+    set_inference_slices = DaViT.set_inference_slices
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
