@@ -47,9 +47,12 @@ def render(paths: list[str], title: str) -> str:
             ratio = next((x["ratio"] for x in r["ratios"] if x["mode"] == mode), None)
             comp = f"{o['compile_s']:.0f} / {t['compile_s']:.0f}" if t and r["compile"] else "–"
             mem = f"{_f(o['peak_mem_mb'], '.0f')} / {_f(t['peak_mem_mb'], '.0f') if t else '–'}"
+            label = o["flavour"] + (" + Triton LN" if r.get("triton_layernorm") else "")
+            if r.get("infer_slice_tokens") == 0 and mode == "infer":
+                label += ", whole batch"  # --infer-slices 0: no batch slices in CPU inference
             lines.append(
                 f"| {i} | {r['model']} | {r['img_size']} | {mode} {r['dtype']} | {o['batch_size']} "
-                f"| {o['flavour']}{' + Triton LN' if r.get('triton_layernorm') else ''} "
+                f"| {label} "
                 f"| {_sig(o['img_per_s'])} | {_sig(t['img_per_s']) if t else '–'} "
                 f"| {'**' + format(ratio, '.2f') + 'x**' if ratio else '–'} "
                 f"| {o['tflops'] * 1e3:.1f} ({100 * o['frac_peak']:.0f}%) | {mem} | {comp} |"

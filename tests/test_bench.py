@@ -46,6 +46,15 @@ def test_bench_both_modes_writes_json(tmp_path, capsys):
     assert tr["step_peak_mb"] > inf["step_peak_mb"] > 0  # saved activations vs transient ones
     assert "ours train eager" in capsys.readouterr().out
     assert rep["malloc"].startswith("glibc malloc: ")  # both models time under the same davit.alloc setting
+    assert rep["infer_slice_tokens"] == 3136  # the model's default, recorded with the results
+
+
+def test_infer_slices_sets_ours_and_is_recorded(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    args = f"bench --model davit_atto --mode infer --img-size 16 -b 2 {QUICK} --no-memory --infer-slices 0"
+    assert main(f"{args} --json {out}".split()) == 0
+    assert json.loads(out.read_text())["infer_slice_tokens"] == 0
+    assert "ours' eager CPU inference: each stage on the whole batch" in capsys.readouterr().out
 
 
 def test_vs_timm_prints_ratio_and_agrees(tmp_path, capsys):

@@ -117,3 +117,27 @@ def test_run_limited_skips_a_run_when_the_deadline_is_near(tmp_path):
     # with time left, the deadline bounds the run like a timeout
     r = _run_limited(tmp_path, {"DEADLINE": str(int(time.time()) + 40)}, "echo", "ran")
     assert r.stdout.splitlines() == ["ran", "after"] and re.search(r"at most (39|40) s", r.stderr), r.stderr
+
+
+def test_report_renders_bench_json_and_labels_whole_batch_runs(tmp_path):
+    import torch
+
+    from davit.cli import main
+
+    quick = "--model davit_atto --mode infer --img-size 16 -b 2 --device cpu --repeats 1 --warmup 1"
+    quick += " --threads 1 --peak-n 128 --no-memory"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    threads = torch.get_num_threads()  # --threads 1 sets the process's thread count
+    try:
+        assert main(f"bench {quick} --json {a}".split()) == 0
+        assert main(f"bench {quick} --infer-slices 0 --json {b}".split()) == 0
+    finally:
+        torch.set_num_threads(threads)
+    script = SCRIPT.parent / "report.py"
+    r = subprocess.run(
+        [sys.executable, str(script), str(a), str(b), "--title", "T"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2, r.stdout
+    assert "| eager |" in rows[0] and "| eager, whole batch |" in rows[1]

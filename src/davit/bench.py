@@ -268,6 +268,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     ours = create_model(args.model, num_classes=args.num_classes).to(device)
     ours.set_fast(not args.reference)
+    if args.infer_slices is not None:
+        ours.set_inference_slices(args.infer_slices)
+    slice_tokens = ours.stages[0].infer_chunk_tokens
     peer, max_diff = None, None
     if args.vs_timm:
         peer = timm_counterpart(args.model, ours.num_classes, ours.in_chans).to(device)
@@ -289,6 +292,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         # which GEMM library ours' training and compiled linears use here (by CPU, see the op's docstring)
         lib = "oneDNN" if onednn_training_enabled() else "F.linear (MKL)"
         print(f"ours' training and compiled fp32 linears: {lib} (DAVIT_ONEDNN_TRAINING=0/1 overrides)")
+        where = f"slices of ~{slice_tokens} tokens" if slice_tokens > 0 else "the whole batch"
+        print(f"ours' eager CPU inference: each stage on {where} (--infer-slices TOKENS, 0: whole batch)")
     triton_ln = None
     if device.type == "cuda":
         from .layers.norm import triton_layer_norm_enabled
@@ -318,6 +323,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         vs_timm=args.vs_timm,
         agreement_max_abs_diff=max_diff,
         triton_layernorm=triton_ln,
+        infer_slice_tokens=slice_tokens if device.type == "cpu" else None,
         matmul_peak_tflops=peak,
         matmul_peak_n=args.peak_n,
         **environment(),
@@ -523,6 +529,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["default", "tuned"],
         default="default",
         help="CPU: glibc malloc's defaults, or its thresholds as davit train sets them (davit.alloc)",
+    )
+    p.add_argument(
+        "--infer-slices",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="CPU eager inference: ours runs each stage on batch slices of ~TOKENS tokens (0: the whole "
+        "batch; default: the model's, davit.models.INFER_CHUNK_TOKENS)",
     )
     p.add_argument(
         "--backend",
