@@ -112,10 +112,12 @@ class Downsample(nn.Module):
 
 
 #: Tokens (pixels of the stage's map times images) per slice of the batch in CPU inference. A stage that runs
-#: a batch at once allocates its activations at full batch size: for davit_tiny at batch 16, 224 px, stage 1's
-#: MLP hidden map is 77 MB and its qkv 58 MB, above glibc's largest mmap threshold (32 MiB), so every such
-#: buffer is mapped fresh, faulted in page by page and zeroed by the kernel on every call. One 56 x 56 image
-#: per slice keeps every buffer of stage 1 under 5 MB, reused from the heap and mostly in cache.
+#: a batch at once allocates its activations at full batch size: for davit_tiny at batch 16, 224 px, the first
+#: stage's MLP hidden map is 77 MB and its qkv 58 MB, above glibc's largest mmap threshold (32 MiB), so every
+#: such buffer is mapped fresh, faulted in page by page and zeroed by the kernel on every call (107-126 k page
+#: faults per forward). One 56 x 56 image per slice keeps the first stage's buffers under 5 MB, reused from
+#: the heap and mostly in cache: 1.12x faster at batch 16, 1.23x at batch 64 on a 2-core Zen 4 VM
+#: (docs/benchmarks.md, session 23).
 INFER_CHUNK_TOKENS = 3136
 
 
