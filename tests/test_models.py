@@ -250,6 +250,16 @@ def test_batch_slices_only_in_cpu_inference_without_hooks():
     assert seen[0] == [3, 3, 3, 1, 1, 1]
 
 
+def test_export_traces_the_whole_batch():
+    # a loop over slices would fix the batch size into the exported graph
+    m = davit.create_model("davit_atto").eval()
+    m.set_inference_slices(100)
+    seen = _record_slices(m)
+    with torch.no_grad():
+        torch.export.export(m, (torch.randn(4, 3, 40, 40),))
+    assert seen[0] == [4]
+
+
 def test_three_stage_model_as_the_fashion_mnist_demo():
     # the demo's classifier has three stages (its fourth map would be 1x1): every surface follows the
     # stage count, and features_only returns all stages by default
