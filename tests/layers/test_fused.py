@@ -189,3 +189,47 @@ def test_compiled_backward_keeps_the_conv_weight_grad_opaque(monkeypatch):
 def test_conv_weight_grad_opcheck():
     torch.manual_seed(0)
     torch.library.opcheck(fused.conv_weight_grad, (torch.randn(30, 16), torch.randn(30, 8)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_inference_ops_opcheck_and_values(bias):
+    torch.manual_seed(0)
+    x, other = torch.randn(3, 5, 8), torch.randn(3, 5, 12)
+    w, b = torch.randn(12, 8), torch.randn(12) if bias else None
+    torch.library.opcheck(fused.onednn_linear_gelu, (x, w, b))
+    torch.library.opcheck(fused.onednn_linear_add, (x, other, w, b))
+    torch.testing.assert_close(fused.onednn_linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
+    torch.testing.assert_close(fused.onednn_linear_add(x, other, w, b), F.linear(x, w, b) + other)
+
+
+def _graph_targets(model, x):
+    """The call targets of the graph dynamo captures from ``model(x)`` (fullgraph), and the output."""
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    out = torch.compile(model, backend=capture, fullgraph=True)(x)
+    (graph,) = graphs
+    return {n.target for n in graph.graph.nodes if n.op == "call_function"}, out
+
+
+def test_compiled_inference_fuses_gelu_and_residual_into_the_linears(monkeypatch):
+    """Compiled CPU inference runs fc1 + GELU and fc2/proj + residual add as the opaque fused ops (as eager
+    inference runs the same kernels), with the eager logits; with gradients on, the plain linears."""
+    monkeypatch.setattr(fused, "_MIN_MACS", 0)
+    torch.manual_seed(0)
+    model = davit.create_model("davit_atto", num_classes=5, stem_stride=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        targets, out = _graph_targets(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.ops.davit.onednn_linear_gelu.default in targets, targets
+    assert torch.ops.davit.onednn_linear_add.default in targets, targets
+    torch._dynamo.reset()
+    targets, _ = _graph_targets(model, x)  # gradients enabled: the ops have no autograd formula
+    assert torch.ops.davit.onednn_linear_gelu.default not in targets
+    assert torch.ops.davit.onednn_linear_add.default not in targets
+    assert torch.ops.davit.onednn_linear.default in targets

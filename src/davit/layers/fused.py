@@ -35,10 +35,13 @@ from torch import Tensor, nn
 
 __all__ = [
     "conv_weight_grad",
+    "fused_compiled_inference",
     "fused_cpu_inference",
     "has_hooks",
     "linear",
     "onednn_linear",
+    "onednn_linear_add",
+    "onednn_linear_gelu",
     "default_onednn_training",
     "onednn_training",
     "onednn_training_enabled",
@@ -223,6 +226,39 @@ def set_onednn_training(enable: bool) -> bool:
     global _ONEDNN_TRAINING
     previous, _ONEDNN_TRAINING = _ONEDNN_TRAINING, bool(enable)
     return previous
+
+
+# ----- compiled CPU inference: a linear and its epilogue as one opaque oneDNN call --------------------------
+@torch.library.custom_op("davit::onednn_linear_gelu", mutates_args=())
+def onednn_linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``gelu(F.linear(x, weight, bias))`` (exact GELU) in one oneDNN kernel; inference only (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "gelu", [], "none")
+
+
+@onednn_linear_gelu.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("davit::onednn_linear_add", mutates_args=())
+def onednn_linear_add(x: Tensor, other: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias) + other`` in one oneDNN kernel; inference only (no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), other.contiguous(), weight, bias, "add")
+
+
+@onednn_linear_add.register_fake
+def _(x: Tensor, other: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def fused_compiled_inference(x: Tensor, layer: nn.Linear) -> bool:
+    """True where compiled CPU fp32 inference runs ``layer`` with its GELU or residual add as one opaque
+    oneDNN call (:func:`onednn_linear_gelu`, :func:`onednn_linear_add`), as eager inference does, instead
+    of the linear then a separate pass of inductor's over its output (at batch 16, 224 px, the first stage's
+    GELU reads and writes a 77 MB map). Inductor fuses such epilogues itself only with its weight-freezing
+    option. Where :func:`onednn_training` holds (the CPUs whose compiled linears run in oneDNN anyway), no
+    gradients (the ops have no autograd formula)."""
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled() and onednn_training(x, layer)
 
 
 def linear(x: Tensor, layer: nn.Linear, fast: bool = True) -> Tensor:
