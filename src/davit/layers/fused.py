@@ -12,7 +12,8 @@ devices, autocast, tracing and export.
 
 Training and ``torch.compile`` use the plain linear through :func:`onednn_linear`, a registered custom
 operator (fake-tensor rule and autograd formula included, so ``fullgraph=True`` compiles it as one opaque
-call): forward, input and weight gradients run in oneDNN (the weight gradient of weights over 1 M elements in
+call; compiled inference also its forward-only GELU and residual-add variants): forward, input and weight
+gradients run in oneDNN (the weight gradient of weights over 1 M elements in
 ``mm``, see below). Where it pays: on AMD CPUs with AVX-512 PyTorch's MKL runs fp32 GEMMs on its AVX2 path
 (~185 GFLOP/s on 2 Zen 5 cores) while oneDNN uses AVX-512 (~410 GFLOP/s, docs/benchmarks.md, session 13); on
 Zen 4, which runs AVX-512 on 256-bit units, both reach ~200 GFLOP/s and the op neither gains nor loses (timm's
