@@ -234,8 +234,7 @@ def test_features_in_batch_slices_equal_the_whole_batch():
 
 def test_batch_slices_only_in_cpu_inference_without_hooks():
     m = davit.create_model("davit_atto").eval()
-    for s in m.stages:
-        s.infer_chunk_tokens = 400
+    m.set_inference_slices(400)
     seen = _record_slices(m)
     x = torch.randn(3, 3, 40, 40)
     m(x)  # gradients enabled: training needs the batch whole (and autograd keeps the activations anyway)
