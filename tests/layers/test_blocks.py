@@ -133,3 +133,42 @@ def test_spatial_block_training_and_inference_placements_agree(hw):
     training = blk(x.requires_grad_())
     assert training.requires_grad
     torch.testing.assert_close(training, inference, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("block", [SpatialBlock, ChannelBlock])
+def test_mlp_in_token_chunks_in_cpu_training_equals_the_whole_map(monkeypatch, block):
+    from davit.layers import blocks
+
+    torch.manual_seed(0)
+    b = block(32, 2, drop_path=0.0).train()
+    x = torch.randn(2, 9, 11, 32, requires_grad=True)  # 198 tokens: chunks of 40 + a remainder of 38
+    up = torch.randn(2, 9, 11, 32)
+
+    def run():
+        x.grad = None
+        b.zero_grad(set_to_none=True)
+        out = b(x)
+        (out * up).sum().backward()
+        return out.detach(), [x.grad.clone()] + [p.grad.clone() for p in b.parameters()]
+
+    monkeypatch.setattr(blocks, "TRAIN_MLP_CHUNK_TOKENS", 10**9)
+    whole, g_whole = run()
+    monkeypatch.setattr(blocks, "TRAIN_MLP_CHUNK_TOKENS", 40)
+    fc2_rows = []
+    real = blocks.linear
+
+    def counting(t, layer, *a):
+        if layer is b.mlp.fc2:
+            fc2_rows.append(t.shape[0])
+        return real(t, layer, *a)
+
+    monkeypatch.setattr(blocks, "linear", counting)
+    chunked, g_chunked = run()
+    assert fc2_rows == [40, 40, 40, 40, 38]
+    torch.testing.assert_close(chunked, whole)
+    for a, r in zip(g_chunked, g_whole):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    fc2_rows.clear()
+    with torch.no_grad():  # inference keeps the whole map (fused with the residual add on CPU)
+        b.eval()(x)
+    assert 40 not in fc2_rows

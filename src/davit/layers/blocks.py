@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import ChannelAttention, WindowAttention, window_partition, window_reverse
+from .attention import ChannelAttention, WindowAttention, _traced, window_partition, window_reverse
 from .fused import (
     fused_compiled_inference,
     fused_cpu_inference,
@@ -108,6 +108,14 @@ def linear_residual(
     return residual + drop(linear(x, layer, fast))
 
 
+#: Eager CPU training runs a block's MLP on chunks of this many tokens where its hidden map is larger than two
+#: chunks (davit_tiny at 224 px, batch 8: the first stage's 25088 tokens in 4 chunks). Whole, that hidden map
+#: is 38.5 MB, and fc1's output, GELU's output and their two gradients are each allocated above glibc's
+#: largest mmap threshold (32 MiB): mapped fresh and faulted in every step. In chunks they come from the heap,
+#: and GELU and its backward read their input from cache. The same activations are kept for the backward.
+TRAIN_MLP_CHUNK_TOKENS = 6272
+
+
 class Mlp(nn.Module):
     """Linear -> exact GELU -> Linear.
 
@@ -132,6 +140,30 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.hidden(x))
+
+    def add_to(self, residual: Tensor, x: Tensor, drop: DropPath) -> Tensor:
+        """``residual + drop(self(x))``, the blocks' MLP branch. CPU inference fuses fc2 with the add (see
+        :func:`linear_residual`); eager CPU training runs the MLP on chunks of TRAIN_MLP_CHUNK_TOKENS tokens
+        where the hidden map is larger than two chunks (see there)."""
+        n = x.shape[:-1].numel()
+        if not (
+            self.fast
+            and n >= 2 * TRAIN_MLP_CHUNK_TOKENS
+            and x.is_cpu
+            and torch.is_grad_enabled()
+            and not _traced()
+            and not torch.jit.is_scripting()
+            and not any(has_hooks(m) for m in (self, self.fc1, self.act, self.fc2))
+        ):
+            return linear_residual(self.hidden(x), self.fc2, residual, drop, self.fast)
+        y = None
+        for i in range(0, n, TRAIN_MLP_CHUNK_TOKENS):
+            rows = x.reshape(n, x.shape[-1])[i : i + TRAIN_MLP_CHUNK_TOKENS]
+            part = linear(self.hidden(rows), self.fc2, self.fast)
+            if y is None:  # the chunks' dtype: fc2's output (bf16 under autocast)
+                y = part.new_empty((n, part.shape[-1]))
+            y[i : i + TRAIN_MLP_CHUNK_TOKENS] = part  # autograd hands each chunk its slice of the gradient
+        return residual + drop(y.view(residual.shape))
 
 
 class SpatialBlock(nn.Module):
@@ -170,9 +202,7 @@ class SpatialBlock(nn.Module):
             t = self._window_attend(self.norm1(x))
             x = linear_residual(t, self.attn.proj, x, self.drop_path1, self.attn.fast)
         x = self.cpe2(x)
-        return linear_residual(
-            self.mlp.hidden(self.norm2(x)), self.mlp.fc2, x, self.drop_path2, self.mlp.fast
-        )
+        return self.mlp.add_to(x, self.norm2(x), self.drop_path2)
 
     def attention_qkv(self, x: Tensor) -> Tensor:
         """The qkv projection this block's window attention sees for input ``x`` (B, H, W, C), in the literal
@@ -244,6 +274,4 @@ class ChannelBlock(nn.Module):
         t = self.attn.attend(self.norm1(x).reshape(B, H * W, C)).view(B, H, W, C)
         x = linear_residual(t, self.attn.proj, x, self.drop_path1, self.attn.fast)
         x = self.cpe2(x)
-        return linear_residual(
-            self.mlp.hidden(self.norm2(x)), self.mlp.fc2, x, self.drop_path2, self.mlp.fast
-        )
+        return self.mlp.add_to(x, self.norm2(x), self.drop_path2)
