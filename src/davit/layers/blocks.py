@@ -143,26 +143,27 @@ class Mlp(nn.Module):
 
     def add_to(self, residual: Tensor, x: Tensor, drop: DropPath) -> Tensor:
         """``residual + drop(self(x))``, the blocks' MLP branch. CPU inference fuses fc2 with the add (see
-        :func:`linear_residual`); eager CPU training runs the MLP on chunks of TRAIN_MLP_CHUNK_TOKENS tokens
-        where the hidden map is larger than two chunks (see there)."""
+        :func:`linear_residual`); eager CPU fp32 training runs the MLP on chunks of TRAIN_MLP_CHUNK_TOKENS
+        tokens where the hidden map is larger than two chunks (see there)."""
         n = x.shape[:-1].numel()
         if not (
             self.fast
             and n >= 2 * TRAIN_MLP_CHUNK_TOKENS
             and x.is_cpu
+            and x.dtype == torch.float32  # measured in fp32 only (bf16 autocast keeps the whole map)
+            and not torch.is_autocast_enabled("cpu")
             and torch.is_grad_enabled()
             and not _traced()
             and not torch.jit.is_scripting()
             and not any(has_hooks(m) for m in (self, self.fc1, self.act, self.fc2))
         ):
             return linear_residual(self.hidden(x), self.fc2, residual, drop, self.fast)
-        y = None
+        rows = x.reshape(n, x.shape[-1])
+        y = rows.new_empty((n, self.fc2.out_features))
         for i in range(0, n, TRAIN_MLP_CHUNK_TOKENS):
-            rows = x.reshape(n, x.shape[-1])[i : i + TRAIN_MLP_CHUNK_TOKENS]
-            part = linear(self.hidden(rows), self.fc2, self.fast)
-            if y is None:  # the chunks' dtype: fc2's output (bf16 under autocast)
-                y = part.new_empty((n, part.shape[-1]))
-            y[i : i + TRAIN_MLP_CHUNK_TOKENS] = part  # autograd hands each chunk its slice of the gradient
+            part = rows[i : i + TRAIN_MLP_CHUNK_TOKENS]
+            # autograd hands each chunk its slice of y's gradient
+            y[i : i + TRAIN_MLP_CHUNK_TOKENS] = linear(self.hidden(part), self.fc2, self.fast)
         return residual + drop(y.view(residual.shape))
 
 
