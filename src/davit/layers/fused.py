@@ -89,7 +89,7 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 @onednn_linear.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _linear_fake(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -236,9 +236,7 @@ def onednn_linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "gelu", [], "none")
 
 
-@onednn_linear_gelu.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+onednn_linear_gelu.register_fake(_linear_fake)
 
 
 @torch.library.custom_op("davit::onednn_linear_add", mutates_args=())
@@ -249,7 +247,7 @@ def onednn_linear_add(x: Tensor, other: Tensor, weight: Tensor, bias: Tensor | N
 
 @onednn_linear_add.register_fake
 def _(x: Tensor, other: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return _linear_fake(x, weight, bias)
 
 
 def fused_compiled_inference(x: Tensor, layer: nn.Linear) -> bool:
