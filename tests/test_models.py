@@ -373,6 +373,57 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled(y), m(y), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [False, True])
+def test_compile_dynamic_batch_does_not_recompile(train):
+    # size-dependent choices (the oneDNN linears' size floor, the training MLP's token chunks) must not become
+    # guards on the symbolic batch size: a batch on the other side of such a threshold would recompile the
+    # graph. davit_atto at 224 px crosses both between batch 8 and batch 2 (stage 1: 25088 vs 6272 tokens).
+    # Guards are dynamo's, so its eager backend suffices (no code generation).
+    torch._dynamo.reset()
+    m = davit.create_model("davit_atto").train(train)
+    x = torch.randn(8, 3, 224, 224)
+    torch._dynamo.mark_dynamic(x, 0)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    try:
+        with torch.set_grad_enabled(train), torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(x)
+            y = torch.randn(2, 3, 224, 224)
+            torch.testing.assert_close(compiled(y), m(y), atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compile_dynamic_image_size_keeps_shape_expressions_small():
+    # With symbolic H and W every size is an expression in the input's. Window padding written as
+    # H + (-H) % ws and views with an inferred (-1) size nested a modulo and a division into each later
+    # stage's sizes: 1.7k-character shapes in davit_atto's graph, 54 s of dynamo tracing and over 19 minutes
+    # of inductor on 2 cores; the ceiling-division form keeps them near 140 characters (session 24).
+    torch._dynamo.reset()
+    longest = []
+
+    def backend(gm, example_inputs):
+        vals = [n.meta.get("example_value") for n in gm.graph.nodes]
+        longest.append(max(len(str(tuple(v.shape))) for v in vals if isinstance(v, torch.Tensor)))
+        return gm.forward
+
+    m = davit.create_model("davit_atto").eval()
+    x = torch.randn(2, 3, 96, 96)
+    torch._dynamo.mark_dynamic(x, 2)
+    torch._dynamo.mark_dynamic(x, 3)
+    compiled = torch.compile(m, fullgraph=True, backend=backend)
+    try:
+        # (each stage's map also picks its paths: padded to whole windows or not, smaller than a window, odd
+        # or even for the stem and the downsampling; dynamo guards on those classes, so another size whose
+        # maps fall in other classes compiles another graph)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), m(x), atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert len(longest) == 1 and longest[0] < 300, longest
+
+
 @pytest.mark.parametrize(
     "x,match",
     [

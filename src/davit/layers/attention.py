@@ -8,8 +8,6 @@ paths the model runs. Both must agree to fp32 round-off.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,15 +30,20 @@ __all__ = [
 def window_partition(x: Tensor, ws: int) -> Tensor:
     """(B, H, W, C) with H, W multiples of ``ws`` -> (B * nW, ws * ws, C)."""
     B, H, W, C = x.shape
-    x = x.view(B, H // ws, ws, W // ws, ws, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+    nh, nw = H // ws, W // ws
+    # every size spelled out (no -1): with symbolic sizes under torch.compile, an inferred size is a division
+    # of the element count that sympy cannot simplify, and such expressions compound from stage to stage
+    x = x.view(B, nh, ws, nw, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, ws * ws, C)
 
 
 def window_reverse(windows: Tensor, ws: int, H: int, W: int) -> Tensor:
     """(B * nW, ws * ws, C) -> (B, H, W, C); inverse of :func:`window_partition`."""
     C = windows.shape[-1]
-    x = windows.view(-1, H // ws, W // ws, ws, ws, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+    nh, nw = H // ws, W // ws
+    B = windows.shape[0] // (nh * nw)
+    x = windows.view(B, nh, nw, ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
 def _split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,7 +108,10 @@ def window_attention_one_padded(qkv: Tensor, num_heads: int, pad_qkv: Tensor | N
     qkv = torch.cat([qkv, pad.view(1, 1, C3).expand(B, 1, C3)], dim=1)  # (B, L + 1, 3C)
     q, k, v = _split_heads(qkv, num_heads)
     # per key
-    logit_offset = torch.cat([qkv.new_zeros(L), qkv.new_full((1,), math.log(n_pad))]).view(1, L + 1)
+    # log(n_pad) taken by a tensor op in float64 (then rounded once, as math.log's value would be): under
+    # torch.compile with symbolic sizes n_pad stays symbolic instead of pinning the graph to one map size
+    log_n = qkv.new_full((1,), n_pad, dtype=torch.float64).log().to(qkv.dtype)
+    logit_offset = torch.cat([qkv.new_zeros(L), log_n]).view(1, L + 1)
     return _merge_heads(_attention(q[:, :, :L], k, v, logit_offset))
 
 

@@ -148,13 +148,15 @@ class Mlp(nn.Module):
         n = x.shape[:-1].numel()
         if not (
             self.fast
-            and n >= 2 * TRAIN_MLP_CHUNK_TOKENS
             and x.is_cpu
             and x.dtype == torch.float32  # measured in fp32 only (bf16 autocast keeps the whole map)
             and not torch.is_autocast_enabled("cpu")
             and torch.is_grad_enabled()
+            # before the size test: under torch.compile that test on symbolic sizes would become a guard,
+            # and a batch size on its other side a recompile
             and not _traced()
             and not torch.jit.is_scripting()
+            and n >= 2 * TRAIN_MLP_CHUNK_TOKENS
             and not any(has_hooks(m) for m in (self, self.fc1, self.act, self.fc2))
         ):
             return linear_residual(self.hidden(x), self.fc2, residual, drop, self.fast)
@@ -219,7 +221,12 @@ class SpatialBlock(nn.Module):
         applied inside the windows."""
         B, H, W, C = t.shape
         ws = self.window_size
-        pad_b, pad_r = (-H) % ws, (-W) % ws
+        # whole windows per side as a ceiling division: under torch.compile with symbolic sizes this keeps the
+        # padded size a plain multiple of ws (Hp = ws * nh), where H + (-H) % ws nests a modulo into every
+        # later size expression
+        nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
+        Hp, Wp = nh * ws, nw * ws
+        pad_b, pad_r = Hp - H, Wp - W
         if (pad_b or pad_r) and H <= ws and W <= ws and self.attn.fast:
             # the map is smaller than one window: attend without materialising the padding (same result)
             t = self.attn.attend_one_padded(t.reshape(B, H * W, C), ws * ws - H * W)
@@ -228,7 +235,6 @@ class SpatialBlock(nn.Module):
             # zero tokens appended AFTER the norm take part as keys (they carry the qkv bias),
             # as in the release
             t = F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
         t = self.attn.attend(window_partition(t, ws))  # (B*nW, ws*ws, C)
         if proj is not None:
             t = linear(t, proj, self.attn.fast)

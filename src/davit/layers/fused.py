@@ -33,6 +33,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     "conv_weight_grad",
@@ -175,7 +176,9 @@ def onednn_training(x: Tensor, layer: nn.Linear) -> bool:
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()
         and not torch.compiler.is_exporting()
-        and x.numel() * layer.out_features >= _MIN_MACS
+        # with symbolic sizes (torch.compile, dynamic batch) only what holds for every size the graph serves:
+        # a plain comparison would guard on the batch size and recompile on its other side
+        and statically_known_true(x.numel() * layer.out_features >= _MIN_MACS)
         and not has_hooks(layer)
     )
 
