@@ -8,6 +8,8 @@ paths the model runs. Both must agree to fp32 round-off.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -108,9 +110,10 @@ def window_attention_one_padded(qkv: Tensor, num_heads: int, pad_qkv: Tensor | N
     qkv = torch.cat([qkv, pad.view(1, 1, C3).expand(B, 1, C3)], dim=1)  # (B, L + 1, 3C)
     q, k, v = _split_heads(qkv, num_heads)
     # per key
-    # log(n_pad) taken by a tensor op in float64 (then rounded once, as math.log's value would be): under
-    # torch.compile with symbolic sizes n_pad stays symbolic instead of pinning the graph to one map size
-    log_n = qkv.new_full((1,), n_pad, dtype=torch.float64).log().to(qkv.dtype)
+    if isinstance(n_pad, int):
+        log_n = qkv.new_full((1,), math.log(n_pad))
+    else:  # symbolic (torch.compile with dynamic sizes): a tensor op, so the graph is not pinned to one size
+        log_n = qkv.new_full((1,), n_pad, dtype=torch.float32).log().to(qkv.dtype)
     logit_offset = torch.cat([qkv.new_zeros(L), log_n]).view(1, L + 1)
     return _merge_heads(_attention(q[:, :, :L], k, v, logit_offset))
 
