@@ -378,7 +378,8 @@ def test_compile_fullgraph_matches_eager():
 def test_compile_dynamic_batch_does_not_recompile(train):
     # size-dependent choices (the oneDNN linears' size floor, the training MLP's token chunks) must not become
     # guards on the symbolic batch size: a batch on the other side of such a threshold would recompile the
-    # graph. davit_atto at 224 px crosses both between batch 8 and batch 2 (stage 1: 25088 vs 6272 tokens).
+    # graph. davit_atto at 224 px crosses both between batch 8 and batch 2: stages.1 (56 x 56) has 25088 vs
+    # 6272 tokens, stages.3's 256-wide linears 103 M vs 26 M multiply-adds per call (the floor: 2^25).
     # Guards are dynamo's, so its eager backend suffices (no code generation).
     torch._dynamo.reset()
     m = davit.create_model("davit_atto").train(train)
