@@ -415,14 +415,47 @@ def test_compile_dynamic_image_size_keeps_shape_expressions_small():
     torch._dynamo.mark_dynamic(x, 3)
     compiled = torch.compile(m, fullgraph=True, backend=backend)
     try:
-        # (each stage's map also picks its paths: padded to whole windows or not, smaller than a window, odd
-        # or even for the stem and the downsampling; dynamo guards on those classes, so another size whose
-        # maps fall in other classes compiles another graph)
+        # (with symbolic sizes the windows are gathered, without a branch on the size classes: see
+        # test_compile_dynamic_image_size_does_not_recompile)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), m(x), atol=1e-5, rtol=1e-5)
     finally:
         torch._dynamo.reset()
     assert len(longest) == 1 and longest[0] < 300, longest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [False, True])
+def test_compile_dynamic_image_size_does_not_recompile(train):
+    # One graph with symbolic H and W serves image sizes whose stage maps fall in different classes: padded to
+    # whole windows or not, one window or several per side, odd or even for the stem and the downsampling.
+    # Branching on those (or on a dimension of size 1, which torch's shape logic does for the number of
+    # windows per side) would guard and recompile: on the code before session 25, davit_atto compiled at
+    # 64 x 80 recompiled for each of the four sizes below. A non-square first size keeps H and W separate
+    # symbols (dynamo unifies equal sizes); maps of one pixel (images of 16 px or less here) are still
+    # specialised by torch.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = davit.create_model("davit_atto").train(train)
+    x = torch.randn(2, 3, 64, 80)
+    torch._dynamo.mark_dynamic(x, 2)
+    torch._dynamo.mark_dynamic(x, 3)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    try:
+        with torch.set_grad_enabled(train), torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(x)
+            for hw in [(56, 56), (50, 50), (97, 33), (17, 224)]:
+                y = torch.randn(2, 3, *hw)
+                out, ref = compiled(y), m(y)
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+                if train:
+                    params = list(m.parameters())
+                    g_out = torch.autograd.grad(out.square().sum(), params)
+                    g_ref = torch.autograd.grad(ref.square().sum(), params)
+                    for a, b in zip(g_out, g_ref):
+                        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,9 @@ from davit.layers import (
     window_attention,
     window_attention_ref,
     window_partition,
+    window_partition_gather,
     window_reverse,
+    window_reverse_gather,
 )
 
 
@@ -106,6 +108,23 @@ def test_window_partition_round_trip():
     assert w.shape == (2 * 2 * 3, 49, 5)
     assert torch.equal(w[0].view(7, 7, 5), x[0, :7, :7])
     assert torch.equal(window_reverse(w, 7, 14, 21), x)
+
+
+@pytest.mark.parametrize("hw", [(14, 21), (9, 16), (3, 5), (7, 1)])
+def test_window_gather_equals_pad_and_partition(hw):
+    # the one-gather form that symbolic-size graphs use: the same windows, zero padding included, and back
+    H, W = hw
+    x = torch.randn(2, H, W, 5, requires_grad=True)
+    pad = torch.nn.functional.pad(x, (0, 0, 0, (-W) % 7, 0, (-H) % 7))
+    ref = window_partition(pad, 7)
+    w = window_partition_gather(x, 7)
+    assert torch.equal(w, ref)
+    assert torch.equal(window_reverse_gather(w, 7, 2, H, W), x)
+    # the gradient flows to the real tokens only, as through pad + partition
+    g = torch.randn_like(w)
+    (gx,) = torch.autograd.grad(w, x, g)
+    (gref,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(gx, gref)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ from .attention import (
     window_attention,
     window_attention_ref,
     window_partition,
+    window_partition_gather,
     window_reverse,
+    window_reverse_gather,
 )
 from .blocks import ChannelBlock, ConvPosEnc, DropPath, Mlp, SpatialBlock, drop_path
 from .norm import LayerNorm
@@ -21,7 +23,9 @@ __all__ = [
     "window_attention",
     "window_attention_ref",
     "window_partition",
+    "window_partition_gather",
     "window_reverse",
+    "window_reverse_gather",
     "ChannelBlock",
     "ConvPosEnc",
     "DropPath",

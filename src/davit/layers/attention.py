@@ -13,12 +13,15 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fused import linear
 
 __all__ = [
     "window_partition",
     "window_reverse",
+    "window_partition_gather",
+    "window_reverse_gather",
     "window_attention_ref",
     "window_attention",
     "window_attention_one_padded",
@@ -46,6 +49,62 @@ def window_reverse(windows: Tensor, ws: int, H: int, W: int) -> Tensor:
     B = windows.shape[0] // (nh * nw)
     x = windows.view(B, nh, nw, ws, ws, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+
+def symbolic_sizes(*sizes: int) -> bool:
+    """Whether any of ``sizes`` is symbolic: traced by torch.compile for every size (dynamic shapes).
+
+    Dynamo presents a symbolic size as an ``int`` (isinstance and type say so), so the test asks whether its
+    parity is known; for a concrete size it always is. A symbolic size whose parity the graph has fixed by a
+    guard counts as concrete, which only costs that graph guards, never a wrong value."""
+    return not all(statically_known_true(n % 2 == 0) or statically_known_true(n % 2 == 1) for n in sizes)
+
+
+def window_index(B: int, H: int, W: int, ws: int, device: torch.device) -> Tensor:
+    """Gather index for the windows of a (B, H, W) map zero-padded to whole windows: entry
+    ``(b * nW + w) * ws * ws + t`` is the row of token t of window w of image b in the map flattened to
+    (B * H * W, C) with one zero row appended (row B * H * W), the padding tokens' source.
+
+    For symbolic sizes under torch.compile (see :func:`window_partition_gather`). Only flat 1-D index
+    arithmetic: the number of windows per side never becomes a tensor dimension of its own."""
+    nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
+    per_image = nh * nw * ws * ws
+    k = torch.arange(B * per_image, device=device)
+    b, k = k // per_image, k % per_image
+    win, tok = k // (ws * ws), k % (ws * ws)
+    y, x = win // nw * ws + tok // ws, win % nw * ws + tok % ws
+    return torch.where((y < H) & (x < W), b * (H * W) + y * W + x, B * H * W)
+
+
+def unwindow_index(B: int, H: int, W: int, ws: int, device: torch.device) -> Tensor:
+    """Inverse of :func:`window_index` on the real tokens: entry ``(b * H + y) * W + x`` is the row of pixel
+    (y, x) of image b in the windows flattened to (B * nW * ws * ws, C); the padding tokens are dropped."""
+    nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
+    k = torch.arange(B * H * W, device=device)
+    b, k = k // (H * W), k % (H * W)
+    y, x = k // W, k % W
+    return ((b * nh + y // ws) * nw + x // ws) * (ws * ws) + (y % ws) * ws + x % ws
+
+
+def window_partition_gather(x: Tensor, ws: int) -> Tensor:
+    """:func:`window_partition` of ``x`` (B, H, W, C) zero-padded to whole windows, as one gather.
+
+    Under torch.compile with symbolic sizes the view-permute-reshape form makes the number of windows per
+    side a dimension, and torch's shape logic guards on whether it is 1 (broadcasting, view and contiguity
+    checks), as on whether padding is needed: the graph recompiles for each class of sizes (davit_tiny: 224
+    px, last stage one window; 256 px, two per side, padded). Indexing with flat computed indices has no
+    such branch, so one graph serves every size."""
+    B, H, W, C = x.shape
+    nW = ((H + ws - 1) // ws) * ((W + ws - 1) // ws)
+    flat = torch.cat([x.reshape(B * H * W, C), x.new_zeros(1, C)])
+    return flat.index_select(0, window_index(B, H, W, ws, x.device)).view(B * nW, ws * ws, C)
+
+
+def window_reverse_gather(windows: Tensor, ws: int, B: int, H: int, W: int) -> Tensor:
+    """(B * nW, ws * ws, C) -> (B, H, W, C) without padding: inverse of :func:`window_partition_gather`."""
+    C = windows.shape[-1]
+    flat = windows.reshape(windows.shape[0] * ws * ws, C)
+    return flat.index_select(0, unwindow_index(B, H, W, ws, windows.device)).view(B, H, W, C)
 
 
 def _split_heads(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -109,11 +168,8 @@ def window_attention_one_padded(qkv: Tensor, num_heads: int, pad_qkv: Tensor | N
     pad = qkv.new_zeros(C3) if pad_qkv is None else pad_qkv.to(qkv.dtype)
     qkv = torch.cat([qkv, pad.view(1, 1, C3).expand(B, 1, C3)], dim=1)  # (B, L + 1, 3C)
     q, k, v = _split_heads(qkv, num_heads)
-    # per key
-    if isinstance(n_pad, int):
-        log_n = qkv.new_full((1,), math.log(n_pad))
-    else:  # symbolic (torch.compile with dynamic sizes): a tensor op, so the graph is not pinned to one size
-        log_n = qkv.new_full((1,), n_pad, dtype=torch.float32).log().to(qkv.dtype)
+    # per key. (Graphs with symbolic sizes gather the padded windows instead, SpatialBlock._window_attend.)
+    log_n = qkv.new_full((1,), math.log(n_pad))
     logit_offset = torch.cat([qkv.new_zeros(L), log_n]).view(1, L + 1)
     return _merge_heads(_attention(q[:, :, :L], k, v, logit_offset))
 

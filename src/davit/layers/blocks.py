@@ -10,8 +10,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .attention import ChannelAttention, WindowAttention, _traced, window_partition, window_reverse
+from .attention import (
+    ChannelAttention,
+    WindowAttention,
+    _traced,
+    symbolic_sizes,
+    window_partition,
+    window_partition_gather,
+    window_reverse,
+    window_reverse_gather,
+)
 from .fused import (
     fused_compiled_inference,
     fused_cpu_inference,
@@ -86,7 +96,8 @@ class ConvPosEnc(nn.Module):
         self.fast = True
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, H, W, C)
-        tiny = x.shape[1] * x.shape[2] <= 4 and self.proj.kernel_size == (3, 3)
+        # statically_known_true: a graph with symbolic sizes keeps the conv instead of guarding on the size
+        tiny = self.proj.kernel_size == (3, 3) and statically_known_true(x.shape[1] * x.shape[2] <= 4)
         if tiny and self.fast and not has_hooks(self.proj):
             return x + _depthwise3x3_tiny(x, self.proj.weight, self.proj.bias)
         # permute gives an NCHW view with channels-last strides; conv2d keeps that format, so the result
@@ -221,6 +232,13 @@ class SpatialBlock(nn.Module):
         applied inside the windows."""
         B, H, W, C = t.shape
         ws = self.window_size
+        if symbolic_sizes(H, W):
+            # torch.compile with symbolic sizes: pad, partition, reverse and crop as two gathers, without a
+            # branch on the size (one graph for every image size; see window_partition_gather)
+            t = self.attn.attend(window_partition_gather(t, ws))
+            if proj is not None:
+                t = linear(t, proj, self.attn.fast)
+            return window_reverse_gather(t, ws, B, H, W)
         # whole windows per side as a ceiling division: under torch.compile with symbolic sizes this keeps the
         # padded size a plain multiple of ws (Hp = ws * nh), where H + (-H) % ws nests a modulo into every
         # later size expression
