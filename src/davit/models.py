@@ -14,11 +14,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
 from .layers import ChannelBlock, LayerNorm, SpatialBlock
-from .layers.attention import _traced
+from .layers.attention import _traced, known_true
 from .layers.fused import has_hooks
 
 __all__ = ["DaViT", "DaViTFeatures", "create_model", "list_models", "model_info", "VARIANTS"]
@@ -54,12 +53,12 @@ class Stem(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
         s = self.stride
-        # statically_known_true: the plain test for concrete sizes; with symbolic sizes (torch.compile) it is
+        # known_true: the plain test for concrete sizes; with symbolic sizes (torch.compile) it is
         # false unless it holds for every size, so the graph pads by amounts that may be zero where a branch
         # would guard on the size's class and recompile for the other one. The amounts as ceiling divisions
         # keep later size expressions short.
         pad_b, pad_r = (H + s - 1) // s * s - H, (W + s - 1) // s * s - W
-        if not (statically_known_true(pad_b == 0) and statically_known_true(pad_r == 0)):
+        if not (known_true(pad_b == 0) and known_true(pad_r == 0)):
             x = F.pad(x, (0, pad_r, 0, pad_b))
         return self.norm(strided_conv(self.conv, x).permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
 
@@ -107,11 +106,11 @@ class Downsample(nn.Module):
             # as in Stem.forward: with symbolic sizes, padding by amounts that may be zero instead of a guard
             # on the parity
             Hp, Wp = (H + 1) // 2 * 2, (W + 1) // 2 * 2
-            if not (statically_known_true(Hp == H) and statically_known_true(Wp == W)):
+            if not (known_true(Hp == H) and known_true(Wp == W)):
                 x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
                 H, W = Hp, Wp
         # a graph with symbolic sizes keeps the conv (the size test would be a guard)
-        small = self.even_k and statically_known_true(H <= 8) and statically_known_true(W <= 8)
+        small = self.even_k and known_true(H <= 8) and known_true(W <= 8)
         if small and self.fast and torch.is_grad_enabled() and not has_hooks(self.conv):
             # k2 s2 on a small map, in training: the conv is a linear layer on 2x2 patches. oneDNN's conv
             # backward on such maps costs 2-4x the linear's (batch 64, fwd + bwd: 5.0 vs 1.3 ms for 2x2x128

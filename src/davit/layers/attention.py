@@ -51,13 +51,22 @@ def window_reverse(windows: Tensor, ws: int, H: int, W: int) -> Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
+def known_true(cond: bool) -> bool:
+    """``statically_known_true(cond)``: the condition itself for concrete sizes; for symbolic ones
+    (torch.compile with dynamic shapes) true only if it holds for every size, without a guard.
+    torch.jit.trace hands sizes as tensors; those are read by value, as a plain ``if`` did."""
+    if isinstance(cond, Tensor):
+        return bool(cond)
+    return statically_known_true(cond)
+
+
 def symbolic_sizes(*sizes: int) -> bool:
     """Whether any of ``sizes`` is symbolic: traced by torch.compile for every size (dynamic shapes).
 
     Dynamo presents a symbolic size as an ``int`` (isinstance and type say so), so the test asks whether its
     parity is known; for a concrete size it always is. A symbolic size whose parity the graph has fixed by a
     guard counts as concrete, which only costs that graph guards, never a wrong value."""
-    return not all(statically_known_true(n % 2 == 0) or statically_known_true(n % 2 == 1) for n in sizes)
+    return not all(known_true(n % 2 == 0) or known_true(n % 2 == 1) for n in sizes)
 
 
 def window_index(B: int, H: int, W: int, ws: int, device: torch.device) -> Tensor:

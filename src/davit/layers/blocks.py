@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .attention import (
     ChannelAttention,
     WindowAttention,
     _traced,
+    known_true,
     symbolic_sizes,
     window_partition,
     window_partition_gather,
@@ -96,8 +96,8 @@ class ConvPosEnc(nn.Module):
         self.fast = True
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, H, W, C)
-        # statically_known_true: a graph with symbolic sizes keeps the conv instead of guarding on the size
-        tiny = self.proj.kernel_size == (3, 3) and statically_known_true(x.shape[1] * x.shape[2] <= 4)
+        # known_true: a graph with symbolic sizes keeps the conv instead of guarding on the size
+        tiny = self.proj.kernel_size == (3, 3) and known_true(x.shape[1] * x.shape[2] <= 4)
         if tiny and self.fast and not has_hooks(self.proj):
             return x + _depthwise3x3_tiny(x, self.proj.weight, self.proj.bias)
         # permute gives an NCHW view with channels-last strides; conv2d keeps that format, so the result
