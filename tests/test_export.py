@@ -12,7 +12,7 @@ from davit.cli import main
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from davit.export import export_onnx, verify_onnx  # noqa: E402
+from davit.export import export_onnx, min_dynamic_size, verify_onnx  # noqa: E402
 
 
 def test_round_trip_dynamic_batch(tmp_path):
@@ -23,6 +23,32 @@ def test_round_trip_dynamic_batch(tmp_path):
     assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [3, 32, 32]
     # traced at batch 2; run at two other batch sizes
     assert verify_onnx(model, path, 32, batch_sizes=(1, 5)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_round_trip_dynamic_batch_and_image_size(tmp_path):
+    # torch.export sees the symbolic-size path (windows gathered by computed indices, no padding branch), so
+    # one ONNX graph serves sizes whose stage maps need padding or not, odd or even, square or not
+    model = create_model("davit_atto", num_classes=10).eval()
+    path = export_onnx(model, tmp_path / "atto.onnx", img_size=(64, 80), exporter="dynamo", dynamic_size=True)
+    (inp,) = onnx.load(str(path)).graph.input
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[1].dim_value == 3 and all(d.dim_param for d in (dims[0], dims[2], dims[3]))
+    lo = min_dynamic_size(model)
+    assert lo == 17  # davit_atto reduces by 16 (stem stride 2, three downsamplings)
+    sizes = [(64, 80), (56, 56), (50, 50), (97, 33), (lo, 224)]
+    assert verify_onnx(model, path, sizes, batch_sizes=(1, 3)) <= 1e-4
+
+
+def test_dynamic_size_needs_the_dynamo_exporter(tmp_path, capsys):
+    model = create_model("davit_atto").eval()
+    with pytest.raises(ValueError, match="needs the 'dynamo' exporter"):
+        export_onnx(model, tmp_path / "a.onnx", img_size=32, dynamic_size=True)
+    with pytest.raises(ValueError, match="at least 17 px"):
+        export_onnx(model, tmp_path / "a.onnx", img_size=16, exporter="dynamo", dynamic_size=True)
+    rc = main(["export", "--model", "davit_atto", "--dynamic-size", "--out", str(tmp_path / "b.onnx")])
+    assert rc != 0 and "--dynamic-size needs --exporter dynamo" in capsys.readouterr().err
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
 
 
 def test_cli_export_odd_size_needing_padding(tmp_path, capsys):

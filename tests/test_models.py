@@ -458,6 +458,20 @@ def test_compile_dynamic_image_size_does_not_recompile(train):
         torch._dynamo.reset()
 
 
+@pytest.mark.slow
+def test_torch_export_with_dynamic_image_size():
+    # torch.export with symbolic H and W: one program for every image size, as the compiled graph above.
+    # Any size-dependent Python (a branch, torch.Size.numel() in the training MLP's chunk test) would
+    # specialise H and W and fail the export with a constraint violation (it did before session 25).
+    m = davit.create_model("davit_atto").eval()
+    H, W = torch.export.Dim("H", min=17, max=1024), torch.export.Dim("W", min=17, max=1024)
+    ep = torch.export.export(m, (torch.randn(2, 3, 64, 80),), dynamic_shapes=({2: H, 3: W},))
+    with torch.no_grad():
+        for hw in [(56, 56), (50, 50), (97, 33), (17, 224)]:
+            x = torch.randn(2, 3, *hw)
+            torch.testing.assert_close(ep.module()(x), m(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "x,match",
     [

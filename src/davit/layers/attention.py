@@ -78,10 +78,10 @@ def window_index(B: int, H: int, W: int, ws: int, device: torch.device) -> Tenso
     arithmetic: the number of windows per side never becomes a tensor dimension of its own."""
     nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
     per_image = nh * nw * ws * ws
-    k = torch.arange(B * per_image, device=device)
-    b, k = k // per_image, k % per_image
-    win, tok = k // (ws * ws), k % (ws * ws)
-    y, x = win // nw * ws + tok // ws, win % nw * ws + tok % ws
+    b, k = _divmod(torch.arange(B * per_image, device=device), per_image)
+    win, tok = _divmod(k, ws * ws)
+    (r, c), (i, j) = _divmod(win, nw), _divmod(tok, ws)
+    y, x = r * ws + i, c * ws + j
     return torch.where((y < H) & (x < W), b * (H * W) + y * W + x, B * H * W)
 
 
@@ -89,10 +89,17 @@ def unwindow_index(B: int, H: int, W: int, ws: int, device: torch.device) -> Ten
     """Inverse of :func:`window_index` on the real tokens: entry ``(b * H + y) * W + x`` is the row of pixel
     (y, x) of image b in the windows flattened to (B * nW * ws * ws, C); the padding tokens are dropped."""
     nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
-    k = torch.arange(B * H * W, device=device)
-    b, k = k // (H * W), k % (H * W)
-    y, x = k // W, k % W
-    return ((b * nh + y // ws) * nw + x // ws) * (ws * ws) + (y % ws) * ws + x % ws
+    b, k = _divmod(torch.arange(B * H * W, device=device), H * W)
+    (y, x) = _divmod(k, W)
+    (r, i), (c, j) = _divmod(y, ws), _divmod(x, ws)
+    return ((b * nh + r) * nw + c) * (ws * ws) + i * ws + j
+
+
+def _divmod(k: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    # k // n and k % n of non-negative k; the remainder by a multiply and subtract, because ONNX export
+    # (torch.onnx, dynamo) has no remainder by a symbolic scalar
+    q = torch.div(k, n, rounding_mode="floor")
+    return q, k - q * n
 
 
 def window_partition_gather(x: Tensor, ws: int) -> Tensor:
@@ -223,7 +230,7 @@ def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
 
 def _traced() -> bool:
     """Tracing or compiling will see this op: keep to the batched formulation (one graph, no group loop)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _roles(qkv: Tensor, groups: int, v2: bool) -> tuple[Tensor, Tensor, Tensor, float, tuple[int, int, int]]:

@@ -156,7 +156,7 @@ class Mlp(nn.Module):
         """``residual + drop(self(x))``, the blocks' MLP branch. CPU inference fuses fc2 with the add (see
         :func:`linear_residual`); eager CPU fp32 training runs the MLP on chunks of TRAIN_MLP_CHUNK_TOKENS
         tokens where the hidden map is larger than two chunks (see there)."""
-        n = x.shape[:-1].numel()
+        n = x.numel() // x.shape[-1]  # (torch.Size.numel() would make a symbolic size concrete under export)
         if not (
             self.fast
             and x.is_cpu
