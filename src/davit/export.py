@@ -165,13 +165,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     img = args.img_size or model_info(args.model)["input_size"][1]
+    if args.dynamic_size and args.exporter != "dynamo":
+        raise ValueError("--dynamic-size needs --exporter dynamo (the torchscript exporter traces one size)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     model = create_model(
         args.model, pretrained=args.checkpoint or False, num_classes=args.num_classes, in_chans=args.in_chans
     ).eval()
-    if args.dynamic_size and args.exporter != "dynamo":
-        raise ValueError("--dynamic-size needs --exporter dynamo (the torchscript exporter traces one size)")
     out = export_onnx(
         model, args.out, img, opset=args.opset, exporter=args.exporter, dynamic_size=args.dynamic_size
     )

@@ -239,9 +239,8 @@ class SpatialBlock(nn.Module):
             if proj is not None:
                 t = linear(t, proj, self.attn.fast)
             return window_reverse_gather(t, ws, B, H, W)
-        # whole windows per side as a ceiling division: under torch.compile with symbolic sizes this keeps the
-        # padded size a plain multiple of ws (Hp = ws * nh), where H + (-H) % ws nests a modulo into every
-        # later size expression
+        # whole windows per side as a ceiling division (a graph whose sizes are symbolic but of fixed parity
+        # still comes here; this form keeps its size expressions short, where H + (-H) % ws nests a modulo)
         nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
         Hp, Wp = nh * ws, nw * ws
         pad_b, pad_r = Hp - H, Wp - W
