@@ -65,7 +65,10 @@ def symbolic_sizes(*sizes: int) -> bool:
 
     Dynamo presents a symbolic size as an ``int`` (isinstance and type say so), so the test asks whether its
     parity is known; for a concrete size it always is. A symbolic size whose parity the graph has fixed by a
-    guard counts as concrete, which only costs that graph guards, never a wrong value."""
+    guard counts as concrete, which only costs that graph guards, never a wrong value. Outside torch.compile
+    and torch.export (eager, torch.jit.trace) sizes are concrete: no test on the forward's hot path."""
+    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        return False
     return not all(known_true(n % 2 == 0) or known_true(n % 2 == 1) for n in sizes)
 
 
@@ -184,9 +187,8 @@ def window_attention_one_padded(qkv: Tensor, num_heads: int, pad_qkv: Tensor | N
     pad = qkv.new_zeros(C3) if pad_qkv is None else pad_qkv.to(qkv.dtype)
     qkv = torch.cat([qkv, pad.view(1, 1, C3).expand(B, 1, C3)], dim=1)  # (B, L + 1, 3C)
     q, k, v = _split_heads(qkv, num_heads)
-    # per key. (Graphs with symbolic sizes gather the padded windows instead, SpatialBlock._window_attend.)
-    log_n = qkv.new_full((1,), math.log(n_pad))
-    logit_offset = torch.cat([qkv.new_zeros(L), log_n]).view(1, L + 1)
+    # per key
+    logit_offset = torch.cat([qkv.new_zeros(L), qkv.new_full((1,), math.log(n_pad))]).view(1, L + 1)
     return _merge_heads(_attention(q[:, :, :L], k, v, logit_offset))
 
 
