@@ -25,6 +25,8 @@ def davit_cli():
             torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
             head = [sys.executable, *torchrun, "-m", "davit"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if nproc > 1 and cwd is not None:  # torchrun leaves a log folder per run in the temp directory
+            env["TMPDIR"] = str(cwd)
         r = subprocess.run([*head, *args], capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return r

@@ -77,12 +77,18 @@ def test_cli_export_missing_checkpoint_is_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_bench_onnxruntime_backend(tmp_path):
+def test_bench_onnxruntime_backend(tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "ort.json"
     args = "bench --model davit_atto --backend onnxruntime --img-size 16 -b 2 --device cpu --repeats 1"
     assert main(f"{args} --warmup 1 --threads 1 --peak-n 128 --json {out}".split()) == 0
     (res,) = json.loads(out.read_text())["results"]
     assert res["flavour"] == "onnxruntime" and res["img_per_s"] > 0 and res["peak_mem_mb"] is None
+    assert list(scratch.iterdir()) == []  # the exported model is not left behind
 
 
 def test_a_zero_image_size_is_refused_not_read_as_the_default(tmp_path, capsys):

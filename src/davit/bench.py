@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -233,9 +234,12 @@ def _ort_step(model: nn.Module, x: Tensor, img_size: int, threads: int) -> Calla
 
     from .export import export_onnx, ort_session
 
-    path = tempfile.NamedTemporaryFile(suffix=".onnx", delete=False).name
-    export_onnx(model, path, img_size=img_size)
-    sess = ort_session(path, threads=threads)
+    # onnxruntime reads the whole graph and its weights when the session is made, so the file (12 MB for
+    # davit_atto, 110 MB for davit_tiny) goes at once; it was left in the temp directory on every run
+    with tempfile.TemporaryDirectory(prefix="davit-bench-") as d:
+        path = os.path.join(d, "model.onnx")
+        export_onnx(model, path, img_size=img_size)
+        sess = ort_session(path, threads=threads)
     feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
     return lambda: sess.run(None, feed)
 

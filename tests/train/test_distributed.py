@@ -202,7 +202,8 @@ def _run_with_timeout(args: list[str], cwd, nproc: int, timeout: float):
     import sys
 
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun leaves a log folder per run in the temp directory
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(cwd)}
     p = subprocess.Popen(
         [*head, "-m", "davit", *args],
         cwd=cwd,
