@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import ChannelBlock, LayerNorm, SpatialBlock
 from .layers.attention import _traced, known_true
+from .layers.fused import conv as run_conv
 from .layers.fused import has_hooks
 
 __all__ = ["DaViT", "DaViTFeatures", "create_model", "list_models", "model_info", "VARIANTS"]
@@ -37,8 +38,8 @@ def strided_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     Only one-column outputs on CPU take this path: a few extra zeros for a degenerate shape."""
     s = conv.stride[1]
     if s > 1 and x.is_cpu and x.shape[-1] + 2 * conv.padding[1] - conv.kernel_size[1] < s:
-        return conv(F.pad(x, (0, s)))[..., :1]
-    return conv(x)
+        return run_conv(F.pad(x, (0, s)), conv)[..., :1]
+    return run_conv(x, conv)  # compiled CPU code: as an opaque op (davit.layers.fused.conv)
 
 
 class Stem(nn.Module):

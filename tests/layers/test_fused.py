@@ -233,3 +233,102 @@ def test_compiled_inference_fuses_gelu_and_residual_into_the_linears(monkeypatch
     assert torch.ops.davit.onednn_linear_gelu.default not in targets
     assert torch.ops.davit.onednn_linear_add.default not in targets
     assert torch.ops.davit.onednn_linear.default in targets
+
+
+# ----- convolutions as opaque ops in compiled CPU code ------------------------------------------------------
+CONV_CASES = [  # (B, C, H, W), channels-last input, (out, in/groups, k, k), stride, padding, groups
+    ((2, 6, 9, 7), True, (6, 1, 3, 3), 1, 1, 6),  # position encoding: depthwise on a permuted NHWC map
+    ((2, 3, 19, 13), False, (8, 3, 7, 7), 4, 3, 1),  # stem: NCHW images
+    ((2, 4, 6, 8), True, (10, 4, 2, 2), 2, 0, 1),  # downsampling
+    ((3, 5, 1, 1), True, (5, 1, 3, 3), 1, 1, 5),  # a one-pixel map: size-one dimensions, ambiguous strides
+    ((2, 1, 9, 9), False, (4, 1, 7, 7), 4, 3, 1),  # one input channel (grey images)
+]
+
+
+def _conv_inputs(shape, channels_last, wshape, bias):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # as the blocks pass their maps
+    w = torch.randn(wshape) * 0.3
+    b = torch.randn(wshape[0]) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_op_opcheck_and_values(case, bias):
+    """The fake kernel gives the real kernel's shapes and strides (inductor asserts them at run time: a
+    mismatch on small maps failed the first prototype), and values and gradients are F.conv2d's."""
+    shape, channels_last, wshape, stride, padding, groups = case
+    x, w, b = _conv_inputs(shape, channels_last, wshape, bias)
+    args = [stride, stride], [padding, padding], groups
+    x.requires_grad_(), w.requires_grad_()
+    if bias:
+        b.requires_grad_()
+    torch.library.opcheck(fused.conv2d, (x, w, b, *args))
+    out = fused.conv2d(x, w, b, *args)
+    ref = F.conv2d(x, w, b, stride, padding, 1, groups)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    up = torch.randn_like(ref)
+    params = [x, w] + ([b] if bias else [])
+    for g, gr in zip(torch.autograd.grad((out * up).sum(), params), torch.autograd.grad((ref * up).sum(), params)):
+        torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5)
+    grad = up if not channels_last else up.contiguous(memory_format=torch.channels_last)
+    mask = [True, True, bias]
+    torch.library.opcheck(fused.conv2d_backward, (grad, x.detach(), w.detach(), *args, mask))
+
+
+def _aot_graphs(model, x):
+    """The forward and backward graphs AOT autograd hands the compiler for a training step of ``model`` (the
+    graphs inductor would lower, without its C++ compilation), and the compiled step's output and grads."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, _inputs):
+            graphs[kind] = gm
+            return gm.forward
+
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+    out, grads = _train_grads(torch.compile(model, backend=backend, fullgraph=True), x)
+    return graphs, out, grads
+
+
+def _targets(gm):
+    return {n.target for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def test_compiled_cpu_graphs_hold_no_aten_convolution():
+    """Compiled CPU fp32 code runs the stem, downsampling and position-encoding convolutions as the opaque
+    ``davit::conv2d`` (backward ``davit::conv2d_backward``): no ``aten.convolution`` is left, so inductor's
+    layout optimisation (on for any CPU graph with one) stays off. Same output and gradients as eager; with
+    the ops switched off the graph holds the aten convolution and inductor would re-lay it out."""
+    from torch._inductor.graph import GraphLowering
+
+    torch.manual_seed(0)
+    model = davit.create_model("davit_atto", num_classes=5, stem_stride=4)
+    x = torch.randn(2, 3, 40, 36)
+    out_ref, g_ref = _train_grads(model, x)
+    graphs, out, grads = _aot_graphs(model, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    fw, bw = _targets(graphs["forward"]), _targets(graphs["backward"])
+    assert torch.ops.davit.conv2d.default in fw and torch.ops.aten.convolution.default not in fw, fw
+    assert torch.ops.davit.conv2d_backward.default in bw, bw
+    assert torch.ops.aten.convolution_backward.default not in bw, bw
+    assert not GraphLowering.decide_layout_opt(graphs["forward"], is_inference=False)
+
+    torch._dynamo.reset()
+    previous = fused.set_opaque_convs(False)
+    try:
+        graphs, _, _ = _aot_graphs(model, x)
+    finally:
+        fused.set_opaque_convs(previous)
+    assert torch.ops.aten.convolution.default in _targets(graphs["forward"])
+    if torch.backends.mkldnn.is_available():
+        assert GraphLowering.decide_layout_opt(graphs["forward"], is_inference=False)

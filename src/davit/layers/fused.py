@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
+    "conv",
+    "conv2d",
     "conv_weight_grad",
     "fused_compiled_inference",
     "fused_cpu_inference",
@@ -47,7 +49,9 @@ __all__ = [
     "default_onednn_training",
     "onednn_training",
     "onednn_training_enabled",
+    "opaque_conv",
     "set_onednn_training",
+    "set_opaque_convs",
 ]
 
 
@@ -273,3 +277,143 @@ def linear(x: Tensor, layer: nn.Linear, fast: bool = True) -> Tensor:
     if fast and onednn_training(x, layer):
         return onednn_linear(x, layer.weight, layer.bias)
     return layer(x)  # the module call, so hooks on it still fire
+
+
+# ----- compiled CPU fp32 code: convolutions as opaque calls -------------------------------------------------
+# Inductor turns its layout optimisation on for every CPU graph that holds a convolution (torch 2.14's
+# ``GraphLowering.decide_layout_opt``: with oneDNN available, unconditionally). In DaViT the convolutions are
+# the stem, the downsampling and the depthwise position encodings, and the optimisation then re-lays out the
+# residual stream and the saved activations around them (transposed (B, W, C, H) buffers that later kernels
+# transpose back, docs/benchmarks.md, session 22). As opaque operators the convolutions run on the layouts
+# eager code gives them, the graph holds no ``aten.convolution``, and the optimisation stays off:
+# davit_tiny's compiled CPU training step at batch 8 took 1672 instead of 1910 ms (medians of 7 interleaved
+# rounds in one process, Zen 4 VM, session 26), as fast as the eager step (1655 ms).
+
+
+def _conv_strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+
+
+def _channels_last(x: Tensor) -> bool:
+    """The layout the op's results take: channels-last where ``x`` has unit channel stride (a permuted NHWC
+    map), else NCHW. One rule for the real and the fake kernels (inductor checks that they agree), and no
+    guard on a symbolic size: a contiguous map's channel stride H * W is 1 for no size it is known to have."""
+    return x.shape[1] > 1 and statically_known_true(x.stride(1) == 1)
+
+
+def _in_layout(y: Tensor, channels_last: bool) -> Tensor:
+    """``y`` with exactly the strides :func:`_conv_strides` gives (a copy only where they differ: oneDNN may
+    return another layout for small maps, and size-one dimensions carry arbitrary strides)."""
+    strides = _conv_strides(tuple(y.shape), channels_last)
+    if y.stride() == strides:
+        return y
+    return y.new_empty_strided(y.shape, strides).copy_(y)
+
+
+def _conv_out_shape(x: Tensor, weight: Tensor, stride: list[int], padding: list[int]) -> tuple[int, ...]:
+    h = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+    w = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
+    return (x.shape[0], weight.shape[0], h, w)
+
+
+@torch.library.custom_op("davit::conv2d", mutates_args=())
+def conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], groups: int
+) -> Tensor:
+    """``F.conv2d`` (dilation 1, zero padding) as one opaque call for compiled CPU code; differentiable."""
+    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, 1, groups)
+    return _in_layout(y, _channels_last(x))
+
+
+@conv2d.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], groups: int):
+    shape = _conv_out_shape(x, weight, stride, padding)
+    return x.new_empty_strided(shape, _conv_strides(shape, _channels_last(x)))
+
+
+@torch.library.custom_op("davit::conv2d_backward", mutates_args=())
+def conv2d_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    stride: list[int],
+    padding: list[int],
+    groups: int,
+    mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Input, weight and bias gradients of :func:`conv2d` (those ``mask`` asks for; empty tensors for the
+    others: a custom operator cannot return None)."""
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]], stride, padding, [1, 1], False, [0, 0], groups, mask
+    )
+    return (
+        _in_layout(gx, _channels_last(x)) if mask[0] else x.new_empty(0),
+        _in_layout(gw, False) if mask[1] else weight.new_empty(0),
+        gb.contiguous() if mask[2] else weight.new_empty(0),
+    )
+
+
+@conv2d_backward.register_fake
+def _(grad: Tensor, x: Tensor, weight: Tensor, stride: list[int], padding: list[int], groups: int, mask):
+    gx = x.new_empty_strided(x.shape, _conv_strides(tuple(x.shape), _channels_last(x)))
+    gw = weight.new_empty_strided(weight.shape, _conv_strides(tuple(weight.shape), False))
+    gb = weight.new_empty(weight.shape[0])
+    none = weight.new_empty(0)
+    return (gx if mask[0] else x.new_empty(0), gw if mask[1] else none, gb if mask[2] else none)
+
+
+def _conv2d_setup(ctx, inputs, output) -> None:
+    x, weight, bias, stride, padding, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.conf = (stride, padding, groups, bias is not None)
+
+
+def _conv2d_grad(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    stride, padding, groups, has_bias = ctx.conf
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = conv2d_backward(grad, x, weight, stride, padding, groups, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None)
+
+
+conv2d.register_autograd(_conv2d_grad, setup_context=_conv2d_setup)
+
+# davit.layers.fused.set_opaque_convs(False): compiled graphs get the plain aten convolutions (A/B timing)
+_OPAQUE_CONVS = True
+
+
+def set_opaque_convs(enable: bool) -> bool:
+    """Run convolutions in compiled CPU fp32 code as :func:`conv2d` (the default) or as plain convolutions
+    (inductor then turns its layout optimisation on). Returns the previous setting."""
+    global _OPAQUE_CONVS
+    previous, _OPAQUE_CONVS = _OPAQUE_CONVS, bool(enable)
+    return previous
+
+
+def opaque_conv(x: Tensor, layer: nn.Conv2d) -> bool:
+    """True where :func:`conv` runs ``layer`` as :func:`conv2d`: under torch.compile (not export: ONNX and
+    exported programs see the plain op), with gradients (training: compiled inference was no faster with
+    the ops, 1017 vs 997 ms at batch 16, session 26), CPU fp32 outside autocast (the case measured), a plain
+    zero-padded convolution without dilation or hooks."""
+    return (
+        _OPAQUE_CONVS
+        and torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and layer.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and layer.dilation == (1, 1)
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+        and not has_hooks(layer)
+    )
+
+
+def conv(x: Tensor, layer: nn.Conv2d) -> Tensor:
+    """``layer(x)``; in compiled CPU fp32 code as the opaque :func:`conv2d` (see :func:`opaque_conv`)."""
+    if opaque_conv(x, layer):
+        return conv2d(x, layer.weight, layer.bias, list(layer.stride), list(layer.padding), layer.groups)
+    return layer(x)
