@@ -272,7 +272,8 @@ def test_conv2d_op_opcheck_and_values(case, bias):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     up = torch.randn_like(ref)
     params = [x, w] + ([b] if bias else [])
-    for g, gr in zip(torch.autograd.grad((out * up).sum(), params), torch.autograd.grad((ref * up).sum(), params)):
+    grads, ref_grads = (torch.autograd.grad((y * up).sum(), params) for y in (out, ref))
+    for g, gr in zip(grads, ref_grads):
         torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5)
     grad = up if not channels_last else up.contiguous(memory_format=torch.channels_last)
     mask = [True, True, bias]

@@ -152,7 +152,10 @@ def compile_options(device: torch.device) -> dict[str, Any]:
     encoding's input, already channels-last, into a channels-last buffer and stores the residual stream and
     saved activations in a (B, W, C, H) order that the next kernels transpose back; without it davit_tiny's
     compiled training step at batch 8 took 1899 instead of 2199 ms (medians of 8 alternating pairs of fresh
-    processes, 7 in its favour, Zen 4 VM, docs/benchmarks.md, session 22). GPUs keep the default."""
+    processes, 7 in its favour, Zen 4 VM, docs/benchmarks.md, session 22). In fp32 the model's convolutions
+    are opaque ops in compiled CPU code (``davit.layers.fused.conv``), which keeps the optimisation off in
+    any user's ``torch.compile`` too; the option still covers bf16 autocast, where they are plain
+    convolutions. GPUs keep the default."""
     return {"options": {"layout_optimization": False}} if device.type == "cpu" else {}
 
 
