@@ -27,7 +27,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def strided_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+def strided_conv(conv: nn.Conv2d, x: Tensor, fast: bool = True) -> Tensor:
     """``conv(x)`` for the stem and downsample convs, exact also where oneDNN is not.
 
     On Intel CPUs with AVX-512/AMX, torch 2.14.1's oneDNN (3.12) returns wrong values (errors of order 1,
@@ -38,8 +38,8 @@ def strided_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     Only one-column outputs on CPU take this path: a few extra zeros for a degenerate shape."""
     s = conv.stride[1]
     if s > 1 and x.is_cpu and x.shape[-1] + 2 * conv.padding[1] - conv.kernel_size[1] < s:
-        return run_conv(F.pad(x, (0, s)), conv)[..., :1]
-    return run_conv(x, conv)  # compiled CPU code: as an opaque op (davit.layers.fused.conv)
+        return run_conv(F.pad(x, (0, s)), conv, fast)[..., :1]
+    return run_conv(x, conv, fast)  # compiled CPU code: as an opaque op (davit.layers.fused.conv)
 
 
 class Stem(nn.Module):
@@ -119,7 +119,7 @@ class Downsample(nn.Module):
             patches = x.reshape(B, H // 2, 2, W // 2, 2, C).transpose(2, 3).reshape(B, H // 2, W // 2, 4 * C)
             weight = self.conv.weight.permute(0, 2, 3, 1).reshape(self.conv.out_channels, 4 * C)
             return F.linear(patches, weight, self.conv.bias)
-        return strided_conv(self.conv, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return strided_conv(self.conv, x.permute(0, 3, 1, 2), self.fast).permute(0, 2, 3, 1)
 
 
 #: Tokens (pixels of the stage's map times images) per slice of the batch in CPU inference. A stage that runs

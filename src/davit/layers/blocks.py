@@ -103,7 +103,7 @@ class ConvPosEnc(nn.Module):
             return x + _depthwise3x3_tiny(x, self.proj.weight, self.proj.bias)
         # permute gives an NCHW view with channels-last strides; conv2d keeps that format, so the result
         # permutes back to a contiguous (B, H, W, C) tensor for free
-        y = conv(x.permute(0, 3, 1, 2), self.proj).permute(0, 2, 3, 1)
+        y = conv(x.permute(0, 3, 1, 2), self.proj, self.fast).permute(0, 2, 3, 1)
         return x + y
 
 

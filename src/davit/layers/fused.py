@@ -412,8 +412,9 @@ def opaque_conv(x: Tensor, layer: nn.Conv2d) -> bool:
     )
 
 
-def conv(x: Tensor, layer: nn.Conv2d) -> Tensor:
-    """``layer(x)``; in compiled CPU fp32 code as the opaque :func:`conv2d` (see :func:`opaque_conv`)."""
-    if opaque_conv(x, layer):
+def conv(x: Tensor, layer: nn.Conv2d, fast: bool = True) -> Tensor:
+    """``layer(x)``; in compiled CPU fp32 code as the opaque :func:`conv2d` (see :func:`opaque_conv`) unless
+    ``fast`` is off (the model's reference path)."""
+    if fast and opaque_conv(x, layer):
         return conv2d(x, layer.weight, layer.bias, list(layer.stride), list(layer.padding), layer.groups)
     return layer(x)
