@@ -286,8 +286,8 @@ def linear(x: Tensor, layer: nn.Linear, fast: bool = True) -> Tensor:
 # residual stream and the saved activations around them (transposed (B, W, C, H) buffers that later kernels
 # transpose back, docs/benchmarks.md, session 22). As opaque operators the convolutions run on the layouts
 # eager code gives them, the graph holds no ``aten.convolution``, and the optimisation stays off:
-# davit_tiny's compiled CPU training step at batch 8 took 1672 instead of 1910 ms (medians of 7 interleaved
-# rounds in one process, Zen 4 VM, session 26), as fast as the eager step (1655 ms).
+# davit_tiny's compiled CPU training step at batch 8 took 1637 instead of 1885 ms (medians of 9 interleaved
+# rounds in one process, Zen 4 VM, session 26), as fast as the eager step (1641 ms).
 
 
 def _conv_strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
@@ -297,8 +297,9 @@ def _conv_strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...
 
 def _channels_last(x: Tensor) -> bool:
     """The layout the op's results take: channels-last where ``x`` has unit channel stride (a permuted NHWC
-    map), else NCHW. One rule for the real and the fake kernels (inductor checks that they agree), and no
-    guard on a symbolic size: a contiguous map's channel stride H * W is 1 for no size it is known to have."""
+    map), else NCHW. One rule for the real and the fake kernels (inductor checks that they agree). The test
+    guards on no symbolic size: a contiguous map's channel stride H * W is not known to be 1, so it counts as
+    NCHW, as it does for concrete sizes above one pixel."""
     return x.shape[1] > 1 and statically_known_true(x.stride(1) == 1)
 
 
