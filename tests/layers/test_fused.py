@@ -215,24 +215,65 @@ def _graph_targets(model, x):
     return {n.target for n in graph.graph.nodes if n.op == "call_function"}, out
 
 
-def test_compiled_inference_fuses_gelu_and_residual_into_the_linears(monkeypatch):
-    """Compiled CPU inference runs fc1 + GELU and fc2/proj + residual add as the opaque fused ops (as eager
-    inference runs the same kernels), with the eager logits; with gradients on, the plain linears."""
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_inference_ops_opcheck_and_values(bias, monkeypatch):
+    """The MLP and attention ops of compiled inference equal their plain compositions, also where the chunks
+    (here of 10 tokens) do not divide the rows, windows or images."""
+    from davit.layers import attention as A
+
+    monkeypatch.setattr(fused, "INFER_OP_CHUNK_TOKENS", 10)
+    torch.manual_seed(0)
+    C = 8
+    x, res = torch.randn(5, 7, C), torch.randn(5, 7, C)
+    w1, w2 = torch.randn(4 * C, C) * 0.3, torch.randn(C, 4 * C) * 0.3
+    b1, b2 = (torch.randn(4 * C), torch.randn(C)) if bias else (None, None)
+    torch.library.opcheck(fused.onednn_mlp_add, (res, x, w1, b1, w2, b2))
+    mlp = res + F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    torch.testing.assert_close(fused.onednn_mlp_add(res, x, w1, b1, w2, b2), mlp)
+    # the residual in another layout (the blocks pass contiguous maps; the op must not depend on it)
+    res_t = res.transpose(0, 1).contiguous().transpose(0, 1)
+    torch.testing.assert_close(fused.onednn_mlp_add(res_t, x, w1, b1, w2, b2), mlp)
+
+    wq, bq = torch.randn(3 * C, C) * 0.3, (torch.randn(3 * C) if bias else None)
+    windows = torch.randn(7, 4, C)  # 7 windows of 4 tokens: chunks of 2 windows, the last one alone
+    torch.library.opcheck(A.onednn_window_attention, (windows, wq, bq, 2))
+    torch.testing.assert_close(
+        A.onednn_window_attention(windows, wq, bq, 2), A.window_attention_ref(F.linear(windows, wq, bq), 2)
+    )
+    for groups, v2 in [(2, False), (2, True), (1, False)]:  # per-group and batched fast paths, V1 and V2
+        tokens = torch.randn(5, 4, C)  # 5 images of 4 tokens: chunks of 2 images
+        torch.library.opcheck(A.onednn_channel_attention, (tokens, wq, bq, groups, v2))
+        torch.testing.assert_close(
+            A.onednn_channel_attention(tokens, wq, bq, groups, v2),
+            A.channel_attention_ref(F.linear(tokens, wq, bq), groups, v2),
+        )
+
+
+def test_compiled_inference_runs_mlps_and_attentions_as_chunked_ops(monkeypatch):
+    """Compiled CPU inference runs each MLP branch and each attention (qkv + attention) as one opaque op on
+    chunks and the projections + residual adds as the fused linear, with the eager logits (also with chunks
+    of one window or one image); with gradients on, the plain differentiable linear instead."""
     monkeypatch.setattr(fused, "_MIN_MACS", 0)
     torch.manual_seed(0)
     model = davit.create_model("davit_atto", num_classes=5, stem_stride=4).eval()
     x = torch.randn(2, 3, 32, 32)
+    ops = torch.ops.davit
+    chunked = {ops.onednn_mlp_add.default, ops.onednn_window_attention.default}
+    chunked.add(ops.onednn_channel_attention.default)
     with torch.no_grad():
         ref = model(x)
         targets, out = _graph_targets(model, x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert torch.ops.davit.onednn_linear_gelu.default in targets, targets
-    assert torch.ops.davit.onednn_linear_add.default in targets, targets
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert chunked <= targets, targets
+        assert ops.onednn_linear_add.default in targets, targets
+        torch._dynamo.reset()
+        monkeypatch.setattr(fused, "INFER_OP_CHUNK_TOKENS", 1)
+        _, out = _graph_targets(model, x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     targets, _ = _graph_targets(model, x)  # gradients enabled: the ops have no autograd formula
-    assert torch.ops.davit.onednn_linear_gelu.default not in targets
-    assert torch.ops.davit.onednn_linear_add.default not in targets
-    assert torch.ops.davit.onednn_linear.default in targets
+    assert not (chunked | {ops.onednn_linear_add.default, ops.onednn_linear_gelu.default}) & targets
+    assert ops.onednn_linear.default in targets
 
 
 # ----- convolutions as opaque ops in compiled CPU code ------------------------------------------------------

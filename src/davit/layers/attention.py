@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fused import linear
+from . import fused
+from .fused import fused_compiled_inference, linear
 
 __all__ = [
     "window_partition",
@@ -293,6 +294,43 @@ class _ChannelAttentionPerGroup(torch.autograd.Function):
         return torch.cat(parts[0] + parts[1] + parts[2], dim=-1), None, None
 
 
+# ----- compiled CPU inference: the qkv projection and the attention as one opaque call on chunks ------------
+# (why: davit.layers.fused.INFER_OP_CHUNK_TOKENS). Inside the ops the eager fast paths run, as eager CPU
+# inference runs them: the fused SDPA kernel for windows, one bmm per group for channel attention.
+@torch.library.custom_op("davit::onednn_window_attention", mutates_args=())
+def onednn_window_attention(x: Tensor, weight: Tensor, bias: Tensor | None, num_heads: int) -> Tensor:
+    """``window_attention(F.linear(x, weight, bias), num_heads)`` for windows ``x`` (B*nW, L, C), on chunks of
+    whole windows; inference only (no autograd)."""
+    step = max(1, fused.INFER_OP_CHUNK_TOKENS // x.shape[1])
+    out = x.new_empty((*x.shape[:2], weight.shape[0] // 3))
+    for i in range(0, x.shape[0], step):
+        qkv = torch.ops.mkldnn._linear_pointwise(x[i : i + step].contiguous(), weight, bias, "none", [], "")
+        out[i : i + step] = window_attention(qkv, num_heads)
+    return out
+
+
+@onednn_window_attention.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, num_heads: int) -> Tensor:
+    return x.new_empty((*x.shape[:2], weight.shape[0] // 3))
+
+
+@torch.library.custom_op("davit::onednn_channel_attention", mutates_args=())
+def onednn_channel_attention(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, v2: bool) -> Tensor:
+    """``channel_attention(F.linear(x, weight, bias), groups, v2)`` for tokens ``x`` (B, N, C), on chunks of
+    whole images; inference only (no autograd)."""
+    step = max(1, fused.INFER_OP_CHUNK_TOKENS // x.shape[1])
+    out = x.new_empty((*x.shape[:2], weight.shape[0] // 3))
+    for i in range(0, x.shape[0], step):
+        qkv = torch.ops.mkldnn._linear_pointwise(x[i : i + step].contiguous(), weight, bias, "none", [], "")
+        out[i : i + step] = channel_attention(qkv, groups, v2)
+    return out
+
+
+@onednn_channel_attention.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, v2: bool) -> Tensor:
+    return x.new_empty((*x.shape[:2], weight.shape[0] // 3))
+
+
 class WindowAttention(nn.Module):
     """Window self-attention on (B*nW, L, C) tokens: qkv projection, attention, output projection."""
 
@@ -309,6 +347,8 @@ class WindowAttention(nn.Module):
         """Attention output before the output projection (blocks fuse the projection with the residual)."""
         if not self.fast:
             return window_attention_ref(self.qkv(x), self.num_heads)
+        if fused_compiled_inference(x, self.qkv):
+            return onednn_window_attention(x, self.qkv.weight, self.qkv.bias, self.num_heads)
         return window_attention(linear(x, self.qkv), self.num_heads)
 
     def attend_one_padded(self, x: Tensor, n_pad: int) -> Tensor:
@@ -337,6 +377,8 @@ class ChannelAttention(nn.Module):
         """Attention output before the output projection (blocks fuse the projection with the residual)."""
         if not self.fast:
             return channel_attention_ref(self.qkv(x), self.groups, self.v2)
+        if fused_compiled_inference(x, self.qkv):
+            return onednn_channel_attention(x, self.qkv.weight, self.qkv.bias, self.groups, self.v2)
         return channel_attention(linear(x, self.qkv), self.groups, self.v2)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -30,6 +30,7 @@ from .fused import (
     linear,
     onednn_linear_add,
     onednn_linear_gelu,
+    onednn_mlp_add,
 )
 from .norm import LayerNorm
 
@@ -155,8 +156,19 @@ class Mlp(nn.Module):
 
     def add_to(self, residual: Tensor, x: Tensor, drop: DropPath) -> Tensor:
         """``residual + drop(self(x))``, the blocks' MLP branch. CPU inference fuses fc2 with the add (see
-        :func:`linear_residual`); eager CPU fp32 training runs the MLP on chunks of TRAIN_MLP_CHUNK_TOKENS
-        tokens where the hidden map is larger than two chunks (see there)."""
+        :func:`linear_residual`), compiled CPU inference runs the whole branch as one opaque call on chunks
+        of tokens (:func:`~davit.layers.fused.onednn_mlp_add`); eager CPU fp32 training runs the MLP on chunks
+        of TRAIN_MLP_CHUNK_TOKENS tokens where the hidden map is larger than two chunks (see there)."""
+        if (
+            self.fast
+            and (drop.p == 0.0 or not drop.training)
+            and fused_compiled_inference(x, self.fc1)
+            and not has_hooks(self.act)
+            and not has_hooks(self.fc2)
+        ):
+            # compiled CPU inference: the whole branch as one opaque call on chunks of tokens (see there)
+            fc1, fc2 = self.fc1, self.fc2
+            return onednn_mlp_add(residual, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         n = x.numel() // x.shape[-1]  # (torch.Size.numel() would make a symbolic size concrete under export)
         if not (
             self.fast
