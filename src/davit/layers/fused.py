@@ -12,7 +12,8 @@ devices, autocast, tracing and export.
 
 Training and ``torch.compile`` use the plain linear through :func:`onednn_linear`, a registered custom
 operator (fake-tensor rule and autograd formula included, so ``fullgraph=True`` compiles it as one opaque
-call; compiled inference also its forward-only GELU and residual-add variants): forward, input and weight
+call; compiled inference also its forward-only GELU and residual-add variants, and whole MLP branches
+and attentions on chunks of tokens, :data:`INFER_OP_CHUNK_TOKENS`): forward, input and weight
 gradients run in oneDNN (the weight gradient of weights over 1 M elements in
 ``mm``, see below). Where it pays: on AMD CPUs with AVX-512 PyTorch's MKL runs fp32 GEMMs on its AVX2 path
 (~185 GFLOP/s on 2 Zen 5 cores) while oneDNN uses AVX-512 (~410 GFLOP/s, docs/benchmarks.md, session 13); on
@@ -266,8 +267,9 @@ def _(x: Tensor, other: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 #: map, as eager inference slices the batch, davit.models.INFER_CHUNK_TOKENS). Traced in the open, the first
 #: stage's qkv (58 MB) and MLP hidden map (77 MB) at batch 16 and 224 px are allocated above glibc's largest
 #: mmap threshold (32 MiB), so mapped fresh, faulted in and unmapped on every call; in chunks they come from
-#: the heap and stay in cache. davit_tiny's compiled step at batch 16: 916-934 ms against 1028-1108 ms, faults
-#: 21-34 k against 121-129 k per step (timm compiled: 1093-1111 ms; fresh processes in turn, session 27).
+#: the heap and stay in cache. davit_tiny's compiled step at batch 16 (``davit bench --compile --vs-timm``,
+#: Zen 4 VM, session 27): 914 and 897 ms against 1074 and 1090 ms before, 1.18x and 1.21x timm's compiled
+#: step (1.04x and 1.03x before); minor page faults per step 42-48 k against 104-132 k.
 INFER_OP_CHUNK_TOKENS = 3136
 
 
@@ -301,7 +303,8 @@ def fused_compiled_inference(x: Tensor, layer: nn.Linear) -> bool:
     of the linear then a separate pass of inductor's over its output (at batch 16, 224 px, the first stage's
     GELU reads and writes a 77 MB map). Inductor fuses such epilogues itself only with its weight-freezing
     option. Where :func:`onednn_training` holds (the CPUs whose compiled linears run in oneDNN anyway), no
-    gradients (the ops have no autograd formula)."""
+    gradients (the ops have no autograd formula). The same test gates the chunked MLP and attention ops
+    (:data:`INFER_OP_CHUNK_TOKENS`)."""
     return torch.compiler.is_compiling() and not torch.is_grad_enabled() and onednn_training(x, layer)
 
 
