@@ -202,7 +202,7 @@ def test_fused_inference_ops_opcheck_and_values(bias):
     torch.testing.assert_close(fused.onednn_linear_add(x, other, w, b), F.linear(x, w, b) + other)
 
 
-def _graph_targets(model, x):
+def _graph_targets(model, x, dynamic=None):
     """The call targets of the graph dynamo captures from ``model(x)`` (fullgraph), and the output."""
     graphs = []
 
@@ -210,7 +210,7 @@ def _graph_targets(model, x):
         graphs.append(gm)
         return gm.forward
 
-    out = torch.compile(model, backend=capture, fullgraph=True)(x)
+    out = torch.compile(model, backend=capture, fullgraph=True, dynamic=dynamic)(x)
     (graph,) = graphs
     return {n.target for n in graph.graph.nodes if n.op == "call_function"}, out
 
@@ -240,6 +240,12 @@ def test_chunked_inference_ops_opcheck_and_values(bias, monkeypatch):
     torch.testing.assert_close(
         A.onednn_window_attention(windows, wq, bq, 2), A.window_attention_ref(F.linear(windows, wq, bq), 2)
     )
+    maps = torch.randn(3, 5, 9, C)  # padded to 8 x 12 by windows of 4: chunks of one image
+    torch.library.opcheck(A.onednn_window_attention_map, (maps, wq, bq, 2, 4))
+    padded = F.pad(maps, (0, 0, 0, 3, 0, 3))  # zero tokens after the norm, as the release
+    ref = A.window_attention_ref(F.linear(A.window_partition(padded, 4), wq, bq), 2)
+    ref = A.window_reverse(ref, 4, 8, 12)[:, :5, :9]
+    torch.testing.assert_close(A.onednn_window_attention_map(maps, wq, bq, 2, 4), ref)
     for groups, v2 in [(2, False), (2, True), (1, False)]:  # per-group and batched fast paths, V1 and V2
         tokens = torch.randn(5, 4, C)  # 5 images of 4 tokens: chunks of 2 images
         torch.library.opcheck(A.onednn_channel_attention, (tokens, wq, bq, groups, v2))
@@ -274,6 +280,31 @@ def test_compiled_inference_runs_mlps_and_attentions_as_chunked_ops(monkeypatch)
     targets, _ = _graph_targets(model, x)  # gradients enabled: the ops have no autograd formula
     assert not (chunked | {ops.onednn_linear_add.default, ops.onednn_linear_gelu.default}) & targets
     assert ops.onednn_linear.default in targets
+
+
+def test_symbolic_size_inference_runs_window_attention_on_whole_maps(monkeypatch):
+    """With symbolic image sizes compiled CPU inference runs each window attention as the map-level op (pad,
+    partition, attend and reverse inside, per image) instead of the index gathers, with the eager logits at
+    a size whose maps need padding; static graphs keep the window-level op."""
+    monkeypatch.setattr(fused, "_MIN_MACS", 0)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = davit.create_model("davit_atto", num_classes=5).eval()
+    x = torch.randn(2, 3, 50, 66)
+    ops = torch.ops.davit
+    try:
+        with torch.no_grad():
+            ref = model(x)
+            targets, out = _graph_targets(model, x, dynamic=True)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            assert ops.onednn_window_attention_map.default in targets, targets
+            assert torch.ops.aten.index_select.default not in targets, targets  # no gathers left
+            torch._dynamo.reset()
+            targets, _ = _graph_targets(model, x, dynamic=False)
+            assert ops.onednn_window_attention_map.default not in targets
+            assert ops.onednn_window_attention.default in targets
+    finally:
+        torch._dynamo.reset()
 
 
 # ----- convolutions as opaque ops in compiled CPU code ------------------------------------------------------

@@ -16,6 +16,7 @@ from .attention import (
     WindowAttention,
     _traced,
     known_true,
+    onednn_window_attention_map,
     symbolic_sizes,
     window_partition,
     window_partition_gather,
@@ -246,6 +247,10 @@ class SpatialBlock(nn.Module):
         B, H, W, C = t.shape
         ws = self.window_size
         if symbolic_sizes(H, W):
+            if proj is None and self.attn.fast and fused_compiled_inference(t, self.attn.qkv):
+                # compiled CPU inference: the whole of it as one opaque op on whole images (see there)
+                qkv = self.attn.qkv
+                return onednn_window_attention_map(t, qkv.weight, qkv.bias, self.attn.num_heads, ws)
             # torch.compile with symbolic sizes: pad, partition, reverse and crop as two gathers, without a
             # branch on the size (one graph for every image size; see window_partition_gather)
             t = self.attn.attend(window_partition_gather(t, ws))
