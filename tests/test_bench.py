@@ -57,6 +57,23 @@ def test_infer_slices_sets_ours_and_is_recorded(tmp_path, capsys):
     assert "ours' eager CPU inference: each stage on the whole batch" in capsys.readouterr().out
 
 
+def test_compiled_inference_bench_says_how_ours_runs(tmp_path, capsys, monkeypatch):
+    """`davit bench --compile` in inference: the compiled step runs and the line says which compiled CPU path
+    ours takes (the chunked oneDNN ops where the compiled linears use oneDNN, inductor's graph otherwise)."""
+    from davit.layers import fused
+
+    monkeypatch.setattr(fused, "_ONEDNN_TRAINING", True)
+    out = tmp_path / "c.json"
+    args = f"bench --model davit_atto --mode infer --img-size 32 -b 2 {QUICK} --no-memory --compile"
+    assert main(f"{args} --json {out}".split()) == 0
+    rep = json.loads(out.read_text())
+    (res,) = rep["results"]
+    assert rep["compile"] == "default" and res["flavour"] == "compiled(default)" and res["img_per_s"] > 0
+    text = capsys.readouterr().out
+    assert "ours' compiled CPU inference: MLPs and attentions as opaque oneDNN ops on chunks of" in text
+    assert "ours infer compiled(default)" in text
+
+
 def test_vs_timm_prints_ratio_and_agrees(tmp_path, capsys):
     pytest.importorskip("timm")
     out = tmp_path / "t.json"

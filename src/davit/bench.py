@@ -298,6 +298,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ours' training and compiled fp32 linears: {lib} (DAVIT_ONEDNN_TRAINING=0/1 overrides)")
         where = f"slices of ~{slice_tokens} tokens" if slice_tokens > 0 else "the whole batch"
         print(f"ours' eager CPU inference: each stage on {where} (--infer-slices TOKENS, 0: whole batch)")
+        if args.compile and args.mode in ("infer", "both") and dtype == torch.float32:
+            from .layers.fused import INFER_OP_CHUNK_TOKENS
+
+            how = (
+                f"MLPs and attentions as opaque oneDNN ops on chunks of ~{INFER_OP_CHUNK_TOKENS} tokens"
+                if onednn_training_enabled()
+                else "inductor's graph with F.linear"
+            )
+            print(f"ours' compiled CPU inference: {how}")
     triton_ln = None
     if device.type == "cuda":
         from .layers.norm import triton_layer_norm_enabled
