@@ -264,8 +264,11 @@ def test_compiled_inference_runs_mlps_and_attentions_as_chunked_ops(monkeypatch)
     model = davit.create_model("davit_atto", num_classes=5, stem_stride=4).eval()
     x = torch.randn(2, 3, 32, 32)
     ops = torch.ops.davit
-    chunked = {ops.onednn_mlp_add.default, ops.onednn_window_attention.default}
-    chunked.add(ops.onednn_channel_attention.default)
+    chunked = {
+        ops.onednn_mlp_add.default,
+        ops.onednn_window_attention.default,
+        ops.onednn_channel_attention.default,
+    }
     with torch.no_grad():
         ref = model(x)
         targets, out = _graph_targets(model, x)

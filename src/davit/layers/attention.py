@@ -9,6 +9,7 @@ paths the model runs. Both must agree to fp32 round-off.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -297,21 +298,31 @@ class _ChannelAttentionPerGroup(torch.autograd.Function):
 # ----- compiled CPU inference: the qkv projection and the attention as one opaque call on chunks ------------
 # (why: davit.layers.fused.INFER_OP_CHUNK_TOKENS). Inside the ops the eager fast paths run, as eager CPU
 # inference runs them: the fused SDPA kernel for windows, one bmm per group for channel attention.
-@torch.library.custom_op("davit::onednn_window_attention", mutates_args=())
-def onednn_window_attention(x: Tensor, weight: Tensor, bias: Tensor | None, num_heads: int) -> Tensor:
-    """``window_attention(F.linear(x, weight, bias), num_heads)`` for windows ``x`` (B*nW, L, C), on chunks of
-    whole windows; inference only (no autograd)."""
+def _qkv_attention_chunks(
+    x: Tensor, weight: Tensor, bias: Tensor | None, attend: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``attend(F.linear(x, weight, bias))`` for ``x`` (N, L, C) on chunks of whole rows of ``x`` (windows or
+    images) of about INFER_OP_CHUNK_TOKENS tokens: the eager oneDNN kernel, then the eager attention."""
     step = max(1, fused.INFER_OP_CHUNK_TOKENS // x.shape[1])
     out = x.new_empty((*x.shape[:2], weight.shape[0] // 3))
     for i in range(0, x.shape[0], step):
         qkv = torch.ops.mkldnn._linear_pointwise(x[i : i + step].contiguous(), weight, bias, "none", [], "")
-        out[i : i + step] = window_attention(qkv, num_heads)
+        out[i : i + step] = attend(qkv)
     return out
 
 
-@onednn_window_attention.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None, num_heads: int) -> Tensor:
+def _qkv_attention_fake(x: Tensor, weight: Tensor, bias: Tensor | None, *_) -> Tensor:
     return x.new_empty((*x.shape[:2], weight.shape[0] // 3))
+
+
+@torch.library.custom_op("davit::onednn_window_attention", mutates_args=())
+def onednn_window_attention(x: Tensor, weight: Tensor, bias: Tensor | None, num_heads: int) -> Tensor:
+    """``window_attention(F.linear(x, weight, bias), num_heads)`` for windows ``x`` (B*nW, L, C), on chunks of
+    whole windows; inference only (no autograd)."""
+    return _qkv_attention_chunks(x, weight, bias, lambda qkv: window_attention(qkv, num_heads))
+
+
+onednn_window_attention.register_fake(_qkv_attention_fake)
 
 
 @torch.library.custom_op("davit::onednn_window_attention_map", mutates_args=())
@@ -349,17 +360,10 @@ def _(t: Tensor, weight: Tensor, bias: Tensor | None, num_heads: int, window_siz
 def onednn_channel_attention(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, v2: bool) -> Tensor:
     """``channel_attention(F.linear(x, weight, bias), groups, v2)`` for tokens ``x`` (B, N, C), on chunks of
     whole images; inference only (no autograd)."""
-    step = max(1, fused.INFER_OP_CHUNK_TOKENS // x.shape[1])
-    out = x.new_empty((*x.shape[:2], weight.shape[0] // 3))
-    for i in range(0, x.shape[0], step):
-        qkv = torch.ops.mkldnn._linear_pointwise(x[i : i + step].contiguous(), weight, bias, "none", [], "")
-        out[i : i + step] = channel_attention(qkv, groups, v2)
-    return out
+    return _qkv_attention_chunks(x, weight, bias, lambda qkv: channel_attention(qkv, groups, v2))
 
 
-@onednn_channel_attention.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, v2: bool) -> Tensor:
-    return x.new_empty((*x.shape[:2], weight.shape[0] // 3))
+onednn_channel_attention.register_fake(_qkv_attention_fake)
 
 
 class WindowAttention(nn.Module):
