@@ -217,58 +217,74 @@ def _graph_targets(model, x, dynamic=None):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_chunked_inference_ops_opcheck_and_values(bias, monkeypatch):
-    """The MLP and attention ops of compiled inference equal their plain compositions, also where the chunks
-    (here of 10 tokens) do not divide the rows, windows or images."""
+    """The norm + MLP and norm + attention ops of compiled inference equal their plain compositions, also
+    where the chunks (here of 10 tokens) do not divide the rows, windows or images, and for any layout of
+    the input."""
     from davit.layers import attention as A
 
     monkeypatch.setattr(fused, "INFER_OP_CHUNK_TOKENS", 10)
     torch.manual_seed(0)
-    C = 8
-    x, res = torch.randn(5, 7, C), torch.randn(5, 7, C)
+    C, eps = 8, 1e-5
+    nw, nb = (torch.randn(C), torch.randn(C)) if bias else (None, None)  # with and without affine norms
+
+    def norm(t):
+        return F.layer_norm(t, (C,), nw, nb, eps)
+
+    x = torch.randn(5, 7, C)
     w1, w2 = torch.randn(4 * C, C) * 0.3, torch.randn(C, 4 * C) * 0.3
     b1, b2 = (torch.randn(4 * C), torch.randn(C)) if bias else (None, None)
-    torch.library.opcheck(fused.onednn_mlp_add, (res, x, w1, b1, w2, b2))
-    mlp = res + F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
-    torch.testing.assert_close(fused.onednn_mlp_add(res, x, w1, b1, w2, b2), mlp)
-    # the residual in another layout (the blocks pass contiguous maps; the op must not depend on it)
-    res_t = res.transpose(0, 1).contiguous().transpose(0, 1)
-    torch.testing.assert_close(fused.onednn_mlp_add(res_t, x, w1, b1, w2, b2), mlp)
+    torch.library.opcheck(fused.onednn_norm_mlp_add, (x, nw, nb, eps, w1, b1, w2, b2))
+    mlp = x + F.linear(F.gelu(F.linear(norm(x), w1, b1)), w2, b2)
+    torch.testing.assert_close(fused.onednn_norm_mlp_add(x, nw, nb, eps, w1, b1, w2, b2), mlp)
+    # the input in another layout (the blocks pass contiguous maps; the op must not depend on it)
+    x_t = x.transpose(0, 1).contiguous().transpose(0, 1)
+    torch.testing.assert_close(fused.onednn_norm_mlp_add(x_t, nw, nb, eps, w1, b1, w2, b2), mlp)
 
     wq, bq = torch.randn(3 * C, C) * 0.3, (torch.randn(3 * C) if bias else None)
-    windows = torch.randn(7, 4, C)  # 7 windows of 4 tokens: chunks of 2 windows, the last one alone
-    torch.library.opcheck(A.onednn_window_attention, (windows, wq, bq, 2))
-    torch.testing.assert_close(
-        A.onednn_window_attention(windows, wq, bq, 2), A.window_attention_ref(F.linear(windows, wq, bq), 2)
-    )
-    maps = torch.randn(3, 5, 9, C)  # padded to 8 x 12 by windows of 4: chunks of one image
-    torch.library.opcheck(A.onednn_window_attention_map, (maps, wq, bq, 2, 4))
-    padded = F.pad(maps, (0, 0, 0, 3, 0, 3))  # zero tokens after the norm, as the release
-    ref = A.window_attention_ref(F.linear(A.window_partition(padded, 4), wq, bq), 2)
-    ref = A.window_reverse(ref, 4, 8, 12)[:, :5, :9]
-    torch.testing.assert_close(A.onednn_window_attention_map(maps, wq, bq, 2, 4), ref)
+    for maps, (Hp, Wp) in [
+        (torch.randn(3, 5, 9, C), (8, 12)),  # padded to 8 x 12 by windows of 4: chunks of one image
+        (torch.randn(3, 4, 8, C).permute(0, 2, 1, 3).transpose(1, 2), (4, 8)),  # no padding, strided input
+    ]:
+        H, W = maps.shape[1:3]
+        args = (maps, nw, nb, eps, wq, bq, 2, 4)
+        torch.library.opcheck(A.onednn_window_attention_map, args)
+        padded = F.pad(norm(maps), (0, 0, 0, Wp - W, 0, Hp - H))  # zero tokens after the norm, as the release
+        ref = A.window_attention_ref(F.linear(A.window_partition(padded, 4), wq, bq), 2)
+        ref = A.window_reverse(ref, 4, Hp, Wp)[:, :H, :W]
+        torch.testing.assert_close(A.onednn_window_attention_map(*args), ref)
     for groups, v2 in [(2, False), (2, True), (1, False)]:  # per-group and batched fast paths, V1 and V2
         tokens = torch.randn(5, 4, C)  # 5 images of 4 tokens: chunks of 2 images
-        torch.library.opcheck(A.onednn_channel_attention, (tokens, wq, bq, groups, v2))
-        torch.testing.assert_close(
-            A.onednn_channel_attention(tokens, wq, bq, groups, v2),
-            A.channel_attention_ref(F.linear(tokens, wq, bq), groups, v2),
-        )
+        args = (tokens, nw, nb, eps, wq, bq, groups, v2)
+        torch.library.opcheck(A.onednn_channel_attention, args)
+        ref = A.channel_attention_ref(F.linear(norm(tokens), wq, bq), groups, v2)
+        torch.testing.assert_close(A.onednn_channel_attention(*args), ref)
 
 
-def test_compiled_inference_runs_mlps_and_attentions_as_chunked_ops(monkeypatch):
-    """Compiled CPU inference runs each MLP branch and each attention (qkv + attention) as one opaque op on
-    chunks and the projections + residual adds as the fused linear, with the eager logits (also with chunks
-    of one window or one image); with gradients on, the plain differentiable linear instead."""
+CHUNKED_OPS = ("onednn_norm_mlp_add", "onednn_window_attention_map", "onednn_channel_attention")
+
+
+def _layer_norms(gm) -> int:
+    """How many layer norms the captured graph ``gm`` runs in the open."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is F.layer_norm)
+
+
+def test_compiled_inference_runs_norms_mlps_and_attentions_as_chunked_ops(monkeypatch):
+    """Compiled CPU inference runs each block's norm with its MLP branch or its attention (qkv + attention) as
+    one opaque op on chunks and the projections + residual adds as the fused linear, with the eager logits
+    (also with chunks of one window or one image); a hooked norm stays in the graph (its hook fires); with
+    gradients on, the plain differentiable linear instead."""
     monkeypatch.setattr(fused, "_MIN_MACS", 0)
     torch.manual_seed(0)
     model = davit.create_model("davit_atto", num_classes=5, stem_stride=4).eval()
     x = torch.randn(2, 3, 32, 32)
     ops = torch.ops.davit
-    chunked = {
-        ops.onednn_mlp_add.default,
-        ops.onednn_window_attention.default,
-        ops.onednn_channel_attention.default,
-    }
+    chunked = {getattr(ops, name).default for name in CHUNKED_OPS}
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
     with torch.no_grad():
         ref = model(x)
         targets, out = _graph_targets(model, x)
@@ -276,9 +292,26 @@ def test_compiled_inference_runs_mlps_and_attentions_as_chunked_ops(monkeypatch)
         assert chunked <= targets, targets
         assert ops.onednn_linear_add.default in targets, targets
         torch._dynamo.reset()
+        torch.compile(model, backend=capture, fullgraph=True)(x)
+        # the blocks' norms are inside the ops: left are the stem's, the downsamplings' and the head's, and
+        # the first norm of the spatial blocks whose maps (4, 2 and 1 px) are smaller than a window
+        n_open = 1 + (len(model.stages) - 1) + 1 + sum(len(s.blocks) for s in model.stages[1:])
+        assert _layer_norms(graphs[-1]) == n_open
+        torch._dynamo.reset()
         monkeypatch.setattr(fused, "INFER_OP_CHUNK_TOKENS", 1)
         _, out = _graph_targets(model, x)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        seen = []
+        block = model.stages[0].blocks[0][1]  # a channel block
+        handle = block.norm2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        try:
+            out = torch.compile(model, backend=capture, fullgraph=True)(x)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert seen, "the hooked norm ran inside an opaque op"
+        assert _layer_norms(graphs[-1]) == n_open + 1
     torch._dynamo.reset()
     targets, _ = _graph_targets(model, x)  # gradients enabled: the ops have no autograd formula
     assert not (chunked | {ops.onednn_linear_add.default, ops.onednn_linear_gelu.default}) & targets
@@ -286,26 +319,33 @@ def test_compiled_inference_runs_mlps_and_attentions_as_chunked_ops(monkeypatch)
 
 
 def test_symbolic_size_inference_runs_window_attention_on_whole_maps(monkeypatch):
-    """With symbolic image sizes compiled CPU inference runs each window attention as the map-level op (pad,
-    partition, attend and reverse inside, per image) instead of the index gathers, with the eager logits at
-    a size whose maps need padding; static graphs keep the window-level op."""
+    """With symbolic image sizes compiled CPU inference runs each window attention as the map-level op (norm,
+    pad, partition, attend and reverse inside, per image) instead of the index gathers, with the eager logits
+    at a size whose maps need padding; so do static graphs, except on a map smaller than one window."""
     monkeypatch.setattr(fused, "_MIN_MACS", 0)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = davit.create_model("davit_atto", num_classes=5).eval()
-    x = torch.randn(2, 3, 50, 66)
     ops = torch.ops.davit
     try:
         with torch.no_grad():
+            x = torch.randn(2, 3, 50, 66)
             ref = model(x)
             targets, out = _graph_targets(model, x, dynamic=True)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
             assert ops.onednn_window_attention_map.default in targets, targets
             assert torch.ops.aten.index_select.default not in targets, targets  # no gathers left
             torch._dynamo.reset()
-            targets, _ = _graph_targets(model, x, dynamic=False)
+            targets, out = _graph_targets(model, x, dynamic=False)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            assert ops.onednn_window_attention_map.default in targets
+            # at 12 px every map is smaller than a window (6, 3, 2, 1 px): the one-padded attention instead
+            torch._dynamo.reset()
+            x = torch.randn(2, 3, 12, 12)
+            targets, out = _graph_targets(model, x, dynamic=False)
+            torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
             assert ops.onednn_window_attention_map.default not in targets
-            assert ops.onednn_window_attention.default in targets
+            assert ops.onednn_channel_attention.default in targets
     finally:
         torch._dynamo.reset()
 

@@ -9,7 +9,6 @@ paths the model runs. Both must agree to fp32 round-off.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import fused
-from .fused import fused_compiled_inference, linear
+from .fused import linear
 
 __all__ = [
     "window_partition",
@@ -295,55 +294,35 @@ class _ChannelAttentionPerGroup(torch.autograd.Function):
         return torch.cat(parts[0] + parts[1] + parts[2], dim=-1), None, None
 
 
-# ----- compiled CPU inference: the qkv projection and the attention as one opaque call on chunks ------------
+# ----- compiled CPU inference: a block's norm, qkv projection and attention as one opaque call on chunks ---
 # (why: davit.layers.fused.INFER_OP_CHUNK_TOKENS). Inside the ops the eager fast paths run, as eager CPU
 # inference runs them: the fused SDPA kernel for windows, one bmm per group for channel attention.
-def _qkv_attention_chunks(
-    x: Tensor, weight: Tensor, bias: Tensor | None, attend: Callable[[Tensor], Tensor]
-) -> Tensor:
-    """``attend(F.linear(x, weight, bias))`` for ``x`` (N, L, C) on chunks of whole rows of ``x`` (windows or
-    images) of about INFER_OP_CHUNK_TOKENS tokens: the eager oneDNN kernel, then the eager attention."""
-    step = max(1, fused.INFER_OP_CHUNK_TOKENS // x.shape[1])
-    out = x.new_empty((*x.shape[:2], weight.shape[0] // 3))
-    for i in range(0, x.shape[0], step):
-        qkv = torch.ops.mkldnn._linear_pointwise(x[i : i + step].contiguous(), weight, bias, "none", [], "")
-        out[i : i + step] = attend(qkv)
-    return out
-
-
-def _qkv_attention_fake(x: Tensor, weight: Tensor, bias: Tensor | None, *_) -> Tensor:
-    return x.new_empty((*x.shape[:2], weight.shape[0] // 3))
-
-
-@torch.library.custom_op("davit::onednn_window_attention", mutates_args=())
-def onednn_window_attention(x: Tensor, weight: Tensor, bias: Tensor | None, num_heads: int) -> Tensor:
-    """``window_attention(F.linear(x, weight, bias), num_heads)`` for windows ``x`` (B*nW, L, C), on chunks of
-    whole windows; inference only (no autograd)."""
-    return _qkv_attention_chunks(x, weight, bias, lambda qkv: window_attention(qkv, num_heads))
-
-
-onednn_window_attention.register_fake(_qkv_attention_fake)
-
-
 @torch.library.custom_op("davit::onednn_window_attention_map", mutates_args=())
 def onednn_window_attention_map(
-    t: Tensor, weight: Tensor, bias: Tensor | None, num_heads: int, window_size: int
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor | None,
+    num_heads: int,
+    window_size: int,
 ) -> Tensor:
-    """Window attention of a normed map ``t`` (B, H, W, C) before the output projection, per chunk of whole
-    images: zero-padded to whole windows (after the norm, as in the release), partitioned, attended and
-    reversed, as eager code does it; inference only (no autograd). Compiled graphs with symbolic image sizes
-    run it instead of their index gathers (``window_partition_gather``), which inductor compiles into
-    kernels that divide by symbolic sizes per element: davit_tiny at batch 8 compiled in 127 instead of
-    359 s, and its steps took 528 / 734 ms at 224 / 256 px against 546 / 738 ms (Zen 4 VM, session 27, one
-    run each). Graphs with static sizes keep the view-based windows and :func:`onednn_window_attention` (the
-    map-level op was no faster there)."""
-    B, H, W, C = t.shape
+    """A spatial block's window attention of its map ``x`` (B, H, W, C), before the output projection, per
+    chunk of whole images: layer norm, zero padding to whole windows (after the norm, as in the release),
+    partition, qkv projection, attention and reverse, as eager code does it; inference only (no autograd).
+
+    Compiled CPU inference runs it for static and symbolic image sizes alike. With symbolic sizes it
+    replaces the index gathers (``window_partition_gather``), which inductor compiles into kernels that
+    divide by symbolic sizes per element: davit_tiny at batch 8 compiled in 127 instead of 359 s (Zen 4 VM,
+    session 27). With the norm inside, the normed map is not written whole (fused.INFER_OP_CHUNK_TOKENS)."""
+    B, H, W, C = x.shape
     ws = window_size
     Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
     step = max(1, fused.INFER_OP_CHUNK_TOKENS // (Hp * Wp))
-    out = t.new_empty((B, H, W, weight.shape[0] // 3))
+    out = x.new_empty((B, H, W, weight.shape[0] // 3))
     for i in range(0, B, step):
-        part = t[i : i + step]
+        part = fused.layer_norm_rows(x[i : i + step], norm_weight, norm_bias, eps)
         if Hp != H or Wp != W:
             part = F.pad(part, (0, 0, 0, Wp - W, 0, Hp - H))
         qkv = torch.ops.mkldnn._linear_pointwise(window_partition(part, ws), weight, bias, "none", [], "")
@@ -352,18 +331,53 @@ def onednn_window_attention_map(
 
 
 @onednn_window_attention_map.register_fake
-def _(t: Tensor, weight: Tensor, bias: Tensor | None, num_heads: int, window_size: int) -> Tensor:
-    return t.new_empty((*t.shape[:3], weight.shape[0] // 3))
+def _(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor | None,
+    num_heads: int,
+    window_size: int,
+) -> Tensor:
+    return x.new_empty((*x.shape[:3], weight.shape[0] // 3))
 
 
 @torch.library.custom_op("davit::onednn_channel_attention", mutates_args=())
-def onednn_channel_attention(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int, v2: bool) -> Tensor:
-    """``channel_attention(F.linear(x, weight, bias), groups, v2)`` for tokens ``x`` (B, N, C), on chunks of
-    whole images; inference only (no autograd)."""
-    return _qkv_attention_chunks(x, weight, bias, lambda qkv: channel_attention(qkv, groups, v2))
+def onednn_channel_attention(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor | None,
+    groups: int,
+    v2: bool,
+) -> Tensor:
+    """``channel_attention(F.linear(layer_norm(x), weight, bias), groups, v2)`` for a channel block's tokens
+    ``x`` (B, N, C), on chunks of whole images; inference only (no autograd)."""
+    step = max(1, fused.INFER_OP_CHUNK_TOKENS // x.shape[1])
+    out = x.new_empty((*x.shape[:2], weight.shape[0] // 3))
+    for i in range(0, x.shape[0], step):
+        t = fused.layer_norm_rows(x[i : i + step], norm_weight, norm_bias, eps)
+        qkv = torch.ops.mkldnn._linear_pointwise(t, weight, bias, "none", [], "")
+        out[i : i + step] = channel_attention(qkv, groups, v2)
+    return out
 
 
-onednn_channel_attention.register_fake(_qkv_attention_fake)
+@onednn_channel_attention.register_fake
+def _(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+    weight: Tensor,
+    bias: Tensor | None,
+    groups: int,
+    v2: bool,
+) -> Tensor:
+    return x.new_empty((*x.shape[:2], weight.shape[0] // 3))
 
 
 class WindowAttention(nn.Module):
@@ -382,8 +396,6 @@ class WindowAttention(nn.Module):
         """Attention output before the output projection (blocks fuse the projection with the residual)."""
         if not self.fast:
             return window_attention_ref(self.qkv(x), self.num_heads)
-        if fused_compiled_inference(x, self.qkv):
-            return onednn_window_attention(x, self.qkv.weight, self.qkv.bias, self.num_heads)
         return window_attention(linear(x, self.qkv), self.num_heads)
 
     def attend_one_padded(self, x: Tensor, n_pad: int) -> Tensor:
@@ -412,8 +424,6 @@ class ChannelAttention(nn.Module):
         """Attention output before the output projection (blocks fuse the projection with the residual)."""
         if not self.fast:
             return channel_attention_ref(self.qkv(x), self.groups, self.v2)
-        if fused_compiled_inference(x, self.qkv):
-            return onednn_channel_attention(x, self.qkv.weight, self.qkv.bias, self.groups, self.v2)
         return channel_attention(linear(x, self.qkv), self.groups, self.v2)
 
     def forward(self, x: Tensor) -> Tensor:

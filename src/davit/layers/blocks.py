@@ -16,6 +16,7 @@ from .attention import (
     WindowAttention,
     _traced,
     known_true,
+    onednn_channel_attention,
     onednn_window_attention_map,
     symbolic_sizes,
     window_partition,
@@ -31,7 +32,7 @@ from .fused import (
     linear,
     onednn_linear_add,
     onednn_linear_gelu,
-    onednn_mlp_add,
+    onednn_norm_mlp_add,
 )
 from .norm import LayerNorm
 
@@ -122,6 +123,19 @@ def linear_residual(
     return residual + drop(linear(x, layer, fast))
 
 
+def _norm_folds(norm: nn.Module, x: Tensor, layer: nn.Linear) -> bool:
+    """True where compiled CPU inference runs the layer norm ``norm`` of ``x`` inside the chunked op of the
+    ``layer`` it feeds (the MLP's fc1, an attention's qkv; see davit.layers.fused.INFER_OP_CHUNK_TOKENS): the
+    normed map is then never written whole. Not where the norm is hooked or set to its reference path."""
+    return (
+        isinstance(norm, nn.LayerNorm)
+        and len(norm.normalized_shape) == 1
+        and getattr(norm, "fast", True)
+        and not has_hooks(norm)
+        and fused_compiled_inference(x, layer)
+    )
+
+
 #: Eager CPU training runs a block's MLP on chunks of this many tokens where its hidden map is larger than two
 #: chunks (davit_tiny at 224 px, batch 8: the first stage's 25088 tokens in 4 chunks). Whole, that hidden map
 #: is 38.5 MB, and fc1's output, GELU's output and their two gradients are each allocated above glibc's
@@ -155,21 +169,25 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.hidden(x))
 
-    def add_to(self, residual: Tensor, x: Tensor, drop: DropPath) -> Tensor:
-        """``residual + drop(self(x))``, the blocks' MLP branch. CPU inference fuses fc2 with the add (see
-        :func:`linear_residual`), compiled CPU inference runs the whole branch as one opaque call on chunks
-        of tokens (:func:`~davit.layers.fused.onednn_mlp_add`); eager CPU fp32 training runs the MLP on chunks
-        of TRAIN_MLP_CHUNK_TOKENS tokens where the hidden map is larger than two chunks (see there)."""
+    def add_to(self, residual: Tensor, norm: nn.Module, drop: DropPath) -> Tensor:
+        """``residual + drop(self(norm(residual)))``, the blocks' norm and MLP branch. CPU inference fuses
+        fc2 with the add (see :func:`linear_residual`), compiled CPU inference runs the norm and the whole
+        branch as one opaque call on chunks of tokens (:func:`~davit.layers.fused.onednn_norm_mlp_add`);
+        eager CPU fp32 training runs the MLP on chunks of TRAIN_MLP_CHUNK_TOKENS tokens where the hidden map
+        is larger than two chunks (see there)."""
         if (
             self.fast
             and (drop.p == 0.0 or not drop.training)
-            and fused_compiled_inference(x, self.fc1)
+            and _norm_folds(norm, residual, self.fc1)
             and not has_hooks(self.act)
             and not has_hooks(self.fc2)
         ):
-            # compiled CPU inference: the whole branch as one opaque call on chunks of tokens (see there)
+            # compiled CPU inference: the norm and the whole branch as one opaque call on chunks of tokens
             fc1, fc2 = self.fc1, self.fc2
-            return onednn_mlp_add(residual, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+            return onednn_norm_mlp_add(
+                residual, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias
+            )
+        x = norm(residual)
         n = x.numel() // x.shape[-1]  # (torch.Size.numel() would make a symbolic size concrete under export)
         if not (
             self.fast
@@ -227,10 +245,15 @@ class SpatialBlock(nn.Module):
             x = x + self.drop_path1(self._window_attend(self.norm1(x), self.attn.proj))
         else:
             # the output projection is per token, so it runs after un-windowing, fused with the residual add
-            t = self._window_attend(self.norm1(x))
+            if self._map_attention(x):
+                n, qkv = self.norm1, self.attn.qkv
+                ws, heads = self.window_size, self.attn.num_heads
+                t = onednn_window_attention_map(x, n.weight, n.bias, n.eps, qkv.weight, qkv.bias, heads, ws)
+            else:
+                t = self._window_attend(self.norm1(x))
             x = linear_residual(t, self.attn.proj, x, self.drop_path1, self.attn.fast)
         x = self.cpe2(x)
-        return self.mlp.add_to(x, self.norm2(x), self.drop_path2)
+        return self.mlp.add_to(x, self.norm2, self.drop_path2)
 
     def attention_qkv(self, x: Tensor) -> Tensor:
         """The qkv projection this block's window attention sees for input ``x`` (B, H, W, C), in the literal
@@ -241,16 +264,24 @@ class SpatialBlock(nn.Module):
         t = F.pad(t, (0, 0, 0, (-W) % ws, 0, (-H) % ws))
         return self.attn.qkv(window_partition(t, ws))
 
+    def _map_attention(self, x: Tensor) -> bool:
+        """Whether compiled CPU inference runs this block's norm and window attention on ``x`` (B, H, W, C) as
+        one opaque op on whole images (:func:`~davit.layers.attention.onednn_window_attention_map`): for
+        symbolic and static image sizes, except a static map smaller than one window that needs padding
+        (the cheaper :meth:`WindowAttention.attend_one_padded` path below)."""
+        if not (self.attn.fast and _norm_folds(self.norm1, x, self.attn.qkv)):
+            return False
+        H, W, ws = x.shape[1], x.shape[2], self.window_size
+        if symbolic_sizes(H, W):
+            return True
+        return not ((H % ws or W % ws) and H <= ws and W <= ws)
+
     def _window_attend(self, t: Tensor, proj: nn.Linear | None = None) -> Tensor:
         """Window attention of the normed map (B, H, W, C), before the output projection, or after ``proj``
         applied inside the windows."""
         B, H, W, C = t.shape
         ws = self.window_size
         if symbolic_sizes(H, W):
-            if proj is None and self.attn.fast and fused_compiled_inference(t, self.attn.qkv):
-                # compiled CPU inference: the whole of it as one opaque op on whole images (see there)
-                qkv = self.attn.qkv
-                return onednn_window_attention_map(t, qkv.weight, qkv.bias, self.attn.num_heads, ws)
             # torch.compile with symbolic sizes: pad, partition, reverse and crop as two gathers, without a
             # branch on the size (one graph for every image size; see window_partition_gather)
             t = self.attn.attend(window_partition_gather(t, ws))
@@ -313,7 +344,14 @@ class ChannelBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)
         x = self.cpe1(x)
         B, H, W, C = x.shape
-        t = self.attn.attend(self.norm1(x).reshape(B, H * W, C)).view(B, H, W, C)
+        a, n = self.attn, self.norm1
+        if a.fast and _norm_folds(n, x, a.qkv):
+            # compiled CPU inference: the norm, qkv and attention as one opaque op on chunks of images
+            t = x.reshape(B, H * W, C)
+            t = onednn_channel_attention(t, n.weight, n.bias, n.eps, a.qkv.weight, a.qkv.bias, a.groups, a.v2)
+        else:
+            t = a.attend(n(x).reshape(B, H * W, C))
+        t = t.view(B, H, W, C)
         x = linear_residual(t, self.attn.proj, x, self.drop_path1, self.attn.fast)
         x = self.cpe2(x)
-        return self.mlp.add_to(x, self.norm2(x), self.drop_path2)
+        return self.mlp.add_to(x, self.norm2, self.drop_path2)

@@ -12,10 +12,10 @@ devices, autocast, tracing and export.
 
 Training and ``torch.compile`` use the plain linear through :func:`onednn_linear`, a registered custom
 operator (fake-tensor rule and autograd formula included, so ``fullgraph=True`` compiles it as one opaque
-call; compiled inference also its forward-only GELU and residual-add variants, and whole MLP branches
-and attentions on chunks of tokens, :data:`INFER_OP_CHUNK_TOKENS`): forward, input and weight
-gradients run in oneDNN (the weight gradient of weights over 1 M elements in
-``mm``, see below). Where it pays: on AMD CPUs with AVX-512 PyTorch's MKL runs fp32 GEMMs on its AVX2 path
+call; compiled inference also its forward-only GELU and residual-add variants, and each block's norms
+with its MLP branch and attention on chunks of tokens, :data:`INFER_OP_CHUNK_TOKENS`): forward, input
+and weight gradients run in oneDNN (the weight gradient of weights over 1 M elements in ``mm``, see
+below). Where it pays: on AMD CPUs with AVX-512 PyTorch's MKL runs fp32 GEMMs on its AVX2 path
 (~185 GFLOP/s on 2 Zen 5 cores) while oneDNN uses AVX-512 (~410 GFLOP/s, docs/benchmarks.md, session 13); on
 Zen 4, which runs AVX-512 on 256-bit units, both reach ~200 GFLOP/s and the op neither gains nor loses (timm's
 training step: 0.97x with ``F.linear``, 0.99x with the op, session 21). On Intel AVX-512 CPUs MKL runs AVX-512
@@ -33,6 +33,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -48,7 +49,8 @@ __all__ = [
     "onednn_linear",
     "onednn_linear_add",
     "onednn_linear_gelu",
-    "onednn_mlp_add",
+    "onednn_norm_mlp_add",
+    "layer_norm_rows",
     "default_onednn_training",
     "onednn_training",
     "onednn_training_enabled",
@@ -262,39 +264,61 @@ def _(x: Tensor, other: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return _linear_fake(x, weight, bias)
 
 
-#: Compiled CPU inference runs each block's MLP and attention (qkv projection and attention) as one opaque
-#: call on chunks of about this many tokens (whole windows, whole images for channel attention; one 56 x 56
-#: map, as eager inference slices the batch, davit.models.INFER_CHUNK_TOKENS). Traced in the open, the first
-#: stage's qkv (58 MB) and MLP hidden map (77 MB) at batch 16 and 224 px are allocated above glibc's largest
-#: mmap threshold (32 MiB), so mapped fresh, faulted in and unmapped on every call; in chunks they come from
-#: the heap and stay in cache. davit_tiny's compiled step at batch 16 (``davit bench --compile --vs-timm``,
-#: Zen 4 VM, session 27): 914 and 897 ms against 1074 and 1090 ms before, 1.18x and 1.21x timm's compiled
-#: step (1.04x and 1.03x before); minor page faults per step 42-48 k against 104-132 k.
+#: Compiled CPU inference runs each block's layer norm with the MLP branch or with the attention (the qkv
+#: projection and the attention) as one opaque call on chunks of about this many tokens (whole windows, whole
+#: images for the attentions; one 56 x 56 map, as eager inference slices the batch,
+#: davit.models.INFER_CHUNK_TOKENS). Traced in the open, the first stage's qkv (58 MB) and MLP hidden map
+#: (77 MB) at batch 16 and 224 px are allocated above glibc's largest mmap threshold (32 MiB), so mapped
+#: fresh, faulted in and unmapped on every call; in chunks they come from the heap and stay in cache.
+#: davit_tiny's compiled step at batch 16 (``davit bench --compile --vs-timm``, Zen 4 VM, session 27): 914
+#: and 897 ms against 1074 and 1090 ms before, 1.18x and 1.21x timm's compiled step (1.04x and 1.03x before);
+#: minor page faults per step 42-48 k against 104-132 k. With the norms inside the ops too (session 28) the
+#: normed maps are never written whole either (see docs/benchmarks.md for the figures).
 INFER_OP_CHUNK_TOKENS = 3136
 
 
-@torch.library.custom_op("davit::onednn_mlp_add", mutates_args=())
-def onednn_mlp_add(
-    residual: Tensor, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
+def layer_norm_rows(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """``F.layer_norm`` over the last dimension: the norm the chunked ops of compiled inference apply."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@torch.library.custom_op("davit::onednn_norm_mlp_add", mutates_args=())
+def onednn_norm_mlp_add(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
 ) -> Tensor:
-    """``residual + F.linear(gelu(F.linear(x, w1, b1)), w2, b2)`` (exact GELU), a block's MLP branch, on
-    chunks of :data:`INFER_OP_CHUNK_TOKENS` rows with the eager oneDNN kernels; inference only (no
-    autograd)."""
+    """``x + F.linear(gelu(F.linear(layer_norm(x), w1, b1)), w2, b2)`` (exact GELU), a block's norm and MLP
+    branch, on chunks of :data:`INFER_OP_CHUNK_TOKENS` rows with the eager kernels (oneDNN's linears);
+    inference only (no autograd)."""
     rows = x.reshape(-1, x.shape[-1])
-    res = residual.reshape(-1, residual.shape[-1])
-    out = torch.empty_like(res, memory_format=torch.contiguous_format)
+    out = rows.new_empty(rows.shape)
     step = INFER_OP_CHUNK_TOKENS
     for i in range(0, rows.shape[0], step):
-        h = torch.ops.mkldnn._linear_pointwise(rows[i : i + step].contiguous(), w1, b1, "gelu", [], "none")
-        out[i : i + step] = torch.ops.mkldnn._linear_pointwise.binary(
-            h, res[i : i + step].contiguous(), w2, b2, "add"
-        )
-    return out.view(residual.shape)
+        part = rows[i : i + step].contiguous()
+        t = layer_norm_rows(part, norm_weight, norm_bias, eps)
+        h = torch.ops.mkldnn._linear_pointwise(t, w1, b1, "gelu", [], "none")
+        out[i : i + step] = torch.ops.mkldnn._linear_pointwise.binary(h, part, w2, b2, "add")
+    return out.view(x.shape)
 
 
-@onednn_mlp_add.register_fake
-def _(residual: Tensor, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
-    return residual.new_empty(residual.shape)
+@onednn_norm_mlp_add.register_fake
+def _(
+    x: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+) -> Tensor:
+    return x.new_empty(x.shape)
 
 
 def fused_compiled_inference(x: Tensor, layer: nn.Linear) -> bool:
@@ -303,8 +327,8 @@ def fused_compiled_inference(x: Tensor, layer: nn.Linear) -> bool:
     of the linear then a separate pass of inductor's over its output (at batch 16, 224 px, the first stage's
     GELU reads and writes a 77 MB map). Inductor fuses such epilogues itself only with its weight-freezing
     option. Where :func:`onednn_training` holds (the CPUs whose compiled linears run in oneDNN anyway), no
-    gradients (the ops have no autograd formula). The same test gates the chunked MLP and attention ops
-    (:data:`INFER_OP_CHUNK_TOKENS`)."""
+    gradients (the ops have no autograd formula). The same test gates the chunked norm + MLP and norm +
+    attention ops (:data:`INFER_OP_CHUNK_TOKENS`)."""
     return torch.compiler.is_compiling() and not torch.is_grad_enabled() and onednn_training(x, layer)
 
 
