@@ -302,7 +302,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             from .layers.fused import INFER_OP_CHUNK_TOKENS
 
             how = (
-                f"MLPs and attentions as opaque oneDNN ops on chunks of ~{INFER_OP_CHUNK_TOKENS} tokens"
+                "norms with MLPs and attentions as opaque oneDNN ops on chunks of "
+                f"~{INFER_OP_CHUNK_TOKENS} tokens"
                 if onednn_training_enabled()
                 else "inductor's graph with F.linear"
             )
