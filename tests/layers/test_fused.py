@@ -71,6 +71,36 @@ def test_weight_grad_as_conv_equals_mm(mkn):
     torch.testing.assert_close(fused._weight_grad(g, x), g.t() @ x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mkn", [(37, 24, 40), (1, 8, 3), (300, 96, 5)])
+@pytest.mark.parametrize("mask", [(True, True), (True, False), (False, True)])
+def test_conv_grads_equal_matmuls(mkn, mask):
+    """The eager backward's input and weight gradients from one 1x1 convolution backward: either or both."""
+    m, k, n = mkn
+    torch.manual_seed(0)
+    g, x, w = torch.randn(m, n), torch.randn(m, k), torch.randn(n, k)
+    gx, gw = fused._conv_grads(g, x, w, *mask)
+    assert (gx is not None, gw is not None) == mask
+    if mask[0]:
+        assert gx.shape == (m, k)
+        torch.testing.assert_close(gx, g @ w, rtol=1e-5, atol=1e-5)
+    if mask[1]:
+        torch.testing.assert_close(gw, g.t() @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linear_frozen_weight_and_frozen_input():
+    """Gradients for the input only (a frozen layer inside a trained model) and the weight only."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 7, 24), torch.randn(40, 24), torch.randn(40)
+    up = torch.randn(2, 7, 40)
+    for x_grad in (True, False):
+        xs, ws = x.clone().requires_grad_(x_grad), w.clone().requires_grad_(not x_grad)
+        wanted = xs if x_grad else ws
+        got = torch.autograd.grad((fused.onednn_linear(xs, ws, b) * up).sum(), wanted)[0]
+        xr, wr = x.clone().requires_grad_(x_grad), w.clone().requires_grad_(not x_grad)
+        ref = torch.autograd.grad((F.linear(xr, wr, b) * up).sum(), xr if x_grad else wr)[0]
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_large_weights_take_the_mm_weight_grad(monkeypatch):
     """Above _MAX_CONV_WGRAD weight elements the weight gradient is ``mm`` (the conv's scratch buffer would
     raise the peak memory): both branches give F.linear's gradient."""

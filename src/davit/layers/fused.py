@@ -20,11 +20,11 @@ below). Where it pays: on AMD CPUs with AVX-512 PyTorch's MKL runs fp32 GEMMs on
 Zen 4, which runs AVX-512 on 256-bit units, both reach ~200 GFLOP/s and the op neither gains nor loses (timm's
 training step: 0.97x with ``F.linear``, 0.99x with the op, session 21). On Intel AVX-512 CPUs MKL runs AVX-512
 itself and the op lost 8-11% of the training step (session 14), so it is on by default on AMD AVX-512 CPUs
-only (:func:`default_onednn_training`; the environment variable ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). The
-input gradient needs the weight's transpose as a dense (in, out) tensor: a copy of the weight per call, small
-next to the activations. The weight gradient runs as the weight gradient of a 1x1 convolution (in compiled
-code as the opaque :func:`conv_weight_grad`); through the linear kernel it would need transposed copies of
-both activations and ran slower than ``mm``.
+only (:func:`default_onednn_training`; the environment variable ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). In
+eager code the input and weight gradients come from one 1x1 convolution backward over the rows (no transposed
+copy of the weight); compiled code runs the input gradient as the linear kernel with the weight's (in, out)
+transpose and the weight gradient as the opaque :func:`conv_weight_grad`. Through the linear kernel the
+weight gradient would need transposed copies of both activations and ran slower than ``mm``.
 """
 
 from __future__ import annotations
@@ -111,23 +111,64 @@ def _onednn_linear_setup(ctx, inputs, output) -> None:
 
 def _onednn_linear_backward(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad
     gx = gw = gb = None
-    if ctx.needs_input_grad[0]:
-        # grad @ weight, as a linear with the (in, out) transpose for weight
-        gx = onednn_linear(grad, weight.t().contiguous(), None)
     g2 = grad.reshape(-1, grad.shape[-1])
-    if ctx.needs_input_grad[1]:
-        x2 = x.reshape(-1, x.shape[-1])
-        # oneDNN's convolution sums per-thread partial weight gradients in a scratch buffer of the weight's
-        # size: for stage 4's 768 x 3072 MLP weights (9.4 MB) that raised the training step's peak above
-        # timm's (1207 vs 1198 MB, davit_tiny at batch 8), so large weights keep ``mm``
-        if weight.numel() > _MAX_CONV_WGRAD:
-            gw = g2.t() @ x2
-        else:  # compiled: as an opaque op (see conv_weight_grad); eager: without the op's dispatch
-            gw = (conv_weight_grad if torch.compiler.is_compiling() else _weight_grad)(g2, x2)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
+    x2 = x.reshape(-1, x.shape[-1])
+    # oneDNN's convolution sums per-thread partial weight gradients in a scratch buffer of the weight's size:
+    # for stage 4's 768 x 3072 MLP weights (9.4 MB) that raised the training step's peak above timm's (1207
+    # vs 1198 MB, davit_tiny at batch 8), so large weights keep ``mm``
+    conv_w = need_w and weight.numel() <= _MAX_CONV_WGRAD
+    if torch.compiler.is_compiling():
+        # compiled: opaque ops (see conv_weight_grad); the input gradient as a linear with the weight's
+        # (in, out) transpose
+        if need_x:
+            gx = onednn_linear(grad, weight.t().contiguous(), None)
+        if conv_w:
+            gw = conv_weight_grad(g2, x2)
+    elif need_x or conv_w:
+        gx, gw = _conv_grads(g2, x2, weight, need_x, conv_w)
+        gx = None if gx is None else gx.view(x.shape)
+    if need_w and not conv_w:
+        gw = g2.t() @ x2
+    if ctx.has_bias and need_b:
         gb = g2.sum(0)
     return gx, gw, gb
+
+
+def _rows_as_map(t: Tensor) -> Tensor:
+    """(M, C) rows as the channels-last (1, C, M, 1) map they exactly are (a free view of contiguous rows)."""
+    m, c = t.shape
+    return t.contiguous().view(1, m, 1, c).permute(0, 3, 1, 2)
+
+
+def _conv_grads(
+    g: Tensor, x: Tensor, weight: Tensor, input_grad: bool, weight_grad: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(g @ weight, g.t() @ x)`` for (M, N) rows ``g``, (M, K) rows ``x`` and the (N, K) weight, either or
+    both, as the input and weight gradients of one 1x1 convolution backward over the rows' channels-last
+    views: no transposed copy of the weight (the linear kernel needs one for the input gradient), and one
+    call for both. Eager davit_tiny training at batch 8 (``davit bench --mode train --vs-timm``, Zen 4 VM,
+    session 28): 1.05x and 1.03x timm against 1.01x and 1.00x with the linear kernel and a separate weight
+    gradient, alternating runs, same peak memory."""
+    (m, n), k = g.shape, x.shape[1]
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        _rows_as_map(g),
+        _rows_as_map(x),
+        weight.view(n, k, 1, 1),
+        None,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [input_grad, weight_grad, False],
+    )
+    return (
+        None if gx is None else gx.permute(0, 2, 3, 1).reshape(m, k),
+        None if gw is None else gw.reshape(n, k),
+    )
 
 
 _MAX_CONV_WGRAD = 1 << 20  # weight elements (4 MB in fp32)
@@ -138,10 +179,9 @@ def _weight_grad(g: Tensor, x: Tensor) -> Tensor:
     channels-last map, which oneDNN computes with AVX-512 where MKL's ``mm`` stays on AVX2: 1.1-1.8x the
     rate of ``mm`` on davit_tiny's shapes (Zen 5, session 13). Both views are free: (M, C) rows are
     exactly a channels-last (1, C, M, 1) tensor."""
-    (m, n), k = g.shape, x.shape[1]
-    xv = x.contiguous().view(1, m, 1, k).permute(0, 3, 1, 2)
-    gv = g.contiguous().view(1, m, 1, n).permute(0, 3, 1, 2)
+    n, k = g.shape[1], x.shape[1]
     w = x.new_empty((n, 1, 1, k)).permute(0, 3, 1, 2)  # only its shape and layout are read
+    gv, xv = _rows_as_map(g), _rows_as_map(x)
     return torch.ops.aten.convolution_backward(
         gv, xv, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
     )[1].view(n, k)
@@ -154,7 +194,8 @@ def conv_weight_grad(g: Tensor, x: Tensor) -> Tensor:
     the call, and the convolution ran on that layout. davit_tiny's compiled training step at batch 8 on the
     Zen 4 VM of session 21 (``torch._inductor.config.cpp.enable_kernel_profile``): inductor's kernels 564 ->
     436 ms, the convolution backward 455 -> 375 ms, the step 1944-1984 -> 1725-1762 ms (0.77x -> 0.93x
-    timm's compiled step in ``davit bench``). Eager code calls the function itself (no op dispatch)."""
+    timm's compiled step in ``davit bench``). Eager code gets it with the input gradient from one call
+    (:func:`_conv_grads`)."""
     return _weight_grad(g, x)
 
 
