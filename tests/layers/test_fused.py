@@ -184,10 +184,11 @@ def test_compiled_training_step_fullgraph_with_onednn_linear(monkeypatch):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_backward_keeps_the_conv_weight_grad_opaque(monkeypatch):
-    """Under torch.compile the weight gradient is the ``davit::conv_weight_grad`` op, not the convolution's
-    views traced in the open (inductor relaid those out into transposed copies); eager keeps the plain
-    function (no op dispatch). Same gradients either way."""
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_compiled_backward_keeps_the_conv_grads_opaque(monkeypatch, input_grad):
+    """Under torch.compile the linear's gradients are opaque ops (``davit::conv_weight_grad`` for the weight
+    alone, ``davit::conv_linear_grads`` for input and weight), not the convolution's views traced in the
+    open (inductor relaid those out into transposed copies). Same gradients as eager code."""
     from torch._dynamo.backends.common import aot_autograd
 
     monkeypatch.setattr(fused, "_MIN_MACS", 0)
@@ -199,21 +200,33 @@ def test_compiled_backward_keeps_the_conv_weight_grad_opaque(monkeypatch):
 
     backend = aot_autograd(fw_compiler=lambda gm, _inputs: gm.forward, bw_compiler=capture)
     torch.manual_seed(0)
-    x = torch.randn(3, 7, 24)
+    x = torch.randn(3, 7, 24, requires_grad=input_grad)
     w = torch.randn(40, 24, requires_grad=True)
     up = torch.randn(3, 7, 40)
 
     def loss(x, w):
         return (fused.onednn_linear(x, w, None) * up).sum()
 
-    eager = torch.autograd.grad(loss(x, w), w)[0]
-    compiled = torch.autograd.grad(torch.compile(loss, backend=backend, fullgraph=True)(x, w), w)[0]
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(eager, (up.reshape(-1, 40).t() @ x.reshape(-1, 24)), rtol=1e-5, atol=1e-4)
+    wanted = (x, w) if input_grad else (w,)
+    eager = torch.autograd.grad(loss(x, w), wanted)
+    compiled = torch.autograd.grad(torch.compile(loss, backend=backend, fullgraph=True)(x, w), wanted)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(eager[-1], (up.reshape(-1, 40).t() @ x.reshape(-1, 24)), rtol=1e-5, atol=1e-4)
+    if input_grad:
+        torch.testing.assert_close(eager[0], up @ w, rtol=1e-5, atol=1e-4)
     (graph,) = backward_graphs
     targets = {n.target for n in graph.graph.nodes if n.op == "call_function"}
-    assert torch.ops.davit.conv_weight_grad.default in targets, targets
+    op = torch.ops.davit.conv_linear_grads if input_grad else torch.ops.davit.conv_weight_grad
+    assert op.default in targets, targets
     assert torch.ops.aten.convolution_backward.default not in targets, targets
+
+
+def test_conv_linear_grads_opcheck():
+    torch.manual_seed(0)
+    for weight_grad in (True, False):
+        args = (torch.randn(30, 16), torch.randn(30, 8), torch.randn(16, 8), weight_grad)
+        torch.library.opcheck(fused.conv_linear_grads, args)
 
 
 def test_conv_weight_grad_opcheck():

@@ -20,11 +20,10 @@ below). Where it pays: on AMD CPUs with AVX-512 PyTorch's MKL runs fp32 GEMMs on
 Zen 4, which runs AVX-512 on 256-bit units, both reach ~200 GFLOP/s and the op neither gains nor loses (timm's
 training step: 0.97x with ``F.linear``, 0.99x with the op, session 21). On Intel AVX-512 CPUs MKL runs AVX-512
 itself and the op lost 8-11% of the training step (session 14), so it is on by default on AMD AVX-512 CPUs
-only (:func:`default_onednn_training`; the environment variable ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). In
-eager code the input and weight gradients come from one 1x1 convolution backward over the rows (no transposed
-copy of the weight); compiled code runs the input gradient as the linear kernel with the weight's (in, out)
-transpose and the weight gradient as the opaque :func:`conv_weight_grad`. Through the linear kernel the
-weight gradient would need transposed copies of both activations and ran slower than ``mm``.
+only (:func:`default_onednn_training`; the environment variable ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). The
+input and weight gradients come from one 1x1 convolution backward over the rows (no transposed copy of the
+weight; in compiled code as the opaque :func:`conv_linear_grads`). Through the linear kernel the weight
+gradient would need transposed copies of both activations and ran slower than ``mm``.
 """
 
 from __future__ import annotations
@@ -119,16 +118,16 @@ def _onednn_linear_backward(ctx, grad: Tensor):
     # for stage 4's 768 x 3072 MLP weights (9.4 MB) that raised the training step's peak above timm's (1207
     # vs 1198 MB, davit_tiny at batch 8), so large weights keep ``mm``
     conv_w = need_w and weight.numel() <= _MAX_CONV_WGRAD
-    if torch.compiler.is_compiling():
-        # compiled: opaque ops (see conv_weight_grad); the input gradient as a linear with the weight's
-        # (in, out) transpose
-        if need_x:
-            gx = onednn_linear(grad, weight.t().contiguous(), None)
-        if conv_w:
-            gw = conv_weight_grad(g2, x2)
-    elif need_x or conv_w:
-        gx, gw = _conv_grads(g2, x2, weight, need_x, conv_w)
-        gx = None if gx is None else gx.view(x.shape)
+    if need_x:
+        # both gradients from one 1x1 convolution backward (see _conv_grads); compiled: as an opaque op
+        if torch.compiler.is_compiling():
+            grads = conv_linear_grads(g2, x2, weight, conv_w)
+            gx, gw = grads[0], (grads[1] if conv_w else None)
+        else:
+            gx, gw = _conv_grads(g2, x2, weight, True, conv_w)
+        gx = gx.view(x.shape)
+    elif conv_w:
+        gw = conv_weight_grad(g2, x2) if torch.compiler.is_compiling() else _weight_grad(g2, x2)
     if need_w and not conv_w:
         gw = g2.t() @ x2
     if ctx.has_bias and need_b:
@@ -149,8 +148,8 @@ def _conv_grads(
     both, as the input and weight gradients of one 1x1 convolution backward over the rows' channels-last
     views: no transposed copy of the weight (the linear kernel needs one for the input gradient), and one
     call for both. Eager davit_tiny training at batch 8 (``davit bench --mode train --vs-timm``, Zen 4 VM,
-    session 28): 1.05x and 1.03x timm against 1.01x and 1.00x with the linear kernel and a separate weight
-    gradient, alternating runs, same peak memory."""
+    session 28): 1.03x, 1.03x and 1.01x timm against 0.98x, 0.97x and 0.97x with the linear kernel and a
+    separate weight gradient, alternating runs, same peak memory."""
     (m, n), k = g.shape, x.shape[1]
     gx, gw, _ = torch.ops.aten.convolution_backward(
         _rows_as_map(g),
@@ -194,14 +193,32 @@ def conv_weight_grad(g: Tensor, x: Tensor) -> Tensor:
     the call, and the convolution ran on that layout. davit_tiny's compiled training step at batch 8 on the
     Zen 4 VM of session 21 (``torch._inductor.config.cpp.enable_kernel_profile``): inductor's kernels 564 ->
     436 ms, the convolution backward 455 -> 375 ms, the step 1944-1984 -> 1725-1762 ms (0.77x -> 0.93x
-    timm's compiled step in ``davit bench``). Eager code gets it with the input gradient from one call
-    (:func:`_conv_grads`)."""
+    timm's compiled step in ``davit bench``). Where the input gradient is wanted too, both come from
+    :func:`conv_linear_grads` (eager: :func:`_conv_grads`)."""
     return _weight_grad(g, x)
 
 
 @conv_weight_grad.register_fake
 def _(g: Tensor, x: Tensor) -> Tensor:
     return g.new_empty((g.shape[1], x.shape[1]))
+
+
+@torch.library.custom_op("davit::conv_linear_grads", mutates_args=())
+def conv_linear_grads(g: Tensor, x: Tensor, weight: Tensor, weight_grad: bool) -> list[Tensor]:
+    """``[g @ weight]``, or ``[g @ weight, g.t() @ x]`` with ``weight_grad``: :func:`_conv_grads` as an opaque
+    operator, the backward of :func:`onednn_linear` in compiled code (traced in the open, inductor would
+    relay out the convolution's views, see :func:`conv_weight_grad`). davit_tiny's compiled training step at
+    batch 8 (``davit bench --mode train --compile --vs-timm``, Zen 4 VM, session 28): 1.10x, 1.12x, 1.11x and
+    1.10x timm against 1.10x, 1.08x, 1.07x and 1.06x with the linear kernel on the transposed weight,
+    alternating runs; peak memory 1184 against 1192 MB (timm 1198)."""
+    gx, gw = _conv_grads(g, x, weight, True, weight_grad)
+    return [gx, gw] if weight_grad else [gx]
+
+
+@conv_linear_grads.register_fake
+def _(g: Tensor, x: Tensor, weight: Tensor, weight_grad: bool) -> list[Tensor]:
+    gx = x.new_empty(x.shape)
+    return [gx, weight.new_empty(weight.shape)] if weight_grad else [gx]
 
 
 onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
