@@ -331,16 +331,7 @@ def onednn_window_attention_map(
 
 
 @onednn_window_attention_map.register_fake
-def _(
-    x: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    eps: float,
-    weight: Tensor,
-    bias: Tensor | None,
-    num_heads: int,
-    window_size: int,
-) -> Tensor:
+def _(x: Tensor, _nw: Tensor | None, _nb: Tensor | None, _eps: float, weight: Tensor, *_) -> Tensor:
     return x.new_empty((*x.shape[:3], weight.shape[0] // 3))
 
 
@@ -367,16 +358,7 @@ def onednn_channel_attention(
 
 
 @onednn_channel_attention.register_fake
-def _(
-    x: Tensor,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    eps: float,
-    weight: Tensor,
-    bias: Tensor | None,
-    groups: int,
-    v2: bool,
-) -> Tensor:
+def _(x: Tensor, _nw: Tensor | None, _nb: Tensor | None, _eps: float, weight: Tensor, *_) -> Tensor:
     return x.new_empty((*x.shape[:2], weight.shape[0] // 3))
 
 
