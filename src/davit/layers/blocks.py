@@ -271,10 +271,15 @@ class SpatialBlock(nn.Module):
         (the cheaper :meth:`WindowAttention.attend_one_padded` path below)."""
         if not (self.attn.fast and _norm_folds(self.norm1, x, self.attn.qkv)):
             return False
-        H, W, ws = x.shape[1], x.shape[2], self.window_size
-        if symbolic_sizes(H, W):
-            return True
-        return not ((H % ws or W % ws) and H <= ws and W <= ws)
+        H, W = x.shape[1], x.shape[2]
+        return symbolic_sizes(H, W) or not self._one_padded_window(H, W)
+
+    def _one_padded_window(self, H: int, W: int) -> bool:
+        """Whether an H x W map is smaller than one window and needs padding: then it is attended as that one
+        window without materialising the padding (:meth:`WindowAttention.attend_one_padded`)."""
+        ws = self.window_size
+        pad_b, pad_r = (H + ws - 1) // ws * ws - H, (W + ws - 1) // ws * ws - W
+        return bool(pad_b or pad_r) and H <= ws and W <= ws
 
     def _window_attend(self, t: Tensor, proj: nn.Linear | None = None) -> Tensor:
         """Window attention of the normed map (B, H, W, C), before the output projection, or after ``proj``
@@ -293,7 +298,7 @@ class SpatialBlock(nn.Module):
         nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
         Hp, Wp = nh * ws, nw * ws
         pad_b, pad_r = Hp - H, Wp - W
-        if (pad_b or pad_r) and H <= ws and W <= ws and self.attn.fast:
+        if self.attn.fast and self._one_padded_window(H, W):
             # the map is smaller than one window: attend without materialising the padding (same result)
             t = self.attn.attend_one_padded(t.reshape(B, H * W, C), ws * ws - H * W)
             return (t if proj is None else linear(t, proj, self.attn.fast)).view(B, H, W, C)
