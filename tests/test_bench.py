@@ -59,10 +59,10 @@ def test_infer_slices_sets_ours_and_is_recorded(tmp_path, capsys):
 
 def test_compiled_inference_bench_says_how_ours_runs(tmp_path, capsys, monkeypatch):
     """`davit bench --compile` in inference: the compiled step runs and the line says which compiled CPU path
-    ours takes (the chunked oneDNN ops where the compiled linears use oneDNN, inductor's graph otherwise)."""
+    ours takes (the chunked oneDNN ops where compiled inference uses oneDNN, inductor's graph otherwise)."""
     from davit.layers import fused
 
-    monkeypatch.setattr(fused, "_ONEDNN_TRAINING", True)
+    monkeypatch.setattr(fused, "_ONEDNN_COMPILED_INFERENCE", True)
     out = tmp_path / "c.json"
     args = f"bench --model davit_atto --mode infer --img-size 32 -b 2 {QUICK} --no-memory --compile"
     assert main(f"{args} --json {out}".split()) == 0

@@ -291,11 +291,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     peak = matmul_peak_tflops(dtype, device, args.peak_n)
     print(f"matmul peak ({args.peak_n}^3 {args.dtype}, {device.type}): {peak * 1e3:.1f} GFLOP/s")
     if device.type == "cpu":
-        from .layers.fused import onednn_training_enabled
+        from .layers.fused import onednn_compiled_inference_enabled, onednn_training_enabled
 
-        # which GEMM library ours' training and compiled linears use here (by CPU, see the op's docstring)
+        # which GEMM library ours' training linears use here (by CPU, see the op's docstring)
         lib = "oneDNN" if onednn_training_enabled() else "F.linear (MKL)"
-        print(f"ours' training and compiled fp32 linears: {lib} (DAVIT_ONEDNN_TRAINING=0/1 overrides)")
+        print(f"ours' fp32 training linears: {lib} (DAVIT_ONEDNN_TRAINING=0/1 overrides)")
         where = f"slices of ~{slice_tokens} tokens" if slice_tokens > 0 else "the whole batch"
         print(f"ours' eager CPU inference: each stage on {where} (--infer-slices TOKENS, 0: whole batch)")
         if args.compile and args.mode in ("infer", "both") and dtype == torch.float32:
@@ -304,9 +304,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             how = (
                 "norms with MLPs and attentions as opaque oneDNN ops on chunks of "
                 f"~{INFER_OP_CHUNK_TOKENS} tokens"
-                if onednn_training_enabled()
+                if onednn_compiled_inference_enabled()
                 else "inductor's graph with F.linear"
             )
+            how += " (DAVIT_ONEDNN_COMPILED_INFERENCE=0/1 overrides)"
             print(f"ours' compiled CPU inference: {how}")
     triton_ln = None
     if device.type == "cuda":
@@ -500,9 +501,10 @@ def environment() -> dict[str, Any]:
         git=rev,
         command=" ".join(["davit bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "(in-process)",
     )
-    from .layers.fused import onednn_training_enabled
+    from .layers.fused import onednn_compiled_inference_enabled, onednn_training_enabled
 
     env["onednn_training_linears"] = onednn_training_enabled()
+    env["onednn_compiled_inference"] = onednn_compiled_inference_enabled()
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env

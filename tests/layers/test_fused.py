@@ -15,17 +15,18 @@ pytestmark = pytest.mark.skipif(not fused._MKLDNN, reason="this PyTorch build ha
 
 @pytest.fixture(autouse=True)
 def _onednn_training_on():
-    """The op's tests run on every CPU; which CPUs use it by default is tested separately."""
-    previous = fused.set_onednn_training(True)
+    """The ops' tests run on every CPU; which CPUs use them by default is tested separately."""
+    previous = fused.set_onednn_training(True), fused.set_onednn_compiled_inference(True)
     yield
-    fused.set_onednn_training(previous)
+    fused.set_onednn_training(previous[0])
+    fused.set_onednn_compiled_inference(previous[1])
 
 
 @pytest.mark.parametrize(
     "vendor,capability,expected",
     [
         ("AuthenticAMD", "AVX512", True),  # MKL stays on AVX2 there: oneDNN's AVX-512 GEMMs pay
-        ("GenuineIntel", "AVX512", False),  # MKL runs AVX-512 itself: the op only adds overhead
+        ("GenuineIntel", "AVX512", False),  # MKL runs AVX-512 itself: the op only adds overhead (4-11 %)
         ("AuthenticAMD", "AVX2", False),
         ("", "DEFAULT", False),
     ],
@@ -41,8 +42,48 @@ def test_default_onednn_training_env_override(monkeypatch):
     monkeypatch.setenv("DAVIT_ONEDNN_TRAINING", "0")
     assert fused.default_onednn_training("AuthenticAMD", "AVX512") is False
     monkeypatch.setenv("DAVIT_ONEDNN_TRAINING", "yes")
-    with pytest.warns(UserWarning, match="set it to 1 .* or 0"):
+    with pytest.warns(UserWarning, match="DAVIT_ONEDNN_TRAINING='yes' ignored: set it to 1 .* or 0"):
         assert fused.default_onednn_training("GenuineIntel", "AVX512") is False
+
+
+@pytest.mark.parametrize(
+    "capability,expected",
+    [("AVX512", True), ("AVX2", False), ("DEFAULT", False)],  # measured on Zen 4, Zen 5 and Intel with AMX
+)
+def test_default_onednn_compiled_inference_by_cpu(monkeypatch, capability, expected):
+    monkeypatch.delenv("DAVIT_ONEDNN_COMPILED_INFERENCE", raising=False)
+    assert fused.default_onednn_compiled_inference(capability) is expected
+    monkeypatch.setenv("DAVIT_ONEDNN_COMPILED_INFERENCE", "0" if expected else "1")
+    assert fused.default_onednn_compiled_inference(capability) is not expected
+    monkeypatch.setenv("DAVIT_ONEDNN_COMPILED_INFERENCE", "on")
+    with pytest.warns(UserWarning, match="DAVIT_ONEDNN_COMPILED_INFERENCE='on' ignored"):
+        assert fused.default_onednn_compiled_inference(capability) is expected
+
+
+def test_compiled_inference_and_training_settings_are_separate(monkeypatch):
+    """Compiled inference follows its own setting and training its own: on Intel AVX-512 CPUs the defaults
+    differ (oneDNN in compiled inference, F.linear in training)."""
+    monkeypatch.setattr(fused, "_MIN_MACS", 0)
+    torch.manual_seed(0)
+    model = davit.create_model("davit_atto", num_classes=5, stem_stride=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ops = torch.ops.davit
+    fused.set_onednn_training(False)  # the fixture restores both settings
+    with torch.no_grad():
+        targets, _ = _graph_targets(model, x)
+    assert ops.onednn_linear_add.default in targets, "compiled inference left oneDNN with training's setting"
+    torch._dynamo.reset()
+    targets, _ = _graph_targets(model, x)  # gradients on: training's setting, F.linear
+    assert not {op for op in targets if "onednn" in str(op)}, targets
+    fused.set_onednn_training(True)
+    fused.set_onednn_compiled_inference(False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        targets, _ = _graph_targets(model, x)
+    assert not {op for op in targets if "onednn" in str(op)}, targets
+    torch._dynamo.reset()
+    targets, _ = _graph_targets(model, x)
+    assert ops.onednn_linear.default in targets
 
 
 @pytest.mark.parametrize("shape", [(37, 24), (2, 9, 24), (3, 5, 7, 24)])

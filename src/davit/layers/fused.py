@@ -19,8 +19,11 @@ below). Where it pays: on AMD CPUs with AVX-512 PyTorch's MKL runs fp32 GEMMs on
 (~185 GFLOP/s on 2 Zen 5 cores) while oneDNN uses AVX-512 (~410 GFLOP/s, docs/benchmarks.md, session 13); on
 Zen 4, which runs AVX-512 on 256-bit units, both reach ~200 GFLOP/s and the op neither gains nor loses (timm's
 training step: 0.97x with ``F.linear``, 0.99x with the op, session 21). On Intel AVX-512 CPUs MKL runs AVX-512
-itself and the op lost 8-11% of the training step (session 14), so it is on by default on AMD AVX-512 CPUs
-only (:func:`default_onednn_training`; the environment variable ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). The
+itself and the op lost 4-11% of the training step (sessions 14 and 29), so in training it is on by default on
+AMD AVX-512 CPUs only (:func:`default_onednn_training`; ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). Compiled
+inference, where the ops fuse norms and epilogues as eager inference does, gains on both vendors and has its
+own default, every AVX-512 CPU (:func:`default_onednn_compiled_inference`;
+``DAVIT_ONEDNN_COMPILED_INFERENCE=0/1`` overrides). The
 input and weight gradients come from one 1x1 convolution backward over the rows (no transposed copy of the
 weight; in compiled code as the opaque :func:`conv_linear_grads`). Through the linear kernel the weight
 gradient would need transposed copies of both activations and ran slower than ``mm``.
@@ -50,10 +53,13 @@ __all__ = [
     "onednn_linear_gelu",
     "onednn_norm_mlp_add",
     "layer_norm_rows",
+    "default_onednn_compiled_inference",
     "default_onednn_training",
+    "onednn_compiled_inference_enabled",
     "onednn_training",
     "onednn_training_enabled",
     "opaque_conv",
+    "set_onednn_compiled_inference",
     "set_onednn_training",
     "set_opaque_convs",
 ]
@@ -232,10 +238,11 @@ _MIN_MACS = 1 << 25
 
 def onednn_training(x: Tensor, layer: nn.Linear) -> bool:
     """True where :func:`onednn_linear` replaces ``layer(x)``: CPU fp32 outside autocast, large enough, not
-    traced or exported (ONNX sees the plain op), eager or compiled."""
+    traced or exported (ONNX sees the plain op), eager or compiled, where the setting for the mode holds
+    (compiled inference: :func:`set_onednn_compiled_inference`; otherwise :func:`set_onednn_training`)."""
     return (
         _MKLDNN
-        and _ONEDNN_TRAINING
+        and _onednn_wanted()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and layer.weight.dtype == torch.float32
@@ -264,40 +271,87 @@ def _cpu_vendor() -> str:
     return ""
 
 
-def default_onednn_training(vendor: str | None = None, capability: str | None = None) -> bool:
-    """Whether training and compiled linears use oneDNN by default: on AMD CPUs with AVX-512 only.
-
-    The gain comes from MKL running its AVX2 GEMMs on AMD CPUs (Zen 5: 1.04x -> 1.53x timm's training step,
-    session 13). On an Intel AVX-512 CPU MKL already runs AVX-512 and the custom op's extra weight transposes
-    and dispatch made davit_tiny's training step 8-11% *slower* (2214 vs 2046 and 2082 vs 1855 ms, median of
-    10 and 6 interleaved rounds, Xeon with AMX, session 14). ``DAVIT_ONEDNN_TRAINING=1`` or ``0``
-    overrides."""
-    env = os.environ.get("DAVIT_ONEDNN_TRAINING", "").strip()
+def _env_switch(name: str) -> bool | None:
+    """``True``/``False`` where the environment variable ``name`` is 1/0, ``None`` where it is unset (or
+    anything else, with a warning that says so)."""
+    env = os.environ.get(name, "").strip()
     if env in ("0", "1"):
         return env == "1"
     if env:
-        msg = f"DAVIT_ONEDNN_TRAINING={env!r} ignored: set it to 1 (oneDNN) or 0 (F.linear)"
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(f"{name}={env!r} ignored: set it to 1 (oneDNN) or 0 (F.linear)", stacklevel=3)
+    return None
+
+
+def default_onednn_training(vendor: str | None = None, capability: str | None = None) -> bool:
+    """Whether training linears (eager and compiled) use oneDNN by default: on AMD CPUs with AVX-512 only.
+
+    The gain comes from MKL running its AVX2 GEMMs on AMD CPUs (Zen 5: 1.04x -> 1.53x timm's training step,
+    session 13). On an Intel AVX-512 CPU MKL already runs AVX-512, and the op made davit_tiny's training step
+    slower: 8-11% with the weight gradient through transposed copies (Xeon with AMX, session 14), still 4-5%
+    with the gradients from one convolution backward (eager 1190 vs 1140 ms, compiled 1232 vs 1170 ms, medians
+    of 7 interleaved rounds, Xeon family 6 model 207, session 29, ``benchmarks/onednn_ab.py``).
+    ``DAVIT_ONEDNN_TRAINING=1`` or ``0`` overrides."""
+    env = _env_switch("DAVIT_ONEDNN_TRAINING")
+    if env is not None:
+        return env
     vendor = _cpu_vendor() if vendor is None else vendor
     capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
     return vendor == "AuthenticAMD" and capability.startswith("AVX512")
 
 
-# davit.layers.fused.set_onednn_training(False): the plain F.linear everywhere
+def default_onednn_compiled_inference(capability: str | None = None) -> bool:
+    """Whether compiled CPU fp32 inference runs its linears, and each block's norm with its MLP branch or
+    attention, as opaque oneDNN ops (:func:`fused_compiled_inference`) by default: on CPUs with AVX-512, of
+    either vendor. These are the fused kernels eager inference runs everywhere, on chunks of tokens; against
+    inductor's graph with ``F.linear`` davit_tiny's compiled forward (batch 16, 224 px) ran 783 vs 878 ms on
+    an Intel Xeon with AMX (medians of 7 interleaved rounds, session 29, ``benchmarks/onednn_ab.py --mode
+    infer -b 16 --compile``), and 1.14-1.22x against 1.03-1.04x timm's compiled model on Zen 4 (sessions
+    27-28). Unmeasured on AVX2-only CPUs, which keep inductor's graph. ``DAVIT_ONEDNN_COMPILED_INFERENCE=1``
+    or ``0`` overrides."""
+    env = _env_switch("DAVIT_ONEDNN_COMPILED_INFERENCE")
+    if env is not None:
+        return env
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return capability.startswith("AVX512")
+
+
+# davit.layers.fused.set_onednn_training(False) / set_onednn_compiled_inference(False): F.linear there
 _ONEDNN_TRAINING = default_onednn_training()
+_ONEDNN_COMPILED_INFERENCE = default_onednn_compiled_inference()
+
+
+def _onednn_wanted() -> bool:
+    # no gradients under torch.compile: compiled inference, with its own default (on Intel AVX-512 CPUs oneDNN
+    # wins there and loses in training); dynamo guards on both settings and on the grad mode
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return _ONEDNN_COMPILED_INFERENCE
+    return _ONEDNN_TRAINING
 
 
 def onednn_training_enabled() -> bool:
-    """Whether training and compiled linears go through :func:`onednn_linear` now (``davit bench`` prints
-    it next to its figures)."""
+    """Whether training linears (eager and compiled) go through :func:`onednn_linear` now (``davit bench``
+    prints it next to its figures)."""
     return _ONEDNN_TRAINING
 
 
 def set_onednn_training(enable: bool) -> bool:
-    """Route training and compiled linears through oneDNN or keep ``F.linear`` (A/B timing, tests); the
-    default is :func:`default_onednn_training`. Returns the previous setting."""
+    """Route training linears through oneDNN or keep ``F.linear`` (A/B timing, tests); the default is
+    :func:`default_onednn_training`. Returns the previous setting."""
     global _ONEDNN_TRAINING
     previous, _ONEDNN_TRAINING = _ONEDNN_TRAINING, bool(enable)
+    return previous
+
+
+def onednn_compiled_inference_enabled() -> bool:
+    """Whether compiled CPU fp32 inference runs the opaque oneDNN ops now (``davit bench`` prints it)."""
+    return _ONEDNN_COMPILED_INFERENCE
+
+
+def set_onednn_compiled_inference(enable: bool) -> bool:
+    """Run compiled CPU fp32 inference through the opaque oneDNN ops or inductor's graph with ``F.linear``;
+    the default is :func:`default_onednn_compiled_inference`. Returns the previous setting."""
+    global _ONEDNN_COMPILED_INFERENCE
+    previous, _ONEDNN_COMPILED_INFERENCE = _ONEDNN_COMPILED_INFERENCE, bool(enable)
     return previous
 
 
@@ -375,8 +429,9 @@ def fused_compiled_inference(x: Tensor, layer: nn.Linear) -> bool:
     oneDNN call (:func:`onednn_linear_gelu`, :func:`onednn_linear_add`), as eager inference does, instead
     of the linear then a separate pass of inductor's over its output (at batch 16, 224 px, the first stage's
     GELU reads and writes a 77 MB map). Inductor fuses such epilogues itself only with its weight-freezing
-    option. Where :func:`onednn_training` holds (the CPUs whose compiled linears run in oneDNN anyway), no
-    gradients (the ops have no autograd formula). The same test gates the chunked norm + MLP and norm +
+    option. Where :func:`onednn_training` holds with compiled inference's setting
+    (:func:`default_onednn_compiled_inference`), no gradients (the ops have no autograd formula). The same
+    test gates the chunked norm + MLP and norm +
     attention ops (:data:`INFER_OP_CHUNK_TOKENS`)."""
     return torch.compiler.is_compiling() and not torch.is_grad_enabled() and onednn_training(x, layer)
 

@@ -1,0 +1,107 @@
+"""Ours with its CPU fp32 linears in oneDNN against ours with ``F.linear`` (MKL), and timm.
+
+    .venv/bin/python benchmarks/onednn_ab.py                      # eager training, davit_tiny b8, 9 rounds
+    .venv/bin/python benchmarks/onednn_ab.py --compile            # the same steps compiled
+    .venv/bin/python benchmarks/onednn_ab.py --mode infer -b 16 --compile
+
+Decides :func:`davit.layers.fused.default_onednn_training` and
+:func:`davit.layers.fused.default_onednn_compiled_inference` on a new CPU: three steps in one process, ours
+with both settings on, ours with both off (``set_onednn_training``, ``set_onednn_compiled_inference``) and
+timm's model with identical weights (with ``--compile`` each compiled once, inductor's defaults, batch axis
+dynamic, ours with ``fullgraph=True``). Each round runs three calls of each in turn (A, B, C, A, ...); the
+summary is the median over rounds of each one's per-round median, and its speed relative to timm's. A
+training step is `davit bench`'s: zero-grad, forward, cross-entropy, backward, fused AdamW. Eager inference
+does not depend on the settings (it always runs oneDNN's fused kernels), so ``--mode infer`` needs
+``--compile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from davit import create_model
+from davit.bench import _make_step, load_timm_weights, timm_counterpart
+from davit.layers import fused
+
+
+def _with_onednn(step: Callable[[], object], enable: bool) -> Callable[[], object]:
+    # the settings are read while dynamo traces and guard the graph, and read on every eager call
+    def run() -> object:
+        previous = fused.set_onednn_training(enable), fused.set_onednn_compiled_inference(enable)
+        try:
+            return step()
+        finally:
+            fused.set_onednn_training(previous[0])
+            fused.set_onednn_compiled_inference(previous[1])
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="davit_tiny")
+    p.add_argument("--mode", choices=["train", "infer"], default="train")
+    p.add_argument("-b", "--batch-size", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--rounds", type=int, default=9)
+    args = p.parse_args()
+    if args.mode == "infer" and not args.compile:
+        p.error("eager inference does not use the setting: add --compile")
+
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    if args.compile:
+        torch._dynamo.mark_dynamic(x, 0)
+    names = ["ours oneDNN", "ours F.linear", "timm"]
+    steps: dict[str, Callable[[], object]] = {}
+    for name in names:
+        model = create_model(args.model)
+        net = model
+        if name == "timm":
+            try:
+                net = timm_counterpart(args.model, 1000, 3)
+            except RuntimeError as e:  # timm is not installed
+                print(f"{e}: its column is left out")
+                continue
+            load_timm_weights(model, net)
+        net.train(args.mode == "train")
+        fn = torch.compile(net, fullgraph=name != "timm") if args.compile else net
+        step, _ = _make_step(fn, x, args.mode, torch.float32, torch.device("cpu"), net)
+        if name != "timm":
+            step = _with_onednn(step, enable=name == "ours oneDNN")
+        t = time.perf_counter()
+        step()
+        print(f"{name}: first call {time.perf_counter() - t:.1f} s", flush=True)
+        step()
+        steps[name] = step
+
+    per_round: dict[str, list[float]] = {n: [] for n in steps}
+    for r in range(args.rounds):
+        for name, step in steps.items():
+            ts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                step()
+                ts.append(time.perf_counter() - t)
+            per_round[name].append(statistics.median(ts))
+        line = ", ".join(f"{n} {v[-1] * 1e3:.0f} ms" for n, v in per_round.items())
+        print(f"round {r}: {line}", flush=True)
+
+    med = {n: statistics.median(v) for n, v in per_round.items()}
+    base = med.get("timm")
+    how = "compiled" if args.compile else "eager"
+    head = f"{args.model} {args.mode} {how}, batch {args.batch_size}, {args.img_size} px"
+    print(f"\n{head}, median of {args.rounds} rounds:")
+    for name, m in med.items():
+        rel = f", {base / m:.3f}x timm" if base else ""
+        print(f"  {name:16s} {m * 1e3:7.0f} ms{rel}")
+
+
+if __name__ == "__main__":
+    main()
