@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from davit.layers import ChannelBlock, ConvPosEnc, SpatialBlock
+from davit.layers import ChannelBlock, ConvPosEnc, SpatialBlock, fused
 from davit.layers.attention import channel_attention, channel_attention_ref
 from davit.layers.blocks import _depthwise3x3_tiny
 
@@ -73,22 +73,55 @@ def test_padding_shortcut_changes_the_result_if_padding_were_ignored():
         assert (blk(x) - full).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("hw", [(1, 1), (3, 5), (9, 9), (14, 14)])
-def test_blocks_fp32_inference_fast_vs_literal(hw):
-    # CPU fp32 inference takes the oneDNN kernels (qkv, fc1+GELU, proj/fc2+residual) and the per-group
+def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, monkeypatch):
+    # CPU fp32 inference takes the oneDNN kernels (qkv, fc1+GELU, proj/fc2+residual), or MKL's GEMMs with
+    # in-place epilogues where set_eager_onednn_gemms(False) (the Intel AVX-512 default), and the per-group
     # channel attention; all within fp32 round-off of the literal path
+    previous = fused.set_eager_onednn_gemms(onednn)
+    calls = []
+    if fused._MKLDNN:
+        real = torch.ops.mkldnn._linear_pointwise
+
+        class Spy:  # the op and its .binary overload (linear + residual add), counted
+            def __call__(self, *a):
+                return calls.append(1) or real(*a)
+
+            def binary(self, *a):
+                return calls.append(1) or real.binary(*a)
+
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
     torch.manual_seed(0)
     blocks = [SpatialBlock(96, 3), ChannelBlock(96, 3)]
     x = torch.randn(2, *hw, 96)
-    for blk in blocks:
-        blk.eval()
-        with torch.no_grad():
-            fast = blk(x)
-            for m in blk.modules():
-                if hasattr(m, "fast"):
-                    m.fast = False
-            ref = blk(x)
-        assert (fast - ref).abs().max().item() <= 2e-5
+    try:
+        for blk in blocks:
+            blk.eval()
+            with torch.no_grad():
+                fast = blk(x)
+                for m in blk.modules():
+                    if hasattr(m, "fast"):
+                        m.fast = False
+                ref = blk(x)
+            assert (fast - ref).abs().max().item() <= 2e-5
+    finally:
+        fused.set_eager_onednn_gemms(previous)
+    if fused._MKLDNN:
+        assert bool(calls) is onednn, f"{len(calls)} oneDNN linear calls with the oneDNN GEMMs {onednn}"
+
+
+@pytest.mark.parametrize(
+    "vendor,capability,expected",
+    [("GenuineIntel", "AVX512", False), ("AuthenticAMD", "AVX512", True), ("GenuineIntel", "AVX2", True)],
+)
+def test_default_eager_onednn_gemms_by_cpu(monkeypatch, vendor, capability, expected):
+    """MKL's GEMMs on Intel AVX-512 CPUs (faster than oneDNN's there), oneDNN's fused kernels elsewhere;
+    DAVIT_ONEDNN_EAGER_INFERENCE=0/1 overrides."""
+    monkeypatch.delenv("DAVIT_ONEDNN_EAGER_INFERENCE", raising=False)
+    assert fused.default_eager_onednn_gemms(vendor, capability) is expected
+    monkeypatch.setenv("DAVIT_ONEDNN_EAGER_INFERENCE", "0" if expected else "1")
+    assert fused.default_eager_onednn_gemms(vendor, capability) is not expected
 
 
 @pytest.mark.parametrize("v2", [False, True])

@@ -53,12 +53,17 @@ __all__ = [
     "onednn_linear_gelu",
     "onednn_norm_mlp_add",
     "layer_norm_rows",
+    "default_eager_onednn_gemms",
     "default_onednn_compiled_inference",
+    "eager_onednn_gemms_enabled",
+    "infer_linear",
+    "infer_linear_add",
     "default_onednn_training",
     "onednn_compiled_inference_enabled",
     "onednn_training",
     "onednn_training_enabled",
     "opaque_conv",
+    "set_eager_onednn_gemms",
     "set_onednn_compiled_inference",
     "set_onednn_training",
     "set_opaque_convs",
@@ -88,6 +93,56 @@ def fused_cpu_inference(x: Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and not torch.jit.is_scripting()
     )
+
+
+def default_eager_onednn_gemms(vendor: str | None = None, capability: str | None = None) -> bool:
+    """Whether eager CPU fp32 inference runs its linears in oneDNN (fused with GELU or the residual add) by
+    default, or in MKL (``F.linear``, then GELU and the add in place on its output): oneDNN except on Intel
+    CPUs with AVX-512. There MKL's fp32 GEMMs are as fast as or faster than oneDNN's, and the unfused epilogue
+    on the fresh output costs about what the fusion saves: forward time oneDNN / MKL 1.034 for davit_small,
+    1.026 for davit_base, 1.00 for davit_tiny (batch 16, 224 px, medians of 21, 13 and 31 paired rounds,
+    Xeon with AMX, session 29; fc1 + GELU alone at 3136 tokens and dims 192/384/768: 5.6/19.0/77.6 ms with
+    MKL and an in-place GELU, 7.8/20.1/85.5 ms fused). On AMD CPUs MKL runs AVX2 GEMMs and oneDNN's fused
+    kernels win. ``DAVIT_ONEDNN_EAGER_INFERENCE=1`` or ``0`` overrides."""
+    env = _env_switch("DAVIT_ONEDNN_EAGER_INFERENCE")
+    if env is not None:
+        return env
+    vendor = _cpu_vendor() if vendor is None else vendor
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return not (vendor == "GenuineIntel" and capability.startswith("AVX512"))
+
+
+def eager_onednn_gemms_enabled() -> bool:
+    """Whether eager CPU fp32 inference runs its linears in oneDNN now (``davit bench`` prints it)."""
+    return _EAGER_ONEDNN_GEMMS
+
+
+def set_eager_onednn_gemms(enable: bool) -> bool:
+    """Run eager CPU fp32 inference's linears in oneDNN's fused kernels or in MKL with in-place epilogues;
+    the default is :func:`default_eager_onednn_gemms`. Returns the previous setting."""
+    global _EAGER_ONEDNN_GEMMS
+    previous, _EAGER_ONEDNN_GEMMS = _EAGER_ONEDNN_GEMMS, bool(enable)
+    return previous
+
+
+def infer_linear(x: Tensor, weight: Tensor, bias: Tensor | None, epilogue: str = "none") -> Tensor:
+    """Eager CPU fp32 inference (where :func:`fused_cpu_inference` holds): ``F.linear(x, weight, bias)``,
+    with ``epilogue`` "gelu" (exact) applied to it, in oneDNN's fused kernel or MKL's GEMM (see
+    :func:`default_eager_onednn_gemms`); equal to fp32 round-off either way."""
+    if _EAGER_ONEDNN_GEMMS:
+        algorithm = "" if epilogue == "none" else "none"  # GELU's: exact, not tanh
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, epilogue, [], algorithm)
+    y = F.linear(x, weight, bias)
+    # in place: the GEMM's fresh output is still in cache, and no second map is allocated
+    return torch.ops.aten.gelu_(y) if epilogue == "gelu" else y
+
+
+def infer_linear_add(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Eager CPU fp32 inference: ``F.linear(x, weight, bias) + residual`` in oneDNN's fused kernel or as MKL's
+    GEMM and an in-place add (see :func:`default_eager_onednn_gemms`)."""
+    if _EAGER_ONEDNN_GEMMS:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    return F.linear(x, weight, bias).add_(residual)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -318,6 +373,7 @@ def default_onednn_compiled_inference(capability: str | None = None) -> bool:
 # davit.layers.fused.set_onednn_training(False) / set_onednn_compiled_inference(False): F.linear there
 _ONEDNN_TRAINING = default_onednn_training()
 _ONEDNN_COMPILED_INFERENCE = default_onednn_compiled_inference()
+_EAGER_ONEDNN_GEMMS = default_eager_onednn_gemms()
 
 
 def _onednn_wanted() -> bool:
@@ -440,7 +496,7 @@ def linear(x: Tensor, layer: nn.Linear, fast: bool = True) -> Tensor:
     """``layer(x)``: through oneDNN in CPU fp32 (eager inference: the private kernel directly; training and
     compiled code: :func:`onednn_linear`), unless the layer is hooked."""
     if fast and fused_cpu_inference(x) and not has_hooks(layer):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+        return infer_linear(x, layer.weight, layer.bias)
     if fast and onednn_training(x, layer):
         return onednn_linear(x, layer.weight, layer.bias)
     return layer(x)  # the module call, so hooks on it still fire
