@@ -57,12 +57,12 @@ def test_infer_slices_sets_ours_and_is_recorded(tmp_path, capsys):
     assert rep["infer_slice_tokens"] == 0
     text = capsys.readouterr().out
     assert "ours' eager CPU inference: each stage on the whole batch" in text
-    # which GEMM library eager inference uses here, by CPU (davit.layers.fused.default_eager_onednn_gemms)
+    # which GEMM library inference uses here, by CPU (davit.layers.fused.default_inference_onednn_gemms)
     from davit.layers import fused
 
-    gemms = "oneDNN, fused" if fused.eager_onednn_gemms_enabled() else "MKL's GEMMs"
-    assert f"ours' eager CPU inference linears: {gemms}" in text
-    assert rep["onednn_eager_inference"] is fused.eager_onednn_gemms_enabled()
+    gemms = "oneDNN, fused" if fused.inference_onednn_gemms_enabled() else "MKL's GEMMs"
+    assert f"ours' CPU inference linears: {gemms}" in text
+    assert rep["onednn_inference_gemms"] is fused.inference_onednn_gemms_enabled()
 
 
 def test_compiled_inference_bench_says_how_ours_runs(tmp_path, capsys, monkeypatch):

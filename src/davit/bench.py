@@ -292,7 +292,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     print(f"matmul peak ({args.peak_n}^3 {args.dtype}, {device.type}): {peak * 1e3:.1f} GFLOP/s")
     if device.type == "cpu":
         from .layers.fused import (
-            eager_onednn_gemms_enabled,
+            inference_onednn_gemms_enabled,
             onednn_compiled_inference_enabled,
             onednn_training_enabled,
         )
@@ -301,10 +301,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         lib = "oneDNN" if onednn_training_enabled() else "F.linear (MKL)"
         print(f"ours' fp32 training linears: {lib} (DAVIT_ONEDNN_TRAINING=0/1 overrides)")
         where = f"slices of ~{slice_tokens} tokens" if slice_tokens > 0 else "the whole batch"
-        gemms = "oneDNN, fused" if eager_onednn_gemms_enabled() else "MKL's GEMMs, epilogue in place"
-        gemms += " (DAVIT_ONEDNN_EAGER_INFERENCE=0/1 overrides)"
+        gemms = "oneDNN, fused" if inference_onednn_gemms_enabled() else "MKL's GEMMs, epilogue in place"
+        gemms += " (DAVIT_ONEDNN_INFERENCE_GEMMS=0/1 overrides)"
         print(f"ours' eager CPU inference: each stage on {where} (--infer-slices TOKENS, 0: whole batch)")
-        print(f"ours' eager CPU inference linears: {gemms}")
+        print(f"ours' CPU inference linears: {gemms}")
         if args.compile and args.mode in ("infer", "both") and dtype == torch.float32:
             from .layers.fused import INFER_OP_CHUNK_TOKENS
 
@@ -509,13 +509,13 @@ def environment() -> dict[str, Any]:
         command=" ".join(["davit bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "(in-process)",
     )
     from .layers.fused import (
-        eager_onednn_gemms_enabled,
+        inference_onednn_gemms_enabled,
         onednn_compiled_inference_enabled,
         onednn_training_enabled,
     )
 
     env["onednn_training_linears"] = onednn_training_enabled()
-    env["onednn_eager_inference"] = eager_onednn_gemms_enabled()
+    env["onednn_inference_gemms"] = inference_onednn_gemms_enabled()
     env["onednn_compiled_inference"] = onednn_compiled_inference_enabled()
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

@@ -77,9 +77,9 @@ def test_padding_shortcut_changes_the_result_if_padding_were_ignored():
 @pytest.mark.parametrize("hw", [(1, 1), (3, 5), (9, 9), (14, 14)])
 def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, monkeypatch):
     # CPU fp32 inference takes the oneDNN kernels (qkv, fc1+GELU, proj/fc2+residual), or MKL's GEMMs with
-    # in-place epilogues where set_eager_onednn_gemms(False) (the Intel AVX-512 default), and the per-group
-    # channel attention; all within fp32 round-off of the literal path
-    previous = fused.set_eager_onednn_gemms(onednn)
+    # in-place epilogues where set_inference_onednn_gemms(False) (the Intel AVX-512 default), and the
+    # per-group channel attention; all within fp32 round-off of the literal path
+    previous = fused.set_inference_onednn_gemms(onednn)
     calls = []
     if fused._MKLDNN:
         real = torch.ops.mkldnn._linear_pointwise
@@ -106,7 +106,7 @@ def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, monkeypatch):
                 ref = blk(x)
             assert (fast - ref).abs().max().item() <= 2e-5
     finally:
-        fused.set_eager_onednn_gemms(previous)
+        fused.set_inference_onednn_gemms(previous)
     if fused._MKLDNN:
         assert bool(calls) is onednn, f"{len(calls)} oneDNN linear calls with the oneDNN GEMMs {onednn}"
 
@@ -115,13 +115,13 @@ def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, monkeypatch):
     "vendor,capability,expected",
     [("GenuineIntel", "AVX512", False), ("AuthenticAMD", "AVX512", True), ("GenuineIntel", "AVX2", True)],
 )
-def test_default_eager_onednn_gemms_by_cpu(monkeypatch, vendor, capability, expected):
+def test_default_inference_onednn_gemms_by_cpu(monkeypatch, vendor, capability, expected):
     """MKL's GEMMs on Intel AVX-512 CPUs (faster than oneDNN's there), oneDNN's fused kernels elsewhere;
-    DAVIT_ONEDNN_EAGER_INFERENCE=0/1 overrides."""
-    monkeypatch.delenv("DAVIT_ONEDNN_EAGER_INFERENCE", raising=False)
-    assert fused.default_eager_onednn_gemms(vendor, capability) is expected
-    monkeypatch.setenv("DAVIT_ONEDNN_EAGER_INFERENCE", "0" if expected else "1")
-    assert fused.default_eager_onednn_gemms(vendor, capability) is not expected
+    DAVIT_ONEDNN_INFERENCE_GEMMS=0/1 overrides."""
+    monkeypatch.delenv("DAVIT_ONEDNN_INFERENCE_GEMMS", raising=False)
+    assert fused.default_inference_onednn_gemms(vendor, capability) is expected
+    monkeypatch.setenv("DAVIT_ONEDNN_INFERENCE_GEMMS", "0" if expected else "1")
+    assert fused.default_inference_onednn_gemms(vendor, capability) is not expected
 
 
 @pytest.mark.parametrize("v2", [False, True])

@@ -275,8 +275,10 @@ def test_conv_weight_grad_opcheck():
     torch.library.opcheck(fused.conv_weight_grad, (torch.randn(30, 16), torch.randn(30, 8)))
 
 
+@pytest.mark.parametrize("onednn_gemms", [True, False])  # the Intel AVX-512 default: MKL's, in place
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_inference_ops_opcheck_and_values(bias):
+def test_fused_inference_ops_opcheck_and_values(bias, onednn_gemms, monkeypatch):
+    monkeypatch.setattr(fused, "_INFER_ONEDNN_GEMMS", onednn_gemms)
     torch.manual_seed(0)
     x, other = torch.randn(3, 5, 8), torch.randn(3, 5, 12)
     w, b = torch.randn(12, 8), torch.randn(12) if bias else None
@@ -299,14 +301,16 @@ def _graph_targets(model, x, dynamic=None):
     return {n.target for n in graph.graph.nodes if n.op == "call_function"}, out
 
 
+@pytest.mark.parametrize("onednn_gemms", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_chunked_inference_ops_opcheck_and_values(bias, monkeypatch):
+def test_chunked_inference_ops_opcheck_and_values(bias, onednn_gemms, monkeypatch):
     """The norm + MLP and norm + attention ops of compiled inference equal their plain compositions, also
     where the chunks (here of 10 tokens) do not divide the rows, windows or images, and for any layout of
     the input."""
     from davit.layers import attention as A
 
     monkeypatch.setattr(fused, "INFER_OP_CHUNK_TOKENS", 10)
+    monkeypatch.setattr(fused, "_INFER_ONEDNN_GEMMS", onednn_gemms)
     torch.manual_seed(0)
     C, eps = 8, 1e-5
     nw, nb = (torch.randn(C), torch.randn(C)) if bias else (None, None)  # with and without affine norms

@@ -53,9 +53,9 @@ __all__ = [
     "onednn_linear_gelu",
     "onednn_norm_mlp_add",
     "layer_norm_rows",
-    "default_eager_onednn_gemms",
+    "default_inference_onednn_gemms",
     "default_onednn_compiled_inference",
-    "eager_onednn_gemms_enabled",
+    "inference_onednn_gemms_enabled",
     "infer_linear",
     "infer_linear_add",
     "default_onednn_training",
@@ -63,7 +63,7 @@ __all__ = [
     "onednn_training",
     "onednn_training_enabled",
     "opaque_conv",
-    "set_eager_onednn_gemms",
+    "set_inference_onednn_gemms",
     "set_onednn_compiled_inference",
     "set_onednn_training",
     "set_opaque_convs",
@@ -95,16 +95,17 @@ def fused_cpu_inference(x: Tensor) -> bool:
     )
 
 
-def default_eager_onednn_gemms(vendor: str | None = None, capability: str | None = None) -> bool:
-    """Whether eager CPU fp32 inference runs its linears in oneDNN (fused with GELU or the residual add) by
-    default, or in MKL (``F.linear``, then GELU and the add in place on its output): oneDNN except on Intel
-    CPUs with AVX-512. There MKL's fp32 GEMMs are as fast as or faster than oneDNN's, and the unfused epilogue
-    on the fresh output costs about what the fusion saves: forward time oneDNN / MKL 1.034 for davit_small,
-    1.026 for davit_base, 1.00 for davit_tiny (batch 16, 224 px, medians of 21, 13 and 31 paired rounds,
-    Xeon with AMX, session 29; fc1 + GELU alone at 3136 tokens and dims 192/384/768: 5.6/19.0/77.6 ms with
-    MKL and an in-place GELU, 7.8/20.1/85.5 ms fused). On AMD CPUs MKL runs AVX2 GEMMs and oneDNN's fused
-    kernels win. ``DAVIT_ONEDNN_EAGER_INFERENCE=1`` or ``0`` overrides."""
-    env = _env_switch("DAVIT_ONEDNN_EAGER_INFERENCE")
+def default_inference_onednn_gemms(vendor: str | None = None, capability: str | None = None) -> bool:
+    """Whether CPU fp32 inference (eager, and inside compiled inference's opaque ops) runs its linears in
+    oneDNN (fused with GELU or the residual add) by default, or in MKL (``F.linear``, then GELU and the add in
+    place on its output): oneDNN except on Intel CPUs with AVX-512. There MKL's fp32 GEMMs are as fast as or
+    faster than oneDNN's, and the unfused epilogue on the fresh output costs about what the fusion saves:
+    forward time oneDNN / MKL, eager, 1.034 and 1.008 for davit_small, 1.026 for davit_base, 1.007 and 1.002
+    for davit_tiny; compiled 1.071 for davit_small, 1.000 for davit_tiny (batch 16, 224 px, medians of 13-31
+    paired rounds, Xeon with AMX, session 29; fc1 + GELU alone at 3136 tokens and dims 192/384/768:
+    5.6/19.0/77.6 ms with MKL and an in-place GELU, 7.8/20.1/85.5 ms fused). On AMD CPUs MKL runs AVX2 GEMMs
+    and oneDNN's fused kernels win. ``DAVIT_ONEDNN_INFERENCE_GEMMS=1`` or ``0`` overrides."""
+    env = _env_switch("DAVIT_ONEDNN_INFERENCE_GEMMS")
     if env is not None:
         return env
     vendor = _cpu_vendor() if vendor is None else vendor
@@ -112,24 +113,24 @@ def default_eager_onednn_gemms(vendor: str | None = None, capability: str | None
     return not (vendor == "GenuineIntel" and capability.startswith("AVX512"))
 
 
-def eager_onednn_gemms_enabled() -> bool:
-    """Whether eager CPU fp32 inference runs its linears in oneDNN now (``davit bench`` prints it)."""
-    return _EAGER_ONEDNN_GEMMS
+def inference_onednn_gemms_enabled() -> bool:
+    """Whether CPU fp32 inference runs its linears in oneDNN now (``davit bench`` prints it)."""
+    return _INFER_ONEDNN_GEMMS
 
 
-def set_eager_onednn_gemms(enable: bool) -> bool:
-    """Run eager CPU fp32 inference's linears in oneDNN's fused kernels or in MKL with in-place epilogues;
-    the default is :func:`default_eager_onednn_gemms`. Returns the previous setting."""
-    global _EAGER_ONEDNN_GEMMS
-    previous, _EAGER_ONEDNN_GEMMS = _EAGER_ONEDNN_GEMMS, bool(enable)
+def set_inference_onednn_gemms(enable: bool) -> bool:
+    """Run CPU fp32 inference's linears in oneDNN's fused kernels or in MKL with in-place epilogues;
+    the default is :func:`default_inference_onednn_gemms`. Returns the previous setting."""
+    global _INFER_ONEDNN_GEMMS
+    previous, _INFER_ONEDNN_GEMMS = _INFER_ONEDNN_GEMMS, bool(enable)
     return previous
 
 
 def infer_linear(x: Tensor, weight: Tensor, bias: Tensor | None, epilogue: str = "none") -> Tensor:
-    """Eager CPU fp32 inference (where :func:`fused_cpu_inference` holds): ``F.linear(x, weight, bias)``,
-    with ``epilogue`` "gelu" (exact) applied to it, in oneDNN's fused kernel or MKL's GEMM (see
-    :func:`default_eager_onednn_gemms`); equal to fp32 round-off either way."""
-    if _EAGER_ONEDNN_GEMMS:
+    """CPU fp32 inference (eager where :func:`fused_cpu_inference` holds, and in compiled inference's opaque
+    ops): ``F.linear(x, weight, bias)``, with ``epilogue`` "gelu" (exact) applied to it, in oneDNN's fused
+    kernel or MKL's GEMM (see :func:`default_inference_onednn_gemms`); equal to fp32 round-off either way."""
+    if _INFER_ONEDNN_GEMMS:
         algorithm = "" if epilogue == "none" else "none"  # GELU's: exact, not tanh
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, epilogue, [], algorithm)
     y = F.linear(x, weight, bias)
@@ -138,9 +139,9 @@ def infer_linear(x: Tensor, weight: Tensor, bias: Tensor | None, epilogue: str =
 
 
 def infer_linear_add(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Eager CPU fp32 inference: ``F.linear(x, weight, bias) + residual`` in oneDNN's fused kernel or as MKL's
-    GEMM and an in-place add (see :func:`default_eager_onednn_gemms`)."""
-    if _EAGER_ONEDNN_GEMMS:
+    """CPU fp32 inference: ``F.linear(x, weight, bias) + residual`` in oneDNN's fused kernel or as MKL's
+    GEMM and an in-place add (see :func:`default_inference_onednn_gemms`)."""
+    if _INFER_ONEDNN_GEMMS:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     return F.linear(x, weight, bias).add_(residual)
 
@@ -373,7 +374,7 @@ def default_onednn_compiled_inference(capability: str | None = None) -> bool:
 # davit.layers.fused.set_onednn_training(False) / set_onednn_compiled_inference(False): F.linear there
 _ONEDNN_TRAINING = default_onednn_training()
 _ONEDNN_COMPILED_INFERENCE = default_onednn_compiled_inference()
-_EAGER_ONEDNN_GEMMS = default_eager_onednn_gemms()
+_INFER_ONEDNN_GEMMS = default_inference_onednn_gemms()
 
 
 def _onednn_wanted() -> bool:
@@ -414,8 +415,9 @@ def set_onednn_compiled_inference(enable: bool) -> bool:
 # ----- compiled CPU inference: a linear and its epilogue as one opaque oneDNN call --------------------------
 @torch.library.custom_op("davit::onednn_linear_gelu", mutates_args=())
 def onednn_linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``gelu(F.linear(x, weight, bias))`` (exact GELU) in one oneDNN kernel; inference only (no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "gelu", [], "none")
+    """``gelu(F.linear(x, weight, bias))`` (exact GELU) by :func:`infer_linear` (one oneDNN kernel, or MKL's
+    GEMM and an in-place GELU); inference only (no autograd)."""
+    return infer_linear(x.contiguous(), weight, bias, "gelu")
 
 
 onednn_linear_gelu.register_fake(_linear_fake)
@@ -423,8 +425,9 @@ onednn_linear_gelu.register_fake(_linear_fake)
 
 @torch.library.custom_op("davit::onednn_linear_add", mutates_args=())
 def onednn_linear_add(x: Tensor, other: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, weight, bias) + other`` in one oneDNN kernel; inference only (no autograd)."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), other.contiguous(), weight, bias, "add")
+    """``F.linear(x, weight, bias) + other`` by :func:`infer_linear_add` (one oneDNN kernel, or MKL's GEMM and
+    an in-place add); inference only (no autograd)."""
+    return infer_linear_add(x.contiguous(), other.contiguous(), weight, bias)
 
 
 @onednn_linear_add.register_fake
@@ -462,16 +465,15 @@ def onednn_norm_mlp_add(
     b2: Tensor | None,
 ) -> Tensor:
     """``x + F.linear(gelu(F.linear(layer_norm(x), w1, b1)), w2, b2)`` (exact GELU), a block's norm and MLP
-    branch, on chunks of :data:`INFER_OP_CHUNK_TOKENS` rows with the eager kernels (oneDNN's linears);
-    inference only (no autograd)."""
+    branch, on chunks of :data:`INFER_OP_CHUNK_TOKENS` rows with the eager kernels (:func:`infer_linear`,
+    :func:`infer_linear_add`); inference only (no autograd)."""
     rows = x.reshape(-1, x.shape[-1])
     out = rows.new_empty(rows.shape)
     step = INFER_OP_CHUNK_TOKENS
     for i in range(0, rows.shape[0], step):
         part = rows[i : i + step].contiguous()
         t = layer_norm_rows(part, norm_weight, norm_bias, eps)
-        h = torch.ops.mkldnn._linear_pointwise(t, w1, b1, "gelu", [], "none")
-        out[i : i + step] = torch.ops.mkldnn._linear_pointwise.binary(h, part, w2, b2, "add")
+        out[i : i + step] = infer_linear_add(infer_linear(t, w1, b1, "gelu"), part, w2, b2)
     return out.view(x.shape)
 
 
