@@ -11,8 +11,9 @@ timm's model with identical weights (with ``--compile`` each compiled once, indu
 dynamic, ours with ``fullgraph=True``). Each round runs three calls of each in turn (A, B, C, A, ...); the
 summary is the median over rounds of each one's per-round median, and its speed relative to timm's. A
 training step is `davit bench`'s: zero-grad, forward, cross-entropy, backward, fused AdamW. Eager inference
-does not depend on the settings (it always runs oneDNN's fused kernels), so ``--mode infer`` needs
-``--compile``.
+does not depend on these two settings, so ``--mode infer`` needs ``--compile``; the GEMMs inside compiled
+inference's opaque ops follow a third, :func:`davit.layers.fused.default_inference_onednn_gemms` (MKL's on
+Intel AVX-512 CPUs), which this script leaves as it is.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9)
     args = p.parse_args()
     if args.mode == "infer" and not args.compile:
-        p.error("eager inference does not use the setting: add --compile")
+        p.error("eager inference does not use these settings: add --compile")
 
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)

@@ -116,7 +116,8 @@ def linear_residual(
     x: Tensor, layer: nn.Linear, residual: Tensor, drop: DropPath, fast: bool = True
 ) -> Tensor:
     """residual + drop(layer(x)); on CPU inference one oneDNN kernel does the matmul, bias and add
-    (bit-identical, ~30% faster than linear then add: one pass over the output instead of three)."""
+    (bit-identical, ~30% faster than linear then add: one pass over the output instead of three), or on Intel
+    AVX-512 CPUs MKL's GEMM and an in-place add (davit.layers.fused.infer_linear_add)."""
     if fast and (drop.p == 0.0 or not drop.training):
         if fused_cpu_inference(x):
             return infer_linear_add(x, residual, layer.weight, layer.bias)
@@ -150,7 +151,8 @@ class Mlp(nn.Module):
     """Linear -> exact GELU -> Linear.
 
     On CPU in inference, fc1 and GELU run as one oneDNN kernel (bit-identical to the two-op path and ~30%
-    faster, see PERF_NOTES.md); :meth:`hidden` exposes the activation so blocks can fuse fc2 with the
+    faster, see PERF_NOTES.md; on Intel AVX-512 CPUs MKL's GEMM and an in-place GELU instead, see
+    davit.layers.fused.infer_linear); :meth:`hidden` exposes the activation so blocks can fuse fc2 with the
     residual add.
     """
 

@@ -358,12 +358,12 @@ def default_onednn_training(vendor: str | None = None, capability: str | None = 
 def default_onednn_compiled_inference(capability: str | None = None) -> bool:
     """Whether compiled CPU fp32 inference runs its linears, and each block's norm with its MLP branch or
     attention, as opaque oneDNN ops (:func:`fused_compiled_inference`) by default: on CPUs with AVX-512, of
-    either vendor. These are the fused kernels eager inference runs everywhere, on chunks of tokens; against
-    inductor's graph with ``F.linear`` davit_tiny's compiled forward (batch 16, 224 px) ran 783 vs 878 ms on
-    an Intel Xeon with AMX (medians of 7 interleaved rounds, session 29, ``benchmarks/onednn_ab.py --mode
-    infer -b 16 --compile``), and 1.14-1.22x against 1.03-1.04x timm's compiled model on Zen 4 (sessions
-    27-28). Unmeasured on AVX2-only CPUs, which keep inductor's graph. ``DAVIT_ONEDNN_COMPILED_INFERENCE=1``
-    or ``0`` overrides."""
+    either vendor. Inside them run eager inference's kernels (:func:`infer_linear`) on chunks of tokens.
+    Against inductor's graph with ``F.linear`` davit_tiny's compiled forward (batch 16, 224 px) ran 783 vs
+    878 ms on an Intel Xeon with AMX (oneDNN's GEMMs inside; medians of 7 interleaved rounds, session 29,
+    ``benchmarks/onednn_ab.py --mode infer -b 16 --compile``), and 1.14-1.22x against 1.03-1.04x timm's
+    compiled model on Zen 4 (sessions 27-28). Unmeasured on AVX2-only CPUs, which keep inductor's graph.
+    ``DAVIT_ONEDNN_COMPILED_INFERENCE=1`` or ``0`` overrides."""
     env = _env_switch("DAVIT_ONEDNN_COMPILED_INFERENCE")
     if env is not None:
         return env
