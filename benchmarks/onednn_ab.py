@@ -19,11 +19,10 @@ Intel AVX-512 CPUs), which this script leaves as it is.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from ab_rounds import interleaved_medians, print_summary, warm_up
 
 from davit import create_model
 from davit.bench import _make_step, load_timm_weights, timm_counterpart
@@ -67,7 +66,7 @@ def main() -> None:
         if name == "timm":
             try:
                 net = timm_counterpart(args.model, 1000, 3)
-            except RuntimeError as e:  # timm is not installed
+            except (RuntimeError, ValueError) as e:  # timm is not installed, or has no such variant
                 print(f"{e}: its column is left out")
                 continue
             load_timm_weights(model, net)
@@ -76,32 +75,13 @@ def main() -> None:
         step, _ = _make_step(fn, x, args.mode, torch.float32, torch.device("cpu"), net)
         if name != "timm":
             step = _with_onednn(step, enable=name == "ours oneDNN")
-        t = time.perf_counter()
-        step()
-        print(f"{name}: first call {time.perf_counter() - t:.1f} s", flush=True)
-        step()
+        warm_up(name, step)
         steps[name] = step
 
-    per_round: dict[str, list[float]] = {n: [] for n in steps}
-    for r in range(args.rounds):
-        for name, step in steps.items():
-            ts = []
-            for _ in range(3):
-                t = time.perf_counter()
-                step()
-                ts.append(time.perf_counter() - t)
-            per_round[name].append(statistics.median(ts))
-        line = ", ".join(f"{n} {v[-1] * 1e3:.0f} ms" for n, v in per_round.items())
-        print(f"round {r}: {line}", flush=True)
-
-    med = {n: statistics.median(v) for n, v in per_round.items()}
-    base = med.get("timm")
+    med = interleaved_medians(steps, args.rounds)
     how = "compiled" if args.compile else "eager"
     head = f"{args.model} {args.mode} {how}, batch {args.batch_size}, {args.img_size} px"
-    print(f"\n{head}, median of {args.rounds} rounds:")
-    for name, m in med.items():
-        rel = f", {base / m:.3f}x timm" if base else ""
-        print(f"  {name:16s} {m * 1e3:7.0f} ms{rel}")
+    print_summary(head, med, "timm", args.rounds)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,22 @@ def test_malloc_step_alternates_fresh_processes_and_reports_faults():
     assert re.search(summary, r.stdout), r.stdout
 
 
+def test_onednn_ab_interleaves_both_settings():
+    """benchmarks/onednn_ab.py (and its shared rounds, ab_rounds.py): both settings timed in every round;
+    a variant without a timm counterpart leaves timm's column out instead of failing."""
+    script = SCRIPT.parent / "onednn_ab.py"
+    args = ["--model", "davit_atto", "-b", "2", "--img-size", "32", "--rounds", "2"]
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rounds = re.findall(r"round (\d): ours oneDNN \d+ ms, ours F.linear \d+ ms\n", r.stdout)
+    assert rounds == ["0", "1"], r.stdout
+    assert "davit_atto train eager, batch 2, 32 px, median of 2 rounds:" in r.stdout
+    assert "its column is left out" in r.stdout
+    cmd = [sys.executable, str(script), *args, "--mode", "infer"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "add --compile" in r.stderr
+
+
 def test_malloc_step_compares_inference_on_batch_slices():
     script = SCRIPT.parent / "malloc_step.py"
     args = ["--compare", "slices", "--model", "davit_atto", "-b", "2", "--img-size", "32", "--steps", "1"]

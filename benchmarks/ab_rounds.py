@@ -1,0 +1,47 @@
+"""Interleaved timing rounds shared by the A/B scripts (``compiled_convs_ab.py``, ``onednn_ab.py``).
+
+Each round runs every step ``calls`` times in turn (A A A, B B B, ...); a step's figure is the median over
+rounds of its per-round median, so a slow spell of the machine hits every candidate alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def warm_up(name: str, step: Callable[[], object]) -> None:
+    """Two untimed calls (the first compiles, where the step is compiled), the first one's time printed."""
+    t = time.perf_counter()
+    step()
+    print(f"{name}: first call {time.perf_counter() - t:.1f} s", flush=True)
+    step()
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], object]], rounds: int, calls: int = 3
+) -> dict[str, float]:
+    """Seconds per call of each step: the median over ``rounds`` of each round's median; prints each round."""
+    per_round: dict[str, list[float]] = {n: [] for n in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            ts = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                step()
+                ts.append(time.perf_counter() - t)
+            per_round[name].append(statistics.median(ts))
+        line = ", ".join(f"{n} {v[-1] * 1e3:.0f} ms" for n, v in per_round.items())
+        print(f"round {r}: {line}", flush=True)
+    return {n: statistics.median(v) for n, v in per_round.items()}
+
+
+def print_summary(head: str, med: dict[str, float], base_name: str, rounds: int) -> None:
+    """Each step's median and its speed relative to ``base_name``'s (left out where that step is missing)."""
+    base = med.get(base_name)
+    width = max(map(len, med)) + 2
+    print(f"\n{head}, median of {rounds} rounds:")
+    for name, m in med.items():
+        rel = f", {base / m:.3f}x {base_name}" if base else ""
+        print(f"  {name:{width}s} {m * 1e3:7.0f} ms{rel}")
