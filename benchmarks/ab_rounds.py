@@ -6,9 +6,41 @@ rounds of its per-round median, so a slow spell of the machine hits every candid
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
+
+from torch import nn
+
+from davit import create_model
+from davit.bench import load_timm_weights, timm_counterpart
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """The A/B scripts' common options: variant, mode, batch, image size, rounds."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="davit_tiny")
+    p.add_argument("--mode", choices=["train", "infer"], default="train")
+    p.add_argument("-b", "--batch-size", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=9)
+    return p
+
+
+def build(model_name: str, timm: bool) -> nn.Module | None:
+    """A fresh model of ours, or timm's of the same variant with a fresh model of ours' weights; ``None``
+    (and a line saying so) where timm is not installed or has no such variant."""
+    model = create_model(model_name)
+    if not timm:
+        return model
+    try:
+        net = timm_counterpart(model_name, 1000, 3)
+    except (RuntimeError, ValueError) as e:  # timm is not installed, or has no such variant
+        print(f"{e}: its column is left out")
+        return None
+    load_timm_weights(model, net)
+    return net
 
 
 def warm_up(name: str, step: Callable[[], object]) -> None:

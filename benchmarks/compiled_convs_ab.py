@@ -14,14 +14,12 @@ cross-entropy, backward, fused AdamW. Without timm installed the timm column is 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
-from ab_rounds import interleaved_medians, print_summary, warm_up
+from ab_rounds import build, interleaved_medians, parser, print_summary, warm_up
 
-from davit import create_model
-from davit.bench import _make_step, load_timm_weights, timm_counterpart
+from davit.bench import _make_step
 from davit.layers import fused
 
 
@@ -38,12 +36,7 @@ def _with_convs(step: Callable[[], object], opaque: bool) -> Callable[[], object
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="davit_tiny")
-    p.add_argument("--mode", choices=["train", "infer"], default="train")
-    p.add_argument("-b", "--batch-size", type=int, default=8)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=9)
+    p = parser(__doc__)
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -52,15 +45,9 @@ def main() -> None:
     names = ["ours compiled, opaque convs", "ours compiled, plain convs", "ours eager", "timm compiled"]
     steps: dict[str, Callable[[], object]] = {}
     for name in names:
-        model = create_model(args.model)
-        net = model
-        if name.startswith("timm"):
-            try:
-                net = timm_counterpart(args.model, 1000, 3)
-            except (RuntimeError, ValueError) as e:  # timm is not installed, or has no such variant
-                print(f"{e}: its column is left out")
-                continue
-            load_timm_weights(model, net)
+        net = build(args.model, timm=name.startswith("timm"))
+        if net is None:
+            continue
         net.train(args.mode == "train")
         fn = net if name == "ours eager" else torch.compile(net, fullgraph=name.startswith("ours"))
         step, _ = _make_step(fn, x, args.mode, torch.float32, torch.device("cpu"), net)

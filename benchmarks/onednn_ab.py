@@ -18,14 +18,12 @@ Intel AVX-512 CPUs), which this script leaves as it is.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
-from ab_rounds import interleaved_medians, print_summary, warm_up
+from ab_rounds import build, interleaved_medians, parser, print_summary, warm_up
 
-from davit import create_model
-from davit.bench import _make_step, load_timm_weights, timm_counterpart
+from davit.bench import _make_step
 from davit.layers import fused
 
 
@@ -43,13 +41,8 @@ def _with_onednn(step: Callable[[], object], enable: bool) -> Callable[[], objec
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="davit_tiny")
-    p.add_argument("--mode", choices=["train", "infer"], default="train")
-    p.add_argument("-b", "--batch-size", type=int, default=8)
-    p.add_argument("--img-size", type=int, default=224)
+    p = parser(__doc__)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--rounds", type=int, default=9)
     args = p.parse_args()
     if args.mode == "infer" and not args.compile:
         p.error("eager inference does not use these settings: add --compile")
@@ -61,15 +54,9 @@ def main() -> None:
     names = ["ours oneDNN", "ours F.linear", "timm"]
     steps: dict[str, Callable[[], object]] = {}
     for name in names:
-        model = create_model(args.model)
-        net = model
-        if name == "timm":
-            try:
-                net = timm_counterpart(args.model, 1000, 3)
-            except (RuntimeError, ValueError) as e:  # timm is not installed, or has no such variant
-                print(f"{e}: its column is left out")
-                continue
-            load_timm_weights(model, net)
+        net = build(args.model, timm=name == "timm")
+        if net is None:
+            continue
         net.train(args.mode == "train")
         fn = torch.compile(net, fullgraph=name != "timm") if args.compile else net
         step, _ = _make_step(fn, x, args.mode, torch.float32, torch.device("cpu"), net)
