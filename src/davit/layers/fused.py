@@ -489,8 +489,7 @@ def fused_compiled_inference(x: Tensor, layer: nn.Linear) -> bool:
     GELU reads and writes a 77 MB map). Inductor fuses such epilogues itself only with its weight-freezing
     option. Where :func:`onednn_training` holds with compiled inference's setting
     (:func:`default_onednn_compiled_inference`), no gradients (the ops have no autograd formula). The same
-    test gates the chunked norm + MLP and norm +
-    attention ops (:data:`INFER_OP_CHUNK_TOKENS`)."""
+    test gates the chunked norm + MLP and norm + attention ops (:data:`INFER_OP_CHUNK_TOKENS`)."""
     return torch.compiler.is_compiling() and not torch.is_grad_enabled() and onednn_training(x, layer)
 
 
