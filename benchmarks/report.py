@@ -18,6 +18,19 @@ def _sig(v: float | None) -> str:  # 3 significant digits: 0.0156 and 215 both r
     return "–" if v is None else f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
 
+def _linears_line(run: dict) -> list[str]:
+    """Which GEMM library ours' CPU fp32 linears used (davit.layers.fused's defaults for the CPU, or the
+    DAVIT_ONEDNN_* overrides): the same code picks different kernels on Intel and AMD. None for GPU runs and
+    for files written before these fields existed."""
+    keys = ("onednn_training_linears", "onednn_inference_gemms", "onednn_compiled_inference")
+    if run.get("gpu") or not all(k in run for k in keys):
+        return []
+    train = "oneDNN" if run["onednn_training_linears"] else "F.linear (MKL)"
+    infer = "oneDNN's fused kernels" if run["onednn_inference_gemms"] else "MKL, epilogues in place"
+    comp = "the chunked opaque ops" if run["onednn_compiled_inference"] else "inductor's graph, F.linear"
+    return [f"Ours' fp32 linears here: training {train}; inference {infer}; compiled inference {comp}."]
+
+
 def render(paths: list[str], title: str) -> str:
     runs = [json.load(open(p)) for p in paths]
     if not runs:
@@ -32,6 +45,7 @@ def render(paths: list[str], title: str) -> str:
         "GFLOP/s is achieved FLOPs (forward, or forward + backward for training) and its percentage of a "
         "square matmul timed "
         "in the same run; memory is model state + the step's peak allocation.",
+        *_linears_line(first),
         "",
         "| run | model | px | mode | batch | ours | ours img/s | timm img/s | ours/timm "
         "| ours GFLOP/s (% matmul) "

@@ -157,3 +157,8 @@ def test_report_renders_bench_json_and_labels_whole_batch_runs(tmp_path):
     rows = [line for line in r.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert len(rows) == 2, r.stdout
     assert "| eager |" in rows[0] and "| eager, whole batch |" in rows[1]
+    # the kernels ours' linears used on this CPU (davit.layers.fused's settings), under the machine line
+    from davit.layers import fused
+
+    infer = "oneDNN's fused kernels" if fused.inference_onednn_gemms_enabled() else "MKL, epilogues in place"
+    assert "Ours' fp32 linears here: training " in r.stdout and f"; inference {infer};" in r.stdout
