@@ -77,9 +77,9 @@ def test_padding_shortcut_changes_the_result_if_padding_were_ignored():
 @pytest.mark.parametrize("hw", [(1, 1), (3, 5), (9, 9), (14, 14)])
 def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, monkeypatch):
     # CPU fp32 inference takes the oneDNN kernels (qkv, fc1+GELU, proj/fc2+residual), or MKL's GEMMs with
-    # in-place epilogues where set_inference_onednn_gemms(False) (the Intel AVX-512 default), and the
+    # in-place epilogues where the setting is off (the Intel AVX-512 default), and the
     # per-group channel attention; all within fp32 round-off of the literal path
-    previous = fused.set_inference_onednn_gemms(onednn)
+    monkeypatch.setattr(fused, "_INFER_ONEDNN_GEMMS", onednn)
     calls = []
     if fused._MKLDNN:
         real = torch.ops.mkldnn._linear_pointwise
@@ -95,18 +95,15 @@ def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, monkeypatch):
     torch.manual_seed(0)
     blocks = [SpatialBlock(96, 3), ChannelBlock(96, 3)]
     x = torch.randn(2, *hw, 96)
-    try:
-        for blk in blocks:
-            blk.eval()
-            with torch.no_grad():
-                fast = blk(x)
-                for m in blk.modules():
-                    if hasattr(m, "fast"):
-                        m.fast = False
-                ref = blk(x)
-            assert (fast - ref).abs().max().item() <= 2e-5
-    finally:
-        fused.set_inference_onednn_gemms(previous)
+    for blk in blocks:
+        blk.eval()
+        with torch.no_grad():
+            fast = blk(x)
+            for m in blk.modules():
+                if hasattr(m, "fast"):
+                    m.fast = False
+            ref = blk(x)
+        assert (fast - ref).abs().max().item() <= 2e-5
     if fused._MKLDNN:
         assert bool(calls) is onednn, f"{len(calls)} oneDNN linear calls with the oneDNN GEMMs {onednn}"
 

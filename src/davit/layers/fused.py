@@ -81,7 +81,8 @@ _MKLDNN = _mkldnn_fusions_available()
 
 
 def fused_cpu_inference(x: Tensor) -> bool:
-    """True where the oneDNN fused kernels may replace the plain ops: CPU fp32 inference in eager mode."""
+    """True where the fused inference kernels (:func:`infer_linear`, :func:`infer_linear_add`: oneDNN's, or
+    MKL's GEMMs with in-place epilogues) may replace the plain ops: CPU fp32 inference in eager mode."""
     return (
         _MKLDNN
         and x.device.type == "cpu"
@@ -494,8 +495,9 @@ def fused_compiled_inference(x: Tensor, layer: nn.Linear) -> bool:
 
 
 def linear(x: Tensor, layer: nn.Linear, fast: bool = True) -> Tensor:
-    """``layer(x)``: through oneDNN in CPU fp32 (eager inference: the private kernel directly; training and
-    compiled code: :func:`onednn_linear`), unless the layer is hooked."""
+    """``layer(x)``: in CPU fp32 eager inference through :func:`infer_linear` (oneDNN or MKL by CPU), in
+    training and compiled code through :func:`onednn_linear` where its setting holds, unless the layer is
+    hooked."""
     if fast and fused_cpu_inference(x) and not has_hooks(layer):
         return infer_linear(x, layer.weight, layer.bias)
     if fast and onednn_training(x, layer):
