@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from davit import create_model
-from davit.bench import load_timm_weights, matmul_peak_tflops, run_bench, step_memory, timm_counterpart
+from davit.bench import (
+    _compile,
+    load_timm_weights,
+    matmul_peak_tflops,
+    run_bench,
+    step_memory,
+    timm_counterpart,
+)
 from davit.cli import build_parser, main
 
 CPU = torch.device("cpu")
@@ -81,6 +88,45 @@ def test_compiled_inference_bench_says_how_ours_runs(tmp_path, capsys, monkeypat
     how = "ours' compiled CPU inference: norms with MLPs and attentions as opaque oneDNN ops on chunks of"
     assert how in text
     assert "ours infer compiled(default)" in text
+
+
+def test_freezing_compiles_frozen_inference_and_is_recorded(tmp_path, capsys, monkeypatch):
+    """`--freezing`: inductor's freezing option for the compiled models; the run says so in its flavour."""
+    seen = {}
+    real = torch.compile
+
+    def spy(model, **kw):
+        seen.update(kw)
+        return real(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    out = tmp_path / "f.json"
+    args = f"bench --model davit_atto --mode infer --img-size 32 -b 2 {QUICK} --no-memory --compile"
+    assert main(f"{args} --freezing --json {out}".split()) == 0
+    assert seen["options"] == {"freezing": True} and "mode" not in seen
+    rep = json.loads(out.read_text())
+    assert rep["freezing"] is True
+    (res,) = rep["results"]
+    assert res["flavour"] == "compiled(default, frozen)" and res["img_per_s"] > 0
+    assert "ours infer compiled(default, frozen)" in capsys.readouterr().out
+
+
+def test_freezing_keeps_the_compile_mode_options(monkeypatch):
+    # torch.compile takes a mode or options, not both: the mode's own options go with freezing
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
+    _compile(torch.nn.Identity(), "reduce-overhead", True, "batch", freezing=True)
+    assert seen == {"fullgraph": True, "options": {"triton.cudagraphs": True, "freezing": True}}
+    seen.clear()
+    _compile(torch.nn.Identity(), "reduce-overhead", True, "batch")
+    assert seen == {"fullgraph": True, "mode": "reduce-overhead"}
+
+
+@pytest.mark.parametrize("extra", ["--mode infer", "--mode train --compile", "--mode both --compile"])
+def test_freezing_needs_compiled_inference(extra):
+    args = build_parser().parse_args(f"bench --model davit_atto {extra} --freezing {QUICK}".split())
+    with pytest.raises(ValueError, match="use it with --compile and --mode infer"):
+        run_bench(args)
 
 
 def test_vs_timm_prints_ratio_and_agrees(tmp_path, capsys):

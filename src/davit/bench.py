@@ -220,8 +220,15 @@ def _make_step(
     return train, opt
 
 
-def _compile(model: nn.Module, mode: str, fullgraph: bool, dynamic: str) -> Callable:
+def _compile(model: nn.Module, mode: str, fullgraph: bool, dynamic: str, freezing: bool = False) -> Callable:
     kw: dict[str, Any] = dict(fullgraph=fullgraph, mode=None if mode == "default" else mode)
+    if freezing:
+        # torch.compile takes a mode or options, not both: the mode's own options plus inductor's freezing
+        # (weights folded into the graph as constants; inference only)
+        from torch._inductor import list_mode_options
+
+        mode_options = list_mode_options(mode) if kw.pop("mode") else {}  # None: all modes' table
+        kw["options"] = {**mode_options, "freezing": True}
     if dynamic == "all":
         kw["dynamic"] = True
     elif dynamic == "static":
@@ -261,6 +268,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         malloc = malloc or "glibc malloc: defaults (--malloc tuned: as davit train sets it)"
         print(malloc)
     dtype = DTYPES[args.dtype]
+    if args.freezing and (not args.compile or args.mode != "infer"):
+        raise ValueError(
+            "--freezing is inductor's option for compiled inference (it folds the weights into the graph): "
+            "use it with --compile and --mode infer"
+        )
     if args.backend == "onnxruntime" and (args.mode != "infer" or dtype != torch.float32 or args.compile):
         raise ValueError(
             "--backend onnxruntime times fp32 inference only: use --mode infer --dtype fp32, no --compile"
@@ -326,7 +338,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     flavour = (
         args.backend
         if args.backend != "torch"
-        else (f"compiled({args.compile})" if args.compile else "eager")
+        else (f"compiled({args.compile}{', frozen' if args.freezing else ''})" if args.compile else "eager")
     )
     report: dict[str, Any] = dict(
         model=args.model,
@@ -337,6 +349,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         malloc=malloc,
         channels_last=args.channels_last,
         compile=args.compile,
+        freezing=args.freezing,
         dynamic=args.dynamic,
         backend=args.backend,
         reference_path=args.reference,
@@ -366,7 +379,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 fn: Any = m
                 if args.compile:
-                    fn = _compile(m, args.compile, fullgraph=name == "ours", dynamic=args.dynamic)
+                    fn = _compile(m, args.compile, name == "ours", args.dynamic, args.freezing)
                     if args.dynamic == "batch" and bs > 1:  # one graph for every batch size: no recompiles
                         torch._dynamo.mark_dynamic(x, 0)
                 step, opt = _make_step(fn, x, mode, dtype, device, m)
@@ -545,6 +558,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         help="torch.compile (ours with fullgraph=True); the first call is reported as compile time",
+    )
+    p.add_argument(
+        "--freezing",
+        action="store_true",
+        help="with --compile --mode infer: inductor's freezing for both models (weights as constants)",
     )
     p.add_argument(
         "--dynamic",
