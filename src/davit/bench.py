@@ -252,6 +252,11 @@ def _ort_step(model: nn.Module, x: Tensor, img_size: int, threads: int) -> Calla
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    if args.freezing and (not args.compile or args.mode != "infer"):
+        raise ValueError(
+            "--freezing is inductor's option for compiled inference (it folds the weights into the graph): "
+            "use it with --compile and --mode infer"
+        )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but no CUDA device is visible; use --device cpu")
@@ -268,11 +273,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         malloc = malloc or "glibc malloc: defaults (--malloc tuned: as davit train sets it)"
         print(malloc)
     dtype = DTYPES[args.dtype]
-    if args.freezing and (not args.compile or args.mode != "infer"):
-        raise ValueError(
-            "--freezing is inductor's option for compiled inference (it folds the weights into the graph): "
-            "use it with --compile and --mode infer"
-        )
     if args.backend == "onnxruntime" and (args.mode != "infer" or dtype != torch.float32 or args.compile):
         raise ValueError(
             "--backend onnxruntime times fp32 inference only: use --mode infer --dtype fp32, no --compile"
