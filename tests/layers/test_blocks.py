@@ -108,6 +108,27 @@ def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, monkeypatch):
         assert bool(calls) is onednn, f"{len(calls)} oneDNN linear calls with the oneDNN GEMMs {onednn}"
 
 
+@pytest.mark.parametrize("block", [SpatialBlock, ChannelBlock])
+def test_position_encoding_adds_in_place_unless_its_conv_is_hooked(block):
+    """Eager CPU inference adds a position encoding's input into its conv's fresh output; a forward hook on
+    the conv must still see that output unchanged, and the block's output must be the same, bit for bit,
+    either way."""
+    torch.manual_seed(0)
+    blk = block(32, 2).eval()
+    x = torch.randn(2, 9, 9, 32)
+    with torch.no_grad():
+        plain = blk(x)
+    seen = []
+    for cpe in (blk.cpe1, blk.cpe2):
+        cpe.proj.register_forward_hook(lambda _m, _i, out: seen.append((out, out.clone())))
+    with torch.no_grad():
+        hooked = blk(x)
+    assert len(seen) == 2
+    for out, copy in seen:
+        assert torch.equal(out, copy)
+    assert torch.equal(hooked, plain)
+
+
 @pytest.mark.parametrize(
     "vendor,capability,expected",
     [("GenuineIntel", "AVX512", False), ("AuthenticAMD", "AVX512", True), ("GenuineIntel", "AVX2", True)],
