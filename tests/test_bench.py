@@ -24,13 +24,6 @@ CPU = torch.device("cpu")
 QUICK = "--device cpu --repeats 1 --warmup 1 --threads 1 --peak-n 128"
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_bench_both_modes_writes_json(tmp_path, capsys):
     out = tmp_path / "b.json"
     rc = main(f"bench --model davit_atto --mode both --img-size 16 -b 2 {QUICK} --json {out}".split())

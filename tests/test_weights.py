@@ -7,6 +7,7 @@ code), must give our model the same outputs within 1e-5 max abs (fp32).
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import re
@@ -170,14 +171,37 @@ def tiny_refs(timm_tiny):
     return timm_refs(timm_tiny, "davit_tiny")
 
 
-def timm_refs(tm, name: str) -> list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
-    """(input, model output, stage maps) per input, from one timm pass each."""
+Refs = list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]
+
+
+def timm_refs(tm, name: str) -> Refs:
+    """(input, model output, stage maps, the stage maps in float64) per input, from timm's passes; the
+    float64 maps stand for the exact ones (ours' and timm's float64 maps agree to ~1e-12)."""
     out = []
+    tm64 = copy.deepcopy(tm).double()
     with torch.no_grad():
         for x in inputs(name):
             final, maps = tm.forward_intermediates(x)
-            out.append((x, tm.forward_head(final), maps))
+            out.append((x, tm.forward_head(final), maps, tm64.forward_intermediates(x.double())[1]))
     return out
+
+
+def assert_map_matches(ours: torch.Tensor, timm_map: torch.Tensor, exact: torch.Tensor, what: str) -> None:
+    """An fp32 stage map of ours within :func:`map_bound` of timm's, or, where timm's own map is farther than
+    that from the exact (float64) one, no farther from it than timm's by more than a quarter.
+
+    Two fp32 implementations agree only as well as each is accurate. In the 9-block third stage of a randomly
+    initialised davit_base_fl, whose residual stream grows from |x| ~ 8 to ~ 1000, timm's fp32 map is 1.02x
+    map_bound from the float64 one, and the last stage's 1.27x; ours' 1.01x and 1.12x (MKL's GEMMs), 0.95x and
+    1.20x (oneDNN's). Ours and timm then differed by 0.93-1.24x map_bound, passing or failing by the thread
+    count (session 30), although ours is as accurate as timm."""
+    err = max_err(ours, timm_map)
+    if err <= map_bound(timm_map):
+        return
+    ours_err, timm_err = max_err(ours.double(), exact), max_err(timm_map.double(), exact)
+    assert ours_err <= max(map_bound(exact), 1.25 * timm_err), (
+        f"{what}: {err:.3g} from timm's; from float64 {ours_err:.3g} against timm's {timm_err:.3g}"
+    )
 
 
 # ----- parity through every layout --------------------------------------------------------------------------
@@ -223,13 +247,12 @@ def test_every_layout_gives_timm_outputs(name, request):
             assert len(report.loaded) == len(tm.state_dict())
         assert_all_loaded(model)
         with torch.no_grad():
-            for x, want, want_maps in refs:
+            for x, want, want_maps, exact_maps in refs:
                 final, maps = model.forward_intermediates(x)
                 err = max_err(model.forward_head(final), want)
                 assert err <= TOL, f"{name} via {layout}, input {tuple(x.shape)}: max abs {err:.3g}"
-                for i, (a, b) in enumerate(zip(maps, want_maps)):
-                    err = max_err(a, b)
-                    assert err <= map_bound(b), f"{name} via {layout} {tuple(x.shape)} stage {i}: {err:.3g}"
+                for i, (a, b, e) in enumerate(zip(maps, want_maps, exact_maps)):
+                    assert_map_matches(a, b, e, f"{name} via {layout} {tuple(x.shape)} stage {i}")
 
 
 @pytest.mark.parametrize("name", ["davit_tiny"])
@@ -275,7 +298,7 @@ def test_mm_layout_into_dense_backbone(tmp_path, timm_tiny, tiny_refs):
     assert report.layout == "mm" and report.ok and len(report.ignored) == 2
     assert_all_loaded(model)
     with torch.no_grad():
-        for x, _, maps in tiny_refs:
+        for x, _, maps, _ in tiny_refs:
             for i, (a, f) in enumerate(zip(model(x), maps)):
                 w, b = norms[f"norm{i}.weight"], norms[f"norm{i}.bias"]
                 want = F.layer_norm(f.permute(0, 2, 3, 1), (f.shape[1],), w, b, 1e-5).permute(0, 3, 1, 2)
