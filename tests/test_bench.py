@@ -84,7 +84,12 @@ def test_compiled_inference_bench_says_how_ours_runs(tmp_path, capsys, monkeypat
 
 
 def test_freezing_compiles_frozen_inference_and_is_recorded(tmp_path, capsys, monkeypatch):
-    """`--freezing`: inductor's freezing option for the compiled models; the run says so in its flavour."""
+    """`--freezing`: inductor's freezing option for the compiled models, really applied (weights folded and
+    prepacked: passing the option to torch.compile alone froze nothing); the run says so in its flavour."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    counters.clear()
     seen = {}
     real = torch.compile
 
@@ -97,6 +102,10 @@ def test_freezing_compiles_frozen_inference_and_is_recorded(tmp_path, capsys, mo
     args = f"bench --model davit_atto --mode infer --img-size 32 -b 2 {QUICK} --no-memory --compile"
     assert main(f"{args} --freezing --json {out}".split()) == 0
     assert seen["options"] == {"freezing": True} and "mode" not in seen
+    # inductor packs a linear's or convolution's weight for oneDNN only where it is a frozen constant
+    packed = {k: v for k, v in counters["inductor"].items() if k.endswith("weight_pack_matcher_count")}
+    assert sum(packed.values()) > 0, f"nothing frozen: {dict(counters['inductor'])}"
+    assert inductor_config.freezing is False  # the global flag is restored after the run
     rep = json.loads(out.read_text())
     assert rep["freezing"] is True
     (res,) = rep["results"]

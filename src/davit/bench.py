@@ -224,7 +224,8 @@ def _compile(model: nn.Module, mode: str, fullgraph: bool, dynamic: str, freezin
     kw: dict[str, Any] = dict(fullgraph=fullgraph, mode=None if mode == "default" else mode)
     if freezing:
         # torch.compile takes a mode or options, not both: the mode's own options plus inductor's freezing
-        # (weights folded into the graph as constants; inference only)
+        # (weights folded into the graph as constants; inference only). Dynamo needs the global flag as well,
+        # which run_bench sets around the runs
         from torch._inductor import list_mode_options
 
         mode_options = list_mode_options(mode) if kw.pop("mode") else {}  # None: all modes' table
@@ -365,6 +366,31 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         results=[],
         ratios=[],
     )
+    with contextlib.ExitStack() as stack:
+        if args.freezing:
+            # dynamo reads inductor's global freezing flag when it traces (torch._dynamo.utils
+            # .is_parameter_freezing), to keep the weights out of the graph's inputs; torch.compile's options
+            # reach inductor only afterwards, so with them alone nothing was folded (session 31)
+            from torch._inductor import config as inductor_config
+
+            stack.enter_context(inductor_config.patch(freezing=True))
+        _run_modes(args, report, modes, models, ours, peer, img, device, dtype, peak, flavour)
+    return report
+
+
+def _run_modes(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    modes: list[str],
+    models: dict[str, nn.Module],
+    ours: nn.Module,
+    peer: nn.Module | None,
+    img: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    peak: float,
+    flavour: str,
+) -> None:
     for mode in modes:
         bs = args.batch_size or _default_batch(mode, device)
         gflop = gflop_per_image(args.model, img, mode == "train", args.num_classes)
@@ -424,7 +450,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 f"ratio ours/timm {label}: {ratio:.2f}x (ours {_fmt(o['img_per_s'])} img/s, "
                 f"timm {_fmt(t['img_per_s'])} img/s, median of {args.repeats})"
             )
-    return report
 
 
 def _fmt(v: float) -> str:
