@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cli import positive_int
+from .layers.fused import packed_weight_bytes
 from .models import create_model, model_info
 from .train.optim import fused_kwargs
 
@@ -128,9 +129,12 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
-def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> int:
-    """Memory kept between steps: weights, buffers, optimizer state (gradients belong to the step)."""
+def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer | None = None, packed: bool = False) -> int:
+    """Memory kept between steps: weights, buffers, optimizer state (gradients belong to the step); with
+    ``packed``, ours' packed inference weights too (davit.layers.fused.packed_weight)."""
     n = _tensor_bytes(model.parameters()) + _tensor_bytes(model.buffers())
+    if packed:
+        n += packed_weight_bytes()
     if opt is not None:
         n += sum(_tensor_bytes(s.values()) for s in opt.state.values())
     return n
@@ -305,9 +309,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     print(f"matmul peak ({args.peak_n}^3 {args.dtype}, {device.type}): {peak * 1e3:.1f} GFLOP/s")
     if device.type == "cpu":
         from .layers.fused import (
+            PACK_MAX_ELEMENTS,
             inference_onednn_gemms_enabled,
             onednn_compiled_inference_enabled,
             onednn_training_enabled,
+            packed_weights_enabled,
         )
 
         # which GEMM library ours' training linears use here (by CPU, see the op's docstring)
@@ -315,7 +321,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ours' fp32 training linears: {lib} (DAVIT_ONEDNN_TRAINING=0/1 overrides)")
         where = f"slices of ~{slice_tokens} tokens" if slice_tokens > 0 else "the whole batch"
         gemms = "oneDNN, fused" if inference_onednn_gemms_enabled() else "MKL's GEMMs, epilogue in place"
-        gemms += " (DAVIT_ONEDNN_INFERENCE_GEMMS=0/1 overrides)"
+        if packed_weights_enabled():
+            gemms += f"; weights up to {PACK_MAX_ELEMENTS} elements packed for oneDNN"
+        gemms += " (DAVIT_ONEDNN_INFERENCE_GEMMS, DAVIT_INFER_PACKED_WEIGHTS=0/1 override)"
         print(f"ours' eager CPU inference: each stage on {where} (--infer-slices TOKENS, 0: whole batch)")
         print(f"ours' CPU inference linears: {gemms}")
         if args.compile and args.mode in ("infer", "both") and dtype == torch.float32:
@@ -411,7 +419,8 @@ def _run_modes(
                 step, opt = _make_step(fn, x, mode, dtype, device, m)
             # free the last step's gradients before the memory step, so that it allocates (and counts) its own
             drop = None if opt is None else (lambda opt=opt: opt.zero_grad(set_to_none=True))
-            cands.append(Candidate(name, step, lambda m=m, opt=opt: _state_bytes(m, opt), drop))
+            state = lambda m=m, opt=opt, own=name == "ours": _state_bytes(m, opt, own)  # noqa: E731
+            cands.append(Candidate(name, step, state, drop))
         _measure(cands, args, device)
         for c in cands:
             med = statistics.median(c.times)
@@ -550,9 +559,11 @@ def environment() -> dict[str, Any]:
         inference_onednn_gemms_enabled,
         onednn_compiled_inference_enabled,
         onednn_training_enabled,
+        packed_weights_enabled,
     )
 
     env["onednn_training_linears"] = onednn_training_enabled()
+    env["packed_inference_weights"] = packed_weights_enabled()
     env["onednn_inference_gemms"] = inference_onednn_gemms_enabled()
     env["onednn_compiled_inference"] = onednn_compiled_inference_enabled()
     if torch.cuda.is_available():

@@ -275,10 +275,16 @@ def test_conv_weight_grad_opcheck():
     torch.library.opcheck(fused.conv_weight_grad, (torch.randn(30, 16), torch.randn(30, 8)))
 
 
-@pytest.mark.parametrize("onednn_gemms", [True, False])  # the Intel AVX-512 default: MKL's, in place
+# how inference runs its linears: oneDNN's fused kernels, MKL's GEMMs with in-place epilogues (the Intel
+# AVX-512 default for large weights), or oneDNN with packed weights (that default for small ones)
+GEMM_PATHS = [(True, False), (False, False), (False, True)]
+
+
+@pytest.mark.parametrize("onednn_gemms,packed", GEMM_PATHS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_inference_ops_opcheck_and_values(bias, onednn_gemms, monkeypatch):
+def test_fused_inference_ops_opcheck_and_values(bias, onednn_gemms, packed, monkeypatch):
     monkeypatch.setattr(fused, "_INFER_ONEDNN_GEMMS", onednn_gemms)
+    monkeypatch.setattr(fused, "_PACKED_WEIGHTS", packed)
     torch.manual_seed(0)
     x, other = torch.randn(3, 5, 8), torch.randn(3, 5, 12)
     w, b = torch.randn(12, 8), torch.randn(12) if bias else None
@@ -301,9 +307,9 @@ def _graph_targets(model, x, dynamic=None):
     return {n.target for n in graph.graph.nodes if n.op == "call_function"}, out
 
 
-@pytest.mark.parametrize("onednn_gemms", [True, False])
+@pytest.mark.parametrize("onednn_gemms,packed", GEMM_PATHS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_chunked_inference_ops_opcheck_and_values(bias, onednn_gemms, monkeypatch):
+def test_chunked_inference_ops_opcheck_and_values(bias, onednn_gemms, packed, monkeypatch):
     """The norm + MLP and norm + attention ops of compiled inference equal their plain compositions, also
     where the chunks (here of 10 tokens) do not divide the rows, windows or images, and for any layout of
     the input."""
@@ -311,6 +317,7 @@ def test_chunked_inference_ops_opcheck_and_values(bias, onednn_gemms, monkeypatc
 
     monkeypatch.setattr(fused, "INFER_OP_CHUNK_TOKENS", 10)
     monkeypatch.setattr(fused, "_INFER_ONEDNN_GEMMS", onednn_gemms)
+    monkeypatch.setattr(fused, "_PACKED_WEIGHTS", packed)
     torch.manual_seed(0)
     C, eps = 8, 1e-5
     nw, nb = (torch.randn(C), torch.randn(C)) if bias else (None, None)  # with and without affine norms
@@ -536,3 +543,89 @@ def test_compiled_cpu_graphs_hold_no_aten_convolution():
     assert torch.ops.aten.convolution.default in _targets(graphs["forward"])
     if torch.backends.mkldnn.is_available():
         assert GraphLowering.decide_layout_opt(graphs["forward"], is_inference=False)
+
+
+# ----- packed inference weights -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "vendor,capability,expected",
+    [("GenuineIntel", "AVX512", True), ("AuthenticAMD", "AVX512", False), ("GenuineIntel", "AVX2", False)],
+)
+def test_default_packed_weights_by_cpu(monkeypatch, vendor, capability, expected):
+    """On by default where measured (Intel AVX-512); DAVIT_INFER_PACKED_WEIGHTS=0/1 overrides."""
+    monkeypatch.delenv("DAVIT_INFER_PACKED_WEIGHTS", raising=False)
+    assert fused.default_packed_weights(vendor, capability) is expected
+    monkeypatch.setenv("DAVIT_INFER_PACKED_WEIGHTS", "0" if expected else "1")
+    assert fused.default_packed_weights(vendor, capability) is not expected
+
+
+@pytest.mark.parametrize("rows", [(1,), (5,), (3136 + 7,), (3, 49)])  # above and below the layout's row hint
+def test_packed_weight_linears_equal_f_linear(rows, monkeypatch):
+    monkeypatch.setattr(fused, "_PACKED_WEIGHTS", True)
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 16) / 4, torch.randn(48)
+    x, r = torch.randn(*rows, 16), torch.randn(*rows, 48)
+    assert fused.packed_weight(w) is not None  # the packed path is what runs below
+    with torch.no_grad():
+        torch.testing.assert_close(fused.infer_linear(x, w, b), F.linear(x, w, b))
+        torch.testing.assert_close(fused.infer_linear(x, w, None, "gelu"), F.gelu(F.linear(x, w)))
+        torch.testing.assert_close(fused.infer_linear_add(x, r, w, b), F.linear(x, w, b) + r)
+
+
+def test_packed_weight_follows_its_weight(monkeypatch):
+    """The packed copy is made once per weight and remade whenever the weight changes; it goes with the
+    weight, and never applies where it could go stale or does not fit."""
+    import gc
+
+    monkeypatch.setattr(fused, "_PACKED_WEIGHTS", True)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 24)
+    x = torch.randn(7, 16)
+    w = lin.weight
+    first = fused.packed_weight(w)
+    assert first is not None and fused.packed_weight(w) is first  # cached
+    before = fused.packed_weight_bytes()
+    assert before >= 24 * 16 * 4
+    with torch.no_grad():
+        w.mul_(-2.0)  # an in-place update (as load_state_dict does): a new copy, the new values
+        assert fused.packed_weight(w) is not first
+        torch.testing.assert_close(fused.infer_linear(x, w, lin.bias), lin(x))
+        w.data = torch.randn(24, 16)  # new storage under the same parameter
+        torch.testing.assert_close(fused.infer_linear(x, w, lin.bias), lin(x))
+        lin.load_state_dict({"weight": torch.randn(24, 16), "bias": torch.randn(24)})
+        torch.testing.assert_close(fused.infer_linear(x, w, lin.bias), lin(x))
+    key = id(w)
+    del lin, w
+    gc.collect()
+    assert key not in fused._PACKED  # freed with its weight
+    assert fused.packed_weight(torch.randn(fused.PACK_MAX_ELEMENTS // 16 + 1, 16)) is None  # too large
+    assert fused.packed_weight(torch.randn(8, 4, dtype=torch.float64)) is None
+    with torch.inference_mode():
+        frozen = torch.randn(8, 4)  # no version counter: an in-place update could not be told
+    assert fused.packed_weight(frozen) is None
+    kept = torch.randn(8, 4)
+    assert fused.packed_weight(kept) is not None
+    fused.set_packed_weights(False)  # off: nothing packed, nothing kept
+    assert fused.packed_weight(kept) is None and not fused._PACKED
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_model_inference_with_packed_weights_equals_reference(compiled, monkeypatch):
+    """davit_atto's CPU inference with packed weights (eager, and inside compiled inference's opaque ops)
+    equals the literal reference path, at an odd image size."""
+    monkeypatch.setattr(fused, "_PACKED_WEIGHTS", True)
+    monkeypatch.setattr(fused, "_MIN_MACS", 0)  # compiled: every linear in the opaque ops at this tiny size
+    torch.manual_seed(0)
+    model = davit.create_model("davit_atto", num_classes=10).eval()
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        model.set_fast(False)
+        ref = model(x)
+        model.set_fast(True)
+        fn = torch.compile(model, fullgraph=True) if compiled else model
+        out = fn(x)
+    packed = [w for w in weights if id(w) in fused._PACKED]  # the packed path ran for the blocks' linears
+    # all but the head's (a plain linear) and, compiled, the last stage's qkv (its 1 x 2 map is one window,
+    # which compiled code attends to in the open)
+    assert len(packed) >= len(weights) - (2 if compiled else 1), (len(packed), len(weights))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

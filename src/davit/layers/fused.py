@@ -31,8 +31,10 @@ gradient would need transposed copies of both activations and ran slower than ``
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,12 @@ __all__ = [
     "onednn_training",
     "onednn_training_enabled",
     "opaque_conv",
+    "PACK_MAX_ELEMENTS",
+    "default_packed_weights",
+    "packed_weight",
+    "packed_weight_bytes",
+    "packed_weights_enabled",
+    "set_packed_weights",
     "set_inference_onednn_gemms",
     "set_onednn_compiled_inference",
     "set_onednn_training",
@@ -127,12 +135,93 @@ def set_inference_onednn_gemms(enable: bool) -> bool:
     return previous
 
 
+# ----- CPU fp32 inference: small weights kept in oneDNN's blocked layout ------------------------------------
+#: Inference keeps a oneDNN-blocked copy of each linear weight of up to this many elements (1 MiB in fp32)
+#: and runs the linear through oneDNN with it (:func:`packed_weight`). MKL and unpacked oneDNN reorder the
+#: weight into their blocked layout on every call, which for the small weights of the first stages costs a
+#: sizeable share of a GEMM over a 3136-token chunk. davit_tiny's forward (batch 16, 224 px, Xeon with AMX,
+#: medians of 15 interleaved rounds in one process, session 31): compiled 1.026-1.155x (four runs; 1.040x and
+#: 1.049x typical), eager 0.998-1.048x; unpacked oneDNN for the same weights 0.98-1.01x, so the layout is what
+#: gains. Larger weights gain less per call and would double their memory: all weights packed measured
+#: 0.947-1.039x eager. For davit_tiny the copies take 8 MB (stages 1-2 and stage 3's projections).
+PACK_MAX_ELEMENTS = 1 << 18
+_PACK_ROWS_HINT = 3136  # oneDNN picks the blocked layout for this many rows: the chunks inference runs on
+
+# id(weight) -> (a weak reference to it, its version/storage/shape when packed, the packed copy); an entry
+# goes when its weight is freed, and is remade when the weight changed (in-place update, ``.data`` swap)
+_PACKED: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
+
+
+def default_packed_weights(vendor: str | None = None, capability: str | None = None) -> bool:
+    """Whether CPU fp32 inference runs small linears (:data:`PACK_MAX_ELEMENTS`) through oneDNN with packed
+    weights by default: on Intel CPUs with AVX-512, where it was measured (above); elsewhere unmeasured, so
+    off. ``DAVIT_INFER_PACKED_WEIGHTS=1`` or ``0`` overrides."""
+    env = _env_switch("DAVIT_INFER_PACKED_WEIGHTS")
+    if env is not None:
+        return env
+    vendor = _cpu_vendor() if vendor is None else vendor
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return _MKLDNN and vendor == "GenuineIntel" and capability.startswith("AVX512")
+
+
+def packed_weights_enabled() -> bool:
+    """Whether CPU fp32 inference runs its small linears with packed oneDNN weights now."""
+    return _PACKED_WEIGHTS
+
+
+def set_packed_weights(enable: bool) -> bool:
+    """Turn packed inference weights on or off (A/B timing, tests); off also drops the packed copies. The
+    default is :func:`default_packed_weights`. Returns the previous setting."""
+    global _PACKED_WEIGHTS
+    previous, _PACKED_WEIGHTS = _PACKED_WEIGHTS, bool(enable)
+    if not enable:
+        _PACKED.clear()
+    return previous
+
+
+def _weight_state(weight: Tensor) -> tuple:
+    return (weight._version, weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype)
+
+
+def _forget(key: int, _ref: weakref.ref) -> None:
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0] is _ref:
+        del _PACKED[key]
+
+
+def packed_weight(weight: Tensor) -> Tensor | None:
+    """oneDNN's blocked copy of a linear's ``weight`` (out x in, fp32) for inference, made on first use and
+    kept while ``weight`` lives unchanged; ``None`` where packed weights are off or do not apply (too large,
+    an inference-mode tensor, which keeps no version counter to tell an in-place update)."""
+    if not _PACKED_WEIGHTS or weight.numel() > PACK_MAX_ELEMENTS or weight.dtype != torch.float32:
+        return None
+    if weight.is_inference() or weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    key, state = id(weight), _weight_state(weight)
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == state:
+        return entry[2]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
+    ref = weakref.ref(weight, functools.partial(_forget, key))
+    _PACKED[key] = (ref, state, packed)
+    return packed
+
+
+def packed_weight_bytes() -> int:
+    """Bytes held by the packed inference weights of live tensors (``davit bench`` counts them as state)."""
+    return sum(e[2].numel() * e[2].element_size() for e in _PACKED.values() if e[0]() is not None)
+
+
 def infer_linear(x: Tensor, weight: Tensor, bias: Tensor | None, epilogue: str = "none") -> Tensor:
     """CPU fp32 inference (eager where :func:`fused_cpu_inference` holds, and in compiled inference's opaque
     ops): ``F.linear(x, weight, bias)``, with ``epilogue`` "gelu" (exact) applied to it, in oneDNN's fused
-    kernel or MKL's GEMM (see :func:`default_inference_onednn_gemms`); equal to fp32 round-off either way."""
+    kernel (with a packed weight where :func:`packed_weight` gives one) or MKL's GEMM (see
+    :func:`default_inference_onednn_gemms`); equal to fp32 round-off either way."""
+    algorithm = "" if epilogue == "none" else "none"  # GELU's: exact, not tanh
+    packed = packed_weight(weight)
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, epilogue, [], algorithm)
     if _INFER_ONEDNN_GEMMS:
-        algorithm = "" if epilogue == "none" else "none"  # GELU's: exact, not tanh
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, epilogue, [], algorithm)
     y = F.linear(x, weight, bias)
     # in place: the GEMM's fresh output is still in cache, and no second map is allocated
@@ -141,7 +230,11 @@ def infer_linear(x: Tensor, weight: Tensor, bias: Tensor | None, epilogue: str =
 
 def infer_linear_add(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """CPU fp32 inference: ``F.linear(x, weight, bias) + residual`` in oneDNN's fused kernel or as MKL's
-    GEMM and an in-place add (see :func:`default_inference_onednn_gemms`)."""
+    GEMM and an in-place add (see :func:`default_inference_onednn_gemms`; packed weights as in
+    :func:`infer_linear`)."""
+    packed = packed_weight(weight)
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
     if _INFER_ONEDNN_GEMMS:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     return F.linear(x, weight, bias).add_(residual)
@@ -376,6 +469,7 @@ def default_onednn_compiled_inference(capability: str | None = None) -> bool:
 _ONEDNN_TRAINING = default_onednn_training()
 _ONEDNN_COMPILED_INFERENCE = default_onednn_compiled_inference()
 _INFER_ONEDNN_GEMMS = default_inference_onednn_gemms()
+_PACKED_WEIGHTS = default_packed_weights()
 
 
 def _onednn_wanted() -> bool:
