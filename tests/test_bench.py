@@ -197,3 +197,22 @@ def test_a_zero_size_is_refused_not_read_as_the_default(flag, capsys):
         build_parser().parse_args(f"bench --model davit_atto {flag} 0 {QUICK}".split())
     err = capsys.readouterr().err
     assert e.value.code == 2 and re.search(rf"argument \S*{flag}\S*: must be >= 1, got 0", err), err
+
+
+def test_packed_inference_weights_count_as_state(tmp_path, monkeypatch):
+    """With packed inference weights on, ours' state includes their copies (fused.packed_weight)."""
+    from davit.layers import fused
+
+    if not fused._MKLDNN:
+        pytest.skip("no oneDNN in this PyTorch build")
+    states = {}
+    for on in (False, True):
+        monkeypatch.setattr(fused, "_PACKED_WEIGHTS", on)
+        out = tmp_path / f"p{on}.json"
+        args = f"bench --model davit_atto --mode infer --img-size 32 -b 2 {QUICK} --json {out}"
+        assert main(args.split()) == 0
+        (res,) = json.loads(out.read_text())["results"]
+        states[on] = res["state_mb"]
+        assert json.loads(out.read_text())["packed_inference_weights"] is on
+    # davit_atto's linear weights up to PACK_MAX_ELEMENTS: a few MB of copies
+    assert states[True] - states[False] > 0.5, states

@@ -276,7 +276,7 @@ def test_conv_weight_grad_opcheck():
 
 
 # how inference runs its linears: oneDNN's fused kernels, MKL's GEMMs with in-place epilogues (the Intel
-# AVX-512 default for large weights), or oneDNN with packed weights (that default for small ones)
+# AVX-512 default), or oneDNN with packed weights (opt-in)
 GEMM_PATHS = [(True, False), (False, False), (False, True)]
 
 
@@ -546,16 +546,14 @@ def test_compiled_cpu_graphs_hold_no_aten_convolution():
 
 
 # ----- packed inference weights -----------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "vendor,capability,expected",
-    [("GenuineIntel", "AVX512", True), ("AuthenticAMD", "AVX512", False), ("GenuineIntel", "AVX2", False)],
-)
-def test_default_packed_weights_by_cpu(monkeypatch, vendor, capability, expected):
-    """On by default where measured (Intel AVX-512); DAVIT_INFER_PACKED_WEIGHTS=0/1 overrides."""
+def test_packed_weights_are_opt_in(monkeypatch):
+    """Off by default; DAVIT_INFER_PACKED_WEIGHTS=1 turns them on, =0 keeps them off."""
     monkeypatch.delenv("DAVIT_INFER_PACKED_WEIGHTS", raising=False)
-    assert fused.default_packed_weights(vendor, capability) is expected
-    monkeypatch.setenv("DAVIT_INFER_PACKED_WEIGHTS", "0" if expected else "1")
-    assert fused.default_packed_weights(vendor, capability) is not expected
+    assert fused.default_packed_weights() is False
+    monkeypatch.setenv("DAVIT_INFER_PACKED_WEIGHTS", "1")
+    assert fused.default_packed_weights() is True
+    monkeypatch.setenv("DAVIT_INFER_PACKED_WEIGHTS", "0")
+    assert fused.default_packed_weights() is False
 
 
 @pytest.mark.parametrize("rows", [(1,), (5,), (3136 + 7,), (3, 49)])  # above and below the layout's row hint
