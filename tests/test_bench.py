@@ -94,7 +94,7 @@ def test_freezing_compiles_frozen_inference_and_is_recorded(tmp_path, capsys, mo
     real = torch.compile
 
     def spy(model, **kw):
-        seen.update(kw)
+        seen.update(kw, global_freezing=inductor_config.freezing)
         return real(model, **kw)
 
     monkeypatch.setattr(torch, "compile", spy)
@@ -102,6 +102,7 @@ def test_freezing_compiles_frozen_inference_and_is_recorded(tmp_path, capsys, mo
     args = f"bench --model davit_atto --mode infer --img-size 32 -b 2 {QUICK} --no-memory --compile"
     assert main(f"{args} --freezing --json {out}".split()) == 0
     assert seen["options"] == {"freezing": True} and "mode" not in seen
+    assert seen["global_freezing"] is True  # inductor's global flag too: dynamo reads it when it traces
     # inductor packs a linear's or convolution's weight for oneDNN only where it is a frozen constant
     packed = {k: v for k, v in counters["inductor"].items() if k.endswith("weight_pack_matcher_count")}
     assert sum(packed.values()) > 0, f"nothing frozen: {dict(counters['inductor'])}"

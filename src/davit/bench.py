@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -227,9 +228,10 @@ def _make_step(
 def _compile(model: nn.Module, mode: str, fullgraph: bool, dynamic: str, freezing: bool = False) -> Callable:
     kw: dict[str, Any] = dict(fullgraph=fullgraph, mode=None if mode == "default" else mode)
     if freezing:
-        # torch.compile takes a mode or options, not both: the mode's own options plus inductor's freezing
-        # (weights folded into the graph as constants; inference only). Dynamo needs the global flag as well,
-        # which run_bench sets around the runs
+        # besides run_bench's global flag, as an option: torch.compile takes a mode or options, not both, so
+        # the mode's own options plus freezing. The option makes a distinct backend, so dynamo does not reuse
+        # an unfrozen graph cached earlier in the process for the same forward (with the flag alone, a frozen
+        # davit_atto run after an unfrozen one in the test suite packed no weights: nothing was frozen)
         from torch._inductor import list_mode_options
 
         mode_options = list_mode_options(mode) if kw.pop("mode") else {}  # None: all modes' table
@@ -262,6 +264,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "--freezing is inductor's option for compiled inference (it folds the weights into the graph): "
             "use it with --compile and --mode infer"
         )
+    if not args.freezing:
+        return _bench(args)
+    # inductor's global flag as well as _compile's option: dynamo reads the flag when it traces
+    # (torch._dynamo.utils.is_parameter_freezing) to make the weights constants rather than graph inputs; the
+    # option reaches inductor only afterwards, and alone it folded nothing (session 31)
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(freezing=True):
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but no CUDA device is visible; use --device cpu")
@@ -374,31 +388,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         results=[],
         ratios=[],
     )
-    with contextlib.ExitStack() as stack:
-        if args.freezing:
-            # dynamo reads inductor's global freezing flag when it traces (torch._dynamo.utils
-            # .is_parameter_freezing), to keep the weights out of the graph's inputs; torch.compile's options
-            # reach inductor only afterwards, so with them alone nothing was folded (session 31)
-            from torch._inductor import config as inductor_config
-
-            stack.enter_context(inductor_config.patch(freezing=True))
-        _run_modes(args, report, modes, models, ours, peer, img, device, dtype, peak, flavour)
-    return report
-
-
-def _run_modes(
-    args: argparse.Namespace,
-    report: dict[str, Any],
-    modes: list[str],
-    models: dict[str, nn.Module],
-    ours: nn.Module,
-    peer: nn.Module | None,
-    img: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    peak: float,
-    flavour: str,
-) -> None:
     for mode in modes:
         bs = args.batch_size or _default_batch(mode, device)
         gflop = gflop_per_image(args.model, img, mode == "train", args.num_classes)
@@ -419,7 +408,7 @@ def _run_modes(
                 step, opt = _make_step(fn, x, mode, dtype, device, m)
             # free the last step's gradients before the memory step, so that it allocates (and counts) its own
             drop = None if opt is None else (lambda opt=opt: opt.zero_grad(set_to_none=True))
-            state = lambda m=m, opt=opt, own=name == "ours": _state_bytes(m, opt, own)  # noqa: E731
+            state = partial(_state_bytes, m, opt, name == "ours")
             cands.append(Candidate(name, step, state, drop))
         _measure(cands, args, device)
         for c in cands:
@@ -459,6 +448,7 @@ def _run_modes(
                 f"ratio ours/timm {label}: {ratio:.2f}x (ours {_fmt(o['img_per_s'])} img/s, "
                 f"timm {_fmt(t['img_per_s'])} img/s, median of {args.repeats})"
             )
+    return report
 
 
 def _fmt(v: float) -> str:
