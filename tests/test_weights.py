@@ -187,8 +187,8 @@ def timm_refs(tm, name: str) -> Refs:
 
 
 def assert_map_matches(ours: torch.Tensor, timm_map: torch.Tensor, exact: torch.Tensor, what: str) -> None:
-    """An fp32 stage map of ours within :func:`map_bound` of timm's, or, where timm's own map is farther than
-    that from the exact (float64) one, no farther from it than timm's by more than a quarter.
+    """An fp32 stage map of ours within :func:`map_bound` of timm's, or else within map_bound of the exact
+    (float64) map, or no farther from it than timm's map is, plus a quarter.
 
     Two fp32 implementations agree only as well as each is accurate. In the 9-block third stage of a randomly
     initialised davit_base_fl, whose residual stream grows from |x| ~ 8 to ~ 1000, timm's fp32 map is 1.02x
