@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 
 import pytest
 import torch
 
-from davit import create_model
+from davit import bench, create_model
 from davit.bench import (
     _compile,
     load_timm_weights,
@@ -25,7 +26,7 @@ QUICK = "--device cpu --repeats 1 --warmup 1 --threads 1 --peak-n 128"
 
 
 def test_bench_both_modes_writes_json(tmp_path, capsys):
-    out = tmp_path / "b.json"
+    out = tmp_path / "new" / "b.json"  # a missing folder is created, as davit export does
     rc = main(f"bench --model davit_atto --mode both --img-size 16 -b 2 {QUICK} --json {out}".split())
     assert rc == 0
     rep = json.loads(out.read_text())
@@ -47,6 +48,38 @@ def test_bench_both_modes_writes_json(tmp_path, capsys):
     assert "ours train eager" in capsys.readouterr().out
     assert rep["malloc"].startswith("glibc malloc: ")  # both models time under the same davit.alloc setting
     assert rep["infer_slice_tokens"] == 3136  # the model's default, recorded with the results
+    assert [p.name for p in out.parent.iterdir()] == ["b.json"]  # no temporary file left beside it
+
+
+def test_bench_checks_json_path_before_running(tmp_path, capsys):
+    """A bad --json path is an error before any timing, not after minutes of it."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    for bad, why in [(tmp_path, "is a folder"), (blocker / "b.json", "cannot create the folder")]:
+        assert main(f"bench --model davit_atto --img-size 16 -b 2 {QUICK} --json {bad}".split()) == 2
+        out, err = capsys.readouterr()
+        assert why in err and "nothing ran" in err, err
+        assert "img/s" not in out
+    assert blocker.read_text() == "kept"
+
+
+def test_bench_failed_json_write_keeps_old_file_and_prints_results(tmp_path, capsys, monkeypatch):
+    """If writing --json fails at the end (disk full), the results go to stdout and a file already there
+    is left as it was."""
+    out = tmp_path / "b.json"
+    out.write_text("old results")
+
+    def disk_full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bench.os, "replace", disk_full)
+    assert main(f"bench --model davit_atto --img-size 16 -b 2 {QUICK} --json {out}".split()) == 2
+    printed, err = capsys.readouterr()
+    assert "No space left on device" in err and "printed above" in err, err
+    assert out.read_text() == "old results"
+    assert [p.name for p in tmp_path.iterdir()] == ["b.json"]  # the partial temporary file is removed
+    rep = json.loads(printed[re.search(r"^\{$", printed, re.M).start() :])
+    assert rep["model"] == "davit_atto" and rep["results"][0]["img_per_s"] > 0
 
 
 def test_infer_slices_sets_ours_and_is_recorded(tmp_path, capsys):

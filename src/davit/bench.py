@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -635,14 +636,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def json_target(path: str) -> Path:
+    """The ``--json`` file, checked before anything runs: a bad path must not cost minutes of benchmark
+    (it used to fail only when writing, after the runs). Creates missing folders, as ``davit export`` does."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--json {path} is a folder: name a file, e.g. {p / 'bench.json'} (nothing ran)")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"--json {path}: cannot create the folder {p.parent} ({e.strerror or e}); pick a writable path "
+            "(nothing ran)"
+        ) from e
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"--json {path} is not writable: pick another path (nothing ran)")
+    return p
+
+
+def write_json(path: Path, report: dict) -> None:
+    """Write ``report`` to ``path`` whole or not at all: through a temporary file, so a file already there
+    survives a failed write. If the write fails, the JSON goes to stdout first, so the results are kept."""
+    text = json.dumps(report, indent=2)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(text)
+        raise RuntimeError(
+            f"could not write --json {path} ({e.strerror or e}); the results are printed above as JSON"
+        ) from e
+    print(f"wrote {path}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1 or args.warmup < 1:
         raise ValueError("--repeats and --warmup must be >= 1 (the first call compiles/initialises)")
+    target = json_target(args.json) if args.json else None
     if hasattr(sys.stdout, "reconfigure"):  # progress shows up line by line under tee/grep during long runs
         sys.stdout.reconfigure(line_buffering=True)
     report = run_bench(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+    if target is not None:
+        write_json(target, report)
     return 0
