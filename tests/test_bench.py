@@ -225,7 +225,21 @@ def test_onnxruntime_backend_needs_fp32_inference():
         run_bench(args)
 
 
-@pytest.mark.parametrize("flag", ["-b", "--img-size", "--iters"])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("--infer-slices -5", "--infer-slices must be >= 0"),
+        ("--device tpu", "not a device name: use cpu, cuda"),
+        ("--device meta", "davit bench times cpu or cuda"),
+    ],
+)
+def test_bad_bench_arguments_are_clear_errors(extra, message):
+    args = build_parser().parse_args(f"bench --model davit_atto {QUICK} {extra}".split())
+    with pytest.raises(ValueError, match=message):
+        run_bench(args)
+
+
+@pytest.mark.parametrize("flag", ["-b", "--img-size", "--iters", "--threads", "--peak-n"])
 def test_a_zero_size_is_refused_not_read_as_the_default(flag, capsys):
     with pytest.raises(SystemExit) as e:  # refused by the argument's type, before anything runs
         build_parser().parse_args(f"bench --model davit_atto {flag} 0 {QUICK}".split())

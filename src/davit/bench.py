@@ -277,7 +277,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bench(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r} is not a device name: use cpu, cuda or cuda:N") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: davit bench times cpu or cuda (cuda:N)")
+    if args.infer_slices is not None and args.infer_slices < 0:
+        raise ValueError(f"--infer-slices must be >= 0 (0: the whole batch at once), got {args.infer_slices}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but no CUDA device is visible; use --device cpu")
     if args.threads:
@@ -628,9 +635,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--iters", type=positive_int, default=None, help="steps per round (default 1 CPU, 20 CUDA)"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--peak-n", type=int, default=4096, help="side of the reference matmul")
+    p.add_argument("--peak-n", type=positive_int, default=4096, help="side of the reference matmul")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement step")
     p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
     p.set_defaults(func=cmd_bench)
