@@ -77,6 +77,25 @@ def test_cli_export_missing_checkpoint_is_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--atol", "-1"], "--atol must be >= 0"), (["--in-chans", "0"], "in_chans must be >= 1")],
+)
+def test_cli_export_bad_arguments_are_clear(tmp_path, capsys, extra, message):
+    out = tmp_path / "x.onnx"
+    assert main(["export", "--model", "davit_atto", "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_export_to_a_folder_is_refused_before_exporting(tmp_path, capsys):
+    assert main(["export", "--model", "davit_atto", "--out", str(tmp_path)]) == 2
+    assert "is a folder: name the file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is a folder"):  # the library function checks too
+        export_onnx(create_model("davit_atto"), tmp_path, 32)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bench_onnxruntime_backend(tmp_path, monkeypatch):
     import tempfile
 

@@ -487,6 +487,15 @@ def test_bad_input_errors(x, match):
         m(x)
 
 
+@pytest.mark.parametrize(
+    "kw,match",
+    [(dict(in_chans=0), "in_chans must be >= 1"), (dict(num_classes=-1), "num_classes must be >= 0")],
+)
+def test_bad_model_options_are_clear(kw, match):
+    with pytest.raises(ValueError, match=match):
+        davit.create_model("davit_atto", **kw)
+
+
 def test_unknown_model_suggests_closest():
     with pytest.raises(ValueError, match="Did you mean 'davit_tiny'"):
         davit.create_model("davit_tiy")

@@ -57,6 +57,8 @@ def export_onnx(
             f"exported), got {h}x{w}: pass a larger img_size (CLI: --img-size)"
         )
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder: name the .onnx file to write, e.g. {out / 'model.onnx'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     x = torch.randn(trace_batch, model.in_chans, h, w, device=next(model.parameters()).device)
@@ -164,6 +166,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if Path(args.out).is_dir():  # before building the model: a bad --out must not cost an export
+        raise ValueError(f"--out {args.out} is a folder: name the file, e.g. {Path(args.out) / 'model.onnx'}")
+    if not args.atol >= 0:
+        raise ValueError(f"--atol must be >= 0 (the largest abs difference allowed), got {args.atol}")
     img = args.img_size or model_info(args.model)["input_size"][1]
     if args.dynamic_size and args.exporter != "dynamo":
         raise ValueError("--dynamic-size needs --exporter dynamo (the torchscript exporter traces one size)")

@@ -297,6 +297,8 @@ class DaViT(nn.Module):
         super().__init__()
         if not (len(depths) == len(embed_dims) == len(num_heads)):
             raise ValueError("depths, embed_dims and num_heads must have one entry per stage")
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1 (3 for RGB, 1 for grey images), got {in_chans}")
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dims = tuple(embed_dims)
