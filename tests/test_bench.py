@@ -177,6 +177,25 @@ def test_vs_timm_prints_ratio_and_agrees(tmp_path, capsys):
     assert [r["impl"] for r in rep["results"]] == ["ours", "timm"]
     (ratio,) = rep["ratios"]
     assert ratio["ratio"] == pytest.approx(ratio["ours"] / ratio["timm"])
+    (ours, timm) = rep["results"]
+    assert ratio["round_ratios"] == pytest.approx([timm["times_ms"][0] / ours["times_ms"][0]])
+
+
+def test_vs_timm_reports_the_spread_of_the_round_ratios(capsys):
+    """Interleaved rounds pair up: each round's ratio is printed as a range and kept in the JSON."""
+    pytest.importorskip("timm")
+    argv = f"bench --model davit_tiny --img-size 32 -b 1 {QUICK} --repeats 3 --vs-timm --no-memory"
+    args = build_parser().parse_args(argv.split())
+    rep = run_bench(args)
+    (ratio,) = rep["ratios"]
+    ours, timm = rep["results"]
+    rounds = [b / a for a, b in zip(ours["times_ms"], timm["times_ms"])]
+    assert len(rounds) == 3 and ratio["round_ratios"] == pytest.approx(rounds)
+    # with an odd number of rounds the ratio of the medians lies within the per-round ratios' range (if it
+    # exceeded their max M, timm's time would be below M * ours' median, hence below its own median, in more
+    # than half the rounds)
+    assert min(rounds) * (1 - 1e-9) <= ratio["ratio"] <= max(rounds) * (1 + 1e-9)
+    assert f"rounds {min(rounds):.2f}-{max(rounds):.2f}x" in capsys.readouterr().out
 
 
 def test_load_timm_weights_maps_florence_block_names():

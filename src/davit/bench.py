@@ -449,12 +449,23 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 else f"{mode} {o['flavour']}/{t['flavour']}"
             )
             ratio = o["img_per_s"] / t["img_per_s"]
+            # the rounds ran interleaved, so round i of each saw the same machine state: the spread of the
+            # per-round ratios says how far a single ratio can be trusted on a noisy machine
+            rounds = [tt / ot for ot, tt in zip(o["times_ms"], t["times_ms"])]
             report["ratios"].append(
-                dict(mode=mode, label=label, ratio=ratio, ours=o["img_per_s"], timm=t["img_per_s"])
+                dict(
+                    mode=mode,
+                    label=label,
+                    ratio=ratio,
+                    ours=o["img_per_s"],
+                    timm=t["img_per_s"],
+                    round_ratios=rounds,
+                )
             )
+            spread = f"; rounds {min(rounds):.2f}-{max(rounds):.2f}x" if len(rounds) > 1 else ""
             print(
                 f"ratio ours/timm {label}: {ratio:.2f}x (ours {_fmt(o['img_per_s'])} img/s, "
-                f"timm {_fmt(t['img_per_s'])} img/s, median of {args.repeats})"
+                f"timm {_fmt(t['img_per_s'])} img/s, median of {args.repeats}{spread})"
             )
     return report
 
