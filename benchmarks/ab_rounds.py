@@ -1,7 +1,11 @@
 """Interleaved timing rounds shared by the A/B scripts (``compiled_convs_ab.py``, ``onednn_ab.py``).
 
 Each round runs every step ``calls`` times in turn (A A A, B B B, ...); a step's figure is the median over
-rounds of its per-round median, so a slow spell of the machine hits every candidate alike.
+rounds of its per-round median, so a slow spell of the machine hits every candidate alike. The order turns
+by one step each round (A B C, B C A, C A B, ...), so that no step always runs first after another model's
+(which evicts its weights from cache). Three copies of one compiled davit_tiny step, then timm's, in a fixed
+order came out 894/852/807 and 763/741/720 ms first to last; rotated, 747/782/800 ms (9 rounds each, Intel
+VM, session 32): between identical steps ~5 %, so on that VM smaller A/B differences mean nothing.
 """
 
 from __future__ import annotations
@@ -56,8 +60,11 @@ def interleaved_medians(
 ) -> dict[str, float]:
     """Seconds per call of each step: the median over ``rounds`` of each round's median; prints each round."""
     per_round: dict[str, list[float]] = {n: [] for n in steps}
+    names = list(steps)
     for r in range(rounds):
-        for name, step in steps.items():
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            step = steps[name]
             ts = []
             for _ in range(calls):
                 t = time.perf_counter()

@@ -162,3 +162,17 @@ def test_report_renders_bench_json_and_labels_whole_batch_runs(tmp_path):
 
     infer = "oneDNN's fused kernels" if fused.inference_onednn_gemms_enabled() else "MKL, epilogues in place"
     assert "Ours' fp32 linears here: training " in r.stdout and f"; inference {infer};" in r.stdout
+
+
+def test_ab_rounds_turn_the_order_each_round(monkeypatch, capsys):
+    """benchmarks/ab_rounds.py: every step runs ``calls`` times per round, and the order turns by one step a
+    round, so that no step always runs first after another model's."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from ab_rounds import interleaved_medians
+
+    calls: list[str] = []
+    steps = {n: (lambda n=n: calls.append(n)) for n in "ABC"}
+    med = interleaved_medians(steps, rounds=4, calls=2)
+    assert calls == list("AABBCC" "BBCCAA" "CCAABB" "AABBCC")
+    assert set(med) == set("ABC") and all(v >= 0 for v in med.values())
+    assert capsys.readouterr().out.count("round ") == 4
