@@ -3,9 +3,9 @@
 Each round runs every step ``calls`` times in turn (A A A, B B B, ...); a step's figure is the median over
 rounds of its per-round median, so a slow spell of the machine hits every candidate alike. The order turns
 by one step each round (A B C, B C A, C A B, ...), so that no step always runs first after another model's
-(which evicts its weights from cache). Three copies of one compiled davit_tiny step, then timm's, in a fixed
-order came out 894/852/807 and 763/741/720 ms first to last; rotated, 747/782/800 ms (9 rounds each, Intel
-VM, session 32): between identical steps ~5 %, so on that VM smaller A/B differences mean nothing.
+(which may have evicted its weights from cache). Three copies of one compiled davit_tiny step, then timm's,
+in a fixed order came out 894/852/807 and 763/741/720 ms first to last; rotated, 747/782/800 ms (9 rounds
+each, Intel VM, session 32): between identical steps ~5 %, so on that VM smaller A/B differences mean nothing.
 """
 
 from __future__ import annotations
