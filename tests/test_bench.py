@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 
 import pytest
 import torch
 
-from davit import bench, create_model
+from davit import create_model
 from davit.bench import (
     _compile,
     load_timm_weights,
@@ -72,7 +73,7 @@ def test_bench_failed_json_write_keeps_old_file_and_prints_results(tmp_path, cap
     def disk_full(*_):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(bench.os, "replace", disk_full)
+    monkeypatch.setattr(os, "replace", disk_full)
     assert main(f"bench --model davit_atto --img-size 16 -b 2 {QUICK} --json {out}".split()) == 2
     printed, err = capsys.readouterr()
     assert "No space left on device" in err and "printed above" in err, err

@@ -673,19 +673,18 @@ def json_target(path: str) -> Path:
 
 
 def write_json(path: Path, report: dict) -> None:
-    """Write ``report`` to ``path`` whole or not at all: through a temporary file, so a file already there
+    """Write ``report`` to ``path`` whole or not at all (the trainer's atomic write), so a file already there
     survives a failed write. If the write fails, the JSON goes to stdout first, so the results are kept."""
+    from .train.checkpoint import CheckpointError, atomic_write
+
     text = json.dumps(report, indent=2)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+        atomic_write(path, (text + "\n").encode())
+    except CheckpointError as e:  # its message speaks of checkpoints: say what happened here instead
+        cause = e.__cause__
+        why = getattr(cause, "strerror", None) or cause or e
         print(text)
-        raise RuntimeError(
-            f"could not write --json {path} ({e.strerror or e}); the results are printed above as JSON"
-        ) from e
+        raise RuntimeError(f"could not write --json {path} ({why}); the results are printed above") from e
     print(f"wrote {path}")
 
 
