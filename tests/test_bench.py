@@ -199,6 +199,31 @@ def test_vs_timm_reports_the_spread_of_the_round_ratios(capsys):
     assert f"rounds {min(rounds):.2f}-{max(rounds):.2f}x" in capsys.readouterr().out
 
 
+def test_gemm_floor_is_timed_in_the_same_rounds(capsys):
+    """--gemm-floor: a third candidate, the GEMMs alone, timed in the rounds, reported beside the models."""
+    pytest.importorskip("timm")
+    argv = (
+        f"bench --model davit_tiny --img-size 32 -b 1 --mode both {QUICK} --repeats 3 --vs-timm --gemm-floor"
+    )
+    rep = run_bench(build_parser().parse_args(argv.split()))
+    assert [(r["impl"], r["mode"]) for r in rep["results"]] == [
+        ("ours", "infer"),
+        ("timm", "infer"),
+        ("ours", "train"),
+        ("timm", "train"),
+    ]
+    infer, train = rep["gemm_floor"]
+    assert (infer["mode"], train["mode"]) == ("infer", "train")
+    assert (infer["calls"], train["calls"]) == (53, 155)
+    for floor, (ours, timm) in zip((infer, train), (rep["results"][:2], rep["results"][2:])):
+        assert len(floor["times_ms"]) == 3 and floor["step_ms"] == pytest.approx(sorted(floor["times_ms"])[1])
+        assert floor["ours_above_ms"] == pytest.approx(ours["step_ms"] - floor["step_ms"])
+        assert floor["timm_over_floor"] == pytest.approx(timm["step_ms"] / floor["step_ms"])
+        assert floor["gflop_per_s"] == pytest.approx(floor["gflop"] / floor["step_ms"] * 1e3)
+    out = capsys.readouterr().out
+    assert "GEMM floor infer: " in out and "GEMM floor train: " in out and "the most any port" in out
+
+
 def test_load_timm_weights_maps_florence_block_names():
     ours = create_model("davit_atto", channel_attn_v2=True)
     src = create_model("davit_atto", channel_attn_v2=True)

@@ -7,7 +7,9 @@ Method (so that ratios mean something on a shared or noisy machine):
 - the achieved FLOP/s is compared with a square matmul timed in the same process at the same dtype ("peak");
 - memory is measured on one extra, untimed step: the bytes allocated during the step above what was live
   before it (CPU: PyTorch profiler allocation events; CUDA: ``max_memory_allocated``), plus the model state
-  (parameters, buffers and, in training, gradients and optimizer state).
+  (parameters, buffers and, in training, gradients and optimizer state);
+- ``--gemm-floor`` times a third candidate in the same rounds: the step's linear and dense-convolution GEMMs
+  alone (:mod:`davit.gemm_floor`), what no port of the step can go below on this GEMM library.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cli import positive_int
+from .gemm_floor import GemmReplay, capture_model_gemms
 from .layers.fused import packed_weight_bytes
 from .models import create_model, model_info
 from .train.optim import fused_kwargs
@@ -66,6 +69,7 @@ class Candidate:
     times: list[float] = field(default_factory=list)  # seconds per step, one entry per round
     compile_s: float = 0.0
     step_peak_bytes: int | None = None
+    memory: bool = True  # measure its step's peak memory (not for the GEMM floor)
 
 
 # ----- measurement primitives -------------------------------------------------------------------------------
@@ -418,7 +422,17 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
             drop = None if opt is None else (lambda opt=opt: opt.zero_grad(set_to_none=True))
             state = partial(_state_bytes, m, opt, name == "ours")
             cands.append(Candidate(name, step, state, drop))
+        floor = None
+        if args.gemm_floor:
+            x = torch.randn(bs, ours.in_chans, img, img, device=device)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            replay = GemmReplay(capture_model_gemms(ours, x, mode == "train", dtype))
+            floor = Candidate("gemm floor", replay, lambda: 0, memory=False)
+            cands.append(floor)
         _measure(cands, args, device)
+        if floor is not None:
+            cands.remove(floor)
         for c in cands:
             med = statistics.median(c.times)
             res = dict(
@@ -467,7 +481,49 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 f"ratio ours/timm {label}: {ratio:.2f}x (ours {_fmt(o['img_per_s'])} img/s, "
                 f"timm {_fmt(t['img_per_s'])} img/s, median of {args.repeats}{spread})"
             )
+        if floor is not None:
+            steps = {r["impl"]: r["step_ms"] for r in report["results"][-len(cands) :]}
+            entry = gemm_floor_entry(mode, floor, replay, steps)
+            report.setdefault("gemm_floor", []).append(entry)
+            _print_floor(entry, args.repeats)
     return report
+
+
+def gemm_floor_entry(mode: str, floor: Candidate, replay: GemmReplay, steps_ms: dict[str, float]) -> dict:
+    """The GEMM floor's figures for one mode: its median time, rate, and where each timed model stands
+    against it (``steps_ms``: each model's median step in the same rounds)."""
+    ms = statistics.median(floor.times) * 1e3
+    entry: dict[str, Any] = dict(
+        mode=mode,
+        step_ms=ms,
+        times_ms=[t * 1e3 for t in floor.times],
+        calls=len(replay.calls),
+        gflop=replay.flops / 1e9,
+        gflop_per_s=replay.flops / 1e9 / (ms / 1e3),
+    )
+    for impl, step in steps_ms.items():
+        entry[f"{impl}_above_ms"] = step - ms
+        entry[f"{impl}_over_floor"] = step / ms
+    return entry
+
+
+def _print_floor(e: dict, repeats: int) -> None:
+    above = ", ".join(
+        f"{impl} {e[f'{impl}_above_ms']:+.1f} ms above it"
+        for impl in ("ours", "timm")
+        if f"{impl}_above_ms" in e
+    )
+    line = (
+        f"GEMM floor {e['mode']}: {e['step_ms']:.1f} ms ({e['calls']} GEMMs of the linears and dense "
+        f"convolutions alone, {e['gflop']:.1f} GFLOP at {e['gflop_per_s']:.1f} GFLOP/s, median of "
+        f"{repeats}); {above}"
+    )
+    if "timm_over_floor" in e:
+        # a port that did nothing but these GEMMs would be this much faster than timm: the bound on any ratio
+        line += (
+            f"; timm's step is {e['timm_over_floor']:.2f}x it, the most any port with these GEMMs can gain"
+        )
+    print(line)
 
 
 def _fmt(v: float) -> str:
@@ -511,6 +567,8 @@ def _measure(cands: list[Candidate], args: argparse.Namespace, device: torch.dev
             c.times.append(_time_steps(c.step, iters, device))
     if not args.no_memory:
         for c in cands:
+            if not c.memory:
+                continue
             if c.before_memory is not None:
                 c.before_memory()
             c.step_peak_bytes = (
@@ -650,6 +708,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--peak-n", type=positive_int, default=4096, help="side of the reference matmul")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement step")
+    p.add_argument(
+        "--gemm-floor",
+        action="store_true",
+        help="also time the step's linear and dense-convolution GEMMs alone, in the same rounds: the time "
+        "no port can go below, and so how far ahead of timm any port can get",
+    )
     p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
     p.set_defaults(func=cmd_bench)
 
