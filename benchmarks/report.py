@@ -31,6 +31,24 @@ def _linears_line(run: dict) -> list[str]:
     return [f"Ours' fp32 linears here: training {train}; inference {infer}; compiled inference {comp}."]
 
 
+def _floor_lines(runs: list[dict]) -> list[str]:
+    """One bullet per (run, mode) timed with --gemm-floor: the floor and each model's step over it; timm's
+    is the most any port with the same GEMMs could be ahead of it."""
+    out = []
+    for i, r in enumerate(runs, 1):
+        for f in r.get("gemm_floor") or []:
+            over = ", ".join(
+                f"{impl} {f[impl + '_over_floor']:.2f}x it ({f[impl + '_above_ms']:+.0f} ms)"
+                for impl in ("ours", "timm")
+                if impl + "_over_floor" in f
+            )
+            out.append(
+                f"- run {i}, {f['mode']}: {f['step_ms']:.1f} ms ({f['calls']} GEMMs, {f['gflop']:.1f} "
+                f"GFLOP at {f['gflop_per_s']:.0f} GFLOP/s); {over}"
+            )
+    return out
+
+
 def render(paths: list[str], title: str) -> str:
     runs = [json.load(open(p)) for p in paths]
     if not runs:
@@ -71,6 +89,14 @@ def render(paths: list[str], title: str) -> str:
                 f"| {'**' + format(ratio, '.2f') + 'x**' if ratio else '–'} "
                 f"| {o['tflops'] * 1e3:.1f} ({100 * o['frac_peak']:.0f}%) | {mem} | {comp} |"
             )
+    floors = _floor_lines(runs)
+    if floors:
+        lines += [
+            "",
+            "GEMM floor (`--gemm-floor`: the linears' and dense convolutions' GEMMs alone, same rounds):",
+            "",
+        ]
+        lines += floors
     lines += ["", "Commands (run number: command — date, 1/5/15-min load average, matmul peak):", ""]
     for i, r in enumerate(runs, 1):
         load = " ".join(r["loadavg"] or ["?"])

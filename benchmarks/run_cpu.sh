@@ -29,10 +29,11 @@ run() {  # run NAME ARGS...: one `davit bench` invocation, JSON + log kept
 { echo "lscpu: $(lscpu | grep 'Model name' | sed 's/  */ /g')"; echo "nproc: $(nproc)"; uptime; } > "$OUT/machine.txt"
 
 # davit_tiny, the headline: inference batch 16 and training step batch 8, eager and compiled
-run 01_tiny_infer_eager     --model davit_tiny --mode infer "${S224[@]}" "${BI[@]}" --vs-timm
-run 02_tiny_infer_compiled  --model davit_tiny --mode infer "${S224[@]}" "${BI[@]}" --vs-timm --compile
-run 03_tiny_train_eager     --model davit_tiny --mode train "${S224[@]}" "${BT[@]}" --vs-timm
-run 04_tiny_train_compiled  --model davit_tiny --mode train "${S224[@]}" "${BT[@]}" --vs-timm --compile
+# (with the GEMM floor: the linears' and convolutions' GEMMs alone, timed in the same rounds)
+run 01_tiny_infer_eager     --model davit_tiny --mode infer "${S224[@]}" "${BI[@]}" --vs-timm --gemm-floor
+run 02_tiny_infer_compiled  --model davit_tiny --mode infer "${S224[@]}" "${BI[@]}" --vs-timm --compile --gemm-floor
+run 03_tiny_train_eager     --model davit_tiny --mode train "${S224[@]}" "${BT[@]}" --vs-timm --gemm-floor
+run 04_tiny_train_compiled  --model davit_tiny --mode train "${S224[@]}" "${BT[@]}" --vs-timm --compile --gemm-floor
 # the model family at 224, eager inference
 run 05_small_infer_eager    --model davit_small --mode infer "${S224[@]}" "${BI[@]}" --vs-timm
 run 06_base_infer_eager     --model davit_base --mode infer "${S224[@]}" "${BI[@]}" --vs-timm

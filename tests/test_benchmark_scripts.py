@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -146,7 +147,7 @@ def test_report_renders_bench_json_and_labels_whole_batch_runs(tmp_path):
     threads = torch.get_num_threads()  # --threads 1 sets the process's thread count
     try:
         assert main(f"bench {quick} --json {a}".split()) == 0
-        assert main(f"bench {quick} --infer-slices 0 --json {b}".split()) == 0
+        assert main(f"bench {quick} --infer-slices 0 --gemm-floor --json {b}".split()) == 0
     finally:
         torch.set_num_threads(threads)
     script = SCRIPT.parent / "report.py"
@@ -162,6 +163,11 @@ def test_report_renders_bench_json_and_labels_whole_batch_runs(tmp_path):
 
     infer = "oneDNN's fused kernels" if fused.inference_onednn_gemms_enabled() else "MKL, epilogues in place"
     assert "Ours' fp32 linears here: training " in r.stdout and f"; inference {infer};" in r.stdout
+    # the GEMM floor of the run timed with it, and only that run's
+    floor = json.loads(b.read_text())["gemm_floor"][0]
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("- run ")]
+    assert line.startswith(f"- run 2, infer: {floor['step_ms']:.1f} ms ({floor['calls']} GEMMs")
+    assert f"ours {floor['ours_over_floor']:.2f}x it" in line and "timm" not in line
 
 
 def test_ab_rounds_turn_the_order_each_round(monkeypatch, capsys):
