@@ -35,9 +35,9 @@ run() {
 run 01_tiny_infer_eager     --model davit_tiny --mode infer "${S[@]}" "${BI[@]}" --vs-timm
 # the same with ours' Triton layer norm (opt-in until measured: src/davit/layers/norm.py)
 DAVIT_TRITON_LAYERNORM=1 run 01b_tiny_infer_eager_triton_ln --model davit_tiny --mode infer "${S[@]}" "${BI[@]}" --vs-timm
-run 02_tiny_infer_compiled  --model davit_tiny --mode infer "${S[@]}" "${BI[@]}" --vs-timm --compile
+run 02_tiny_infer_compiled  --model davit_tiny --mode infer "${S[@]}" "${BI[@]}" --vs-timm --compile --gemm-floor
 run 03_tiny_train_eager     --model davit_tiny --mode train "${S[@]}" "${BT[@]}" --vs-timm
-run 04_tiny_train_compiled  --model davit_tiny --mode train "${S[@]}" "${BT[@]}" --vs-timm --compile
+run 04_tiny_train_compiled  --model davit_tiny --mode train "${S[@]}" "${BT[@]}" --vs-timm --compile --gemm-floor
 run 05_small_train_compiled --model davit_small --mode train "${S[@]}" "${BT[@]}" --vs-timm --compile
 run 06_base_train_compiled  --model davit_base --mode train "${S[@]}" "${BT[@]}" --vs-timm --compile
 
