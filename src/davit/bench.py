@@ -9,7 +9,7 @@ Method (so that ratios mean something on a shared or noisy machine):
   before it (CPU: PyTorch profiler allocation events; CUDA: ``max_memory_allocated``), plus the model state
   (parameters, buffers and, in training, gradients and optimizer state);
 - ``--gemm-floor`` times a third candidate in the same rounds: the step's linear and dense-convolution GEMMs
-  alone (:mod:`davit.gemm_floor`), what no port of the step can go below on this GEMM library.
+  alone (:mod:`davit.gemm_floor`), what no port that runs them through torch's GEMMs can go below.
 """
 
 from __future__ import annotations
@@ -711,8 +711,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--gemm-floor",
         action="store_true",
-        help="also time the step's linear and dense-convolution GEMMs alone, in the same rounds: the time "
-        "no port can go below, and so how far ahead of timm any port can get",
+        help="also time the step's linear and dense-convolution GEMMs alone, in the same rounds: a time no "
+        "port running them through torch's GEMMs goes below, so timm's step over it bounds any ratio",
     )
     p.add_argument("--json", metavar="FILE", default=None, help="write all results as JSON")
     p.set_defaults(func=cmd_bench)
