@@ -2,13 +2,15 @@
 
 Every implementation of a DaViT step runs the same linear layers and dense convolutions (the stem and the
 downsampling layers) with the same shapes: in a forward one GEMM each, in a training step also their input and
-weight gradients. How an implementation lays out tokens, fuses norms and activations or computes attention
-changes everything else, not these products. Timed by themselves, back to back with nothing in between, they
+weight gradients. (Where a map is not a whole number of attention windows, ports differ in whether the
+projections see the padding tokens; timm's do, ours' do not, and the floor is captured from the given model.)
+How an implementation lays out tokens, fuses norms and activations or computes attention changes everything
+else, not these products. Timed by themselves, back to back with nothing in between, they
 bound how fast a step can be on this machine's GEMM library, and so how far one port can get ahead of
 another: at most ``other's step / floor``, reached only if everything that is not one of these GEMMs took no
 time at all.
 
-:func:`capture_model_gemms` runs one step with a hook on every ``nn.Linear`` and dense ``nn.Conv2d`` (the
+:func:`capture_model_gemms` runs one forward with a hook on every ``nn.Linear`` and dense ``nn.Conv2d`` (the
 attentions' own products and the depthwise position encodings are not counted) and writes down the calls a
 plain port makes for them: a linear's forward ``addmm`` on its tokens as one (tokens, in) matrix, in training
 its input gradient and weight gradient ``mm``; a convolution's ``aten.convolution`` and, in training,
