@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/profile_step.py --task classify            # the Fashion-MNIST demo's step
     .venv/bin/python benchmarks/profile_step.py --task segment --by-shape  # the UperNet demo's, per op shape
     .venv/bin/python benchmarks/profile_step.py --task vs-timm             # davit_tiny ours vs timm, per op
+    .venv/bin/python benchmarks/profile_step.py --task vs-floor            # ours' step vs its GEMMs alone
 
 The step is the trainers' sequence: forward, loss, backward (for ``classify`` the gradient clipping too), a
 fused AdamW step, on random inputs of the demos' sizes (batch 64 of 28 px grey images; batch 16 of 64 px RGB
@@ -13,6 +14,11 @@ the top shapes of the heaviest ops). Data loading is not included: see the docs 
 ``--task vs-timm`` profiles the forward and backward of ``--model`` (davit_tiny) at 224 px, batch 8, for ours
 and timm's model with the same weights, in interleaved rounds, and prints each op's median self time per step
 side by side: where one model spends time the other does not.
+
+``--task vs-floor`` profiles ours' ``davit bench`` step (``--mode train``: batch 8 with the fused AdamW step;
+``infer``: batch 16) against the replay of its linear and dense-convolution GEMMs alone (the GEMM floor,
+``davit.gemm_floor``), in interleaved rounds, and prints each op's self time per step in both and the
+difference, largest first: the time that is not one of those GEMMs, op by op.
 """
 
 from __future__ import annotations
@@ -110,11 +116,56 @@ def compare_with_timm(model: str, batch: int, img_size: int, rounds: int, steps:
         print(f"{k[:64]:64s} {med('ours', k):8.1f} {med('timm', k):8.1f}")
 
 
+def compare_with_floor(
+    model: str, mode: str, batch: int | None, img_size: int, rounds: int, steps: int, rows: int
+) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from davit import create_model
+    from davit.bench import _make_step
+    from davit.gemm_floor import GemmReplay, capture_model_gemms
+
+    train = mode == "train"
+    net = create_model(model).train(train)
+    x = torch.randn(batch or (8 if train else 16), 3, img_size, img_size)
+    step, _ = _make_step(net, x, mode, torch.float32, torch.device("cpu"), net)
+    replay = GemmReplay(capture_model_gemms(net, x, train))
+    runs = {"step": step, "floor": replay}
+    for f in runs.values():  # warm: allocator, library initialisation, the optimizer's state
+        f()
+        f()
+    per_op: dict[str, dict[str, list[float]]] = {"step": {}, "floor": {}}
+    for r in range(rounds):
+        for name in ("step", "floor") if r % 2 == 0 else ("floor", "step"):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    runs[name]()
+            for e in prof.key_averages():
+                per_op[name].setdefault(e.key, []).append(e.self_cpu_time_total / 1000 / steps)
+
+    def med(name: str, key: str) -> float:
+        v = per_op[name].get(key, [])
+        return statistics.median(v + [0.0] * (rounds - len(v))) if v else 0.0
+
+    total = {n: sum(med(n, k) for k in per_op[n]) for n in per_op}
+    print(
+        f"{model} {mode} b{x.shape[0]} {img_size} px: ours' step vs its {len(replay.calls)} GEMMs alone, "
+        f"{rounds} interleaved rounds of {steps}; ms per step under the profiler: step {total['step']:.0f}, "
+        f"floor {total['floor']:.0f}"
+    )
+    keys = sorted(set(per_op["step"]) | set(per_op["floor"]), key=lambda k: med("floor", k) - med("step", k))
+    print(f"{'op':64s} {'step':>8s} {'floor':>8s} {'diff':>8s}")
+    for k in keys[:rows]:
+        a, b = med("step", k), med("floor", k)
+        print(f"{k[:64]:64s} {a:8.1f} {b:8.1f} {a - b:8.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", choices=("classify", "segment", "vs-timm"), default="classify")
-    ap.add_argument("--model", default="davit_tiny", help="--task vs-timm: the variant")
-    ap.add_argument("--img-size", type=int, default=224, help="--task vs-timm: the input size")
+    ap.add_argument("--task", choices=("classify", "segment", "vs-timm", "vs-floor"), default="classify")
+    ap.add_argument("--model", default="davit_tiny", help="--task vs-timm / vs-floor: the variant")
+    ap.add_argument("--img-size", type=int, default=224, help="--task vs-timm / vs-floor: the input size")
+    ap.add_argument("--mode", choices=("train", "infer"), default="train", help="--task vs-floor: the step")
     ap.add_argument("-b", "--batch-size", type=int, help="default: the demo's (64 classify, 16 segment)")
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores (the demos' default)")
     ap.add_argument("--steps", type=int, default=10, help="steps per timed round and profiled")
@@ -125,6 +176,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.task == "vs-floor":
+        compare_with_floor(
+            args.model, args.mode, args.batch_size, args.img_size, args.rounds, args.steps, args.rows
+        )
+        return
     if args.task == "vs-timm":
         compare_with_timm(args.model, args.batch_size or 8, args.img_size, args.rounds, args.steps, args.rows)
         return

@@ -84,6 +84,24 @@ def test_profile_step_vs_timm_lists_both_models_per_op():
     assert gemm is not None and all(float(v) > 0 for v in gemm), out
 
 
+def test_profile_step_vs_floor_lists_the_step_against_its_gemms():
+    out = _run(
+        "--task", "vs-floor", "--model", "davit_atto", "--img-size", "32", "-b", "2", "--steps", "1",
+        "--rounds", "2", "--rows", "40",
+    )  # fmt: skip
+    assert "davit_atto train b2 32 px: ours' step vs its 131 GEMMs alone, 2 interleaved rounds" in out, out
+    rows = {
+        line.split()[0]: [float(v) for v in line.split()[1:]]
+        for line in out.splitlines()
+        if line.startswith("aten::")
+    }
+    # the replay runs the GEMMs and nothing of the rest: no GELU, no optimizer step in its column
+    assert rows["aten::mm"][0] > 0 and rows["aten::mm"][1] > 0
+    for op in ("aten::gelu_backward", "aten::_fused_adamw_"):
+        step, floor, diff = rows[op]
+        assert step > 0 and floor == 0.0 and diff == pytest.approx(step), (op, out)
+
+
 def test_profile_gpu_profiles_both_models_on_a_cpu():
     # the GPU profile script's code path, on a CPU (self CPU time instead of device time)
     pytest.importorskip("timm")
