@@ -73,9 +73,36 @@ def segment_step(batch: int) -> Callable[[], None]:
     return step
 
 
-def compare_with_timm(model: str, batch: int, img_size: int, rounds: int, steps: int, rows: int) -> None:
+def profile_rounds(
+    runs: dict[str, Callable[[], object]], rounds: int, steps: int
+) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """Profile each of ``runs`` for ``steps`` steps per round (one untimed step first), the order turned each
+    round. Returns, per run, each op's median self CPU time per step in ms over the rounds (0 in rounds where
+    it did not run), and the run's total self time per step in every round."""
     from torch.profiler import ProfilerActivity, profile
 
+    names = list(runs)
+    per_op: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    totals: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            runs[name]()  # warm
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    runs[name]()
+            events = prof.key_averages()
+            for e in events:
+                per_op[name].setdefault(e.key, []).append(e.self_cpu_time_total / 1000 / steps)
+            totals[name].append(sum(e.self_cpu_time_total for e in events) / 1000 / steps)
+    medians = {
+        n: {op: statistics.median(v + [0.0] * (rounds - len(v))) for op, v in ops.items()}
+        for n, ops in per_op.items()
+    }
+    return medians, totals
+
+
+def compare_with_timm(model: str, batch: int, img_size: int, rounds: int, steps: int, rows: int) -> None:
     from davit import create_model
     from davit.bench import load_timm_weights, timm_counterpart
 
@@ -83,44 +110,31 @@ def compare_with_timm(model: str, batch: int, img_size: int, rounds: int, steps:
     peer = timm_counterpart(model, ours.num_classes).train()
     load_timm_weights(ours, peer)
     x = torch.randn(batch, 3, img_size, img_size)
-    per_op: dict[str, dict[str, list[float]]] = {"ours": {}, "timm": {}}
-    totals: dict[str, list[float]] = {"ours": [], "timm": []}
-    for r in range(rounds):
-        for name in ("ours", "timm") if r % 2 == 0 else ("timm", "ours"):
-            net = ours if name == "ours" else peer
-            net(x).sum().backward()  # warm
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(steps):
-                    # as in training: each step's backward writes fresh gradients, it does not add to them
-                    net.zero_grad(set_to_none=True)
-                    net(x).sum().backward()
-            events = prof.key_averages()
-            for e in events:
-                per_op[name].setdefault(e.key, []).append(e.self_cpu_time_total / 1000 / steps)
-            totals[name].append(sum(e.self_cpu_time_total for e in events) / 1000 / steps)
 
-    def med(name: str, key: str) -> float:
-        v = per_op[name].get(key, [])
-        return statistics.median(v + [0.0] * (rounds - len(v))) if v else 0.0
+    def fwd_bwd(net: torch.nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            # as in training: each step's backward writes fresh gradients, it does not add to them
+            net.zero_grad(set_to_none=True)
+            net(x).sum().backward()
 
+        return step
+
+    med, totals = profile_rounds({"ours": fwd_bwd(ours), "timm": fwd_bwd(peer)}, rounds, steps)
+    o, t = med["ours"], med["timm"]
     print(
         f"{model} b{batch} {img_size} px forward + backward, {rounds} interleaved rounds of {steps} steps; "
         "ms per step"
     )
     print("totals ours", [round(t) for t in totals["ours"]], "timm", [round(t) for t in totals["timm"]])
-    keys = sorted(
-        set(per_op["ours"]) | set(per_op["timm"]), key=lambda k: -max(med("ours", k), med("timm", k))
-    )
+    keys = sorted(set(o) | set(t), key=lambda k: -max(o.get(k, 0.0), t.get(k, 0.0)))
     print(f"{'op':64s} {'ours':>8s} {'timm':>8s}")
     for k in keys[:rows]:
-        print(f"{k[:64]:64s} {med('ours', k):8.1f} {med('timm', k):8.1f}")
+        print(f"{k[:64]:64s} {o.get(k, 0.0):8.1f} {t.get(k, 0.0):8.1f}")
 
 
 def compare_with_floor(
     model: str, mode: str, batch: int | None, img_size: int, rounds: int, steps: int, rows: int
 ) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
     from davit import create_model
     from davit.bench import _make_step
     from davit.gemm_floor import GemmReplay, capture_model_gemms
@@ -130,34 +144,20 @@ def compare_with_floor(
     x = torch.randn(batch or (8 if train else 16), 3, img_size, img_size)
     step, _ = _make_step(net, x, mode, torch.float32, torch.device("cpu"), net)
     replay = GemmReplay(capture_model_gemms(net, x, train))
-    runs = {"step": step, "floor": replay}
-    for f in runs.values():  # warm: allocator, library initialisation, the optimizer's state
-        f()
-        f()
-    per_op: dict[str, dict[str, list[float]]] = {"step": {}, "floor": {}}
-    for r in range(rounds):
-        for name in ("step", "floor") if r % 2 == 0 else ("floor", "step"):
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(steps):
-                    runs[name]()
-            for e in prof.key_averages():
-                per_op[name].setdefault(e.key, []).append(e.self_cpu_time_total / 1000 / steps)
-
-    def med(name: str, key: str) -> float:
-        v = per_op[name].get(key, [])
-        return statistics.median(v + [0.0] * (rounds - len(v))) if v else 0.0
-
-    total = {n: sum(med(n, k) for k in per_op[n]) for n in per_op}
+    step()  # the optimizer's state is made on its first step
+    med, totals = profile_rounds({"step": step, "floor": replay}, rounds, steps)
+    a, b = med["step"], med["floor"]
+    total = {n: statistics.median(t) for n, t in totals.items()}
     print(
         f"{model} {mode} b{x.shape[0]} {img_size} px: ours' step vs its {len(replay.calls)} GEMMs alone, "
         f"{rounds} interleaved rounds of {steps}; ms per step under the profiler: step {total['step']:.0f}, "
         f"floor {total['floor']:.0f}"
     )
-    keys = sorted(set(per_op["step"]) | set(per_op["floor"]), key=lambda k: med("floor", k) - med("step", k))
+    keys = sorted(set(a) | set(b), key=lambda k: b.get(k, 0.0) - a.get(k, 0.0))
     print(f"{'op':64s} {'step':>8s} {'floor':>8s} {'diff':>8s}")
     for k in keys[:rows]:
-        a, b = med("step", k), med("floor", k)
-        print(f"{k[:64]:64s} {a:8.1f} {b:8.1f} {a - b:8.1f}")
+        s, f = a.get(k, 0.0), b.get(k, 0.0)
+        print(f"{k[:64]:64s} {s:8.1f} {f:8.1f} {s - f:8.1f}")
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,11 +69,9 @@ class GemmCall:
     op: Any  # aten.mm / aten.addmm / aten.convolution / aten.convolution_backward (OpOverload)
     args: tuple  # the call's arguments, each tensor as a TensorSpec
     flops: float  # 2 x the call's multiply-adds
-    layer: str = field(default="", compare=False)  # the module it stands for (qualified name)
 
 
 def linear_calls(
-    name: str,
     tokens: int,
     layer: nn.Linear,
     dtype: torch.dtype,
@@ -87,16 +85,14 @@ def linear_calls(
     x, w = _contiguous((tokens, i), dtype, device), _contiguous((o, i), dtype, device)
     flops = 2.0 * tokens * i * o
     if layer.bias is not None:
-        calls = [
-            GemmCall(aten.addmm.default, (_contiguous((o,), dtype, device), x, _transposed(w)), flops, name)
-        ]
+        calls = [GemmCall(aten.addmm.default, (_contiguous((o,), dtype, device), x, _transposed(w)), flops)]
     else:
-        calls = [GemmCall(aten.mm.default, (x, _transposed(w)), flops, name)]
+        calls = [GemmCall(aten.mm.default, (x, _transposed(w)), flops)]
     if train:
         g = _contiguous((tokens, o), dtype, device)
         if dgrad:
-            calls.append(GemmCall(aten.mm.default, (g, w), flops, name))  # (tokens, o) @ (o, i)
-        calls.append(GemmCall(aten.mm.default, (_transposed(g), x), flops, name))  # (o, tokens) @ (tokens, i)
+            calls.append(GemmCall(aten.mm.default, (g, w), flops))  # (tokens, o) @ (o, i)
+        calls.append(GemmCall(aten.mm.default, (_transposed(g), x), flops))  # (o, tokens) @ (tokens, i)
     return calls
 
 
@@ -114,7 +110,7 @@ def conv_calls(
     bs = None if layer.bias is None else _contiguous(tuple(layer.bias.shape), dt, dev)
     geo = (list(layer.stride), list(layer.padding), list(layer.dilation), False, [0, 0], 1)
     flops = 2.0 * out.numel() * math.prod(layer.weight.shape[1:])
-    calls = [GemmCall(aten.convolution.default, (xs, ws, bs, *geo), flops, name)]
+    calls = [GemmCall(aten.convolution.default, (xs, ws, bs, *geo), flops)]
     if train:
         gs = TensorSpec(tuple(out.shape), tuple(out.stride()), dt, dev)
         mask = [dgrad, True, bs is not None]
@@ -124,7 +120,6 @@ def conv_calls(
                 aten.convolution_backward.default,
                 (gs, xs, ws, bias_sizes, *geo, mask),
                 flops * (1 + dgrad),
-                name,
             )
         )
     return calls
@@ -173,13 +168,10 @@ def capture_model_gemms(
         if len(calls) > 1:
             backward.append(calls[1:])
 
-    def on_linear(name: str):
-        def hook(layer: nn.Linear, args: tuple, out: Tensor) -> None:
-            inp = args[0]
-            tokens = inp.numel() // layer.in_features
-            record(linear_calls(name, tokens, layer, out.dtype, out.device, train, inp.requires_grad))
-
-        return hook
+    def on_linear(layer: nn.Linear, args: tuple, out: Tensor) -> None:
+        inp = args[0]
+        tokens = inp.numel() // layer.in_features
+        record(linear_calls(tokens, layer, out.dtype, out.device, train, inp.requires_grad))
 
     def on_conv(name: str):
         def hook(layer: nn.Conv2d, args: tuple, out: Tensor) -> None:
@@ -190,7 +182,7 @@ def capture_model_gemms(
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(on_linear(name)))
+            handles.append(m.register_forward_hook(on_linear))
         elif isinstance(m, nn.Conv2d) and m.groups == 1:
             handles.append(m.register_forward_hook(on_conv(name)))
     was_training = model.training
