@@ -5,8 +5,10 @@ import sys
 import pytest
 import torch
 
-# CI has 2 cores; keep torch from oversubscribing when pytest runs alongside subprocesses
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# CI has 2 cores; keep torch from oversubscribing when pytest runs alongside subprocesses (or with
+# pytest-xdist workers: one thread each)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 @pytest.fixture(autouse=True)
