@@ -197,6 +197,11 @@ def load_timm_weights(ours: nn.Module, peer: nn.Module) -> None:
 
 
 # ----- the benchmark ----------------------------------------------------------------------------------------
+def _random_batch(bs: int, chans: int, img: int, device: torch.device, channels_last: bool) -> Tensor:
+    x = torch.randn(bs, chans, img, img, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def _make_step(
     model: nn.Module | Callable,
     x: Tensor,
@@ -404,11 +409,11 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         bs = args.batch_size or _default_batch(mode, device)
         gflop = gflop_per_image(args.model, img, mode == "train", args.num_classes)
         cands = []
+        # a fresh random input per candidate: each may mark its batch axis dynamic
+        batch = partial(_random_batch, bs, ours.in_chans, img, device, args.channels_last)
         for name, m in models.items():
             m.train(mode == "train")
-            x = torch.randn(bs, ours.in_chans, img, img, device=device)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = batch()
             if name == "ours" and args.backend == "onnxruntime":
                 step, opt = _ort_step(m.eval(), x, img, torch.get_num_threads()), None
             else:
@@ -424,10 +429,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
             cands.append(Candidate(name, step, state, drop))
         floor = None
         if args.gemm_floor:
-            x = torch.randn(bs, ours.in_chans, img, img, device=device)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            replay = GemmReplay(capture_model_gemms(ours, x, mode == "train", dtype))
+            replay = GemmReplay(capture_model_gemms(ours, batch(), mode == "train", dtype))
             floor = Candidate("gemm floor", replay, lambda: 0, memory=False)
             cands.append(floor)
         _measure(cands, args, device)

@@ -52,11 +52,8 @@ class TensorSpec:
 
 
 def _contiguous(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> TensorSpec:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= s
-    return TensorSpec(tuple(shape), tuple(reversed(stride)), dtype, device)
+    stride = torch.empty(shape, device="meta").stride()  # row-major strides, no memory
+    return TensorSpec(tuple(shape), stride, dtype, device)
 
 
 def _transposed(spec: TensorSpec) -> TensorSpec:
