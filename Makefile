@@ -27,7 +27,7 @@ demo: $(STAMP) data
 
 # Two pytest-xdist workers where there are two cores, each test on one torch thread (conftest.py): much of
 # the suite is tracing, compiling and subprocess start-up, not torch's threads (2-core VM like CI's: 637 s in
-# one process, 342-419 s in five runs with two workers). TEST_WORKERS=0 runs the suite in one process.
+# one process, 342-434 s in six runs with two workers). TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); if [ $$n -ge 2 ]; then echo 2; else echo 0; fi)
 
 test: $(STAMP) data
