@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/profile_step.py --task segment --by-shape  # the UperNet demo's, per op shape
     .venv/bin/python benchmarks/profile_step.py --task vs-timm             # davit_tiny ours vs timm, per op
     .venv/bin/python benchmarks/profile_step.py --task vs-floor            # ours' step vs its GEMMs alone
+    .venv/bin/python benchmarks/profile_step.py --task vs-floor --mode infer --compile  # compiled forward
 
 The step is the trainers' sequence: forward, loss, backward (for ``classify`` the gradient clipping too), a
 fused AdamW step, on random inputs of the demos' sizes (batch 64 of 28 px grey images; batch 16 of 64 px RGB
@@ -133,23 +134,35 @@ def compare_with_timm(model: str, batch: int, img_size: int, rounds: int, steps:
 
 
 def compare_with_floor(
-    model: str, mode: str, batch: int | None, img_size: int, rounds: int, steps: int, rows: int
+    model: str,
+    mode: str,
+    batch: int | None,
+    img_size: int,
+    rounds: int,
+    steps: int,
+    rows: int,
+    compiled: bool = False,
 ) -> None:
     from davit import create_model
-    from davit.bench import _make_step
+    from davit.bench import _compile, _make_step
     from davit.gemm_floor import GemmReplay, capture_model_gemms
 
     train = mode == "train"
     net = create_model(model).train(train)
     x = torch.randn(batch or (8 if train else 16), 3, img_size, img_size)
-    step, _ = _make_step(net, x, mode, torch.float32, torch.device("cpu"), net)
+    fn: Callable = net
+    if compiled:  # as `davit bench --compile`: fullgraph, the batch axis symbolic
+        fn = _compile(net, "default", fullgraph=True, dynamic="batch")
+        torch._dynamo.mark_dynamic(x, 0)
+    step, _ = _make_step(fn, x, mode, torch.float32, torch.device("cpu"), net)
     replay = GemmReplay(capture_model_gemms(net, x, train))
     step()  # the optimizer's state is made on its first step
     med, totals = profile_rounds({"step": step, "floor": replay}, rounds, steps)
     a, b = med["step"], med["floor"]
     total = {n: statistics.median(t) for n, t in totals.items()}
     print(
-        f"{model} {mode} b{x.shape[0]} {img_size} px: ours' step vs its {len(replay.calls)} GEMMs alone, "
+        f"{model} {mode}{' compiled' if compiled else ''} b{x.shape[0]} {img_size} px: ours' step vs its "
+        f"{len(replay.calls)} GEMMs alone, "
         f"{rounds} interleaved rounds of {steps}; ms per step under the profiler: step {total['step']:.0f}, "
         f"floor {total['floor']:.0f}"
     )
@@ -172,13 +185,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--by-shape", action="store_true", help="the top input shapes of the heaviest ops")
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument(
+        "--compile", action="store_true", help="--task vs-floor: ours compiled as `davit bench --compile`"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.task == "vs-floor":
         compare_with_floor(
-            args.model, args.mode, args.batch_size, args.img_size, args.rounds, args.steps, args.rows
+            args.model,
+            args.mode,
+            args.batch_size,
+            args.img_size,
+            args.rounds,
+            args.steps,
+            args.rows,
+            args.compile,
         )
         return
     if args.task == "vs-timm":

@@ -341,6 +341,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cpu":
         from .layers.fused import (
             PACK_MAX_ELEMENTS,
+            compiled_packed_weights_enabled,
             inference_onednn_gemms_enabled,
             onednn_compiled_inference_enabled,
             onednn_training_enabled,
@@ -366,7 +367,9 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
                 if onednn_compiled_inference_enabled()
                 else "inductor's graph with F.linear"
             )
-            how += " (DAVIT_ONEDNN_COMPILED_INFERENCE=0/1 overrides)"
+            if onednn_compiled_inference_enabled() and compiled_packed_weights_enabled():
+                how += f", weights up to {PACK_MAX_ELEMENTS} elements packed"
+            how += " (DAVIT_ONEDNN_COMPILED_INFERENCE, DAVIT_COMPILED_PACKED_WEIGHTS=0/1 override)"
             print(f"ours' compiled CPU inference: {how}")
     triton_ln = None
     if device.type == "cuda":
@@ -625,6 +628,7 @@ def environment() -> dict[str, Any]:
         command=" ".join(["davit bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "(in-process)",
     )
     from .layers.fused import (
+        compiled_packed_weights_enabled,
         inference_onednn_gemms_enabled,
         onednn_compiled_inference_enabled,
         onednn_training_enabled,
@@ -635,6 +639,7 @@ def environment() -> dict[str, Any]:
     env["packed_inference_weights"] = packed_weights_enabled()
     env["onednn_inference_gemms"] = inference_onednn_gemms_enabled()
     env["onednn_compiled_inference"] = onednn_compiled_inference_enabled()
+    env["compiled_packed_weights"] = compiled_packed_weights_enabled()
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env

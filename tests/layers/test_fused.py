@@ -276,7 +276,8 @@ def test_conv_weight_grad_opcheck():
 
 
 # how inference runs its linears: oneDNN's fused kernels, MKL's GEMMs with in-place epilogues (the Intel
-# AVX-512 default), or oneDNN with packed weights (opt-in)
+# AVX-512 default of eager inference), or oneDNN with packed weights (opt-in in eager inference, the default
+# in compiled inference's opaque ops, which the tests below call directly: both settings follow ``packed``)
 GEMM_PATHS = [(True, False), (False, False), (False, True)]
 
 
@@ -285,6 +286,7 @@ GEMM_PATHS = [(True, False), (False, False), (False, True)]
 def test_fused_inference_ops_opcheck_and_values(bias, onednn_gemms, packed, monkeypatch):
     monkeypatch.setattr(fused, "_INFER_ONEDNN_GEMMS", onednn_gemms)
     monkeypatch.setattr(fused, "_PACKED_WEIGHTS", packed)
+    monkeypatch.setattr(fused, "_COMPILED_PACKED", packed)
     torch.manual_seed(0)
     x, other = torch.randn(3, 5, 8), torch.randn(3, 5, 12)
     w, b = torch.randn(12, 8), torch.randn(12) if bias else None
@@ -318,6 +320,7 @@ def test_chunked_inference_ops_opcheck_and_values(bias, onednn_gemms, packed, mo
     monkeypatch.setattr(fused, "INFER_OP_CHUNK_TOKENS", 10)
     monkeypatch.setattr(fused, "_INFER_ONEDNN_GEMMS", onednn_gemms)
     monkeypatch.setattr(fused, "_PACKED_WEIGHTS", packed)
+    monkeypatch.setattr(fused, "_COMPILED_PACKED", packed)
     torch.manual_seed(0)
     C, eps = 8, 1e-5
     nw, nb = (torch.randn(C), torch.randn(C)) if bias else (None, None)  # with and without affine norms
@@ -606,12 +609,28 @@ def test_packed_weight_follows_its_weight(monkeypatch):
     assert fused.packed_weight(kept) is None and not fused._PACKED
 
 
+def test_compiled_packed_weights_are_on_by_default(monkeypatch):
+    """On where oneDNN is available; DAVIT_COMPILED_PACKED_WEIGHTS=0 turns them off, =1 keeps them on."""
+    monkeypatch.delenv("DAVIT_COMPILED_PACKED_WEIGHTS", raising=False)
+    assert fused.default_compiled_packed_weights() is fused._MKLDNN
+    monkeypatch.setenv("DAVIT_COMPILED_PACKED_WEIGHTS", "0")
+    assert fused.default_compiled_packed_weights() is False
+    monkeypatch.setenv("DAVIT_COMPILED_PACKED_WEIGHTS", "1")
+    assert fused.default_compiled_packed_weights() is fused._MKLDNN
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_model_inference_with_packed_weights_equals_reference(compiled, monkeypatch):
-    """davit_atto's CPU inference with packed weights (eager, and inside compiled inference's opaque ops)
-    equals the literal reference path, at an odd image size."""
-    monkeypatch.setattr(fused, "_PACKED_WEIGHTS", True)
+    """davit_atto's CPU inference with packed weights (eager with its opt-in setting, and inside compiled
+    inference's opaque ops with theirs alone) equals the literal reference path, at an odd image size; with
+    compiled inference's setting off, its ops pack nothing (read when they run: no recompile)."""
+    if not fused._MKLDNN:
+        pytest.skip("no oneDNN in this PyTorch build")
+    monkeypatch.setattr(fused, "_PACKED_WEIGHTS", not compiled)
+    monkeypatch.setattr(fused, "_COMPILED_PACKED", compiled)
+    monkeypatch.setattr(fused, "_ONEDNN_COMPILED_INFERENCE", True)  # the opaque ops also on AVX2-only CPUs
     monkeypatch.setattr(fused, "_MIN_MACS", 0)  # compiled: every linear in the opaque ops at this tiny size
+    fused._PACKED.clear()
     torch.manual_seed(0)
     model = davit.create_model("davit_atto", num_classes=10).eval()
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -627,3 +646,8 @@ def test_model_inference_with_packed_weights_equals_reference(compiled, monkeypa
     # which compiled code attends to in the open)
     assert len(packed) >= len(weights) - (2 if compiled else 1), (len(packed), len(weights))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if compiled:
+        fused.set_compiled_packed_weights(False)  # monkeypatch restores the setting
+        with torch.no_grad():
+            torch.testing.assert_close(fn(x), ref, rtol=1e-5, atol=1e-5)
+        assert not any(id(w) in fused._PACKED for w in weights)

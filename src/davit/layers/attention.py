@@ -325,7 +325,7 @@ def onednn_window_attention_map(
         part = fused.layer_norm_rows(x[i : i + step], norm_weight, norm_bias, eps)
         if Hp != H or Wp != W:
             part = F.pad(part, (0, 0, 0, Wp - W, 0, Hp - H))
-        qkv = fused.infer_linear(window_partition(part, ws), weight, bias)
+        qkv = fused.infer_linear(window_partition(part, ws), weight, bias, compiled=True)
         out[i : i + step] = window_reverse(window_attention(qkv, num_heads), ws, Hp, Wp)[:, :H, :W]
     return out
 
@@ -352,7 +352,7 @@ def onednn_channel_attention(
     out = x.new_empty((*x.shape[:2], weight.shape[0] // 3))
     for i in range(0, x.shape[0], step):
         t = fused.layer_norm_rows(x[i : i + step], norm_weight, norm_bias, eps)
-        qkv = fused.infer_linear(t, weight, bias)
+        qkv = fused.infer_linear(t, weight, bias, compiled=True)
         out[i : i + step] = channel_attention(qkv, groups, v2)
     return out
 

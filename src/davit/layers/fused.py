@@ -66,11 +66,14 @@ __all__ = [
     "onednn_training_enabled",
     "opaque_conv",
     "PACK_MAX_ELEMENTS",
+    "compiled_packed_weights_enabled",
+    "default_compiled_packed_weights",
     "default_packed_weights",
     "packed_weight",
     "packed_weight_bytes",
     "packed_weights_enabled",
     "set_packed_weights",
+    "set_compiled_packed_weights",
     "set_inference_onednn_gemms",
     "set_onednn_compiled_inference",
     "set_onednn_training",
@@ -144,10 +147,12 @@ def set_inference_onednn_gemms(enable: bool) -> bool:
 #: rounds in one process, session 31): compiled 1.026-1.155x (four runs; 1.040x and 1.049x typical), eager
 #: 0.998-1.048x; unpacked oneDNN for the same weights 0.98-1.01x, so the layout is what gains. Larger weights
 #: gain less per call and would double their memory: all weights packed measured 0.947-1.039x eager. For
-#: davit_tiny the copies take 8 MB (stages 1-2 and stage 3's projections). Off by default: on the fixed inputs
-#: of the timm parity test (tests/test_weights.py) davit_small's third stage map came out 1.11 map bounds from
-#: the float64 one against timm's 0.73, which that test's accuracy criterion rejects, although over eight
-#: other inputs its error relative to timm's (0.53-1.52x) was no larger than with MKL's GEMMs (0.69-2.16x).
+#: davit_tiny the copies take 8 MB (stages 1-2 and stage 3's projections). Off by default in eager inference:
+#: on the fixed inputs of the timm parity test (tests/test_weights.py) davit_small's third stage map came out
+#: 1.11 map bounds from the float64 one against timm's 0.73, which that test's accuracy criterion rejects,
+#: although over eight other inputs its error relative to timm's (0.53-1.52x) was no larger than with MKL's
+#: GEMMs (0.69-2.16x). On by default inside compiled inference's opaque ops, where the gain is larger
+#: (:func:`default_compiled_packed_weights`).
 PACK_MAX_ELEMENTS = 1 << 18
 _PACK_ROWS_HINT = 3136  # oneDNN picks the blocked layout for this many rows: the chunks inference runs on
 
@@ -164,8 +169,35 @@ def default_packed_weights() -> bool:
 
 
 def packed_weights_enabled() -> bool:
-    """Whether CPU fp32 inference runs its small linears with packed oneDNN weights now."""
+    """Whether eager CPU fp32 inference runs its small linears with packed oneDNN weights now."""
     return _PACKED_WEIGHTS
+
+
+def default_compiled_packed_weights() -> bool:
+    """Whether compiled CPU fp32 inference's opaque ops (:func:`fused_compiled_inference`) run small linears
+    (:data:`PACK_MAX_ELEMENTS`) through oneDNN with packed weights by default: yes where oneDNN is available.
+    davit_tiny's compiled forward at batch 16, 224 px, packed against MKL's GEMMs in the same process
+    (medians of 15-21 interleaved rounds, Xeon with AMX): 1.026-1.155x in session 31, 1.033x in session 35
+    (packed faster in 16 of 21 rounds); the outputs' error from float64 no larger than with MKL's GEMMs
+    (docs/benchmarks.md, session 35). ``DAVIT_COMPILED_PACKED_WEIGHTS=0`` or ``1`` overrides."""
+    env = _env_switch("DAVIT_COMPILED_PACKED_WEIGHTS")
+    return _MKLDNN and (True if env is None else env)
+
+
+def compiled_packed_weights_enabled() -> bool:
+    """Whether compiled CPU fp32 inference's opaque ops run small linears with packed oneDNN weights now."""
+    return _COMPILED_PACKED
+
+
+def set_compiled_packed_weights(enable: bool) -> bool:
+    """Turn packed weights in compiled inference's opaque ops on or off (A/B timing, tests); the default is
+    :func:`default_compiled_packed_weights`. The ops read it when they run, so no recompile follows. Returns
+    the previous setting."""
+    global _COMPILED_PACKED
+    previous, _COMPILED_PACKED = _COMPILED_PACKED, bool(enable)
+    if not enable:
+        _PACKED.clear()  # copies the other setting still wants are remade on their next use
+    return previous
 
 
 def set_packed_weights(enable: bool) -> bool:
@@ -174,7 +206,7 @@ def set_packed_weights(enable: bool) -> bool:
     global _PACKED_WEIGHTS
     previous, _PACKED_WEIGHTS = _PACKED_WEIGHTS, bool(enable)
     if not enable:
-        _PACKED.clear()
+        _PACKED.clear()  # copies the other setting still wants are remade on their next use
     return previous
 
 
@@ -188,11 +220,13 @@ def _forget(key: int, _ref: weakref.ref) -> None:
         del _PACKED[key]
 
 
-def packed_weight(weight: Tensor) -> Tensor | None:
+def packed_weight(weight: Tensor, compiled: bool = False) -> Tensor | None:
     """oneDNN's blocked copy of a linear's ``weight`` (out x in, fp32) for inference, made on first use and
-    kept while ``weight`` lives unchanged; ``None`` where packed weights are off or do not apply (too large,
-    an inference-mode tensor, which keeps no version counter to tell an in-place update)."""
-    if not _PACKED_WEIGHTS or weight.numel() > PACK_MAX_ELEMENTS or weight.dtype != torch.float32:
+    kept while ``weight`` lives unchanged; ``None`` where packed weights are off (eager inference's setting,
+    or with ``compiled`` compiled inference's) or do not apply (too large, an inference-mode tensor, which
+    keeps no version counter to tell an in-place update)."""
+    on = _PACKED_WEIGHTS or (compiled and _COMPILED_PACKED)
+    if not on or weight.numel() > PACK_MAX_ELEMENTS or weight.dtype != torch.float32:
         return None
     if weight.is_inference() or weight.device.type != "cpu" or weight.dim() != 2:
         return None
@@ -211,13 +245,15 @@ def packed_weight_bytes() -> int:
     return sum(e[2].numel() * e[2].element_size() for e in _PACKED.values() if e[0]() is not None)
 
 
-def infer_linear(x: Tensor, weight: Tensor, bias: Tensor | None, epilogue: str = "none") -> Tensor:
-    """CPU fp32 inference (eager where :func:`fused_cpu_inference` holds, and in compiled inference's opaque
-    ops): ``F.linear(x, weight, bias)``, with ``epilogue`` "gelu" (exact) applied to it, in oneDNN's fused
-    kernel (with a packed weight where :func:`packed_weight` gives one) or MKL's GEMM (see
+def infer_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, epilogue: str = "none", compiled: bool = False
+) -> Tensor:
+    """CPU fp32 inference (eager where :func:`fused_cpu_inference` holds, and with ``compiled`` in compiled
+    inference's opaque ops): ``F.linear(x, weight, bias)``, with ``epilogue`` "gelu" (exact) applied to it, in
+    oneDNN's fused kernel (with a packed weight where :func:`packed_weight` gives one) or MKL's GEMM (see
     :func:`default_inference_onednn_gemms`); equal to fp32 round-off either way."""
     algorithm = "" if epilogue == "none" else "none"  # GELU's: exact, not tanh
-    packed = packed_weight(weight)
+    packed = packed_weight(weight, compiled)
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, epilogue, [], algorithm)
     if _INFER_ONEDNN_GEMMS:
@@ -227,11 +263,13 @@ def infer_linear(x: Tensor, weight: Tensor, bias: Tensor | None, epilogue: str =
     return torch.ops.aten.gelu_(y) if epilogue == "gelu" else y
 
 
-def infer_linear_add(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def infer_linear_add(
+    x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor | None, compiled: bool = False
+) -> Tensor:
     """CPU fp32 inference: ``F.linear(x, weight, bias) + residual`` in oneDNN's fused kernel or as MKL's
-    GEMM and an in-place add (see :func:`default_inference_onednn_gemms`; packed weights as in
-    :func:`infer_linear`)."""
-    packed = packed_weight(weight)
+    GEMM and an in-place add (see :func:`default_inference_onednn_gemms`; packed weights and ``compiled`` as
+    in :func:`infer_linear`)."""
+    packed = packed_weight(weight, compiled)
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
     if _INFER_ONEDNN_GEMMS:
@@ -469,6 +507,7 @@ _ONEDNN_TRAINING = default_onednn_training()
 _ONEDNN_COMPILED_INFERENCE = default_onednn_compiled_inference()
 _INFER_ONEDNN_GEMMS = default_inference_onednn_gemms()
 _PACKED_WEIGHTS = default_packed_weights()
+_COMPILED_PACKED = default_compiled_packed_weights()
 
 
 def _onednn_wanted() -> bool:
@@ -511,7 +550,7 @@ def set_onednn_compiled_inference(enable: bool) -> bool:
 def onednn_linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``gelu(F.linear(x, weight, bias))`` (exact GELU) by :func:`infer_linear` (one oneDNN kernel, or MKL's
     GEMM and an in-place GELU); inference only (no autograd)."""
-    return infer_linear(x.contiguous(), weight, bias, "gelu")
+    return infer_linear(x.contiguous(), weight, bias, "gelu", compiled=True)
 
 
 onednn_linear_gelu.register_fake(_linear_fake)
@@ -521,7 +560,7 @@ onednn_linear_gelu.register_fake(_linear_fake)
 def onednn_linear_add(x: Tensor, other: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear(x, weight, bias) + other`` by :func:`infer_linear_add` (one oneDNN kernel, or MKL's GEMM and
     an in-place add); inference only (no autograd)."""
-    return infer_linear_add(x.contiguous(), other.contiguous(), weight, bias)
+    return infer_linear_add(x.contiguous(), other.contiguous(), weight, bias, compiled=True)
 
 
 @onednn_linear_add.register_fake
@@ -567,7 +606,8 @@ def onednn_norm_mlp_add(
     for i in range(0, rows.shape[0], step):
         part = rows[i : i + step].contiguous()
         t = layer_norm_rows(part, norm_weight, norm_bias, eps)
-        out[i : i + step] = infer_linear_add(infer_linear(t, w1, b1, "gelu"), part, w2, b2)
+        h = infer_linear(t, w1, b1, "gelu", compiled=True)
+        out[i : i + step] = infer_linear_add(h, part, w2, b2, compiled=True)
     return out.view(x.shape)
 
 
