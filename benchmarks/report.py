@@ -27,7 +27,11 @@ def _linears_line(run: dict) -> list[str]:
         return []
     train = "oneDNN" if run["onednn_training_linears"] else "F.linear (MKL)"
     infer = "oneDNN's fused kernels" if run["onednn_inference_gemms"] else "MKL, epilogues in place"
+    if run.get("packed_inference_weights"):
+        infer += ", small weights packed"
     comp = "the chunked opaque ops" if run["onednn_compiled_inference"] else "inductor's graph, F.linear"
+    if run["onednn_compiled_inference"] and run.get("compiled_packed_weights"):
+        comp += " with small weights packed"
     return [f"Ours' fp32 linears here: training {train}; inference {infer}; compiled inference {comp}."]
 
 

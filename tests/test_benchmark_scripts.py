@@ -181,6 +181,11 @@ def test_report_renders_bench_json_and_labels_whole_batch_runs(tmp_path):
 
     infer = "oneDNN's fused kernels" if fused.inference_onednn_gemms_enabled() else "MKL, epilogues in place"
     assert "Ours' fp32 linears here: training " in r.stdout and f"; inference {infer};" in r.stdout
+    opaque = fused.onednn_compiled_inference_enabled()
+    comp = "the chunked opaque ops" if opaque else "inductor's graph, F.linear"
+    if opaque and fused.compiled_packed_weights_enabled():
+        comp += " with small weights packed"
+    assert f"; compiled inference {comp}." in r.stdout
     # the GEMM floor of the run timed with it, and only that run's
     floor = json.loads(b.read_text())["gemm_floor"][0]
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("- run ")]
