@@ -648,6 +648,6 @@ def test_model_inference_with_packed_weights_equals_reference(compiled, monkeypa
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     if compiled:
         fused.set_compiled_packed_weights(False)  # monkeypatch restores the setting
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
             torch.testing.assert_close(fn(x), ref, rtol=1e-5, atol=1e-5)
         assert not any(id(w) in fused._PACKED for w in weights)

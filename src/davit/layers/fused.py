@@ -176,9 +176,9 @@ def packed_weights_enabled() -> bool:
 def default_compiled_packed_weights() -> bool:
     """Whether compiled CPU fp32 inference's opaque ops (:func:`fused_compiled_inference`) run small linears
     (:data:`PACK_MAX_ELEMENTS`) through oneDNN with packed weights by default: yes where oneDNN is available.
-    davit_tiny's compiled forward at batch 16, 224 px, packed against MKL's GEMMs in the same process
-    (medians of 15-21 interleaved rounds, Xeon with AMX): 1.026-1.155x in session 31, 1.033x in session 35
-    (packed faster in 16 of 21 rounds); the outputs' error from float64 no larger than with MKL's GEMMs
+    The compiled forward at batch 16, 224 px, packed against MKL's GEMMs in the same process (medians of
+    11-21 interleaved rounds, Xeon with AMX): davit_tiny 1.026-1.155x in session 31 and 1.033-1.051x in
+    session 35, davit_small 1.125x; the outputs' error from float64 no larger than with MKL's GEMMs
     (docs/benchmarks.md, session 35). ``DAVIT_COMPILED_PACKED_WEIGHTS=0`` or ``1`` overrides."""
     env = _env_switch("DAVIT_COMPILED_PACKED_WEIGHTS")
     return _MKLDNN and (True if env is None else env)
