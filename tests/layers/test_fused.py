@@ -617,6 +617,9 @@ def test_compiled_packed_weights_are_on_by_default(monkeypatch):
     assert fused.default_compiled_packed_weights() is False
     monkeypatch.setenv("DAVIT_COMPILED_PACKED_WEIGHTS", "1")
     assert fused.default_compiled_packed_weights() is fused._MKLDNN
+    monkeypatch.setenv("DAVIT_COMPILED_PACKED_WEIGHTS", "yes")  # not 0/1: the default, and a warning
+    with pytest.warns(UserWarning, match=r"'yes' ignored: set it to 1 \(packed weights\) or 0 \(the weights"):
+        assert fused.default_compiled_packed_weights() is fused._MKLDNN
 
 
 @pytest.mark.parametrize("compiled", [False, True])

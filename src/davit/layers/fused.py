@@ -155,6 +155,7 @@ def set_inference_onednn_gemms(enable: bool) -> bool:
 #: (:func:`default_compiled_packed_weights`).
 PACK_MAX_ELEMENTS = 1 << 18
 _PACK_ROWS_HINT = 3136  # oneDNN picks the blocked layout for this many rows: the chunks inference runs on
+_PACKED_SWITCH = ("packed weights", "the weights as they are")  # what 1 and 0 mean, for _env_switch's warning
 
 # id(weight) -> (a weak reference to it, its version/storage/shape when packed, the packed copy); an entry
 # goes when its weight is freed, and is remade when the weight changed (in-place update, ``.data`` swap)
@@ -165,7 +166,7 @@ def default_packed_weights() -> bool:
     """Whether CPU fp32 inference runs small linears (:data:`PACK_MAX_ELEMENTS`) through oneDNN with packed
     weights by default: off (see :data:`PACK_MAX_ELEMENTS` for why); ``DAVIT_INFER_PACKED_WEIGHTS=1`` turns
     them on where oneDNN is available."""
-    return bool(_MKLDNN and _env_switch("DAVIT_INFER_PACKED_WEIGHTS"))
+    return bool(_MKLDNN and _env_switch("DAVIT_INFER_PACKED_WEIGHTS", *_PACKED_SWITCH))
 
 
 def packed_weights_enabled() -> bool:
@@ -180,7 +181,7 @@ def default_compiled_packed_weights() -> bool:
     11-21 interleaved rounds, Xeon with AMX): davit_tiny 1.026-1.155x in session 31 and 1.033-1.051x in
     session 35, davit_small 1.125x; the outputs' error from float64 no larger than with MKL's GEMMs
     (docs/benchmarks.md, session 35). ``DAVIT_COMPILED_PACKED_WEIGHTS=0`` or ``1`` overrides."""
-    env = _env_switch("DAVIT_COMPILED_PACKED_WEIGHTS")
+    env = _env_switch("DAVIT_COMPILED_PACKED_WEIGHTS", *_PACKED_SWITCH)
     return _MKLDNN and (True if env is None else env)
 
 
@@ -458,14 +459,14 @@ def _cpu_vendor() -> str:
     return ""
 
 
-def _env_switch(name: str) -> bool | None:
+def _env_switch(name: str, on: str = "oneDNN", off: str = "F.linear") -> bool | None:
     """``True``/``False`` where the environment variable ``name`` is 1/0, ``None`` where it is unset (or
-    anything else, with a warning that says so)."""
+    anything else, with a warning that says so and what ``on`` and ``off`` mean)."""
     env = os.environ.get(name, "").strip()
     if env in ("0", "1"):
         return env == "1"
     if env:
-        warnings.warn(f"{name}={env!r} ignored: set it to 1 (oneDNN) or 0 (F.linear)", stacklevel=3)
+        warnings.warn(f"{name}={env!r} ignored: set it to 1 ({on}) or 0 ({off})", stacklevel=3)
     return None
 
 
