@@ -108,7 +108,8 @@ def fused_cpu_inference(x: Tensor) -> bool:
 
 
 def default_inference_onednn_gemms(vendor: str | None = None, capability: str | None = None) -> bool:
-    """Whether CPU fp32 inference (eager, and inside compiled inference's opaque ops) runs its linears in
+    """Whether CPU fp32 inference (eager, and inside compiled inference's opaque ops, whose small linears
+    run on packed oneDNN weights either way: :func:`default_compiled_packed_weights`) runs its linears in
     oneDNN (fused with GELU or the residual add) by default, or in MKL (``F.linear``, then GELU and the add in
     place on its output): oneDNN except on Intel CPUs with AVX-512. There MKL's fp32 GEMMs are as fast as or
     faster than oneDNN's, and the unfused epilogue on the fresh output costs about what the fusion saves:
