@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import fused
+from . import fused, native
 from .fused import linear
 
 __all__ = [
@@ -325,8 +325,14 @@ def onednn_window_attention_map(
         part = fused.layer_norm_rows(x[i : i + step], norm_weight, norm_bias, eps)
         if Hp != H or Wp != W:
             part = F.pad(part, (0, 0, 0, Wp - W, 0, Hp - H))
-        qkv = fused.infer_linear(window_partition(part, ws), weight, bias, compiled=True)
-        out[i : i + step] = window_reverse(window_attention(qkv, num_heads), ws, Hp, Wp)[:, :H, :W]
+        # the projection is per token: where the native kernel runs, on the map, and the kernel attends
+        # window by window straight into the output (no partition, reverse or crop copies)
+        if native.window_kernel_supports(part, C, num_heads, ws):
+            qkv = fused.infer_linear(part, weight, bias, compiled=True)
+            native.window_attention_map(qkv, num_heads, ws, out=out[i : i + step], out_hw=(H, W))
+        else:
+            qkv = fused.infer_linear(window_partition(part, ws), weight, bias, compiled=True)
+            out[i : i + step] = window_reverse(window_attention(qkv, num_heads), ws, Hp, Wp)[:, :H, :W]
     return out
 
 

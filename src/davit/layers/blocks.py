@@ -36,6 +36,7 @@ from .fused import (
     onednn_linear_gelu,
     onednn_norm_mlp_add,
 )
+from .native import window_attention_map, window_kernel_supports
 from .norm import LayerNorm
 
 __all__ = ["DropPath", "ConvPosEnc", "Mlp", "SpatialBlock", "ChannelBlock", "drop_path", "linear_residual"]
@@ -315,6 +316,17 @@ class SpatialBlock(nn.Module):
             # zero tokens appended AFTER the norm take part as keys (they carry the qkv bias),
             # as in the release
             t = F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
+        heads = self.attn.num_heads
+        if (
+            proj is None
+            and self.attn.fast
+            and fused_cpu_inference(t)
+            and not has_hooks(self.attn.qkv)
+            and window_kernel_supports(t, C, heads, ws)
+        ):
+            # eager CPU inference: the projection is per token, so it runs on the map, and the native
+            # kernel attends window by window straight into the (cropped) output map
+            return window_attention_map(linear(t, self.attn.qkv), heads, ws, out_hw=(H, W))
         t = self.attn.attend(window_partition(t, ws))  # (B*nW, ws*ws, C)
         if proj is not None:
             t = linear(t, proj, self.attn.fast)

@@ -1,0 +1,222 @@
+// Window self-attention for CPU fp32 inference: softmax(q k^T / sqrt(d)) v in every window of a token map,
+// read straight from the map's qkv projection and written straight into the output map.
+//
+// Why a kernel of our own: at DaViT's window size (49 tokens, head dim 32) torch's fused CPU attention runs
+// at ~50 GFLOP/s on a 2-core AVX-512 VM, a quarter of a matmul's rate there, and the windowed layout costs a
+// partition copy before it and a reverse copy after it. Here each (window, head) is one task done in L1: the
+// scores with the query index in the vector lanes (so the softmax over keys needs no horizontal reductions),
+// a lane-wise softmax, then P v with the 1/sum applied to the output rows. Built and loaded by
+// davit/layers/native.py (plain C ABI, no torch headers; OpenMP threads, as many as torch uses).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <cmath>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int L = 16;  // lanes per vector (one AVX-512 register; two AVX2 ones elsewhere)
+
+inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float s) { return (vf){} + s; }
+
+// e^x for x <= 0 (scores minus their column's max): Cephes' expf polynomial, about 1 ulp
+inline vf vexp(vf x) {
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  vf t = x * 1.44269504088896341f + 12582912.0f;  // round(x / ln 2) by the 1.5 * 2^23 trick
+  vf n = t - 12582912.0f;
+  vf r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  vf e = p * r * r + r + 1.0f;
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+// S^T rows j0..j0+R-1, columns c0..c0+JV*L-1: S^T[j, i] = ks_j . qT[:, i]
+template <int D, int R, int JV>
+inline void scores_block(const float* ks, const float* qT, int Np, float* St, int c0) {
+  vf acc[R][JV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < JV; ++c) acc[r][c] = splat(0.f);
+  for (int e = 0; e < D; ++e) {
+    vf qv[JV];
+    for (int c = 0; c < JV; ++c) qv[c] = vload(qT + e * Np + c0 + c * L);
+    for (int r = 0; r < R; ++r) {
+      vf kb = splat(ks[r * D + e]);
+      for (int c = 0; c < JV; ++c) acc[r][c] += kb * qv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < JV; ++c) vstore(St + r * Np + c0 + c * L, acc[r][c]);
+}
+
+template <int D, int R>
+inline void scores_rows(const float* ks, const float* qT, int Np, float* St) {
+  int c0 = 0;
+  for (; c0 + 4 * L <= Np; c0 += 4 * L) scores_block<D, R, 4>(ks, qT, Np, St, c0);
+  switch ((Np - c0) / L) {
+    case 3: scores_block<D, R, 3>(ks, qT, Np, St, c0); break;
+    case 2: scores_block<D, R, 2>(ks, qT, Np, St, c0); break;
+    case 1: scores_block<D, R, 1>(ks, qT, Np, St, c0); break;
+    default: break;
+  }
+}
+
+// output rows i..i+R-1 = (sum_j P^T[j, i] v_j) / sum_j P^T[j, i]
+template <int D, int R>
+inline void pv_rows(const float* Pt, int Np, const float* const* vrow, int N, const float* inv,
+                    float* const* orow) {
+  constexpr int DV = D / L;
+  vf acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) acc[r][c] = splat(0.f);
+  for (int j = 0; j < N; ++j) {
+    vf vv[DV];
+    for (int c = 0; c < DV; ++c) vv[c] = vload(vrow[j] + c * L);
+    for (int r = 0; r < R; ++r) {
+      vf p = splat(Pt[j * Np + r]);
+      for (int c = 0; c < DV; ++c) acc[r][c] += p * vv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (!orow[r]) continue;  // a padding token's query: cropped away
+    for (int c = 0; c < DV; ++c) vstore(orow[r] + c * L, acc[r][c] * inv[r]);
+  }
+}
+
+struct Scratch {
+  float* qT;   // D x Np: the window's queries, transposed, zero beyond N
+  float* St;   // N x Np: scores, then probabilities, key-major
+  float* inv;  // Np: 1 / softmax denominators
+  float* ks;   // 4 x D: four keys, scaled
+  const float** qrow;
+  const float** krow;
+  const float** vrow;
+  float** orow;
+};
+
+template <int D>
+void one_head(const Scratch& s, int N, float scale) {
+  constexpr int RPV = 16 / (D / L) > 0 ? 16 / (D / L) : 1;  // query rows per P v block: 16 accumulators
+  const int Np = (N + L - 1) / L * L;
+  for (int e = 0; e < D; ++e) {
+    float* row = s.qT + e * Np;
+    for (int i = 0; i < N; ++i) row[i] = s.qrow[i][e];
+    for (int i = N; i < Np; ++i) row[i] = 0.f;
+  }
+  int j = 0;
+  for (; j + 4 <= N; j += 4) {
+    for (int r = 0; r < 4; ++r)
+      for (int e = 0; e < D; ++e) s.ks[r * D + e] = s.krow[j + r][e] * scale;
+    scores_rows<D, 4>(s.ks, s.qT, Np, s.St + j * Np);
+  }
+  for (; j < N; ++j) {
+    for (int e = 0; e < D; ++e) s.ks[e] = s.krow[j][e] * scale;
+    scores_rows<D, 1>(s.ks, s.qT, Np, s.St + j * Np);
+  }
+  for (int b = 0; b < Np; b += L) {
+    float* col = s.St + b;
+    vf m = vload(col);
+    for (j = 1; j < N; ++j) {
+      vf x = vload(col + j * Np);
+      m = x > m ? x : m;
+    }
+    vf sum = splat(0.f);
+    for (j = 0; j < N; ++j) {
+      vf p = vexp(vload(col + j * Np) - m);
+      sum += p;
+      vstore(col + j * Np, p);
+    }
+    vstore(s.inv + b, 1.0f / sum);
+  }
+  int i = 0;
+  for (; i + RPV <= N; i += RPV) pv_rows<D, RPV>(s.St + i, Np, s.vrow, N, s.inv + i, s.orow + i);
+  for (; i < N; ++i) pv_rows<D, 1>(s.St + i, Np, s.vrow, N, s.inv + i, s.orow + i);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Kernel ABI version; native.py refuses a library that reports another.
+int davit_native_abi(void) { return 1; }
+
+// qkv: (B, Hp, Wp, 3C) contiguous, Hp and Wp multiples of ws, channels [q | k | v], each head's D channels
+// contiguous in each (C = heads * D). out: (B, Ho, Wo, C) contiguous, Ho <= Hp, Wo <= Wp: each window's
+// rows and columns beyond Ho / Wo (padding tokens) are read as keys and values but not written.
+// Returns 0, or -1 for an unsupported head dim (16, 32, 64, 128 are built), -2 for too many tokens per window
+// (more than 256), -3 if scratch memory could not be allocated.
+int davit_window_attention_f32(const float* qkv, float* out, int64_t B, int64_t Hp, int64_t Wp, int64_t Ho,
+                               int64_t Wo, int64_t ws, int64_t heads, int64_t D, int threads) {
+  if (D != 16 && D != 32 && D != 64 && D != 128) return -1;
+  const int N = int(ws * ws);
+  if (N > 256 || N < 1) return -2;
+  const int Np = (N + L - 1) / L * L;
+  const int64_t C = heads * D, nwy = Hp / ws, nwx = Wp / ws;
+  const int64_t tasks = B * nwy * nwx * heads;
+  const float scale = 1.0f / std::sqrt(float(D));
+#ifdef _OPENMP
+  const int team = threads > 0 ? threads : 1;
+#else
+  const int team = 1;
+#endif
+  // scratch per thread, allocated up front: a thread may not skip the work-sharing loop below
+  const size_t floats = (size_t(D) * Np + size_t(N) * Np + Np + 4 * size_t(D) + 15) / 16 * 16;
+  float* buf = static_cast<float*>(std::malloc(team * floats * sizeof(float)));
+  void** rows = static_cast<void**>(std::malloc(team * 4 * size_t(N) * sizeof(void*)));
+  if (!buf || !rows) {
+    std::free(buf);
+    std::free(rows);
+    return -3;
+  }
+#pragma omp parallel num_threads(team)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    float* mine = buf + tid * floats;
+    const float** r = const_cast<const float**>(reinterpret_cast<float**>(rows + tid * 4 * size_t(N)));
+    Scratch s{mine, mine + size_t(D) * Np, mine + size_t(D) * Np + size_t(N) * Np,
+              mine + size_t(D) * Np + size_t(N) * Np + Np, r, r + N, r + 2 * N,
+              const_cast<float**>(r + 3 * N)};
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t h = t % heads, w = t / heads;
+      const int64_t wx = w % nwx, wy = (w / nwx) % nwy, b = w / (nwx * nwy);
+      for (int i = 0; i < N; ++i) {
+        const int64_t y = wy * ws + i / ws, x = wx * ws + i % ws;
+        const float* row = qkv + ((b * Hp + y) * Wp + x) * 3 * C + h * D;
+        s.qrow[i] = row;
+        s.krow[i] = row + C;
+        s.vrow[i] = row + 2 * C;
+        s.orow[i] = (y < Ho && x < Wo) ? out + ((b * Ho + y) * Wo + x) * C + h * D : nullptr;
+      }
+      switch (D) {
+        case 16: one_head<16>(s, N, scale); break;
+        case 32: one_head<32>(s, N, scale); break;
+        case 64: one_head<64>(s, N, scale); break;
+        default: one_head<128>(s, N, scale); break;
+      }
+    }
+  }
+  std::free(buf);
+  std::free(rows);
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,217 @@
+"""The native window-attention kernel (davit.layers.native) equals the windowed formulation, and the model
+falls back to torch's ops, with a warning, where the kernel cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import davit
+from davit.layers import native, window_attention, window_attention_ref, window_partition, window_reverse
+
+# skipped only where there is no compiler at all: with one, a kernel that does not build fails these tests
+needs_kernel = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler on this machine")
+
+
+def windowed(qkv: torch.Tensor, heads: int, ws: int, H: int, W: int, fn=window_attention_ref) -> torch.Tensor:
+    """The formulation the kernel replaces: partition, attend, reverse, crop."""
+    Hp, Wp = qkv.shape[1:3]
+    return window_reverse(fn(window_partition(qkv, ws), heads), ws, Hp, Wp)[:, :H, :W]
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "B,H,W,heads,D,ws",
+    [
+        (2, 14, 14, 3, 32, 7),  # whole windows
+        (3, 13, 9, 2, 32, 7),  # padded on both sides, cropped output
+        (1, 7, 7, 24, 32, 7),  # one window, many heads (davit_tiny's last stage)
+        (2, 8, 8, 2, 16, 4),
+        (1, 10, 6, 1, 64, 5),  # 25 tokens: a partial vector of keys
+        (1, 16, 16, 2, 128, 8),  # 64 tokens
+        (4, 3, 2, 2, 32, 1),  # one token per window
+    ],
+)
+def test_kernel_equals_windowed_reference(B, H, W, heads, D, ws):
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    qkv = torch.randn(B, Hp, Wp, 3 * heads * D) * 2
+    ref = windowed(qkv.double(), heads, ws, H, W)
+    got = native.window_attention_map(qkv, heads, ws, out_hw=(H, W))
+    assert got.shape == (B, H, W, heads * D) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
+    # as close to the float64 result as torch's own fused kernel
+    sdpa = windowed(qkv, heads, ws, H, W, window_attention)
+    assert (got.double() - ref).abs().max() <= 3 * (sdpa.double() - ref).abs().max() + 1e-6
+
+
+@needs_kernel
+def test_kernel_is_stable_for_large_logits_and_independent_of_threads():
+    qkv = torch.randn(2, 14, 14, 3 * 3 * 32) * 30  # logits in the thousands: exp would overflow unshifted
+    ref = windowed(qkv.double(), 3, 7, 14, 14)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.window_attention_map(qkv, 3, 7)
+        torch.set_num_threads(2)
+        two = native.window_attention_map(qkv, 3, 7)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.isfinite(one).all()
+    # logits this large amplify fp32's rounding of q and k: torch's kernel is off by ~1e-2 too
+    sdpa = windowed(qkv, 3, 7, 14, 14, window_attention)
+    assert (one.double() - ref).abs().max() <= 3 * (sdpa.double() - ref).abs().max()
+    assert torch.equal(one, two)  # each (window, head) is one task: same sums whatever the threads
+
+
+@needs_kernel
+def test_kernel_writes_into_out_and_nothing_else():
+    qkv = torch.randn(4, 14, 14, 3 * 64)
+    big = torch.full((6, 12, 13, 64), 7.0)
+    out = big[1:5]  # contiguous slice of a larger buffer
+    native.window_attention_map(qkv, 2, 7, out=out, out_hw=(12, 13))
+    torch.testing.assert_close(out.double(), windowed(qkv.double(), 2, 7, 12, 13), atol=2e-5, rtol=1e-5)
+    assert (big[0] == 7).all() and (big[5] == 7).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: (torch.randn(1, 14, 14, 192).transpose(1, 2), 2, 7, None, None), "contiguous"),
+        (lambda: (torch.randn(1, 14, 14, 192).double(), 2, 7, None, None), "fp32"),
+        (lambda: (torch.randn(1, 13, 14, 192), 2, 7, None, None), "whole 7x7 windows"),
+        (lambda: (torch.randn(1, 14, 14, 144), 2, 7, None, None), "head dims"),
+        (lambda: (torch.randn(1, 14, 14, 192), 2, 7, torch.empty(1, 14, 14, 32), None), "out must be"),
+        (lambda: (torch.randn(1, 14, 14, 192), 2, 7, None, (15, 14)), "cover"),
+    ],
+)
+def test_kernel_rejects_bad_input_with_a_clear_error(make, match):
+    qkv, heads, ws, out, hw = make()
+    with pytest.raises(ValueError, match=match):
+        native.window_attention_map(qkv, heads, ws, out=out, out_hw=hw)
+
+
+@needs_kernel
+def test_supports_only_what_is_built_and_measured():
+    x = torch.randn(1, 14, 14, 96)
+    assert native.window_kernel_supports(x, 96, 3, 7)
+    assert not native.window_kernel_supports(x.bfloat16(), 96, 3, 7)
+    assert not native.window_kernel_supports(x, 72, 3, 7)  # head dim 24
+    assert not native.window_kernel_supports(x, 96, 3, 12)  # 144 tokens: torch's kernel is as fast
+    w = x.clone().requires_grad_()
+    assert not native.window_kernel_supports(w, 96, 3, 7)  # autograd: the kernel has no backward
+    with torch.no_grad():
+        assert native.window_kernel_supports(w, 96, 3, 7)
+    try:
+        native.set_native_kernels(False)
+        assert not native.window_kernel_supports(x, 96, 3, 7)
+    finally:
+        native.set_native_kernels(None)
+
+
+def test_environment_switch(monkeypatch):
+    try:
+        monkeypatch.setenv("DAVIT_NATIVE_KERNELS", "0")
+        native.set_native_kernels(None)
+        assert not native.native_kernels_enabled() and native.native_library() is None
+        monkeypatch.setenv("DAVIT_NATIVE_KERNELS", "yes")
+        native.set_native_kernels(None)
+        with pytest.warns(UserWarning, match="set it to 1"):
+            assert native.native_kernels_enabled()
+    finally:
+        monkeypatch.delenv("DAVIT_NATIVE_KERNELS")
+        native.set_native_kernels(None)
+
+
+@needs_kernel
+def test_eager_inference_runs_the_kernel_and_matches_torchs_path(monkeypatch):
+    m = davit.create_model("davit_atto", num_classes=10).eval()  # head dim 32, 7x7 windows
+    calls = []
+    real = native.window_attention_map
+
+    def counted(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(davit.layers.blocks, "window_attention_map", counted)
+    x = torch.randn(2, 3, 45, 33)  # stem stride 2: maps 23x17, 12x9 (padded windows), then 6x5 and 3x3
+    with torch.inference_mode():
+        fast = m(x)
+        n = len(calls)
+        native.set_native_kernels(False)
+        try:
+            torch_ops = m(x)
+        finally:
+            native.set_native_kernels(None)
+        m.set_fast(False)
+        ref = m(x)
+    # the first two stages' maps span more than one window; smaller maps take the one-window path
+    assert n == 2 and len(calls) == n
+    assert (fast - torch_ops).abs().max().item() <= 1e-5
+    assert (fast - ref).abs().max().item() <= 1e-5
+
+
+def test_without_a_compiler_the_model_warns_once_and_runs_torchs_ops(tmp_path):
+    # a fresh process: the library is looked for once per process
+    code = textwrap.dedent(
+        """
+        import warnings, torch, davit
+        from davit.layers import native
+        m = davit.create_model("davit_atto", num_classes=10).eval()
+        x = torch.randn(1, 3, 28, 28)
+        with warnings.catch_warnings(record=True) as w, torch.inference_mode():
+            warnings.simplefilter("always")
+            a = m(x); b = m(x)
+        msgs = [str(i.message) for i in w if "native CPU kernels" in str(i.message)]
+        assert len(msgs) == 1, msgs
+        assert native.native_library() is None and "failed" in native.build_error()
+        native.set_native_kernels(False)
+        with torch.inference_mode():
+            assert torch.equal(a, m(x)) and torch.equal(a, b)
+        print(msgs[0])
+        """
+    )
+    env = {**os.environ, "CXX": "false", "DAVIT_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("DAVIT_NATIVE_KERNELS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "running torch's ops instead" in r.stdout
+    assert not list(tmp_path.glob("*.so"))  # nothing half-built left behind
+
+
+@needs_kernel
+def test_library_is_built_once_per_cache(tmp_path):
+    code = "from davit.layers import native; lib = native.native_library(); print(lib._name)"
+    env = {**os.environ, "DAVIT_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("DAVIT_NATIVE_KERNELS", None)
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (lib,) = tmp_path.glob("window_attention-*.so")
+    stamp = lib.stat().st_mtime_ns
+    second = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.strip() == first.stdout.strip() == str(lib)
+    assert lib.stat().st_mtime_ns == stamp and len(list(tmp_path.iterdir())) == 1
+
+
+@needs_kernel
+def test_compiled_inference_op_runs_the_kernel():
+    # the compiled graph's opaque window-attention op (its body runs eagerly): same as the windowed form
+    from davit.layers.attention import onednn_window_attention_map
+
+    x = torch.randn(3, 12, 9, 64)
+    w, b = torch.randn(192, 64) * 0.1, torch.randn(192) * 0.1
+    nw, nb = torch.randn(64), torch.randn(64)
+    with torch.inference_mode():
+        got = onednn_window_attention_map(x, nw, nb, 1e-5, w, b, 2, 7)
+        t = F.pad(F.layer_norm(x.double(), (64,), nw.double(), nb.double(), 1e-5), (0, 0, 0, 5, 0, 2))
+        ref = windowed(F.linear(t, w.double(), b.double()), 2, 7, 12, 9)
+    torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
