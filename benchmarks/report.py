@@ -32,7 +32,11 @@ def _linears_line(run: dict) -> list[str]:
     comp = "the chunked opaque ops" if run["onednn_compiled_inference"] else "inductor's graph, F.linear"
     if run["onednn_compiled_inference"] and run.get("compiled_packed_weights"):
         comp += " with small weights packed"
-    return [f"Ours' fp32 linears here: training {train}; inference {infer}; compiled inference {comp}."]
+    lines = [f"Ours' fp32 linears here: training {train}; inference {infer}; compiled inference {comp}."]
+    if "native_window_attention" in run:
+        kind = "davit's native kernel" if run["native_window_attention"] else "torch's SDPA"
+        lines.append(f"Ours' fp32 inference window attention (windows up to 8x8): {kind}.")
+    return lines
 
 
 def _floor_lines(runs: list[dict]) -> list[str]:

@@ -358,6 +358,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         gemms += " (DAVIT_ONEDNN_INFERENCE_GEMMS, DAVIT_INFER_PACKED_WEIGHTS=0/1 override)"
         print(f"ours' eager CPU inference: each stage on {where} (--infer-slices TOKENS, 0: whole batch)")
         print(f"ours' CPU inference linears: {gemms}")
+        attn = _window_attention_kind()
+        print(f"ours' CPU fp32 inference window attention: {attn} (DAVIT_NATIVE_KERNELS=0/1)")
         if args.compile and args.mode in ("infer", "both") and dtype == torch.float32:
             from .layers.fused import INFER_OP_CHUNK_TOKENS
 
@@ -640,9 +642,23 @@ def environment() -> dict[str, Any]:
     env["onednn_inference_gemms"] = inference_onednn_gemms_enabled()
     env["onednn_compiled_inference"] = onednn_compiled_inference_enabled()
     env["compiled_packed_weights"] = compiled_packed_weights_enabled()
+    from .layers.native import native_library
+
+    env["native_window_attention"] = native_library() is not None
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def _window_attention_kind() -> str:
+    """Which kernel ours' CPU fp32 inference attends windows with (davit.layers.native), and why."""
+    from .layers.native import MAX_WINDOW_TOKENS, build_error, native_kernels_enabled, native_library
+
+    if native_library() is not None:
+        return f"native kernel for windows of up to {MAX_WINDOW_TOKENS} tokens, else torch's SDPA"
+    if not native_kernels_enabled():
+        return "torch's SDPA (native kernels turned off)"
+    return f"torch's SDPA (native kernel not available: {(build_error() or '').splitlines()[0][:200]})"
 
 
 # ----- CLI --------------------------------------------------------------------------------------------------
