@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import davit
 from davit.layers import native, window_attention, window_attention_ref, window_partition, window_reverse
+from davit.layers.blocks import ChannelBlock, SpatialBlock
 
 # skipped only where there is no compiler at all: with one, a kernel that does not build fails these tests
 needs_kernel = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler on this machine")
@@ -192,7 +193,7 @@ def test_library_is_built_once_per_cache(tmp_path):
     env.pop("DAVIT_NATIVE_KERNELS", None)
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    (lib,) = tmp_path.glob("window_attention-*.so")
+    (lib,) = tmp_path.glob("cpu_kernels-*.so")
     stamp = lib.stat().st_mtime_ns
     second = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
@@ -215,3 +216,55 @@ def test_compiled_inference_op_runs_the_kernel():
         t = F.pad(F.layer_norm(x.double(), (64,), nw.double(), nb.double(), 1e-5), (0, 0, 0, 5, 0, 2))
         ref = windowed(F.linear(t, w.double(), b.double()), 2, 7, 12, 9)
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(3136, 96), (2, 7, 5, 17), (64, 768), (3, 1), (0, 32)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_equals_torch(shape, affine):
+    C = shape[-1]
+    x = torch.randn(shape) * 3 + 50  # a large mean: the variance is taken about it (two passes)
+    w, b = (torch.randn(C), torch.randn(C)) if affine else (None, None)
+    got = native.layer_norm(x, w, b, 1e-5)
+    dw, db = (w.double(), b.double()) if affine else (None, None)
+    ref = F.layer_norm(x.double(), (C,), dw, db, 1e-5)
+    aten = F.layer_norm(x, (C,), w, b, 1e-5)
+    assert got.shape == x.shape
+    if x.numel():
+        assert (got.double() - ref).abs().max() <= 2 * (aten.double() - ref).abs().max() + 1e-6
+
+
+@needs_kernel
+def test_layer_norm_rejects_what_it_cannot_run():
+    x = torch.randn(8, 96)
+    assert native.layer_norm_supports(x, torch.ones(96), None)
+    assert not native.layer_norm_supports(x.t(), None, None)  # not contiguous
+    assert not native.layer_norm_supports(x.double(), None, None)
+    assert not native.layer_norm_supports(x, torch.ones(96, requires_grad=True), None)  # autograd
+    with torch.no_grad():
+        assert native.layer_norm_supports(x, torch.ones(96, requires_grad=True), None)
+    with pytest.raises(ValueError, match=r"weight must be contiguous fp32 of shape \(96,\)"):
+        native.layer_norm(x, torch.ones(95), None, 1e-5)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        native.layer_norm(x.t(), None, None, 1e-5)
+
+
+@needs_kernel
+def test_eager_inference_norms_run_the_kernel_and_training_does_not(monkeypatch):
+    m = davit.create_model("davit_atto", num_classes=10).eval()
+    calls = []
+    real = native.layer_norm
+    monkeypatch.setattr(native, "layer_norm", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        fast = m(x)
+    n = len(calls)
+    m.set_fast(False)
+    with torch.inference_mode():
+        ref = m(x)
+    blocks = sum(isinstance(b, (SpatialBlock, ChannelBlock)) for b in m.modules())
+    assert n >= 2 * blocks and len(calls) == n  # every block's two norms, none on the reference path
+    assert (fast - ref).abs().max().item() <= 1e-5
+    m.set_fast(True)
+    m(x).sum().backward()  # with autograd: torch's norm, gradients as before
+    assert len(calls) == n

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import native
+
 __all__ = [
     "INFER_OP_CHUNK_TOKENS",
     "conv",
@@ -584,7 +586,10 @@ INFER_OP_CHUNK_TOKENS = 3136
 
 
 def layer_norm_rows(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """``F.layer_norm`` over the last dimension: the norm the chunked ops of compiled inference apply."""
+    """``F.layer_norm`` over the last dimension: the norm the chunked ops of compiled inference apply, in the
+    native kernel where it runs (davit.layers.native.layer_norm)."""
+    if native.layer_norm_supports(x, weight, bias):
+        return native.layer_norm(x, weight, bias, eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 

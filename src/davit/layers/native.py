@@ -1,15 +1,16 @@
 """Native CPU kernels (``davit/csrc``), compiled on first use with the machine's C++ compiler and cached.
 
-One kernel so far: window self-attention for CPU fp32 inference (:func:`window_attention_map`), read from
-the map's qkv projection and written into the output map, so the windows are never partitioned or reversed
-as copies. The library has a plain C ABI and no torch headers: it builds in about a second, does not depend
-on torch's version, and is loaded with ctypes. Its threads are OpenMP's, as many as torch's.
+For CPU fp32 inference: window self-attention (:func:`window_attention_map`), read from the map's qkv
+projection and written into the output map, so the windows are never partitioned or reversed as copies;
+and layer norm over rows (:func:`layer_norm`). The library has a plain C ABI and no torch headers: it builds
+in about a second, does not depend on torch's version, and is loaded with ctypes. Its threads are OpenMP's,
+as many as torch's.
 
 The library is built for the CPU it runs on (``-march=native``) into ``$DAVIT_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/davit`` or ``~/.cache/davit``), under a name hashed from the source, the compiler, its
 flags and the CPU's model and flags, so one cache can serve machines of several kinds. Where there is no
 compiler, the build fails or the library cannot be loaded, a warning says why once and the model runs the
-portable path (torch's fused attention), with the same results to fp32 round-off.
+portable path (torch's fused attention and layer norm), with the same results to fp32 round-off.
 ``DAVIT_NATIVE_KERNELS=0`` turns the kernels off, ``1`` (or unset) allows them.
 """
 
@@ -35,11 +36,13 @@ __all__ = [
     "native_library",
     "window_attention_map",
     "window_kernel_supports",
+    "layer_norm",
+    "layer_norm_supports",
     "build_error",
 ]
 
-_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "window_attention.cpp"
-_ABI = 1
+_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"
+_ABI = 2
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 #: head dims the library is built for (davit's variants all have 32)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -139,7 +142,7 @@ def _load() -> ctypes.CDLL:
         raise RuntimeError(f"the C++ compiler {compiler!r} does not run: {e}") from e
     parts = [_SOURCE.read_text(), compiler, version, " ".join(_FLAGS), platform.machine(), _cpu_identity()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
-    target = _cache_dir() / f"window_attention-{key}.so"
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
     if not target.exists():
         _build(target, compiler)
     lib = ctypes.CDLL(str(target))
@@ -148,6 +151,9 @@ def _load() -> ctypes.CDLL:
     fn = lib.davit_window_attention_f32
     i64 = ctypes.c_int64
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.davit_layer_norm_f32
+    fn.argtypes = [ctypes.c_void_p] * 4 + [i64, i64, ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
@@ -168,7 +174,7 @@ def native_library() -> ctypes.CDLL | None:
                 _error = str(e)
                 warnings.warn(
                     f"davit's native CPU kernels are not available ({_error}); running torch's ops instead "
-                    "(same results, slower window attention). DAVIT_NATIVE_KERNELS=0 silences this.",
+                    "(same results to fp32 round-off, slower). DAVIT_NATIVE_KERNELS=0 silences this.",
                     stacklevel=2,
                 )
             _tried = True
@@ -234,4 +240,44 @@ def window_attention_map(
     )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"davit_window_attention_f32 returned {code} for qkv {tuple(qkv.shape)}")
+    return out
+
+
+def layer_norm_supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether :func:`layer_norm` runs for ``x`` normed over its last dimension: contiguous CPU fp32 without
+    autograd, fp32 contiguous affine parameters (or none), and the library available."""
+    for p in (weight, bias):
+        if p is not None and (p.dtype != torch.float32 or not p.is_contiguous() or p.device.type != "cpu"):
+            return False
+        if p is not None and p.requires_grad and torch.is_grad_enabled():
+            return False
+    if not (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() >= 1
+        and x.shape[-1] > 0
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and x.is_contiguous()
+    ):
+        return False
+    return native_library() is not None
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """``F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`` in the native kernel (requires
+    :func:`layer_norm_supports`): to fp32 round-off, 1.2-2x ATen's speed on DaViT's widths."""
+    lib = native_library()
+    if lib is None:
+        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+    C = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (p.shape != (C,) or p.dtype != torch.float32 or not p.is_contiguous()):
+            raise ValueError(f"layer_norm: {name} must be contiguous fp32 of shape ({C},), got {p.shape}")
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
+        raise ValueError(f"layer_norm: x must be contiguous CPU fp32, got {x.dtype} on {x.device}")
+    out = torch.empty_like(x)
+    w = 0 if weight is None else weight.data_ptr()
+    b = 0 if bias is None else bias.data_ptr()
+    rows = x.numel() // C if C else 0
+    lib.davit_layer_norm_f32(x.data_ptr(), out.data_ptr(), w, b, rows, C, eps, torch.get_num_threads())
     return out

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .attention import _traced
+from .fused import fused_cpu_inference
 
 __all__ = [
     "LayerNorm",
@@ -160,4 +162,11 @@ class LayerNorm(nn.LayerNorm):
                     RuntimeWarning,
                     stacklevel=2,
                 )
+        if (
+            self.fast
+            and len(self.normalized_shape) == 1
+            and fused_cpu_inference(x)
+            and native.layer_norm_supports(x, self.weight, self.bias)
+        ):
+            return native.layer_norm(x, self.weight, self.bias, self.eps)  # eager CPU fp32 inference
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
