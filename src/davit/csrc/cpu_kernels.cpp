@@ -47,9 +47,44 @@ inline vf vexp(vf x) {
   return e * scale;
 }
 
-// S^T rows j0..j0+R-1, columns c0..c0+JV*L-1: S^T[j, i] = ks_j . qT[:, i]
+#if defined(__clang__)
+#define DAVIT_SHUFFLE2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define DAVIT_SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
+#endif
+
+// 16 x 16 transpose in registers: four stages, each swapping the off-diagonal blocks of size 8, 4, 2, 1
+// (lane l of the pair's first row keeps a[l] where bit h of l is clear, else takes b[l - h]; the second row
+// the other halves). 64 two-source shuffles for 256 floats, where a scalar transpose moves them one by one.
+inline void transpose16(vf* r) {
+  for (int i = 0; i < 16; ++i) {
+    if (i & 8) continue;
+    vf a = r[i], b = r[i + 8];
+    r[i] = DAVIT_SHUFFLE2(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    r[i + 8] = DAVIT_SHUFFLE2(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 16; ++i) {
+    if (i & 4) continue;
+    vf a = r[i], b = r[i + 4];
+    r[i] = DAVIT_SHUFFLE2(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    r[i + 4] = DAVIT_SHUFFLE2(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 16; ++i) {
+    if (i & 2) continue;
+    vf a = r[i], b = r[i + 2];
+    r[i] = DAVIT_SHUFFLE2(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+    r[i + 2] = DAVIT_SHUFFLE2(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  for (int i = 0; i < 16; i += 2) {
+    vf a = r[i], b = r[i + 1];
+    r[i] = DAVIT_SHUFFLE2(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    r[i + 1] = DAVIT_SHUFFLE2(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  }
+}
+
+// S^T rows j..j+R-1 (keys k[0..R-1]), columns c0..c0+JV*L-1: S^T[j, i] = k_j . qT[:, i]
 template <int D, int R, int JV>
-inline void scores_block(const float* ks, const float* qT, int Np, float* St, int c0) {
+inline void scores_block(const float* const* k, const float* qT, int Np, float* St, int c0) {
   vf acc[R][JV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < JV; ++c) acc[r][c] = splat(0.f);
@@ -57,7 +92,7 @@ inline void scores_block(const float* ks, const float* qT, int Np, float* St, in
     vf qv[JV];
     for (int c = 0; c < JV; ++c) qv[c] = vload(qT + e * Np + c0 + c * L);
     for (int r = 0; r < R; ++r) {
-      vf kb = splat(ks[r * D + e]);
+      vf kb = splat(k[r][e]);
       for (int c = 0; c < JV; ++c) acc[r][c] += kb * qv[c];
     }
   }
@@ -66,13 +101,13 @@ inline void scores_block(const float* ks, const float* qT, int Np, float* St, in
 }
 
 template <int D, int R>
-inline void scores_rows(const float* ks, const float* qT, int Np, float* St) {
+inline void scores_rows(const float* const* k, const float* qT, int Np, float* St) {
   int c0 = 0;
-  for (; c0 + 4 * L <= Np; c0 += 4 * L) scores_block<D, R, 4>(ks, qT, Np, St, c0);
+  for (; c0 + 4 * L <= Np; c0 += 4 * L) scores_block<D, R, 4>(k, qT, Np, St, c0);
   switch ((Np - c0) / L) {
-    case 3: scores_block<D, R, 3>(ks, qT, Np, St, c0); break;
-    case 2: scores_block<D, R, 2>(ks, qT, Np, St, c0); break;
-    case 1: scores_block<D, R, 1>(ks, qT, Np, St, c0); break;
+    case 3: scores_block<D, R, 3>(k, qT, Np, St, c0); break;
+    case 2: scores_block<D, R, 2>(k, qT, Np, St, c0); break;
+    case 1: scores_block<D, R, 1>(k, qT, Np, St, c0); break;
     default: break;
   }
 }
@@ -103,7 +138,6 @@ struct Scratch {
   float* qT;   // D x Np: the window's queries, transposed, zero beyond N
   float* St;   // N x Np: scores, then probabilities, key-major
   float* inv;  // Np: 1 / softmax denominators
-  float* ks;   // 4 x D: four keys, scaled
   const float** qrow;
   const float** krow;
   const float** vrow;
@@ -114,21 +148,25 @@ template <int D>
 void one_head(const Scratch& s, int N, float scale) {
   constexpr int RPV = 16 / (D / L) > 0 ? 16 / (D / L) : 1;  // query rows per P v block: 16 accumulators
   const int Np = (N + L - 1) / L * L;
-  for (int e = 0; e < D; ++e) {
-    float* row = s.qT + e * Np;
-    for (int i = 0; i < N; ++i) row[i] = s.qrow[i][e];
-    for (int i = N; i < Np; ++i) row[i] = 0.f;
+  // the queries transposed, 16 x 16 at a time in registers, the rows beyond the last 16 one by one
+  // (columns N..Np stay zero from the start of the call)
+  int i0 = 0;
+  for (; i0 + L <= N; i0 += L) {
+    for (int e0 = 0; e0 < D; e0 += L) {
+      vf r[L];
+      for (int k = 0; k < L; ++k) r[k] = vload(s.qrow[i0 + k] + e0);
+      transpose16(r);
+      for (int k = 0; k < L; ++k) vstore(s.qT + (e0 + k) * Np + i0, r[k]);
+    }
   }
+  for (int i = i0; i < N; ++i) {
+    const float* q = s.qrow[i];
+    for (int e = 0; e < D; ++e) s.qT[e * Np + i] = q[e];
+  }
+  // unscaled scores: the scale goes into the exponent below, and the keys are read where they are
   int j = 0;
-  for (; j + 4 <= N; j += 4) {
-    for (int r = 0; r < 4; ++r)
-      for (int e = 0; e < D; ++e) s.ks[r * D + e] = s.krow[j + r][e] * scale;
-    scores_rows<D, 4>(s.ks, s.qT, Np, s.St + j * Np);
-  }
-  for (; j < N; ++j) {
-    for (int e = 0; e < D; ++e) s.ks[e] = s.krow[j][e] * scale;
-    scores_rows<D, 1>(s.ks, s.qT, Np, s.St + j * Np);
-  }
+  for (; j + 4 <= N; j += 4) scores_rows<D, 4>(s.krow + j, s.qT, Np, s.St + j * Np);
+  for (; j < N; ++j) scores_rows<D, 1>(s.krow + j, s.qT, Np, s.St + j * Np);
   for (int b = 0; b < Np; b += L) {
     float* col = s.St + b;
     vf m = vload(col);
@@ -138,7 +176,7 @@ void one_head(const Scratch& s, int N, float scale) {
     }
     vf sum = splat(0.f);
     for (j = 0; j < N; ++j) {
-      vf p = vexp(vload(col + j * Np) - m);
+      vf p = vexp((vload(col + j * Np) - m) * scale);  // scale > 0: the max of the scaled scores is m * scale
       sum += p;
       vstore(col + j * Np, p);
     }
@@ -176,7 +214,7 @@ int davit_window_attention_f32(const float* qkv, float* out, int64_t B, int64_t 
   const int team = 1;
 #endif
   // scratch per thread, allocated up front: a thread may not skip the work-sharing loop below
-  const size_t floats = (size_t(D) * Np + size_t(N) * Np + Np + 4 * size_t(D) + 15) / 16 * 16;
+  const size_t floats = (size_t(D) * Np + size_t(N) * Np + Np + 15) / 16 * 16;
   float* buf = static_cast<float*>(std::malloc(team * floats * sizeof(float)));
   void** rows = static_cast<void**>(std::malloc(team * 4 * size_t(N) * sizeof(void*)));
   if (!buf || !rows) {
@@ -193,9 +231,9 @@ int davit_window_attention_f32(const float* qkv, float* out, int64_t B, int64_t 
 #endif
     float* mine = buf + tid * floats;
     const float** r = const_cast<const float**>(reinterpret_cast<float**>(rows + tid * 4 * size_t(N)));
-    Scratch s{mine, mine + size_t(D) * Np, mine + size_t(D) * Np + size_t(N) * Np,
-              mine + size_t(D) * Np + size_t(N) * Np + Np, r, r + N, r + 2 * N,
+    Scratch s{mine, mine + size_t(D) * Np, mine + size_t(D) * Np + size_t(N) * Np, r, r + N, r + 2 * N,
               const_cast<float**>(r + 3 * N)};
+    std::memset(mine, 0, size_t(D) * Np * sizeof(float));  // qT's columns beyond N: zero for every task
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t h = t % heads, w = t / heads;
