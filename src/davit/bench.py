@@ -658,7 +658,8 @@ def _window_attention_kind() -> str:
         return f"native kernel for windows of up to {MAX_WINDOW_TOKENS} tokens, else torch's SDPA"
     if not native_kernels_enabled():
         return "torch's SDPA (native kernels turned off)"
-    return f"torch's SDPA (native kernel not available: {(build_error() or '').splitlines()[0][:200]})"
+    why = (build_error() or "").strip().splitlines() or ["no reason given"]
+    return f"torch's SDPA (native kernel not available: {why[0][:200]})"
 
 
 # ----- CLI --------------------------------------------------------------------------------------------------
