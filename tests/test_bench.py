@@ -309,3 +309,23 @@ def test_packed_inference_weights_count_as_state(tmp_path, monkeypatch):
         assert json.loads(out.read_text())["packed_inference_weights"] is on
     # davit_atto's linear weights up to PACK_MAX_ELEMENTS: a few MB of copies
     assert states[True] - states[False] > 0.5, states
+
+
+def test_window_attention_line_says_which_kernel_and_why(monkeypatch):
+    """`davit bench` names the kernel ours' CPU inference attends windows with, and why it is torch's."""
+    from davit import bench
+    from davit.layers import native
+
+    try:
+        native.set_native_kernels(False)
+        assert bench._window_attention_kind() == "torch's SDPA (native kernels turned off)"
+        native.set_native_kernels(True)
+        monkeypatch.setattr(native, "native_library", lambda: None)
+        monkeypatch.setattr(native, "build_error", lambda: "no C++ compiler found (set CXX)\nmore")
+        assert bench._window_attention_kind() == (
+            "torch's SDPA (native kernel not available: no C++ compiler found (set CXX))"
+        )
+        monkeypatch.setattr(native, "build_error", lambda: "")
+        assert bench._window_attention_kind().endswith("(native kernel not available: no reason given)")
+    finally:
+        native.set_native_kernels(None)
