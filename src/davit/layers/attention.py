@@ -296,7 +296,8 @@ class _ChannelAttentionPerGroup(torch.autograd.Function):
 
 # ----- compiled CPU inference: a block's norm, qkv projection and attention as one opaque call on chunks ---
 # (why: davit.layers.fused.INFER_OP_CHUNK_TOKENS). Inside the ops the eager fast paths run, as eager CPU
-# inference runs them: the fused SDPA kernel for windows, one bmm per group for channel attention.
+# inference runs them: davit's native window-attention kernel (davit.layers.native; torch's SDPA where it
+# does not run), one bmm per group for channel attention.
 @torch.library.custom_op("davit::onednn_window_attention_map", mutates_args=())
 def onednn_window_attention_map(
     x: Tensor,
@@ -310,7 +311,8 @@ def onednn_window_attention_map(
 ) -> Tensor:
     """A spatial block's window attention of its map ``x`` (B, H, W, C), before the output projection, per
     chunk of whole images: layer norm, zero padding to whole windows (after the norm, as in the release),
-    partition, qkv projection, attention and reverse, as eager code does it; inference only (no autograd).
+    qkv projection and attention, as eager code does it (the native kernel straight from the map, or
+    partition, SDPA and reverse); inference only (no autograd).
 
     Compiled CPU inference runs it for static and symbolic image sizes alike. With symbolic sizes it
     replaces the index gathers (``window_partition_gather``), which inductor compiles into kernels that
