@@ -37,6 +37,8 @@ def windowed(qkv: torch.Tensor, heads: int, ws: int, H: int, W: int, fn=window_a
         (1, 10, 6, 1, 64, 5),  # 25 tokens: a partial vector of keys
         (1, 16, 16, 2, 128, 8),  # 64 tokens
         (4, 3, 2, 2, 32, 1),  # one token per window
+        (1, 24, 13, 2, 32, 12),  # 144 tokens: the Florence-2 tower's windows
+        (1, 16, 16, 1, 16, 16),  # 256 tokens, the most the library takes
     ],
 )
 def test_kernel_equals_windowed_reference(B, H, W, heads, D, ws):
@@ -104,7 +106,8 @@ def test_supports_only_what_is_built_and_measured():
     assert native.window_kernel_supports(x, 96, 3, 7)
     assert not native.window_kernel_supports(x.bfloat16(), 96, 3, 7)
     assert not native.window_kernel_supports(x, 72, 3, 7)  # head dim 24
-    assert not native.window_kernel_supports(x, 96, 3, 12)  # 144 tokens: torch's kernel is as fast
+    assert native.window_kernel_supports(x, 96, 3, 12)  # 144 tokens (the Florence-2 tower)
+    assert not native.window_kernel_supports(x, 96, 3, 13)  # 169: not measured, left to torch
     w = x.clone().requires_grad_()
     assert not native.window_kernel_supports(w, 96, 3, 7)  # autograd: the kernel has no backward
     with torch.no_grad():
@@ -268,3 +271,20 @@ def test_eager_inference_norms_run_the_kernel_and_training_does_not(monkeypatch)
     m.set_fast(True)
     m(x).sum().backward()  # with autograd: torch's norm, gradients as before
     assert len(calls) == n
+
+
+@needs_kernel
+def test_florence2_tower_windows_run_the_kernel(monkeypatch):
+    # 12 x 12 windows (144 tokens), scored in blocks of 64 queries
+    m = davit.create_model("davit_base_fl", depths=(1, 1, 1, 1)).eval()
+    calls = []
+    real = native.window_attention_map
+    counted = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(davit.layers.blocks, "window_attention_map", counted)
+    x = torch.randn(1, 3, 100, 100)  # maps 25x25 and 13x13: padded 12 x 12 windows
+    with torch.inference_mode():
+        fast = m(x)
+        m.set_fast(False)
+        ref = m(x)
+    assert len(calls) == 2
+    assert (fast - ref).abs().max().item() <= 1e-5

@@ -22,6 +22,7 @@ namespace {
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 constexpr int L = 16;  // lanes per vector (one AVX-512 register; two AVX2 ones elsewhere)
+constexpr int QB = 64;  // queries per block of scores
 
 inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
@@ -82,39 +83,41 @@ inline void transpose16(vf* r) {
   }
 }
 
-// S^T rows j..j+R-1 (keys k[0..R-1]), columns c0..c0+JV*L-1: S^T[j, i] = k_j . qT[:, i]
+// S^T rows j..j+R-1 (keys k[0..R-1]), columns c0..c0+JV*L-1: S^T[j, i] = k_j . qT[:, i] (qT's rows ldq
+// apart, St's lds apart)
 template <int D, int R, int JV>
-inline void scores_block(const float* const* k, const float* qT, int Np, float* St, int c0) {
+inline void scores_block(const float* const* k, const float* qT, int ldq, float* St, int lds, int c0) {
   vf acc[R][JV];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < JV; ++c) acc[r][c] = splat(0.f);
   for (int e = 0; e < D; ++e) {
     vf qv[JV];
-    for (int c = 0; c < JV; ++c) qv[c] = vload(qT + e * Np + c0 + c * L);
+    for (int c = 0; c < JV; ++c) qv[c] = vload(qT + e * ldq + c0 + c * L);
     for (int r = 0; r < R; ++r) {
       vf kb = splat(k[r][e]);
       for (int c = 0; c < JV; ++c) acc[r][c] += kb * qv[c];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < JV; ++c) vstore(St + r * Np + c0 + c * L, acc[r][c]);
+    for (int c = 0; c < JV; ++c) vstore(St + r * lds + c0 + c * L, acc[r][c]);
 }
 
+// the scores of R keys against ``cols`` queries (a multiple of L)
 template <int D, int R>
-inline void scores_rows(const float* const* k, const float* qT, int Np, float* St) {
+inline void scores_rows(const float* const* k, const float* qT, int ldq, float* St, int lds, int cols) {
   int c0 = 0;
-  for (; c0 + 4 * L <= Np; c0 += 4 * L) scores_block<D, R, 4>(k, qT, Np, St, c0);
-  switch ((Np - c0) / L) {
-    case 3: scores_block<D, R, 3>(k, qT, Np, St, c0); break;
-    case 2: scores_block<D, R, 2>(k, qT, Np, St, c0); break;
-    case 1: scores_block<D, R, 1>(k, qT, Np, St, c0); break;
+  for (; c0 + 4 * L <= cols; c0 += 4 * L) scores_block<D, R, 4>(k, qT, ldq, St, lds, c0);
+  switch ((cols - c0) / L) {
+    case 3: scores_block<D, R, 3>(k, qT, ldq, St, lds, c0); break;
+    case 2: scores_block<D, R, 2>(k, qT, ldq, St, lds, c0); break;
+    case 1: scores_block<D, R, 1>(k, qT, ldq, St, lds, c0); break;
     default: break;
   }
 }
 
 // output rows i..i+R-1 = (sum_j P^T[j, i] v_j) / sum_j P^T[j, i]
 template <int D, int R>
-inline void pv_rows(const float* Pt, int Np, const float* const* vrow, int N, const float* inv,
+inline void pv_rows(const float* Pt, int ldp, const float* const* vrow, int N, const float* inv,
                     float* const* orow) {
   constexpr int DV = D / L;
   vf acc[R][DV];
@@ -124,7 +127,7 @@ inline void pv_rows(const float* Pt, int Np, const float* const* vrow, int N, co
     vf vv[DV];
     for (int c = 0; c < DV; ++c) vv[c] = vload(vrow[j] + c * L);
     for (int r = 0; r < R; ++r) {
-      vf p = splat(Pt[j * Np + r]);
+      vf p = splat(Pt[j * ldp + r]);
       for (int c = 0; c < DV; ++c) acc[r][c] += p * vv[c];
     }
   }
@@ -136,7 +139,7 @@ inline void pv_rows(const float* Pt, int Np, const float* const* vrow, int N, co
 
 struct Scratch {
   float* qT;   // D x Np: the window's queries, transposed, zero beyond N
-  float* St;   // N x Np: scores, then probabilities, key-major
+  float* St;   // N x QB: one block's scores, then probabilities, key-major
   float* inv;  // Np: 1 / softmax denominators
   const float** qrow;
   const float** krow;
@@ -163,28 +166,35 @@ void one_head(const Scratch& s, int N, float scale) {
     const float* q = s.qrow[i];
     for (int e = 0; e < D; ++e) s.qT[e * Np + i] = q[e];
   }
-  // unscaled scores: the scale goes into the exponent below, and the keys are read where they are
-  int j = 0;
-  for (; j + 4 <= N; j += 4) scores_rows<D, 4>(s.krow + j, s.qT, Np, s.St + j * Np);
-  for (; j < N; ++j) scores_rows<D, 1>(s.krow + j, s.qT, Np, s.St + j * Np);
-  for (int b = 0; b < Np; b += L) {
-    float* col = s.St + b;
-    vf m = vload(col);
-    for (j = 1; j < N; ++j) {
-      vf x = vload(col + j * Np);
-      m = x > m ? x : m;
+  // per block of up to QB queries (all of them for windows of up to 64 tokens), so that the block's scores
+  // stay in L1 for larger windows (144 tokens: 144 x 144 scores are 83 KB)
+  for (int q0 = 0; q0 < Np; q0 += QB) {
+    const int cols = Np - q0 < QB ? Np - q0 : QB;
+    // unscaled scores: the scale goes into the exponent below, and the keys are read where they are
+    int j = 0;
+    for (; j + 4 <= N; j += 4) scores_rows<D, 4>(s.krow + j, s.qT + q0, Np, s.St + j * QB, QB, cols);
+    for (; j < N; ++j) scores_rows<D, 1>(s.krow + j, s.qT + q0, Np, s.St + j * QB, QB, cols);
+    for (int b = 0; b < cols; b += L) {
+      float* col = s.St + b;
+      vf m = vload(col);
+      for (j = 1; j < N; ++j) {
+        vf x = vload(col + j * QB);
+        m = x > m ? x : m;
+      }
+      vf sum = splat(0.f);
+      for (j = 0; j < N; ++j) {
+        vf p = vexp((vload(col + j * QB) - m) * scale);  // scale > 0: the scaled scores' max is m * scale
+        sum += p;
+        vstore(col + j * QB, p);
+      }
+      vstore(s.inv + q0 + b, 1.0f / sum);
     }
-    vf sum = splat(0.f);
-    for (j = 0; j < N; ++j) {
-      vf p = vexp((vload(col + j * Np) - m) * scale);  // scale > 0: the max of the scaled scores is m * scale
-      sum += p;
-      vstore(col + j * Np, p);
-    }
-    vstore(s.inv + b, 1.0f / sum);
+    const int end = q0 + cols < N ? q0 + cols : N;
+    int i = q0;
+    for (; i + RPV <= end; i += RPV)
+      pv_rows<D, RPV>(s.St + (i - q0), QB, s.vrow, N, s.inv + i, s.orow + i);
+    for (; i < end; ++i) pv_rows<D, 1>(s.St + (i - q0), QB, s.vrow, N, s.inv + i, s.orow + i);
   }
-  int i = 0;
-  for (; i + RPV <= N; i += RPV) pv_rows<D, RPV>(s.St + i, Np, s.vrow, N, s.inv + i, s.orow + i);
-  for (; i < N; ++i) pv_rows<D, 1>(s.St + i, Np, s.vrow, N, s.inv + i, s.orow + i);
 }
 
 }  // namespace
@@ -214,7 +224,7 @@ int davit_window_attention_f32(const float* qkv, float* out, int64_t B, int64_t 
   const int team = 1;
 #endif
   // scratch per thread, allocated up front: a thread may not skip the work-sharing loop below
-  const size_t floats = (size_t(D) * Np + size_t(N) * Np + Np + 15) / 16 * 16;
+  const size_t floats = (size_t(D) * Np + size_t(N) * QB + Np + 15) / 16 * 16;
   float* buf = static_cast<float*>(std::malloc(team * floats * sizeof(float)));
   void** rows = static_cast<void**>(std::malloc(team * 4 * size_t(N) * sizeof(void*)));
   if (!buf || !rows) {
@@ -231,7 +241,7 @@ int davit_window_attention_f32(const float* qkv, float* out, int64_t B, int64_t 
 #endif
     float* mine = buf + tid * floats;
     const float** r = const_cast<const float**>(reinterpret_cast<float**>(rows + tid * 4 * size_t(N)));
-    Scratch s{mine, mine + size_t(D) * Np, mine + size_t(D) * Np + size_t(N) * Np, r, r + N, r + 2 * N,
+    Scratch s{mine, mine + size_t(D) * Np, mine + size_t(D) * Np + size_t(N) * QB, r, r + N, r + 2 * N,
               const_cast<float**>(r + 3 * N)};
     std::memset(mine, 0, size_t(D) * Np * sizeof(float));  // qT's columns beyond N: zero for every task
 #pragma omp for schedule(static)

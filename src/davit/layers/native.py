@@ -46,10 +46,10 @@ _ABI = 2
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 #: head dims the library is built for (davit's variants all have 32)
 HEAD_DIMS = (16, 32, 64, 128)
-#: the most tokens per window the kernel is used for. At 49 (7 x 7) it is 1.5-2.0x torch's partition, fused
-#: attention, reverse and crop per call; at 144 (12 x 12, the Florence-2 tower) 0.90-1.21x, so those windows
-#: stay with torch (docs/benchmarks.md, session 36).
-MAX_WINDOW_TOKENS = 64
+#: the most tokens per window the kernel is used for: DaViT's 7 x 7 windows (1.5-2.0x torch's partition,
+#: fused attention, reverse and crop per call) and the Florence-2 tower's 12 x 12 (1.09-1.48x, its forward at
+#: 768 px 1.12x; docs/benchmarks.md, session 36). The library takes up to 256.
+MAX_WINDOW_TOKENS = 144
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
