@@ -288,3 +288,25 @@ def test_florence2_tower_windows_run_the_kernel(monkeypatch):
         ref = m(x)
     assert len(calls) == 2
     assert (fast - ref).abs().max().item() <= 1e-5
+
+
+@needs_kernel
+def test_an_unwritable_cache_says_which_folder_and_what_to_set(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = textwrap.dedent(
+        """
+        import warnings, torch
+        from davit.layers import native
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert native.native_library() is None
+        print(native.build_error())
+        """
+    )
+    env = {**os.environ, "DAVIT_CACHE_DIR": str(blocker / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("DAVIT_NATIVE_KERNELS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"cannot write the kernel cache {blocker / 'cache'}" in r.stdout
+    assert "set DAVIT_CACHE_DIR to a writable folder" in r.stdout

@@ -118,8 +118,13 @@ def _compiler() -> str | None:
 
 
 def _build(target: Path, compiler: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot write the kernel cache {target.parent} ({e}); set DAVIT_CACHE_DIR to a writable folder"
+        ) from e
     os.close(fd)
     try:
         cmd = [compiler, *_FLAGS, "-o", tmp, str(_SOURCE)]
