@@ -59,16 +59,9 @@ _enabled: bool | None = None
 
 
 def _env_enabled() -> bool:
-    env = os.environ.get("DAVIT_NATIVE_KERNELS", "").strip()
-    if env in ("", "1"):
-        return True
-    if env != "0":
-        warnings.warn(
-            f"DAVIT_NATIVE_KERNELS={env!r} ignored: set it to 1 (native CPU kernels) or 0 (torch's ops only)",
-            stacklevel=3,
-        )
-        return True
-    return False
+    from .fused import _env_switch  # here: fused imports this module
+
+    return _env_switch("DAVIT_NATIVE_KERNELS", on="native CPU kernels", off="torch's ops only") is not False
 
 
 def native_kernels_enabled() -> bool:
