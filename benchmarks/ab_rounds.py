@@ -56,10 +56,15 @@ def warm_up(name: str, step: Callable[[], object]) -> None:
 
 
 def interleaved_medians(
-    steps: dict[str, Callable[[], object]], rounds: int, calls: int = 3
+    steps: dict[str, Callable[[], object]],
+    rounds: int,
+    calls: int = 3,
+    per_round: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
-    """Seconds per call of each step: the median over ``rounds`` of each round's median; prints each round."""
-    per_round: dict[str, list[float]] = {n: [] for n in steps}
+    """Seconds per call of each step: the median over ``rounds`` of each round's median; prints each round.
+    ``per_round``, where given, receives each step's per-round medians (for paired ratios)."""
+    per_round = {} if per_round is None else per_round
+    per_round.update({n: [] for n in steps})
     names = list(steps)
     for r in range(rounds):
         k = r % len(names)

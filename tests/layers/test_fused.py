@@ -548,6 +548,67 @@ def test_compiled_cpu_graphs_hold_no_aten_convolution():
         assert GraphLowering.decide_layout_opt(graphs["forward"], is_inference=False)
 
 
+def _count(gm, target) -> int:
+    return sum(n.op == "call_function" and n.target == target for n in gm.graph.nodes)
+
+
+def test_compiled_training_adds_biases_apart(monkeypatch):
+    """Compiled CPU fp32 training computes each biased linear whose consumer takes a fused add (MLP, output
+    projections, the channel attention's qkv) as a matmul plus a separate add, which inductor folds into the
+    consumer's kernel, instead of aten's addmm (a pass that writes the bias over the whole output). The
+    window attention's qkv, read by the attention kernel as strided views, and the head keep addmm. Same
+    output and gradients as eager; switched off, every linear is an addmm again."""
+    monkeypatch.setattr(fused, "_ONEDNN_TRAINING", False)  # the F.linear path (AMD CPUs default to oneDNN)
+    torch.manual_seed(0)
+    model = davit.create_model("davit_atto", num_classes=5, stem_stride=4)
+    kinds = (davit.layers.SpatialBlock, davit.layers.ChannelBlock)
+    blocks = [m for m in model.modules() if isinstance(m, kinds)]
+    n_spatial = sum(isinstance(b, kinds[0]) for b in blocks)
+    x = torch.randn(2, 3, 40, 36)
+    out_ref, g_ref = _train_grads(model, x)
+    graphs, out, grads = _aot_graphs(model, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    fw = graphs["forward"]
+    addmm, mm = torch.ops.aten.addmm.default, torch.ops.aten.mm.default
+    apart = 3 * len(blocks) + len(blocks) - n_spatial  # fc1, fc2, proj per block; qkv in channel blocks
+
+    torch._dynamo.reset()
+    previous = fused.set_bias_apart(False)
+    try:
+        graphs, _, _ = _aot_graphs(model, x)
+    finally:
+        fused.set_bias_apart(previous)
+    plain = graphs["forward"]
+    assert _count(plain, mm) == 0
+    # the rest (window qkv, the downsampling convs' matmuls on small maps, the head) keep their addmm
+    assert _count(fw, mm) == apart
+    assert _count(fw, addmm) == _count(plain, addmm) - apart
+
+
+def test_bias_apart_only_in_compiled_cpu_fp32_training():
+    """Eager code, inference and unbiased or hooked layers keep the plain linear."""
+    lin, bare = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, bias=False)
+    x = torch.randn(3, 8)
+    assert not fused.bias_apart(x, lin)  # eager
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def seen(x, layer):
+        return torch.tensor(fused.bias_apart(x, layer))
+
+    assert seen(x, lin)
+    assert not seen(x, bare)
+    with torch.no_grad():
+        assert not seen(x, lin)
+    assert not seen(x.double(), lin.double())
+    handle = lin.register_forward_hook(lambda *a: None)
+    try:
+        assert not seen(x, lin)
+    finally:
+        handle.remove()
+
+
 # ----- packed inference weights -----------------------------------------------------------------------------
 def test_packed_weights_are_opt_in(monkeypatch):
     """Off by default; DAVIT_INFER_PACKED_WEIGHTS=1 turns them on, =0 keeps them off."""

@@ -386,12 +386,14 @@ class WindowAttention(nn.Module):
         """Attention output before the output projection (blocks fuse the projection with the residual)."""
         if not self.fast:
             return window_attention_ref(self.qkv(x), self.num_heads)
-        return window_attention(linear(x, self.qkv), self.num_heads)
+        # consumer_fuses=False: attention reads q, k, v as strided views of the projection, no pass to join
+        return window_attention(linear(x, self.qkv, consumer_fuses=False), self.num_heads)
 
     def attend_one_padded(self, x: Tensor, n_pad: int) -> Tensor:
         """:meth:`attend` for the L real tokens (B, L, C) of a map that the window covers with ``n_pad``
         padding tokens (see :func:`window_attention_one_padded`)."""
-        return window_attention_one_padded(linear(x, self.qkv), self.num_heads, self.qkv.bias, n_pad)
+        qkv = linear(x, self.qkv, consumer_fuses=False)
+        return window_attention_one_padded(qkv, self.num_heads, self.qkv.bias, n_pad)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.attend(x))
