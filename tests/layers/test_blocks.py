@@ -208,10 +208,10 @@ def test_mlp_in_token_chunks_in_cpu_training_equals_the_whole_map(monkeypatch, b
     fc2_rows = []
     real = blocks.linear
 
-    def counting(t, layer, *a):
+    def counting(t, layer, *a, **k):
         if layer is b.mlp.fc2:
             fc2_rows.append(t.shape[0])
-        return real(t, layer, *a)
+        return real(t, layer, *a, **k)
 
     monkeypatch.setattr(blocks, "linear", counting)
     chunked, g_chunked = run()

@@ -221,6 +221,139 @@ def test_compiled_inference_op_runs_the_kernel():
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
 
 
+# ----- training: the kernel's backward ----------------------------------------------------------------------
+def _grad_pair(H, W, heads, D, ws, B=2, scale=1.5, seed=0):
+    """qkv and an output gradient, and the float64 reference gradient of the windowed formulation."""
+    torch.manual_seed(seed)
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    qkv = torch.randn(B, Hp, Wp, 3 * heads * D) * scale
+    g = torch.randn(B, H, W, heads * D)
+    x = qkv.double().requires_grad_()
+    windowed(x, heads, ws, H, W).backward(g.double())
+    return qkv, g, x.grad
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "B,H,W,heads,D,ws",
+    [
+        (2, 14, 14, 3, 32, 7),  # whole windows
+        (3, 13, 9, 2, 32, 7),  # padded on both sides: padding keys get gradients, padding queries none
+        (1, 7, 7, 24, 32, 7),
+        (2, 8, 8, 2, 16, 4),
+        (1, 10, 6, 1, 64, 5),
+        (1, 16, 16, 2, 128, 8),
+        (4, 3, 2, 2, 32, 1),
+        (1, 24, 13, 2, 32, 12),  # 144 tokens
+        (1, 16, 16, 1, 16, 16),  # 256 tokens
+    ],
+)
+def test_backward_equals_windowed_reference(B, H, W, heads, D, ws):
+    qkv, g, ref = _grad_pair(H, W, heads, D, ws, B)
+    out = native.window_attention_map(qkv, heads, ws, out_hw=(H, W))
+    got = native.window_attention_map_backward(qkv, out, g, heads, ws)
+    assert got.shape == qkv.shape and got.is_contiguous()
+    torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=1e-5)
+    # as close to the float64 gradient as autograd through torch's fused kernel
+    x = qkv.clone().requires_grad_()
+    windowed(x, heads, ws, H, W, window_attention).backward(g)
+    assert (got.double() - ref).abs().max() <= 3 * (x.grad.double() - ref).abs().max() + 1e-6
+
+
+@needs_kernel
+def test_backward_is_independent_of_threads_and_rejects_bad_input():
+    qkv, g, _ = _grad_pair(14, 14, 3, 32, 7, scale=10.0)
+    out = native.window_attention_map(qkv, 3, 7)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.window_attention_map_backward(qkv, out, g, 3, 7)
+        torch.set_num_threads(2)
+        two = native.window_attention_map_backward(qkv, out, g, 3, 7)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.isfinite(one).all() and torch.equal(one, two)
+    with pytest.raises(ValueError, match="grad must be"):
+        native.window_attention_map_backward(qkv, out, g[:, :13], 3, 7)
+    with pytest.raises(ValueError, match="whole 7x7 windows"):
+        native.window_attention_map_backward(qkv[:, :13].contiguous(), out[:, :13], g[:, :13], 3, 7)
+    with pytest.raises(ValueError, match="cover"):
+        big = torch.zeros(2, 15, 14, 96)
+        native.window_attention_map_backward(qkv, big, big, 3, 7)
+
+
+@needs_kernel
+def test_training_op_opcheck_and_fallback():
+    """The differentiable operator: fake kernel, autograd and dispatch consistent (opcheck); with the
+    kernels turned off after tracing it computes the same through torch's ops, forward and backward."""
+    qkv, g, ref = _grad_pair(13, 9, 2, 32, 7, B=2)
+    x = qkv.clone().requires_grad_()
+    torch.library.opcheck(native.window_attention, (x, 2, 7, 13, 9))
+    out = native.window_attention(x, 2, 7, 13, 9)
+    out.backward(g)
+    torch.testing.assert_close(x.grad.double(), ref, atol=5e-5, rtol=1e-5)
+    y = qkv.clone().requires_grad_()
+    native.set_native_kernels(False)
+    try:
+        off = native.window_attention(y, 2, 7, 13, 9)
+        off.backward(g)
+    finally:
+        native.set_native_kernels(None)
+    torch.testing.assert_close(off, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.grad, x.grad, atol=5e-5, rtol=1e-5)
+
+
+def _train(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    # (a compiled model names its parameters under _orig_mod.)
+    return out.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+
+
+@needs_kernel
+def test_training_runs_the_kernel_and_matches_torchs_path(monkeypatch):
+    """Eager and compiled (fullgraph) CPU fp32 training run the operator in the spatial blocks whose map
+    spans more than one window (padded ones too) and give torch's path's output and gradients."""
+    torch.manual_seed(0)
+    m = davit.create_model("davit_atto", num_classes=10).train()
+    calls = []
+    real = native.window_attention
+
+    def counted(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(davit.layers.blocks, "native_window_attention", counted)
+    x = torch.randn(2, 3, 45, 33)  # maps 23x17, 12x9 (padded windows), then 6x5 and 3x3 (one window)
+    fast, g_fast = _train(m, x)
+    assert len(calls) == 2
+    native.set_native_kernels(False)
+    try:
+        torch_ops, g_torch = _train(m, x)
+    finally:
+        native.set_native_kernels(None)
+    assert len(calls) == 2
+    torch.testing.assert_close(fast, torch_ops, atol=1e-5, rtol=1e-5)
+    for n, g in g_fast.items():
+        torch.testing.assert_close(g, g_torch[n], atol=1e-4, rtol=1e-4, msg=n)
+
+    monkeypatch.setattr(davit.layers.blocks, "native_window_attention", real)
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled, g_comp = _train(torch.compile(m, backend=keep, fullgraph=True), x)
+    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.davit.window_attention.default) == 2
+    torch.testing.assert_close(compiled, fast, atol=1e-5, rtol=1e-5)
+    for n, g in g_comp.items():
+        torch.testing.assert_close(g, g_fast[n], atol=1e-4, rtol=1e-4, msg=n)
+
+
 @needs_kernel
 @pytest.mark.parametrize("shape", [(3136, 96), (2, 7, 5, 17), (64, 768), (3, 1), (0, 32)])
 @pytest.mark.parametrize("affine", [True, False])

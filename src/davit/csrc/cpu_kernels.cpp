@@ -1,4 +1,5 @@
-// davit's native CPU kernels for fp32 inference: window self-attention and layer norm.
+// davit's native CPU kernels for fp32: window self-attention (forward, and backward for training) and layer norm
+// (inference).
 //
 // Window attention: softmax(q k^T / sqrt(d)) v in every window of a token map, read straight from the map's
 // qkv projection and written straight into the output map.
@@ -137,6 +138,26 @@ inline void pv_rows(const float* Pt, int ldp, const float* const* vrow, int N, c
   }
 }
 
+// rows[0..N-1] (D floats each; a null row reads as zeros) transposed into T (D x ldt), 16 x 16 at a time in
+// registers, the rows beyond the last 16 one by one; T's columns N..ldt-1 are left as they are (zero: the
+// callers clear them once per call)
+template <int D>
+inline void transpose_rows(const float* const* rows, int N, float* T, int ldt) {
+  int i0 = 0;
+  for (; i0 + L <= N; i0 += L) {
+    for (int e0 = 0; e0 < D; e0 += L) {
+      vf r[L];
+      for (int k = 0; k < L; ++k) r[k] = rows[i0 + k] ? vload(rows[i0 + k] + e0) : splat(0.f);
+      transpose16(r);
+      for (int k = 0; k < L; ++k) vstore(T + (e0 + k) * ldt + i0, r[k]);
+    }
+  }
+  for (int i = i0; i < N; ++i) {
+    const float* x = rows[i];
+    for (int e = 0; e < D; ++e) T[e * ldt + i] = x ? x[e] : 0.f;
+  }
+}
+
 struct Scratch {
   float* qT;   // D x Np: the window's queries, transposed, zero beyond N
   float* St;   // N x QB: one block's scores, then probabilities, key-major
@@ -151,21 +172,7 @@ template <int D>
 void one_head(const Scratch& s, int N, float scale) {
   constexpr int RPV = 16 / (D / L) > 0 ? 16 / (D / L) : 1;  // query rows per P v block: 16 accumulators
   const int Np = (N + L - 1) / L * L;
-  // the queries transposed, 16 x 16 at a time in registers, the rows beyond the last 16 one by one
-  // (columns N..Np stay zero from the start of the call)
-  int i0 = 0;
-  for (; i0 + L <= N; i0 += L) {
-    for (int e0 = 0; e0 < D; e0 += L) {
-      vf r[L];
-      for (int k = 0; k < L; ++k) r[k] = vload(s.qrow[i0 + k] + e0);
-      transpose16(r);
-      for (int k = 0; k < L; ++k) vstore(s.qT + (e0 + k) * Np + i0, r[k]);
-    }
-  }
-  for (int i = i0; i < N; ++i) {
-    const float* q = s.qrow[i];
-    for (int e = 0; e < D; ++e) s.qT[e * Np + i] = q[e];
-  }
+  transpose_rows<D>(s.qrow, N, s.qT, Np);
   // per block of up to QB queries (all of them for windows of up to 64 tokens), so that the block's scores
   // stay in L1 for larger windows (144 tokens: 144 x 144 scores are 83 KB)
   for (int q0 = 0; q0 < Np; q0 += QB) {
@@ -202,7 +209,7 @@ void one_head(const Scratch& s, int N, float scale) {
 extern "C" {
 
 // Kernel ABI version; native.py refuses a library that reports another.
-int davit_native_abi(void) { return 2; }
+int davit_native_abi(void) { return 3; }
 
 // qkv: (B, Hp, Wp, 3C) contiguous, Hp and Wp multiples of ws, channels [q | k | v], each head's D channels
 // contiguous in each (C = heads * D). out: (B, Ho, Wo, C) contiguous, Ho <= Hp, Wo <= Wp: each window's
@@ -329,6 +336,202 @@ int davit_layer_norm_f32(const float* x, float* y, const float* w, const float* 
                          float eps, int threads) {
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) layer_norm_row(x + r * C, y + r * C, w, b, C, eps);
+  return 0;
+}
+
+}  // extern "C"
+
+namespace {
+
+// out rows r = sum_i M[r * ldm + i] * x_i over i < n (a null x_i adds nothing), R rows at once
+template <int D, int R>
+inline void combine_rows(const float* M, int ldm, const float* const* xrow, int n, float* const* orow) {
+  constexpr int DV = D / L;
+  vf acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) acc[r][c] = splat(0.f);
+  for (int i = 0; i < n; ++i) {
+    if (!xrow[i]) continue;
+    vf xv[DV];
+    for (int c = 0; c < DV; ++c) xv[c] = vload(xrow[i] + c * L);
+    for (int r = 0; r < R; ++r) {
+      vf m = splat(M[r * ldm + i]);
+      for (int c = 0; c < DV; ++c) acc[r][c] += m * xv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) vstore(orow[r] + c * L, acc[r][c]);
+}
+
+struct BackScratch {
+  float* qT;   // D x Np: queries, transposed
+  float* gT;   // D x Np: output gradients, transposed (zero for padding queries)
+  float* Pt;   // N x Np: probabilities, key-major
+  float* dSt;  // N x Np: dP^T, then the logits' gradient (times the scale)
+  float* Di;   // Np: rowsum(dO * O) per query
+  float* ones; // Np: ones (P v's row scale, unused here)
+  const float** qrow;
+  const float** krow;
+  const float** vrow;
+  const float** orow;  // null: a padding query (no output, no gradient)
+  const float** grow;
+  float** dqrow;
+  float** dkrow;
+  float** dvrow;
+};
+
+// one (window, head) of the backward: recompute P = softmax(scale q k^T) as the forward does, then
+// dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q
+template <int D>
+void one_head_backward(const BackScratch& s, int N, float scale) {
+  constexpr int DV = D / L;
+  constexpr int R = 16 / DV > 0 ? 16 / DV : 1;  // output rows per block: 16 accumulators
+  const int Np = (N + L - 1) / L * L;
+  transpose_rows<D>(s.qrow, N, s.qT, Np);
+  transpose_rows<D>(s.grow, N, s.gT, Np);
+  for (int i = 0; i < N; ++i) {
+    float d = 0.f;
+    if (s.grow[i]) {
+      vf acc = splat(0.f);
+      for (int c = 0; c < DV; ++c) acc += vload(s.grow[i] + c * L) * vload(s.orow[i] + c * L);
+      d = hsum(acc);
+    }
+    s.Di[i] = d;
+  }
+  // S^T = K Q^T and dP^T = V dO^T, all Np columns (those beyond N are zero queries: never read back)
+  int j = 0;
+  for (; j + 4 <= N; j += 4) {
+    scores_rows<D, 4>(s.krow + j, s.qT, Np, s.Pt + j * Np, Np, Np);
+    scores_rows<D, 4>(s.vrow + j, s.gT, Np, s.dSt + j * Np, Np, Np);
+  }
+  for (; j < N; ++j) {
+    scores_rows<D, 1>(s.krow + j, s.qT, Np, s.Pt + j * Np, Np, Np);
+    scores_rows<D, 1>(s.vrow + j, s.gT, Np, s.dSt + j * Np, Np, Np);
+  }
+  for (int b = 0; b < Np; b += L) {
+    float* col = s.Pt + b;
+    vf m = vload(col);
+    for (j = 1; j < N; ++j) {
+      vf x = vload(col + j * Np);
+      m = x > m ? x : m;
+    }
+    vf sum = splat(0.f);
+    for (j = 0; j < N; ++j) {
+      vf p = vexp((vload(col + j * Np) - m) * scale);
+      sum += p;
+      vstore(col + j * Np, p);
+    }
+    const vf inv = 1.0f / sum, di = vload(s.Di + b);
+    for (j = 0; j < N; ++j) {
+      vf p = vload(col + j * Np) * inv;
+      vstore(col + j * Np, p);
+      float* ds = s.dSt + b + j * Np;
+      vstore(ds, p * (vload(ds) - di) * scale);
+    }
+  }
+  // dV_j = sum_i P^T[j, i] dO_i and dK_j = sum_i dS^T[j, i] q_i: key rows, R at a time
+  j = 0;
+  for (; j + R <= N; j += R) {
+    combine_rows<D, R>(s.Pt + j * Np, Np, s.grow, N, s.dvrow + j);
+    combine_rows<D, R>(s.dSt + j * Np, Np, s.qrow, N, s.dkrow + j);
+  }
+  for (; j < N; ++j) {
+    combine_rows<D, 1>(s.Pt + j * Np, Np, s.grow, N, s.dvrow + j);
+    combine_rows<D, 1>(s.dSt + j * Np, Np, s.qrow, N, s.dkrow + j);
+  }
+  // dQ_i = sum_j dS^T[j, i] k_j: the forward's P v on dS^T (padding queries' columns are zero)
+  int i = 0;
+  for (; i + R <= N; i += R) pv_rows<D, R>(s.dSt + i, Np, s.krow, N, s.ones + i, s.dqrow + i);
+  for (; i < N; ++i) pv_rows<D, 1>(s.dSt + i, Np, s.krow, N, s.ones + i, s.dqrow + i);
+}
+
+}  // namespace
+
+extern "C" {
+
+// The gradient of davit_window_attention_f32: qkv (B, Hp, Wp, 3C) as there, out and dout (B, Ho, Wo, C) its
+// output and the output's gradient, dqkv (B, Hp, Wp, 3C) the gradient written, every element of it (padding
+// tokens' queries get zeros, their keys and values their share). Returns 0, -1 / -2 / -3 as the forward.
+int davit_window_attention_backward_f32(const float* qkv, const float* out, const float* dout, float* dqkv,
+                                        int64_t B, int64_t Hp, int64_t Wp, int64_t Ho, int64_t Wo, int64_t ws,
+                                        int64_t heads, int64_t D, int threads) {
+  if (D != 16 && D != 32 && D != 64 && D != 128) return -1;
+  const int N = int(ws * ws);
+  if (N > 256 || N < 1) return -2;
+  const int Np = (N + L - 1) / L * L;
+  const int64_t C = heads * D, nwy = Hp / ws, nwx = Wp / ws;
+  const int64_t tasks = B * nwy * nwx * heads;
+  const float scale = 1.0f / std::sqrt(float(D));
+#ifdef _OPENMP
+  const int team = threads > 0 ? threads : 1;
+#else
+  const int team = 1;
+#endif
+  const size_t floats = (2 * size_t(D) * Np + 2 * size_t(N) * Np + 2 * Np + 15) / 16 * 16;
+  float* buf = static_cast<float*>(std::malloc(team * floats * sizeof(float)));
+  void** rows = static_cast<void**>(std::malloc(team * 8 * size_t(N) * sizeof(void*)));
+  if (!buf || !rows) {
+    std::free(buf);
+    std::free(rows);
+    return -3;
+  }
+#pragma omp parallel num_threads(team)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    float* mine = buf + tid * floats;
+    void** r = rows + tid * 8 * size_t(N);
+    BackScratch s;
+    s.qT = mine;
+    s.gT = s.qT + size_t(D) * Np;
+    s.Pt = s.gT + size_t(D) * Np;
+    s.dSt = s.Pt + size_t(N) * Np;
+    s.Di = s.dSt + size_t(N) * Np;
+    s.ones = s.Di + Np;
+    s.qrow = static_cast<const float**>(static_cast<void*>(r));
+    s.krow = s.qrow + N;
+    s.vrow = s.krow + N;
+    s.orow = s.vrow + N;
+    s.grow = s.orow + N;
+    s.dqrow = static_cast<float**>(static_cast<void*>(r + 5 * size_t(N)));
+    s.dkrow = s.dqrow + N;
+    s.dvrow = s.dkrow + N;
+    std::memset(mine, 0, 2 * size_t(D) * Np * sizeof(float));  // the transposes' columns beyond N: zero
+    for (int i = 0; i < Np; ++i) {
+      s.Di[i] = 0.f;
+      s.ones[i] = 1.f;
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t h = t % heads, w = t / heads;
+      const int64_t wx = w % nwx, wy = (w / nwx) % nwy, b = w / (nwx * nwy);
+      for (int i = 0; i < N; ++i) {
+        const int64_t y = wy * ws + i / ws, x = wx * ws + i % ws;
+        const int64_t at = ((b * Hp + y) * Wp + x) * 3 * C + h * D;
+        s.qrow[i] = qkv + at;
+        s.krow[i] = qkv + at + C;
+        s.vrow[i] = qkv + at + 2 * C;
+        s.dqrow[i] = dqkv + at;
+        s.dkrow[i] = dqkv + at + C;
+        s.dvrow[i] = dqkv + at + 2 * C;
+        const bool real = y < Ho && x < Wo;
+        const int64_t o = ((b * Ho + y) * Wo + x) * C + h * D;
+        s.orow[i] = real ? out + o : nullptr;
+        s.grow[i] = real ? dout + o : nullptr;
+      }
+      switch (D) {
+        case 16: one_head_backward<16>(s, N, scale); break;
+        case 32: one_head_backward<32>(s, N, scale); break;
+        case 64: one_head_backward<64>(s, N, scale); break;
+        default: one_head_backward<128>(s, N, scale); break;
+      }
+    }
+  }
+  std::free(buf);
+  std::free(rows);
   return 0;
 }
 

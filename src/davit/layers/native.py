@@ -1,8 +1,10 @@
 """Native CPU kernels (``davit/csrc``), compiled on first use with the machine's C++ compiler and cached.
 
-For CPU fp32 inference: window self-attention (:func:`window_attention_map`), read from the map's qkv
-projection and written into the output map, so the windows are never partitioned or reversed as copies;
-and layer norm over rows (:func:`layer_norm`). The library has a plain C ABI and no torch headers: it builds
+For CPU fp32: window self-attention (:func:`window_attention_map`), read from the map's qkv projection and
+written into the output map, so the windows are never partitioned or reversed as copies, in inference and,
+with its backward (:func:`window_attention_map_backward`, as the differentiable operator
+:func:`window_attention`), in training; and in inference layer norm over rows (:func:`layer_norm`). The
+library has a plain C ABI and no torch headers: it builds
 in about a second, does not depend on torch's version, and is loaded with ctypes. Its threads are OpenMP's,
 as many as torch's.
 
@@ -34,15 +36,18 @@ __all__ = [
     "native_kernels_enabled",
     "set_native_kernels",
     "native_library",
+    "window_attention",
     "window_attention_map",
+    "window_attention_map_backward",
     "window_kernel_supports",
+    "window_training_supports",
     "layer_norm",
     "layer_norm_supports",
     "build_error",
 ]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"
-_ABI = 2
+_ABI = 3
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 #: head dims the library is built for (davit's variants all have 32)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -150,6 +155,9 @@ def _load() -> ctypes.CDLL:
     i64 = ctypes.c_int64
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, i64, i64, i64, i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
+    fn = lib.davit_window_attention_backward_f32
+    fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 8 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
     fn = lib.davit_layer_norm_f32
     fn.argtypes = [ctypes.c_void_p] * 4 + [i64, i64, ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -195,6 +203,22 @@ def window_kernel_supports(x: Tensor, channels: int, num_heads: int, window_size
     return native_library() is not None
 
 
+def _check_qkv_map(name: str, qkv: Tensor, num_heads: int, window_size: int) -> None:
+    if qkv.dim() != 4 or qkv.dtype != torch.float32 or qkv.device.type != "cpu" or not qkv.is_contiguous():
+        raise ValueError(
+            f"{name}: qkv must be a contiguous CPU fp32 (B, Hp, Wp, 3C) map, got "
+            f"{qkv.dtype} {tuple(qkv.shape)} on {qkv.device} (contiguous: {qkv.is_contiguous()})"
+        )
+    Hp, Wp, C3 = qkv.shape[1:]
+    if C3 % (3 * num_heads) or (C3 // 3 // num_heads) not in HEAD_DIMS or not 0 < window_size**2 <= 256:
+        raise ValueError(
+            f"{name}: {num_heads} heads of {C3 // 3} channels, window {window_size}: "
+            f"head dims {HEAD_DIMS} and at most 256 tokens per window are built"
+        )
+    if Hp % window_size or Wp % window_size:
+        raise ValueError(f"{name}: the qkv map {Hp}x{Wp} must be whole {window_size}x{window_size} windows")
+
+
 def window_attention_map(
     qkv: Tensor,
     num_heads: int,
@@ -210,24 +234,12 @@ def window_attention_map(
     lib = native_library()
     if lib is None:
         raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
-    if qkv.dim() != 4 or qkv.dtype != torch.float32 or qkv.device.type != "cpu" or not qkv.is_contiguous():
-        raise ValueError(
-            "window_attention_map: qkv must be a contiguous CPU fp32 (B, Hp, Wp, 3C) map, got "
-            f"{qkv.dtype} {tuple(qkv.shape)} on {qkv.device} (contiguous: {qkv.is_contiguous()})"
-        )
+    _check_qkv_map("window_attention_map", qkv, num_heads, window_size)
     B, Hp, Wp, C3 = qkv.shape
     C = C3 // 3
     H, W = (Hp, Wp) if out_hw is None else out_hw
-    if C3 % (3 * num_heads) or (C // num_heads) not in HEAD_DIMS or window_size**2 > 256:
-        raise ValueError(
-            f"window_attention_map: {num_heads} heads of {C3 // 3} channels, window {window_size}: "
-            f"head dims {HEAD_DIMS} and at most 256 tokens per window are built"
-        )
-    if Hp % window_size or Wp % window_size or not (0 < H <= Hp and 0 < W <= Wp):
-        raise ValueError(
-            f"window_attention_map: the qkv map {Hp}x{Wp} must be whole {window_size}x{window_size} "
-            f"windows and cover the {H}x{W} output"
-        )
+    if not (0 < H <= Hp and 0 < W <= Wp):
+        raise ValueError(f"window_attention_map: the qkv map {Hp}x{Wp} must cover the {H}x{W} output")
     if out is None:
         out = qkv.new_empty((B, H, W, C))
     elif out.shape != (B, H, W, C) or not out.is_contiguous() or out.dtype != torch.float32:
@@ -239,6 +251,139 @@ def window_attention_map(
     if code != 0:
         raise RuntimeError(f"davit_window_attention_f32 returned {code} for qkv {tuple(qkv.shape)}")
     return out
+
+
+def window_attention_map_backward(
+    qkv: Tensor, out: Tensor, grad: Tensor, num_heads: int, window_size: int
+) -> Tensor:
+    """The gradient of :func:`window_attention_map` with respect to ``qkv`` (B, Hp, Wp, 3C), given its output
+    ``out`` (B, H, W, C) and that output's gradient ``grad``: per window and head the probabilities are
+    recomputed (as the forward does) and dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = s dS K,
+    dK = s dS^T Q written into the qkv layout, padding tokens' queries zero."""
+    lib = native_library()
+    if lib is None:
+        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+    _check_qkv_map("window_attention_map_backward", qkv, num_heads, window_size)
+    B, Hp, Wp, C3 = qkv.shape
+    C, (H, W) = C3 // 3, out.shape[1:3]
+    for name, t in (("out", out), ("grad", grad)):
+        if t.shape != (B, H, W, C) or t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(
+                f"window_attention_map_backward: {name} must be CPU fp32 {(B, H, W, C)}, got "
+                f"{t.dtype} {tuple(t.shape)} on {t.device}"
+            )
+    if not (0 < H <= Hp and 0 < W <= Wp):
+        raise ValueError(
+            f"window_attention_map_backward: the qkv map {Hp}x{Wp} must cover the {H}x{W} output"
+        )
+    out, grad = out.contiguous(), grad.contiguous()
+    dqkv = torch.empty_like(qkv)
+    code = lib.davit_window_attention_backward_f32(
+        qkv.data_ptr(), out.data_ptr(), grad.data_ptr(), dqkv.data_ptr(), B, Hp, Wp, H, W, window_size,
+        num_heads, C // num_heads, torch.get_num_threads(),
+    )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"davit_window_attention_backward_f32 returned {code} for qkv {tuple(qkv.shape)}")
+    return dqkv
+
+
+def _torch_window_attention(qkv: Tensor, num_heads: int, window_size: int, height: int, width: int) -> Tensor:
+    # torch's formulation of window_attention_map: where the kernels were turned off after a graph was traced
+    from .attention import window_attention, window_partition, window_reverse  # (attention imports us)
+
+    Hp, Wp = qkv.shape[1:3]
+    out = window_reverse(window_attention(window_partition(qkv, window_size), num_heads), window_size, Hp, Wp)
+    return out[:, :height, :width].contiguous()
+
+
+@torch.library.custom_op("davit::window_attention", mutates_args=())
+def window_attention(qkv: Tensor, num_heads: int, window_size: int, height: int, width: int) -> Tensor:
+    """:func:`window_attention_map` (output ``height`` x ``width``) as a differentiable operator that
+    torch.compile keeps as one opaque call: the training path (its backward is
+    :func:`window_attention_map_backward`). Where the kernels are off when it runs (turned off after a
+    graph holding it was traced) torch's partition, attention and reverse compute the same."""
+    if native_library() is None:
+        return _torch_window_attention(qkv, num_heads, window_size, height, width)
+    return window_attention_map(qkv, num_heads, window_size, out_hw=(height, width))
+
+
+@window_attention.register_fake
+def _(qkv: Tensor, num_heads: int, window_size: int, height: int, width: int) -> Tensor:
+    return qkv.new_empty((qkv.shape[0], height, width, qkv.shape[3] // 3))
+
+
+@torch.library.custom_op("davit::window_attention_backward", mutates_args=())
+def _window_attention_backward(
+    grad: Tensor, qkv: Tensor, out: Tensor, num_heads: int, window_size: int
+) -> Tensor:
+    if native_library() is None:
+        return _torch_window_attention_grad(qkv, grad, num_heads, window_size)
+    return window_attention_map_backward(qkv, out, grad, num_heads, window_size)
+
+
+def _torch_window_attention_grad(qkv: Tensor, grad: Tensor, num_heads: int, window_size: int) -> Tensor:
+    # the kernel's backward in torch's ops, on the partitioned windows (autograd does not record inside an
+    # operator's implementation, so the gradient is written out): where the kernels were turned off
+    from .attention import _split_heads, window_partition, window_reverse
+
+    B, Hp, Wp, C3 = qkv.shape
+    H, W = grad.shape[1:3]
+    ws = window_size
+    q, k, v = _split_heads(window_partition(qkv, ws), num_heads)  # (Bw, heads, N, d)
+    g = window_partition(torch.nn.functional.pad(grad, (0, 0, 0, Wp - W, 0, Hp - H)), ws)
+    g = g.view(*g.shape[:2], num_heads, -1).transpose(1, 2)  # padding queries: zero gradient
+    s = q.shape[-1] ** -0.5
+    p = (q @ k.transpose(-2, -1) * s).softmax(-1)
+    dp = g @ v.transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * s
+    parts = torch.stack([ds @ k, ds.transpose(-2, -1) @ q, p.transpose(-2, -1) @ g])  # (3, Bw, heads, N, d)
+    windows = parts.permute(1, 3, 0, 2, 4).reshape(q.shape[0], ws * ws, C3)
+    return window_reverse(windows, ws, Hp, Wp).contiguous()
+
+
+@_window_attention_backward.register_fake
+def _(grad: Tensor, qkv: Tensor, out: Tensor, num_heads: int, window_size: int) -> Tensor:
+    return torch.empty_like(qkv)
+
+
+def _window_attention_setup(ctx, inputs, output) -> None:
+    qkv, num_heads, window_size, _, _ = inputs
+    ctx.save_for_backward(qkv, output)
+    ctx.conf = (num_heads, window_size)
+
+
+def _window_attention_grad(ctx, grad: Tensor):
+    qkv, out = ctx.saved_tensors
+    return _window_attention_backward(grad, qkv, out, *ctx.conf), None, None, None, None
+
+
+window_attention.register_autograd(_window_attention_grad, setup_context=_window_attention_setup)
+
+
+@torch.compiler.assume_constant_result
+def _library_available() -> bool:
+    # at trace time under torch.compile the answer is baked into the graph: building or loading the library
+    # is not something to trace (set_native_kernels then needs torch._dynamo.reset() to act on compiled code)
+    return native_library() is not None
+
+
+def window_training_supports(x: Tensor, channels: int, num_heads: int, window_size: int) -> bool:
+    """Whether training runs :func:`window_attention` on a map ``x`` of ``channels`` channels: CPU fp32
+    outside autocast, eager or torch.compile (not export or TorchScript), a built head dim, at most
+    :data:`MAX_WINDOW_TOKENS` tokens per window, and the library available."""
+    if not (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and channels % num_heads == 0
+        and channels // num_heads in HEAD_DIMS
+        and window_size * window_size <= MAX_WINDOW_TOKENS
+    ):
+        return False
+    return _library_available()
 
 
 def layer_norm_supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
