@@ -35,7 +35,7 @@ def _linears_line(run: dict) -> list[str]:
     lines = [f"Ours' fp32 linears here: training {train}; inference {infer}; compiled inference {comp}."]
     if "native_window_attention" in run:
         kind = "davit's native kernel" if run["native_window_attention"] else "torch's SDPA"
-        lines.append(f"Ours' fp32 inference window attention (windows up to 12x12): {kind}.")
+        lines.append(f"Ours' fp32 window attention (windows up to 12x12, inference and training): {kind}.")
     return lines
 
 

@@ -189,7 +189,7 @@ def test_report_renders_bench_json_and_labels_whole_batch_runs(tmp_path):
     from davit.layers import native
 
     kind = "davit's native kernel" if native.native_library() is not None else "torch's SDPA"
-    assert f"Ours' fp32 inference window attention (windows up to 12x12): {kind}." in r.stdout
+    assert f"Ours' fp32 window attention (windows up to 12x12, inference and training): {kind}." in r.stdout
     assert json.loads(a.read_text())["native_window_attention"] is (native.native_library() is not None)
     # the GEMM floor of the run timed with it, and only that run's
     floor = json.loads(b.read_text())["gemm_floor"][0]

@@ -359,7 +359,7 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ours' eager CPU inference: each stage on {where} (--infer-slices TOKENS, 0: whole batch)")
         print(f"ours' CPU inference linears: {gemms}")
         attn = _window_attention_kind()
-        print(f"ours' CPU fp32 inference window attention: {attn} (DAVIT_NATIVE_KERNELS=0/1)")
+        print(f"ours' CPU fp32 window attention (inference and training): {attn} (DAVIT_NATIVE_KERNELS=0/1)")
         if args.compile and args.mode in ("infer", "both") and dtype == torch.float32:
             from .layers.fused import INFER_OP_CHUNK_TOKENS
 
@@ -651,7 +651,8 @@ def environment() -> dict[str, Any]:
 
 
 def _window_attention_kind() -> str:
-    """Which kernel ours' CPU fp32 inference attends windows with (davit.layers.native), and why."""
+    """Which kernel ours' CPU fp32 inference and training attend windows with (davit.layers.native), and
+    why."""
     from .layers.native import MAX_WINDOW_TOKENS, build_error, native_kernels_enabled, native_library
 
     if native_library() is not None:
