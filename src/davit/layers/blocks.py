@@ -214,12 +214,12 @@ class Mlp(nn.Module):
             and not any(has_hooks(m) for m in (self, self.fc1, self.act, self.fc2))
         ):
             return linear_residual(self.hidden(x), self.fc2, residual, drop, self.fast)
-        rows = x.reshape(n, x.shape[-1])
-        y = rows.new_empty((n, self.fc2.out_features))
-        for i in range(0, n, TRAIN_MLP_CHUNK_TOKENS):
-            part = rows[i : i + TRAIN_MLP_CHUNK_TOKENS]
-            # autograd hands each chunk its slice of y's gradient
-            y[i : i + TRAIN_MLP_CHUNK_TOKENS] = linear(self.hidden(part), self.fc2, self.fast)
+        # split and cat, not slicing and slice assignment: their backwards are one cat of the chunks' input
+        # gradients and free views of y's, where a slice's backward writes a zero-filled full-size gradient
+        # per chunk (summed by autograd) and a slice assignment's clones y's (13.5 ms of fills, copies and
+        # adds per davit_tiny training step at batch 8, session 37)
+        parts = x.reshape(n, x.shape[-1]).split(TRAIN_MLP_CHUNK_TOKENS)
+        y = torch.cat([linear(self.hidden(part), self.fc2, self.fast) for part in parts])
         return residual + drop(y.view(residual.shape))
 
 
