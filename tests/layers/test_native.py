@@ -109,7 +109,7 @@ def test_supports_only_what_is_built_and_measured():
     assert native.window_kernel_supports(x, 96, 3, 12)  # 144 tokens (the Florence-2 tower)
     assert not native.window_kernel_supports(x, 96, 3, 13)  # 169: not measured, left to torch
     w = x.clone().requires_grad_()
-    assert not native.window_kernel_supports(w, 96, 3, 7)  # autograd: the kernel has no backward
+    assert not native.window_kernel_supports(w, 96, 3, 7)  # autograd: training takes the differentiable op
     with torch.no_grad():
         assert native.window_kernel_supports(w, 96, 3, 7)
     try:

@@ -189,8 +189,9 @@ def native_library() -> ctypes.CDLL | None:
 
 def window_kernel_supports(x: Tensor, channels: int, num_heads: int, window_size: int) -> bool:
     """Whether :func:`window_attention_map` runs for a map ``x`` of ``channels`` channels (the normed map, or
-    its qkv projection): CPU fp32 without autograd, a built head dim (:data:`HEAD_DIMS`), at most
-    :data:`MAX_WINDOW_TOKENS` tokens per window, and the library available."""
+    its qkv projection) in inference: CPU fp32 without autograd (training: :func:`window_training_supports`),
+    a built head dim (:data:`HEAD_DIMS`), at most :data:`MAX_WINDOW_TOKENS` tokens per window, and the
+    library available."""
     if not (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -304,7 +305,8 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: int, height: int,
     graph holding it was traced) torch's partition, attention and reverse compute the same."""
     if native_library() is None:
         return _torch_window_attention(qkv, num_heads, window_size, height, width)
-    return window_attention_map(qkv, num_heads, window_size, out_hw=(height, width))
+    # (a projection's output is contiguous; should a compiled graph hand over another layout, a copy)
+    return window_attention_map(qkv.contiguous(), num_heads, window_size, out_hw=(height, width))
 
 
 @window_attention.register_fake
@@ -318,7 +320,7 @@ def _window_attention_backward(
 ) -> Tensor:
     if native_library() is None:
         return _torch_window_attention_grad(qkv, grad, num_heads, window_size)
-    return window_attention_map_backward(qkv, out, grad, num_heads, window_size)
+    return window_attention_map_backward(qkv.contiguous(), out, grad, num_heads, window_size)
 
 
 def _torch_window_attention_grad(qkv: Tensor, grad: Tensor, num_heads: int, window_size: int) -> Tensor:
