@@ -4,9 +4,8 @@ For CPU fp32: window self-attention (:func:`window_attention_map`), read from th
 written into the output map, so the windows are never partitioned or reversed as copies, in inference and,
 with its backward (:func:`window_attention_map_backward`, as the differentiable operator
 :func:`window_attention`), in training; and in inference layer norm over rows (:func:`layer_norm`). The
-library has a plain C ABI and no torch headers: it builds
-in about a second, does not depend on torch's version, and is loaded with ctypes. Its threads are OpenMP's,
-as many as torch's.
+library has a plain C ABI and no torch headers: it builds in about a second, does not depend on torch's
+version, and is loaded with ctypes. Its threads are OpenMP's, as many as torch's.
 
 The library is built for the CPU it runs on (``-march=native``) into ``$DAVIT_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/davit`` or ``~/.cache/davit``), under a name hashed from the source, the compiler, its
@@ -328,7 +327,7 @@ def _torch_window_attention_grad(qkv: Tensor, grad: Tensor, num_heads: int, wind
     # operator's implementation, so the gradient is written out): where the kernels were turned off
     from .attention import _split_heads, window_partition, window_reverse
 
-    B, Hp, Wp, C3 = qkv.shape
+    Hp, Wp, C3 = qkv.shape[1:]
     H, W = grad.shape[1:3]
     ws = window_size
     q, k, v = _split_heads(window_partition(qkv, ws), num_heads)  # (Bw, heads, N, d)
@@ -365,7 +364,8 @@ window_attention.register_autograd(_window_attention_grad, setup_context=_window
 @torch.compiler.assume_constant_result
 def _library_available() -> bool:
     # at trace time under torch.compile the answer is baked into the graph: building or loading the library
-    # is not something to trace (set_native_kernels then needs torch._dynamo.reset() to act on compiled code)
+    # is not something to trace. Kernels turned off after tracing: the operator falls back to torch's ops;
+    # turned on after a graph was traced without them: torch._dynamo.reset() (or a new compile) takes them
     return native_library() is not None
 
 
