@@ -261,6 +261,22 @@ def test_backward_equals_windowed_reference(B, H, W, heads, D, ws):
 
 
 @needs_kernel
+def test_kernels_flush_denormals_only_inside():
+    """Peaked attention (large logits) makes probabilities and their products denormal; the kernels flush
+    those (x86 FTZ/DAZ) while they run, and leave the calling thread's floating-point mode as it was:
+    the gradient is as close to float64's as autograd through torch's kernel, and torch's own ops still
+    keep denormals afterwards."""
+    qkv, g, ref = _grad_pair(14, 14, 3, 32, 7, scale=10.0)  # logits in the hundreds
+    out = native.window_attention_map(qkv, 3, 7)
+    got = native.window_attention_map_backward(qkv, out, g, 3, 7)
+    x = qkv.clone().requires_grad_()
+    windowed(x, 3, 7, 14, 14, window_attention).backward(g)
+    assert (got.double() - ref).abs().max() <= 3 * (x.grad.double() - ref).abs().max() + 1e-6
+    tiny = torch.full((64,), 1e-39)  # denormal in fp32
+    assert tiny[0].item() != 0.0 and (tiny * 1.0).ne(0).all() and (tiny + tiny).ne(0).all()
+
+
+@needs_kernel
 def test_backward_is_independent_of_threads_and_rejects_bad_input():
     qkv, g, _ = _grad_pair(14, 14, 3, 32, 7, scale=10.0)
     out = native.window_attention_map(qkv, 3, 7)
