@@ -24,10 +24,10 @@
 namespace {
 
 // Denormal operands and results are flushed to zero inside the attention kernels (x86's FTZ and DAZ bits,
-// per thread, restored on leaving). Peaked attention (logit gaps beyond ~87, as trained models and large
-// logits give) makes probabilities, their products and the backward's dS denormal, and every x86 FMA on
-// them takes a microcode assist: at 10x the logits of random inputs the first stage's forward took 5.4x and
-// its backward 10x as long. Values below 2^-126 are far under fp32's rounding of the sums they enter.
+// per thread, restored on leaving). Sharply peaked attention (scaled logit gaps of ~80 and more) makes
+// probabilities, their products and the backward's dS denormal, and every x86 FMA on them takes a microcode
+// assist: with the first stage's qkv scaled 10x its forward took 5.4x and its backward 10x as long. Values
+// below 2^-126 are far under fp32's rounding of the sums they enter.
 struct FlushDenormals {
 #if defined(__x86_64__) || defined(__i386__)
   unsigned int saved;
