@@ -1,5 +1,6 @@
-"""The native window-attention kernel (davit.layers.native) equals the windowed formulation, and the model
-falls back to torch's ops, with a warning, where the kernel cannot be built."""
+"""The native kernels (davit.layers.native): window attention, forward and backward, equals the windowed
+formulation, the layer norm torch's, and the model falls back to torch's ops, with a warning, where the
+kernels cannot be built."""
 
 from __future__ import annotations
 
