@@ -47,6 +47,21 @@ def build(model_name: str, timm: bool) -> nn.Module | None:
     return net
 
 
+def under(setter: Callable[[bool], object], value: bool, step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` run with a module switch set (``setter(value)``, e.g. ``fused.set_opaque_convs``), the
+    previous value restored after. Switches read while dynamo traces guard their graph, so each step runs
+    under its own."""
+
+    def run() -> object:
+        previous = setter(value)
+        try:
+            return step()
+        finally:
+            setter(previous)  # type: ignore[arg-type]
+
+    return run
+
+
 def warm_up(name: str, step: Callable[[], object]) -> None:
     """Two untimed calls (the first compiles, where the step is compiled), the first one's time printed."""
     t = time.perf_counter()

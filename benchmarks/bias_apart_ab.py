@@ -19,22 +19,10 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from ab_rounds import build, interleaved_medians, parser, print_summary, warm_up
+from ab_rounds import build, interleaved_medians, parser, print_summary, under, warm_up
 
 from davit.bench import _make_step
 from davit.layers import fused
-
-
-def _with_bias_apart(step: Callable[[], object], apart: bool) -> Callable[[], object]:
-    # the setting is read while dynamo traces, and its value guards the graph: each step runs under its own
-    def run() -> object:
-        previous = fused.set_bias_apart(apart)
-        try:
-            return step()
-        finally:
-            fused.set_bias_apart(previous)
-
-    return run
 
 
 def main() -> None:
@@ -53,7 +41,7 @@ def main() -> None:
         net.train(args.mode == "train")
         fn = torch.compile(net, fullgraph=name.startswith("ours"))
         step, _ = _make_step(fn, x, args.mode, torch.float32, torch.device("cpu"), net)
-        step = _with_bias_apart(step, apart=name == "ours, bias apart")
+        step = under(fused.set_bias_apart, name == "ours, bias apart", step)
         warm_up(name, step)
         steps[name] = step
 

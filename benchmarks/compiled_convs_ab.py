@@ -17,22 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from ab_rounds import build, interleaved_medians, parser, print_summary, warm_up
+from ab_rounds import build, interleaved_medians, parser, print_summary, under, warm_up
 
 from davit.bench import _make_step
 from davit.layers import fused
-
-
-def _with_convs(step: Callable[[], object], opaque: bool) -> Callable[[], object]:
-    # the setting is read while dynamo traces, and its value guards the graph: each step runs under its own
-    def run() -> object:
-        previous = fused.set_opaque_convs(opaque)
-        try:
-            return step()
-        finally:
-            fused.set_opaque_convs(previous)
-
-    return run
 
 
 def main() -> None:
@@ -51,7 +39,7 @@ def main() -> None:
         net.train(args.mode == "train")
         fn = net if name == "ours eager" else torch.compile(net, fullgraph=name.startswith("ours"))
         step, _ = _make_step(fn, x, args.mode, torch.float32, torch.device("cpu"), net)
-        step = _with_convs(step, opaque="plain" not in name)
+        step = under(fused.set_opaque_convs, "plain" not in name, step)
         warm_up(name, step)
         steps[name] = step
 

@@ -59,6 +59,19 @@ def test_onednn_ab_interleaves_both_settings():
     assert r.returncode != 0 and "add --compile" in r.stderr
 
 
+def test_native_ab_times_the_kernels_on_and_off():
+    """benchmarks/native_ab.py: ours with the native kernels and with torch's ops in every round, and the
+    paired per-round ratio; a variant without a timm counterpart leaves timm's column out."""
+    script = SCRIPT.parent / "native_ab.py"
+    args = ["--model", "davit_atto", "-b", "2", "--img-size", "32", "--rounds", "2"]
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rounds = re.findall(r"round (\d): ours, native kernels \d+ ms, ours, torch's ops \d+ ms\n", r.stdout)
+    assert rounds == ["0", "1"], r.stdout
+    assert re.search(r"per-round torch's ops / native: median [\d.]+x, quartiles", r.stdout), r.stdout
+    assert "its column is left out" in r.stdout
+
+
 def test_malloc_step_compares_inference_on_batch_slices():
     script = SCRIPT.parent / "malloc_step.py"
     args = ["--compare", "slices", "--model", "davit_atto", "-b", "2", "--img-size", "32", "--steps", "1"]
@@ -210,3 +223,22 @@ def test_ab_rounds_turn_the_order_each_round(monkeypatch, capsys):
     assert calls == list("AABBCC" "BBCCAA" "CCAABB" "AABBCC")
     assert set(med) == set("ABC") and all(v >= 0 for v in med.values())
     assert capsys.readouterr().out.count("round ") == 4
+    per: dict[str, list[float]] = {}
+    interleaved_medians(steps, rounds=2, calls=1, per_round=per)
+    assert set(per) == set("ABC") and all(len(v) == 2 for v in per.values())
+
+
+def test_ab_rounds_under_sets_a_switch_for_one_step_only(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from ab_rounds import under
+
+    state = {"on": False}
+
+    def setter(value: bool) -> bool:
+        previous, state["on"] = state["on"], value
+        return previous
+
+    seen: list[bool] = []
+    run = under(setter, True, lambda: seen.append(state["on"]))
+    run()
+    assert seen == [True] and state["on"] is False

@@ -657,10 +657,15 @@ def bias_apart(x: Tensor, layer: nn.Linear) -> bool:
     residual add, the channel attention's re-layout; in the backward the bias gradient's sum joins GELU's
     or the norm's), so it costs no pass of its own. Step 1.029x as fast (medians of 21 interleaved rounds;
     per-round ratios' median 1.039x; Xeon family 6 model 207, session 37)."""
+    return _BIAS_APART and layer.bias is not None and _compiled_cpu_fp32_training(x, layer)
+
+
+def _compiled_cpu_fp32_training(x: Tensor, layer: nn.Module) -> bool:
+    # torch.compile (not export: ONNX and exported programs see the plain ops) with gradients, CPU fp32
+    # outside autocast, the layer unhooked: where the compiled-training rewrites apply (bias_apart,
+    # opaque_conv)
     return (
-        _BIAS_APART
-        and layer.bias is not None
-        and torch.compiler.is_compiling()
+        torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and torch.is_grad_enabled()
         and x.device.type == "cpu"
@@ -806,17 +811,10 @@ def opaque_conv(x: Tensor, layer: nn.Conv2d) -> bool:
     zero-padded convolution without dilation or hooks."""
     return (
         _OPAQUE_CONVS
-        and torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and layer.weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
         and layer.dilation == (1, 1)
         and layer.padding_mode == "zeros"
         and not isinstance(layer.padding, str)
-        and not has_hooks(layer)
+        and _compiled_cpu_fp32_training(x, layer)
     )
 
 
