@@ -220,6 +220,48 @@ void one_head(const Scratch& s, int N, float scale) {
   }
 }
 
+// Runs task(state, b, wy, wx, h) for every (image, window row, window column, head) of a map with nwy x nwx
+// windows, on `threads` OpenMP threads with denormals flushed; each thread's state is made once by
+// init(scratch, pointers) from `floats` floats and `ptrs` pointers of its own, allocated up front (a thread
+// may not skip the work-sharing loop). Returns 0, or -3 if that memory could not be allocated.
+template <class Init, class Task>
+int for_each_window_head(int64_t B, int64_t nwy, int64_t nwx, int64_t heads, int threads, size_t floats,
+                         size_t ptrs, Init init, Task task) {
+#ifdef _OPENMP
+  const int team = threads > 0 ? threads : 1;
+#else
+  const int team = 1;
+  (void)threads;
+#endif
+  floats = (floats + 15) / 16 * 16;
+  float* buf = static_cast<float*>(std::malloc(team * floats * sizeof(float)));
+  void** rows = static_cast<void**>(std::malloc(team * ptrs * sizeof(void*)));
+  if (!buf || !rows) {
+    std::free(buf);
+    std::free(rows);
+    return -3;
+  }
+  const int64_t tasks = B * nwy * nwx * heads;
+#pragma omp parallel num_threads(team)
+  {
+    FlushDenormals ftz;
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    auto state = init(buf + tid * floats, rows + tid * ptrs);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t h = t % heads, w = t / heads;
+      task(state, w / (nwx * nwy), (w / nwx) % nwy, w % nwx, h);
+    }
+  }
+  std::free(buf);
+  std::free(rows);
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -239,58 +281,32 @@ int davit_window_attention_f32(const float* qkv, float* out, int64_t B, int64_t 
   if (N > 256 || N < 1) return -2;
   const int Np = (N + L - 1) / L * L;
   const int64_t C = heads * D, nwy = Hp / ws, nwx = Wp / ws;
-  const int64_t tasks = B * nwy * nwx * heads;
   const float scale = 1.0f / std::sqrt(float(D));
-#ifdef _OPENMP
-  const int team = threads > 0 ? threads : 1;
-#else
-  const int team = 1;
-#endif
-  // scratch per thread, allocated up front: a thread may not skip the work-sharing loop below
-  const size_t floats = (size_t(D) * Np + size_t(N) * QB + Np + 15) / 16 * 16;
-  float* buf = static_cast<float*>(std::malloc(team * floats * sizeof(float)));
-  void** rows = static_cast<void**>(std::malloc(team * 4 * size_t(N) * sizeof(void*)));
-  if (!buf || !rows) {
-    std::free(buf);
-    std::free(rows);
-    return -3;
-  }
-#pragma omp parallel num_threads(team)
-  {
-    FlushDenormals ftz;
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
-    float* mine = buf + tid * floats;
-    const float** r = const_cast<const float**>(reinterpret_cast<float**>(rows + tid * 4 * size_t(N)));
-    Scratch s{mine, mine + size_t(D) * Np, mine + size_t(D) * Np + size_t(N) * QB, r, r + N, r + 2 * N,
-              const_cast<float**>(r + 3 * N)};
+  auto init = [&](float* mine, void** r) {
+    const float** p = static_cast<const float**>(static_cast<void*>(r));
+    Scratch s{mine, mine + size_t(D) * Np, mine + size_t(D) * Np + size_t(N) * QB, p, p + N, p + 2 * N,
+              static_cast<float**>(static_cast<void*>(r + 3 * N))};
     std::memset(mine, 0, size_t(D) * Np * sizeof(float));  // qT's columns beyond N: zero for every task
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t h = t % heads, w = t / heads;
-      const int64_t wx = w % nwx, wy = (w / nwx) % nwy, b = w / (nwx * nwy);
-      for (int i = 0; i < N; ++i) {
-        const int64_t y = wy * ws + i / ws, x = wx * ws + i % ws;
-        const float* row = qkv + ((b * Hp + y) * Wp + x) * 3 * C + h * D;
-        s.qrow[i] = row;
-        s.krow[i] = row + C;
-        s.vrow[i] = row + 2 * C;
-        s.orow[i] = (y < Ho && x < Wo) ? out + ((b * Ho + y) * Wo + x) * C + h * D : nullptr;
-      }
-      switch (D) {
-        case 16: one_head<16>(s, N, scale); break;
-        case 32: one_head<32>(s, N, scale); break;
-        case 64: one_head<64>(s, N, scale); break;
-        default: one_head<128>(s, N, scale); break;
-      }
+    return s;
+  };
+  auto task = [&](Scratch& s, int64_t b, int64_t wy, int64_t wx, int64_t h) {
+    for (int i = 0; i < N; ++i) {
+      const int64_t y = wy * ws + i / ws, x = wx * ws + i % ws;
+      const float* row = qkv + ((b * Hp + y) * Wp + x) * 3 * C + h * D;
+      s.qrow[i] = row;
+      s.krow[i] = row + C;
+      s.vrow[i] = row + 2 * C;
+      s.orow[i] = (y < Ho && x < Wo) ? out + ((b * Ho + y) * Wo + x) * C + h * D : nullptr;
     }
-  }
-  std::free(buf);
-  std::free(rows);
-  return 0;
+    switch (D) {
+      case 16: one_head<16>(s, N, scale); break;
+      case 32: one_head<32>(s, N, scale); break;
+      case 64: one_head<64>(s, N, scale); break;
+      default: one_head<128>(s, N, scale); break;
+    }
+  };
+  const size_t floats = size_t(D) * Np + size_t(N) * QB + Np;
+  return for_each_window_head(B, nwy, nwx, heads, threads, floats, 4 * size_t(N), init, task);
 }
 
 }  // extern "C"
@@ -477,31 +493,8 @@ int davit_window_attention_backward_f32(const float* qkv, const float* out, cons
   if (N > 256 || N < 1) return -2;
   const int Np = (N + L - 1) / L * L;
   const int64_t C = heads * D, nwy = Hp / ws, nwx = Wp / ws;
-  const int64_t tasks = B * nwy * nwx * heads;
   const float scale = 1.0f / std::sqrt(float(D));
-#ifdef _OPENMP
-  const int team = threads > 0 ? threads : 1;
-#else
-  const int team = 1;
-#endif
-  const size_t floats = (2 * size_t(D) * Np + 2 * size_t(N) * Np + 2 * Np + 15) / 16 * 16;
-  float* buf = static_cast<float*>(std::malloc(team * floats * sizeof(float)));
-  void** rows = static_cast<void**>(std::malloc(team * 8 * size_t(N) * sizeof(void*)));
-  if (!buf || !rows) {
-    std::free(buf);
-    std::free(rows);
-    return -3;
-  }
-#pragma omp parallel num_threads(team)
-  {
-    FlushDenormals ftz;
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
-    float* mine = buf + tid * floats;
-    void** r = rows + tid * 8 * size_t(N);
+  auto init = [&](float* mine, void** r) {
     BackScratch s;
     s.qT = mine;
     s.gT = s.qT + size_t(D) * Np;
@@ -522,35 +515,32 @@ int davit_window_attention_backward_f32(const float* qkv, const float* out, cons
       s.Di[i] = 0.f;
       s.ones[i] = 1.f;
     }
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t h = t % heads, w = t / heads;
-      const int64_t wx = w % nwx, wy = (w / nwx) % nwy, b = w / (nwx * nwy);
-      for (int i = 0; i < N; ++i) {
-        const int64_t y = wy * ws + i / ws, x = wx * ws + i % ws;
-        const int64_t at = ((b * Hp + y) * Wp + x) * 3 * C + h * D;
-        s.qrow[i] = qkv + at;
-        s.krow[i] = qkv + at + C;
-        s.vrow[i] = qkv + at + 2 * C;
-        s.dqrow[i] = dqkv + at;
-        s.dkrow[i] = dqkv + at + C;
-        s.dvrow[i] = dqkv + at + 2 * C;
-        const bool real = y < Ho && x < Wo;
-        const int64_t o = ((b * Ho + y) * Wo + x) * C + h * D;
-        s.orow[i] = real ? out + o : nullptr;
-        s.grow[i] = real ? dout + o : nullptr;
-      }
-      switch (D) {
-        case 16: one_head_backward<16>(s, N, scale); break;
-        case 32: one_head_backward<32>(s, N, scale); break;
-        case 64: one_head_backward<64>(s, N, scale); break;
-        default: one_head_backward<128>(s, N, scale); break;
-      }
+    return s;
+  };
+  auto task = [&](BackScratch& s, int64_t b, int64_t wy, int64_t wx, int64_t h) {
+    for (int i = 0; i < N; ++i) {
+      const int64_t y = wy * ws + i / ws, x = wx * ws + i % ws;
+      const int64_t at = ((b * Hp + y) * Wp + x) * 3 * C + h * D;
+      s.qrow[i] = qkv + at;
+      s.krow[i] = qkv + at + C;
+      s.vrow[i] = qkv + at + 2 * C;
+      s.dqrow[i] = dqkv + at;
+      s.dkrow[i] = dqkv + at + C;
+      s.dvrow[i] = dqkv + at + 2 * C;
+      const bool real = y < Ho && x < Wo;
+      const int64_t o = ((b * Ho + y) * Wo + x) * C + h * D;
+      s.orow[i] = real ? out + o : nullptr;
+      s.grow[i] = real ? dout + o : nullptr;
     }
-  }
-  std::free(buf);
-  std::free(rows);
-  return 0;
+    switch (D) {
+      case 16: one_head_backward<16>(s, N, scale); break;
+      case 32: one_head_backward<32>(s, N, scale); break;
+      case 64: one_head_backward<64>(s, N, scale); break;
+      default: one_head_backward<128>(s, N, scale); break;
+    }
+  };
+  const size_t floats = 2 * size_t(D) * Np + 2 * size_t(N) * Np + 2 * Np;
+  return for_each_window_head(B, nwy, nwx, heads, threads, floats, 8 * size_t(N), init, task);
 }
 
 }  // extern "C"
