@@ -174,6 +174,23 @@ inline void transpose_rows(const float* const* rows, int N, float* T, int ldt) {
   }
 }
 
+// L columns (queries) of an N-row, key-major block of scores, rows ld apart: each replaced by
+// exp(scale * (s - its column's max)) in place; returns the columns' sums (the softmax denominators)
+inline vf exp_columns(float* col, int ld, int N, float scale) {
+  vf m = vload(col);
+  for (int j = 1; j < N; ++j) {
+    vf x = vload(col + j * ld);
+    m = x > m ? x : m;
+  }
+  vf sum = splat(0.f);
+  for (int j = 0; j < N; ++j) {
+    vf p = vexp((vload(col + j * ld) - m) * scale);  // scale > 0: the scaled scores' max is m * scale
+    sum += p;
+    vstore(col + j * ld, p);
+  }
+  return sum;
+}
+
 struct Scratch {
   float* qT;   // D x Np: the window's queries, transposed, zero beyond N
   float* St;   // N x QB: one block's scores, then probabilities, key-major
@@ -197,21 +214,7 @@ void one_head(const Scratch& s, int N, float scale) {
     int j = 0;
     for (; j + 4 <= N; j += 4) scores_rows<D, 4>(s.krow + j, s.qT + q0, Np, s.St + j * QB, QB, cols);
     for (; j < N; ++j) scores_rows<D, 1>(s.krow + j, s.qT + q0, Np, s.St + j * QB, QB, cols);
-    for (int b = 0; b < cols; b += L) {
-      float* col = s.St + b;
-      vf m = vload(col);
-      for (j = 1; j < N; ++j) {
-        vf x = vload(col + j * QB);
-        m = x > m ? x : m;
-      }
-      vf sum = splat(0.f);
-      for (j = 0; j < N; ++j) {
-        vf p = vexp((vload(col + j * QB) - m) * scale);  // scale > 0: the scaled scores' max is m * scale
-        sum += p;
-        vstore(col + j * QB, p);
-      }
-      vstore(s.inv + q0 + b, 1.0f / sum);
-    }
+    for (int b = 0; b < cols; b += L) vstore(s.inv + q0 + b, 1.0f / exp_columns(s.St + b, QB, N, scale));
     const int end = q0 + cols < N ? q0 + cols : N;
     int i = q0;
     for (; i + RPV <= end; i += RPV)
@@ -443,18 +446,7 @@ void one_head_backward(const BackScratch& s, int N, float scale) {
   }
   for (int b = 0; b < Np; b += L) {
     float* col = s.Pt + b;
-    vf m = vload(col);
-    for (j = 1; j < N; ++j) {
-      vf x = vload(col + j * Np);
-      m = x > m ? x : m;
-    }
-    vf sum = splat(0.f);
-    for (j = 0; j < N; ++j) {
-      vf p = vexp((vload(col + j * Np) - m) * scale);
-      sum += p;
-      vstore(col + j * Np, p);
-    }
-    const vf inv = 1.0f / sum, di = vload(s.Di + b);
+    const vf inv = 1.0f / exp_columns(col, Np, N, scale), di = vload(s.Di + b);
     for (j = 0; j < N; ++j) {
       vf p = vload(col + j * Np) * inv;
       vstore(col + j * Np, p);
