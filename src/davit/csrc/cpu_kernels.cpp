@@ -224,12 +224,15 @@ void one_head(const Scratch& s, int N, float scale) {
 }
 
 // Runs task(state, b, wy, wx, h) for every (image, window row, window column, head) of a map with nwy x nwx
-// windows, on `threads` OpenMP threads with denormals flushed; each thread's state is made once by
-// init(scratch, pointers) from `floats` floats and `ptrs` pointers of its own, allocated up front (a thread
-// may not skip the work-sharing loop). Returns 0, or -3 if that memory could not be allocated.
+// windows of N tokens and heads of D channels, on `threads` OpenMP threads with denormals flushed; each
+// thread's state is made once by init(scratch, pointers) from `floats` floats and `ptrs` pointers of its own,
+// allocated up front (a thread may not skip the work-sharing loop). Returns 0, -1 for a head dim that is not
+// built (16, 32, 64, 128 are), -2 for windows of more than 256 tokens, -3 if the memory was not allocated.
 template <class Init, class Task>
-int for_each_window_head(int64_t B, int64_t nwy, int64_t nwx, int64_t heads, int threads, size_t floats,
-                         size_t ptrs, Init init, Task task) {
+int for_each_window_head(int64_t B, int64_t nwy, int64_t nwx, int64_t heads, int64_t D, int N, int threads,
+                         size_t floats, size_t ptrs, Init init, Task task) {
+  if (D != 16 && D != 32 && D != 64 && D != 128) return -1;
+  if (N > 256 || N < 1) return -2;
 #ifdef _OPENMP
   const int team = threads > 0 ? threads : 1;
 #else
@@ -279,9 +282,7 @@ int davit_native_abi(void) { return 3; }
 // (more than 256), -3 if scratch memory could not be allocated.
 int davit_window_attention_f32(const float* qkv, float* out, int64_t B, int64_t Hp, int64_t Wp, int64_t Ho,
                                int64_t Wo, int64_t ws, int64_t heads, int64_t D, int threads) {
-  if (D != 16 && D != 32 && D != 64 && D != 128) return -1;
   const int N = int(ws * ws);
-  if (N > 256 || N < 1) return -2;
   const int Np = (N + L - 1) / L * L;
   const int64_t C = heads * D, nwy = Hp / ws, nwx = Wp / ws;
   const float scale = 1.0f / std::sqrt(float(D));
@@ -309,7 +310,7 @@ int davit_window_attention_f32(const float* qkv, float* out, int64_t B, int64_t 
     }
   };
   const size_t floats = size_t(D) * Np + size_t(N) * QB + Np;
-  return for_each_window_head(B, nwy, nwx, heads, threads, floats, 4 * size_t(N), init, task);
+  return for_each_window_head(B, nwy, nwx, heads, D, N, threads, floats, 4 * size_t(N), init, task);
 }
 
 }  // extern "C"
@@ -480,9 +481,7 @@ extern "C" {
 int davit_window_attention_backward_f32(const float* qkv, const float* out, const float* dout, float* dqkv,
                                         int64_t B, int64_t Hp, int64_t Wp, int64_t Ho, int64_t Wo, int64_t ws,
                                         int64_t heads, int64_t D, int threads) {
-  if (D != 16 && D != 32 && D != 64 && D != 128) return -1;
   const int N = int(ws * ws);
-  if (N > 256 || N < 1) return -2;
   const int Np = (N + L - 1) / L * L;
   const int64_t C = heads * D, nwy = Hp / ws, nwx = Wp / ws;
   const float scale = 1.0f / std::sqrt(float(D));
@@ -532,7 +531,7 @@ int davit_window_attention_backward_f32(const float* qkv, const float* out, cons
     }
   };
   const size_t floats = 2 * size_t(D) * Np + 2 * size_t(N) * Np + 2 * Np;
-  return for_each_window_head(B, nwy, nwx, heads, threads, floats, 8 * size_t(N), init, task);
+  return for_each_window_head(B, nwy, nwx, heads, D, N, threads, floats, 8 * size_t(N), init, task);
 }
 
 }  // extern "C"

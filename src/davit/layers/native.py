@@ -289,10 +289,12 @@ def window_attention_map_backward(
 
 def _torch_window_attention(qkv: Tensor, num_heads: int, window_size: int, height: int, width: int) -> Tensor:
     # torch's formulation of window_attention_map: where the kernels were turned off after a graph was traced
-    from .attention import window_attention, window_partition, window_reverse  # (attention imports us)
+    # (imported here: attention imports this module; aliased: this module's window_attention is the operator)
+    from .attention import window_attention as windowed
+    from .attention import window_partition, window_reverse
 
     Hp, Wp = qkv.shape[1:3]
-    out = window_reverse(window_attention(window_partition(qkv, window_size), num_heads), window_size, Hp, Wp)
+    out = window_reverse(windowed(window_partition(qkv, window_size), num_heads), window_size, Hp, Wp)
     return out[:, :height, :width].contiguous()
 
 
