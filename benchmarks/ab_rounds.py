@@ -1,4 +1,4 @@
-"""Interleaved timing rounds shared by the A/B scripts (``compiled_convs_ab.py``, ``onednn_ab.py``).
+"""Interleaved timing rounds shared by the A/B scripts (``switch_ab.py``, ``native_ab.py``, ...).
 
 Each round runs every step ``calls`` times in turn (A A A, B B B, ...); a step's figure is the median over
 rounds of its per-round median, so a slow spell of the machine hits every candidate alike. The order turns
@@ -94,6 +94,14 @@ def interleaved_medians(
         line = ", ".join(f"{n} {v[-1] * 1e3:.0f} ms" for n, v in per_round.items())
         print(f"round {r}: {line}", flush=True)
     return {n: statistics.median(v) for n, v in per_round.items()}
+
+
+def paired(per_round: dict[str, list[float]], a: str, b: str) -> str:
+    """The median and quartiles of the per-round ratios ``b / a`` (how much longer b took than a in the same
+    round), from :func:`interleaved_medians`' ``per_round``."""
+    r = [y / x for x, y in zip(per_round[a], per_round[b], strict=True)]
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return f"median {statistics.median(r):.3f}x, quartiles {q[0]:.3f}-{q[2]:.3f}"
 
 
 def print_summary(head: str, med: dict[str, float], base_name: str, rounds: int) -> None:

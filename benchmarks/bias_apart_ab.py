@@ -15,11 +15,10 @@ timm installed its column is left out.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
 import torch
-from ab_rounds import build, interleaved_medians, parser, print_summary, under, warm_up
+from ab_rounds import build, interleaved_medians, paired, parser, print_summary, under, warm_up
 
 from davit.bench import _make_step
 from davit.layers import fused
@@ -49,10 +48,7 @@ def main() -> None:
     med = interleaved_medians(steps, args.rounds, per_round=per_round)
     head = f"{args.model} {args.mode} batch {args.batch_size}, {args.img_size} px, compiled"
     print_summary(head, med, "timm compiled" if "timm compiled" in med else "ours, addmm", args.rounds)
-    ratios = [b / a for a, b in zip(per_round["ours, bias apart"], per_round["ours, addmm"], strict=True)]
-    q = statistics.quantiles(ratios, n=4)
-    mid = statistics.median(ratios)
-    print(f"  per-round addmm / apart: median {mid:.3f}x, quartiles {q[0]:.3f}-{q[2]:.3f}")
+    print(f"  per-round addmm / apart: {paired(per_round, 'ours, bias apart', 'ours, addmm')}")
 
 
 if __name__ == "__main__":

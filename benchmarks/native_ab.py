@@ -4,24 +4,23 @@
     .venv/bin/python benchmarks/native_ab.py --compile --rounds 15
     .venv/bin/python benchmarks/native_ab.py --mode infer -b 16
 
-Three steps in one process: ours with the kernels (``davit.layers.native``: window attention forward and
-backward, inference layer norms), ours with ``set_native_kernels(False)`` and timm's model with identical
-weights (with ``--compile`` each compiled once, inductor's defaults, batch axis dynamic, ours with
-``fullgraph=True``; ours without kernels is traced with them off, as a distinct backend, so that it holds
-torch's attention rather than reusing the first graph). Each round runs three calls of each in turn, the
-order turning by one each round; the summary is the median over rounds of each one's per-round median
-relative to timm's, and the median and quartiles of the per-round ratios (a slow spell of the machine hits
-both steps of a round alike). A training step is `davit bench`'s: zero-grad, forward, cross-entropy,
-backward, fused AdamW. Without timm installed its column is left out.
+Three steps in one process: ours with the kernels (``davit.layers.native``: window attention and position
+encodings forward and backward, inference layer norms), ours with ``set_native_kernels(False)`` and timm's
+model with identical weights (with ``--compile`` each compiled once, inductor's defaults, batch axis
+dynamic, ours with ``fullgraph=True``; ours without kernels is traced with them off, as a distinct backend,
+so that it holds torch's ops rather than reusing the first graph). Each round runs three calls of each in
+turn, the order turning by one each round; the summary is the median over rounds of each one's per-round
+median relative to timm's, and the median and quartiles of the per-round ratios (a slow spell of the
+machine hits both steps of a round alike). A training step is `davit bench`'s: zero-grad, forward,
+cross-entropy, backward, fused AdamW. Without timm installed its column is left out.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 
 import torch
-from ab_rounds import build, interleaved_medians, parser, print_summary, warm_up
+from ab_rounds import build, interleaved_medians, paired, parser, print_summary, warm_up
 
 from davit.bench import _make_step
 from davit.layers import native
@@ -38,12 +37,6 @@ def _with_kernels(step: Callable[[], object], on: bool | None) -> Callable[[], o
             native.set_native_kernels(None)
 
     return run
-
-
-def _ratios(per_round: dict[str, list[float]], a: str, b: str) -> str:
-    r = [y / x for x, y in zip(per_round[a], per_round[b], strict=True)]
-    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
-    return f"median {statistics.median(r):.3f}x, quartiles {q[0]:.3f}-{q[2]:.3f}"
 
 
 def main() -> None:
@@ -77,9 +70,9 @@ def main() -> None:
     head = f"{args.model} {args.mode} {how} batch {args.batch_size}, {args.img_size} px"
     print_summary(head, med, "timm" if "timm" in med else "ours, torch's ops", args.rounds)
     mine, plain = "ours, native kernels", "ours, torch's ops"
-    print(f"  per-round torch's ops / native: {_ratios(per_round, mine, plain)}")
+    print(f"  per-round torch's ops / native: {paired(per_round, mine, plain)}")
     if "timm" in med:
-        print(f"  per-round timm / native:        {_ratios(per_round, mine, 'timm')}")
+        print(f"  per-round timm / native:        {paired(per_round, mine, 'timm')}")
 
 
 if __name__ == "__main__":

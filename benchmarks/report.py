@@ -34,8 +34,11 @@ def _linears_line(run: dict) -> list[str]:
         comp += " with small weights packed"
     lines = [f"Ours' fp32 linears here: training {train}; inference {infer}; compiled inference {comp}."]
     if "native_window_attention" in run:
-        kind = "davit's native kernel" if run["native_window_attention"] else "torch's SDPA"
-        lines.append(f"Ours' fp32 window attention (windows up to 12x12, inference and training): {kind}.")
+        kind = "davit's native kernels" if run["native_window_attention"] else "torch's SDPA and convolution"
+        lines.append(
+            "Ours' fp32 window attention (windows up to 12x12) and position encodings (inference and "
+            f"training): {kind}."
+        )
     return lines
 
 

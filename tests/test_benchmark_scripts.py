@@ -72,6 +72,20 @@ def test_native_ab_times_the_kernels_on_and_off():
     assert "its column is left out" in r.stdout
 
 
+def test_switch_ab_times_a_switch_on_and_off():
+    """benchmarks/switch_ab.py: ours with the switch on and off in every round, the paired per-round ratio,
+    and the switch left as it was."""
+    script = SCRIPT.parent / "switch_ab.py"
+    args = ["--switch", "pos_enc", "--model", "davit_atto", "-b", "2", "--img-size", "32", "--rounds", "2"]
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rounds = re.findall(r"round (\d): ours, pos_enc on \d+ ms, ours, pos_enc off \d+ ms\n", r.stdout)
+    assert rounds == ["0", "1"], r.stdout
+    assert re.search(r"per-round off / on: +median [\d.]+x, quartiles", r.stdout), r.stdout
+    r = subprocess.run([sys.executable, str(script), "--switch", "nope"], capture_output=True, text=True)
+    assert r.returncode != 0 and "invalid choice: 'nope'" in r.stderr
+
+
 def test_malloc_step_compares_inference_on_batch_slices():
     script = SCRIPT.parent / "malloc_step.py"
     args = ["--compare", "slices", "--model", "davit_atto", "-b", "2", "--img-size", "32", "--steps", "1"]
@@ -201,8 +215,9 @@ def test_report_renders_bench_json_and_labels_whole_batch_runs(tmp_path):
     assert f"; compiled inference {comp}." in r.stdout
     from davit.layers import native
 
-    kind = "davit's native kernel" if native.native_library() is not None else "torch's SDPA"
-    assert f"Ours' fp32 window attention (windows up to 12x12, inference and training): {kind}." in r.stdout
+    kind = "davit's native kernels" if native.native_library() is not None else "torch's SDPA and convolution"
+    line = "Ours' fp32 window attention (windows up to 12x12) and position encodings (inference and training)"
+    assert f"{line}: {kind}." in r.stdout
     assert json.loads(a.read_text())["native_window_attention"] is (native.native_library() is not None)
     # the GEMM floor of the run timed with it, and only that run's
     floor = json.loads(b.read_text())["gemm_floor"][0]

@@ -359,7 +359,10 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ours' eager CPU inference: each stage on {where} (--infer-slices TOKENS, 0: whole batch)")
         print(f"ours' CPU inference linears: {gemms}")
         attn = _window_attention_kind()
-        print(f"ours' CPU fp32 window attention (inference and training): {attn} (DAVIT_NATIVE_KERNELS=0/1)")
+        print(
+            f"ours' CPU fp32 window attention and position encodings (inference and training): {attn} "
+            "(DAVIT_NATIVE_KERNELS=0/1)"
+        )
         if args.compile and args.mode in ("infer", "both") and dtype == torch.float32:
             from .layers.fused import INFER_OP_CHUNK_TOKENS
 
@@ -656,11 +659,14 @@ def _window_attention_kind() -> str:
     from .layers.native import MAX_WINDOW_TOKENS, build_error, native_kernels_enabled, native_library
 
     if native_library() is not None:
-        return f"native kernel for windows of up to {MAX_WINDOW_TOKENS} tokens, else torch's SDPA"
+        return (
+            f"native kernels (windows of up to {MAX_WINDOW_TOKENS} tokens, else torch's SDPA; position "
+            "encodings of widths that are multiples of 16, else torch's convolution)"
+        )
     if not native_kernels_enabled():
-        return "torch's SDPA (native kernels turned off)"
+        return "torch's SDPA and convolution (native kernels turned off)"
     why = (build_error() or "").strip().splitlines() or ["no reason given"]
-    return f"torch's SDPA (native kernel not available: {why[0][:200]})"
+    return f"torch's SDPA and convolution (native kernels not available: {why[0][:200]})"
 
 
 # ----- CLI --------------------------------------------------------------------------------------------------

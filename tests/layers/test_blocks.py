@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from davit.layers import ChannelBlock, ConvPosEnc, SpatialBlock, fused
+from davit.layers import ChannelBlock, ConvPosEnc, SpatialBlock, fused, native
 from davit.layers.attention import channel_attention, channel_attention_ref
 from davit.layers.blocks import _depthwise3x3_tiny
 
@@ -110,14 +110,22 @@ def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, monkeypatch):
 
 @pytest.mark.parametrize("block", [SpatialBlock, ChannelBlock])
 def test_position_encoding_adds_in_place_unless_its_conv_is_hooked(block):
-    """Eager CPU inference adds a position encoding's input into its conv's fresh output; a forward hook on
-    the conv must still see that output unchanged, and the block's output must be the same, bit for bit,
-    either way."""
+    """Eager CPU inference with torch's convolution (the native position-encoding kernel off) adds a position
+    encoding's input into its conv's fresh output; a forward hook on the conv must still see that output
+    unchanged, and the block's output must be the same, bit for bit, either way. A hooked conv also keeps
+    the native kernel out (it would hide the conv's output from the hook), to fp32 round-off of its result."""
     torch.manual_seed(0)
     blk = block(32, 2).eval()
     x = torch.randn(2, 9, 9, 32)
+    previous = native.set_pos_enc_kernel(False)
+    try:
+        with torch.no_grad():
+            plain = blk(x)
+    finally:
+        native.set_pos_enc_kernel(previous)
     with torch.no_grad():
-        plain = blk(x)
+        kernel = blk(x)
+    torch.testing.assert_close(kernel, plain, atol=1e-5, rtol=1e-5)
     seen = []
     for cpe in (blk.cpe1, blk.cpe2):
         cpe.proj.register_forward_hook(lambda _m, _i, out: seen.append((out, out.clone())))

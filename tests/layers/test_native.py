@@ -460,3 +460,165 @@ def test_an_unwritable_cache_says_which_folder_and_what_to_set(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"cannot write the kernel cache {blocker / 'cache'}" in r.stdout
     assert "set DAVIT_CACHE_DIR to a writable folder" in r.stdout
+
+
+# ----- position encoding: x + depthwise_conv3x3(x) ----------------------------------------------------------
+
+
+def _pos_enc_ref(x, weight, bias):
+    return x + F.conv2d(x.permute(0, 3, 1, 2), weight, bias, 1, 1, 1, x.shape[3]).permute(0, 2, 3, 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "B, H, W, C, bias",
+    [
+        (2, 5, 7, 32, True),
+        (1, 1, 1, 16, True),
+        (3, 2, 9, 48, False),
+        (2, 14, 14, 96, True),
+        (1, 9, 1, 16, True),
+    ],
+)
+def test_pos_enc_equals_float64_reference(B, H, W, C, bias):
+    """Forward and all three gradients against float64 autograd through torch's convolution, as close as
+    torch's own fp32 convolution gets (map edges, single rows and columns, 1 x 1 maps, no bias)."""
+    torch.manual_seed(0)
+    x = torch.randn(B, H, W, C, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True) if bias else None
+    ref = _pos_enc_ref(x, w, b)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), g)
+
+    leaves = [t.detach().float().requires_grad_() for t in [x, w] + ([b] if bias else [])]
+    xf, wf, bf = leaves[0], leaves[1], leaves[2] if bias else None
+    out = native.pos_enc(xf, wf, bf)
+    grads = torch.autograd.grad(out, leaves, g.float())
+    tout = _pos_enc_ref(xf, wf, bf)
+    tgrads = torch.autograd.grad(tout, leaves, g.float())
+
+    def err(a, ref):
+        return (a.double() - ref).abs().max().item()
+
+    # within a few times torch's own fp32 error, or fp32 round-off of the result's scale (a wrong or missing
+    # tap is off by the size of a term)
+    assert out.is_contiguous() and out.shape == (B, H, W, C)
+    for mine, theirs, r in zip((out, *grads), (tout, *tgrads), (ref, *ref_grads)):
+        assert err(mine, r) <= max(4 * err(theirs, r), 1e-6 * r.abs().max().item())
+
+
+@needs_kernel
+def test_pos_enc_backward_is_independent_of_threads_and_gives_only_what_is_asked():
+    torch.manual_seed(0)
+    x, g = torch.randn(3, 20, 11, 64), torch.randn(3, 20, 11, 64)
+    w, b = torch.randn(64, 1, 3, 3), torch.randn(64)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native._pos_enc_backward(g, x, w, [True, True, True])
+        torch.set_num_threads(2)
+        two = native._pos_enc_backward(g, x, w, [True, True, True])
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(a, c) for a, c in zip(one, two))
+    gx, gw, gb = native._pos_enc_backward(g, x, w, [False, True, False])
+    assert gx.numel() == 0 and gb.numel() == 0 and torch.equal(gw, one[1])
+    # frozen conv parameters: only the input's gradient, the same values
+    xr = x.clone().requires_grad_()
+    native.pos_enc(xr, w, b).backward(g)
+    assert torch.equal(xr.grad, one[0])
+
+
+@needs_kernel
+def test_pos_enc_kernel_rejects_what_it_is_not_built_for():
+    """Channels that are not a multiple of 16 never reach the kernel (the module keeps torch's conv); called
+    directly, the library refuses them with -1 and writes nothing."""
+    x = torch.randn(1, 4, 4, 24)
+    w = torch.randn(24, 1, 3, 3)
+    assert not native.pos_enc_supports(x, w, None)
+    assert native.pos_enc_supports(torch.randn(1, 4, 4, 32), torch.randn(32, 1, 3, 3), None)
+    assert not native.pos_enc_supports(torch.randn(1, 4, 4, 32).double(), torch.randn(32, 1, 3, 3), None)
+    assert not native.pos_enc_supports(torch.randn(1, 4, 4, 32), torch.randn(32, 1, 5, 5), None)
+    y = torch.full_like(x, 7.0)
+    lib = native.native_library()
+    assert lib.davit_pos_enc_f32(x.data_ptr(), w.data_ptr(), 0, y.data_ptr(), 1, 4, 4, 24, 1) == -1
+    assert (y == 7.0).all()
+    assert lib.davit_pos_enc_backward_f32(x.data_ptr(), w.data_ptr(), x.data_ptr(), y.data_ptr(), 0, 0,
+                                          1, 4, 4, 24, 1) == -1  # fmt: skip
+    assert (y == 7.0).all()
+    previous = native.set_pos_enc_kernel(False)
+    try:
+        assert not native.pos_enc_supports(torch.randn(1, 4, 4, 32), torch.randn(32, 1, 3, 3), None)
+    finally:
+        native.set_pos_enc_kernel(previous)
+
+
+@needs_kernel
+def test_pos_enc_opcheck_and_fallback():
+    """The operator: fake kernel, autograd and dispatch consistent (opcheck); with the kernels turned off
+    after tracing it computes the same through torch's convolution, forward and backward."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 32, requires_grad=True)
+    w = torch.randn(32, 1, 3, 3, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    torch.library.opcheck(native.pos_enc, (x, w, b))
+    torch.library.opcheck(native.pos_enc, (x, w, None))
+    g = torch.randn(2, 6, 5, 32)
+    out = native.pos_enc(x, w, b)
+    grads = torch.autograd.grad(out, [x, w, b], g)
+    native.set_native_kernels(False)
+    try:
+        off = native.pos_enc(x, w, b)
+        off_grads = torch.autograd.grad(off, [x, w, b], g)
+    finally:
+        native.set_native_kernels(None)
+    torch.testing.assert_close(off, out, atol=1e-5, rtol=1e-5)
+    for a, c in zip(off_grads, grads):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_position_encodings_run_the_kernel_and_match_torchs_path(monkeypatch, mode):
+    """Every position encoding of a CPU fp32 model runs the operator, eager and compiled (fullgraph), in
+    inference and training, with the reference path's outputs and gradients."""
+    torch.manual_seed(0)
+    m = davit.create_model("davit_atto", num_classes=10).train(mode == "train")
+    calls = []
+    real = native.pos_enc
+
+    def counted(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(native, "pos_enc", counted)
+    x = torch.randn(2, 3, 45, 33)
+    cpes = sum(isinstance(mod, davit.layers.blocks.ConvPosEnc) for mod in m.modules())
+    with torch.set_grad_enabled(mode == "train"):
+        fast, g_fast = _train(m, x) if mode == "train" else (m(x), {})
+        assert len(calls) == cpes
+        m.set_fast(False)
+        ref, g_ref = _train(m, x) if mode == "train" else (m(x), {})
+        m.set_fast(True)
+    assert len(calls) == cpes
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    for n, g in g_fast.items():
+        torch.testing.assert_close(g, g_ref[n], atol=1e-4, rtol=1e-4, msg=n)
+
+    monkeypatch.setattr(native, "pos_enc", real)
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend=keep, fullgraph=True)
+    with torch.set_grad_enabled(mode == "train"):
+        out, g_comp = _train(compiled, x) if mode == "train" else (compiled(x), {})
+    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.davit.pos_enc.default) == cpes
+    torch.testing.assert_close(out, fast, atol=1e-5, rtol=1e-5)
+    for n, g in g_comp.items():
+        torch.testing.assert_close(g, g_fast[n], atol=1e-4, rtol=1e-4, msg=n)

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cmath>
+#include <algorithm>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -273,7 +274,7 @@ int for_each_window_head(int64_t B, int64_t nwy, int64_t nwx, int64_t heads, int
 extern "C" {
 
 // Kernel ABI version; native.py refuses a library that reports another.
-int davit_native_abi(void) { return 3; }
+int davit_native_abi(void) { return 4; }
 
 // qkv: (B, Hp, Wp, 3C) contiguous, Hp and Wp multiples of ws, channels [q | k | v], each head's D channels
 // contiguous in each (C = heads * D). out: (B, Ho, Wo, C) contiguous, Ho <= Hp, Wo <= Wp: each window's
@@ -532,6 +533,164 @@ int davit_window_attention_backward_f32(const float* qkv, const float* out, cons
   };
   const size_t floats = 2 * size_t(D) * Np + 2 * size_t(N) * Np + 2 * Np;
   return for_each_window_head(B, nwy, nwx, heads, D, N, threads, floats, 8 * size_t(N), init, task);
+}
+
+}  // extern "C"
+
+// ----- conditional position encoding: y = x + b + depthwise_conv3x3(x), forward and backward ----------------
+//
+// Why a kernel of our own: DaViT adds this to the residual stream twice per block. torch runs it as oneDNN's
+// depthwise convolution into a fresh map, then the add as a second pass; the backward as oneDNN's convolution
+// backward (input and weight gradients) plus autograd's gradient sum. Both are a few FLOPs per byte, and
+// here each is one pass over the map: the taps of one channel block sit in registers while a row of the
+// (B, H, W, C) map streams through them.
+namespace {
+
+// the taps of a (C, 1, 3, 3) depthwise weight as rows of C (tap-major), so that one tap of one channel block
+// is one vector load; flipped (tap 8 - k), they are the taps of the transposed convolution
+void taps_by_row(const float* w, int64_t C, bool flip, float* t) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int k = 0; k < 9; ++k) t[(flip ? 8 - k : k) * C + c] = w[c * 9 + k];
+}
+
+// the rows h - 1, h, h + 1 of the image holding map row r = b * H + h (null outside the image: zero padding)
+inline void three_rows(const float* m, int64_t r, int64_t H, int64_t rowlen, const float* rows[3]) {
+  const int64_t h = r % H;
+  for (int e = 0; e < 3; ++e) {
+    const int64_t hh = h + e - 1;
+    rows[e] = (hh >= 0 && hh < H) ? m + (r + e - 1) * rowlen : nullptr;
+  }
+}
+
+// sum over the 3 x 3 neighbourhood of column j of taps[e * 3 + m] * rows[e][(j + m - 1) * C] for one channel
+// block (rows already offset to it); columns outside 0..W-1 are zero padding
+inline vf taps_at(const vf* taps, const float* const* rows, int64_t j, int64_t W, int64_t C, vf acc) {
+  for (int e = 0; e < 3; ++e) {
+    if (!rows[e]) continue;
+    const float* p = rows[e] + j * C;
+    if (j > 0) acc += taps[3 * e] * vload(p - C);
+    acc += taps[3 * e + 1] * vload(p);
+    if (j + 1 < W) acc += taps[3 * e + 2] * vload(p + C);
+  }
+  return acc;
+}
+
+int omp_team(int threads) {
+#ifdef _OPENMP
+  return threads > 0 ? threads : 1;
+#else
+  (void)threads;
+  return 1;
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// x, y: (B, H, W, C) contiguous, distinct; w: (C, 1, 3, 3) contiguous; b: (C) or null. Zero padding 1.
+// y = x + (b + conv(x)), each output element's taps summed in row order. Returns 0, -1 unless C is a multiple
+// of 16 and the sizes positive, -3 if scratch memory could not be allocated.
+int davit_pos_enc_f32(const float* x, const float* w, const float* b, float* y, int64_t B, int64_t H,
+                      int64_t W, int64_t C, int threads) {
+  if (C % L || C <= 0 || B <= 0 || H <= 0 || W <= 0) return -1;
+  float* taps = static_cast<float*>(std::malloc(9 * C * sizeof(float)));
+  if (!taps) return -3;
+  taps_by_row(w, C, false, taps);
+  const int64_t rowlen = W * C;
+#pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
+  for (int64_t r = 0; r < B * H; ++r) {
+    const float* rows[3];
+    three_rows(x, r, H, rowlen, rows);
+    float* out = y + r * rowlen;
+    for (int64_t c = 0; c < C; c += L) {
+      vf k[9];
+      for (int t = 0; t < 9; ++t) k[t] = vload(taps + t * C + c);
+      const vf bias = b ? vload(b + c) : splat(0.f);
+      const float* in[3] = {rows[0] ? rows[0] + c : nullptr, rows[1] + c, rows[2] ? rows[2] + c : nullptr};
+      for (int64_t j = 0; j < W; ++j) vstore(out + j * C + c, vload(in[1] + j * C) + taps_at(k, in, j, W, C, bias));
+    }
+  }
+  std::free(taps);
+  return 0;
+}
+
+// The gradients of davit_pos_enc_f32 given g = dL/dy ((B, H, W, C) contiguous): dx = g + conv^T(g) (the
+// flipped taps), dw[c, 0, ky, kx] = sum g[.., c] * x[shifted by (ky - 1, kx - 1), c], db = sum g. Any of dx,
+// dw, db may be null (not wanted). dw and db are summed per fixed group of map rows, then the groups in
+// order: the result does not depend on the thread count. Returns 0, -1 / -3 as the forward.
+int davit_pos_enc_backward_f32(const float* x, const float* w, const float* g, float* dx, float* dw, float* db,
+                               int64_t B, int64_t H, int64_t W, int64_t C, int threads) {
+  if (C % L || C <= 0 || B <= 0 || H <= 0 || W <= 0) return -1;
+  const int64_t rows_total = B * H, rowlen = W * C;
+  const bool params = dw || db;
+  // groups of map rows for the parameter sums: at most 64 of at least 4 rows (fewer partial sums to add up
+  // on small maps), their size set by the map alone
+  const int64_t per = params ? std::max<int64_t>((rows_total + 63) / 64, 4) : rows_total;
+  const int64_t groups = (rows_total + per - 1) / per;
+  float* taps = static_cast<float*>(std::malloc(9 * C * sizeof(float)));
+  float* part = params ? static_cast<float*>(std::malloc(groups * 10 * C * sizeof(float))) : nullptr;
+  if (!taps || (params && !part)) {
+    std::free(taps);
+    std::free(part);
+    return -3;
+  }
+  taps_by_row(w, C, true, taps);
+#pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    const int64_t r0 = grp * per, r1 = r0 + per < rows_total ? r0 + per : rows_total;
+    for (int64_t c = 0; c < C; c += L) {
+      vf k[9], acc[9];
+      for (int t = 0; t < 9; ++t) {
+        k[t] = vload(taps + t * C + c);
+        acc[t] = splat(0.f);
+      }
+      vf bacc = splat(0.f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float *gr[3], *xr[3];
+        three_rows(g, r, H, rowlen, gr);
+        three_rows(x, r, H, rowlen, xr);
+        const float* gin[3] = {gr[0] ? gr[0] + c : nullptr, gr[1] + c, gr[2] ? gr[2] + c : nullptr};
+        const float* xin[3] = {xr[0] ? xr[0] + c : nullptr, xr[1] + c, xr[2] ? xr[2] + c : nullptr};
+        float* out = dx ? dx + r * rowlen + c : nullptr;
+        for (int64_t j = 0; j < W; ++j) {
+          const vf gj = vload(gin[1] + j * C);
+          if (out) vstore(out + j * C, gj + taps_at(k, gin, j, W, C, splat(0.f)));
+          if (!params) continue;
+          bacc += gj;
+          for (int e = 0; e < 3; ++e) {
+            if (!xin[e]) continue;
+            const float* p = xin[e] + j * C;
+            if (j > 0) acc[3 * e] += gj * vload(p - C);
+            acc[3 * e + 1] += gj * vload(p);
+            if (j + 1 < W) acc[3 * e + 2] += gj * vload(p + C);
+          }
+        }
+      }
+      if (params) {
+        float* mine = part + grp * 10 * C;
+        for (int t = 0; t < 9; ++t) vstore(mine + t * C + c, acc[t]);
+        vstore(mine + 9 * C + c, bacc);
+      }
+    }
+  }
+  if (params) {
+#pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
+    for (int64_t c = 0; c < C; c += L) {
+      vf s[10];
+      for (int t = 0; t < 10; ++t) s[t] = splat(0.f);
+      for (int64_t grp = 0; grp < groups; ++grp)
+        for (int t = 0; t < 10; ++t) s[t] += vload(part + (grp * 10 + t) * C + c);
+      for (int l = 0; l < L; ++l) {
+        if (dw)
+          for (int t = 0; t < 9; ++t) dw[(c + l) * 9 + t] = s[t][l];
+        if (db) db[c + l] = s[9][l];
+      }
+    }
+  }
+  std::free(taps);
+  std::free(part);
+  return 0;
 }
 
 }  // extern "C"

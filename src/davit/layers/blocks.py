@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .attention import (
     ChannelAttention,
     WindowAttention,
@@ -104,6 +105,15 @@ class ConvPosEnc(nn.Module):
         self.fast = True
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, H, W, C)
+        proj = self.proj
+        if (
+            self.fast
+            and proj.kernel_size == (3, 3)
+            and not has_hooks(proj)
+            and native.pos_enc_supports(x, proj.weight, proj.bias)
+        ):
+            # CPU fp32: the native kernel, forward and backward one pass each (see native.pos_enc)
+            return native.pos_enc(x, proj.weight, proj.bias)
         # known_true: a graph with symbolic sizes keeps the conv instead of guarding on the size
         tiny = self.proj.kernel_size == (3, 3) and known_true(x.shape[1] * x.shape[2] <= 4)
         if tiny and self.fast and not has_hooks(self.proj):

@@ -1,0 +1,77 @@
+"""One of ours' speed switches on (its default) against off, and timm, paired in one process.
+
+    .venv/bin/python benchmarks/switch_ab.py --switch pos_enc                     # eager training, b8
+    .venv/bin/python benchmarks/switch_ab.py --switch pos_enc --compile --rounds 15
+    .venv/bin/python benchmarks/switch_ab.py --switch pos_enc --mode infer -b 16 --compile
+
+Switches (each a ``set_*`` function returning the previous setting):
+
+- ``pos_enc``: the position encodings in davit's native kernel (``davit.layers.native.pos_enc``), against
+  torch's depthwise convolution and add;
+- ``bias_apart``: compiled CPU training's linears with the bias added apart
+  (``davit.layers.fused.bias_apart``), against ``F.linear``'s addmm;
+- ``opaque_convs``: compiled CPU training's convolutions as opaque ops (``davit.layers.fused.conv``), against
+  plain ``aten.convolution``.
+
+Three steps: ours with the switch on, ours with it off, and timm's model with identical weights (with
+``--compile`` each compiled once, inductor's defaults, batch axis dynamic, ours with ``fullgraph=True``; a
+switch read while dynamo traces guards the graph, so each of ours gets its own). Each round runs three calls
+of each in turn, the order turning by one each round; the summary is the median over rounds of each one's
+per-round median relative to timm's, and the median and quartiles of the per-round ratios off / on (a slow
+spell of the machine hits both steps of a round alike). A training step is `davit bench`'s: zero-grad,
+forward, cross-entropy, backward, fused AdamW. Without timm installed its column is left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from ab_rounds import build, interleaved_medians, paired, parser, print_summary, under, warm_up
+
+from davit.bench import _make_step
+from davit.layers import fused, native
+
+SWITCHES: dict[str, Callable[[bool], bool]] = {
+    "pos_enc": native.set_pos_enc_kernel,
+    "bias_apart": fused.set_bias_apart,
+    "opaque_convs": fused.set_opaque_convs,
+}
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--switch", choices=sorted(SWITCHES), required=True)
+    p.add_argument("--compile", action="store_true", help="compile each model (torch.compile, inductor)")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    if args.compile:
+        torch._dynamo.mark_dynamic(x, 0)
+    on, off = f"ours, {args.switch} on", f"ours, {args.switch} off"
+    steps: dict[str, Callable[[], object]] = {}
+    for name in (on, off, "timm"):
+        net = build(args.model, timm=name == "timm")
+        if net is None:
+            continue
+        net.train(args.mode == "train")
+        fn: Callable = torch.compile(net, fullgraph=name != "timm") if args.compile else net
+        step, _ = _make_step(fn, x, args.mode, torch.float32, torch.device("cpu"), net)
+        if name != "timm":
+            step = under(SWITCHES[args.switch], name == on, step)
+        warm_up(name, step)
+        steps[name] = step
+
+    per_round: dict[str, list[float]] = {}
+    med = interleaved_medians(steps, args.rounds, per_round=per_round)
+    how = "compiled" if args.compile else "eager"
+    head = f"{args.model} {args.mode} {how} batch {args.batch_size}, {args.img_size} px"
+    print_summary(head, med, "timm" if "timm" in med else off, args.rounds)
+    print(f"  per-round off / on:   {paired(per_round, on, off)}")
+    if "timm" in med:
+        print(f"  per-round timm / on:  {paired(per_round, on, 'timm')}")
+
+
+if __name__ == "__main__":
+    main()
