@@ -8,6 +8,8 @@ Switches (each a ``set_*`` function returning the previous setting):
 
 - ``pos_enc``: the position encodings in davit's native kernel (``davit.layers.native.pos_enc``), against
   torch's depthwise convolution and add;
+- ``bias_gelu``: compiled CPU training's MLPs with bias + GELU in the native kernel
+  (``davit.layers.fused.native_bias_gelu``), against inductor's kernels;
 - ``bias_apart``: compiled CPU training's linears with the bias added apart
   (``davit.layers.fused.bias_apart``), against ``F.linear``'s addmm;
 - ``opaque_convs``: compiled CPU training's convolutions as opaque ops (``davit.layers.fused.conv``), against
@@ -34,6 +36,7 @@ from davit.layers import fused, native
 
 SWITCHES: dict[str, Callable[[bool], bool]] = {
     "pos_enc": native.set_pos_enc_kernel,
+    "bias_gelu": fused.set_native_bias_gelu,
     "bias_apart": fused.set_bias_apart,
     "opaque_convs": fused.set_opaque_convs,
 }

@@ -575,11 +575,13 @@ def test_compiled_training_adds_biases_apart(monkeypatch):
     apart = 3 * len(blocks) + len(blocks) - n_spatial  # fc1, fc2, proj per block; qkv in channel blocks
 
     torch._dynamo.reset()
-    previous = fused.set_bias_apart(False)
+    # (fc1's GEMM also runs without its bias where the native bias + GELU operator takes the bias: off too)
+    previous, gelu = fused.set_bias_apart(False), fused.set_native_bias_gelu(False)
     try:
         graphs, _, _ = _aot_graphs(model, x)
     finally:
         fused.set_bias_apart(previous)
+        fused.set_native_bias_gelu(gelu)
     plain = graphs["forward"]
     assert _count(plain, mm) == 0
     # the rest (window qkv, the downsampling convs' matmuls on small maps, the head) keep their addmm

@@ -622,3 +622,103 @@ def test_position_encodings_run_the_kernel_and_match_torchs_path(monkeypatch, mo
     torch.testing.assert_close(out, fast, atol=1e-5, rtol=1e-5)
     for n, g in g_comp.items():
         torch.testing.assert_close(g, g_fast[n], atol=1e-4, rtol=1e-4, msg=n)
+
+
+# ----- bias + GELU (compiled training's MLPs) --------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "shape, bias", [((37, 64), True), ((2, 50, 384), True), ((5, 16), False), ((0, 32), True)]
+)
+def test_bias_gelu_equals_float64_reference(shape, bias):
+    """gelu(a + b), its input gradient and the bias gradient against float64 autograd, as close as torch's
+    fp32 GELU gets (within 2x its error, or fp32 round-off of the result's scale)."""
+    torch.manual_seed(0)
+    a = (torch.randn(*shape, dtype=torch.float64) * 3).requires_grad_()
+    b = torch.randn(shape[-1], dtype=torch.float64, requires_grad=True) if bias else None
+    leaves = [a] + ([b] if bias else [])
+    ref = F.gelu(a if b is None else a + b)
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves, g) if ref.numel() else [torch.zeros_like(t) for t in leaves]
+    fl = [t.detach().float().requires_grad_() for t in leaves]
+    af, bf = fl[0], fl[1] if bias else None
+    out = native.bias_gelu(af, bf)
+    grads = torch.autograd.grad(out, fl, g.float(), allow_unused=True)
+    tout = F.gelu(af if bf is None else af + bf)
+    tgrads = torch.autograd.grad(tout, fl, g.float())
+    assert out.shape == a.shape and out.is_contiguous()
+
+    def err(x, r):
+        return (x.double() - r).abs().max().item() if r.numel() else 0.0
+
+    for mine, theirs, r in zip((out, *grads), (tout, *tgrads), (ref, *ref_grads)):
+        assert err(mine, r) <= max(2 * err(theirs, r), 2e-7 * r.abs().max().item() if r.numel() else 0.0)
+
+
+@needs_kernel
+def test_bias_gelu_opcheck_fallback_threads_and_bad_widths():
+    torch.manual_seed(0)
+    a = torch.randn(300, 48, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    torch.library.opcheck(native.bias_gelu, (a, b))
+    torch.library.opcheck(native.bias_gelu, (a, None))
+    g = torch.randn(300, 48)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native._bias_gelu_backward(g, a.detach(), b.detach(), True)
+        torch.set_num_threads(2)
+        two = native._bias_gelu_backward(g, a.detach(), b.detach(), True)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    out = native.bias_gelu(a, b)
+    grads = torch.autograd.grad(out, [a, b], g)
+    native.set_native_kernels(False)
+    try:
+        off = native.bias_gelu(a, b)
+        off_grads = torch.autograd.grad(off, [a, b], g)
+    finally:
+        native.set_native_kernels(None)
+    torch.testing.assert_close(off, out, atol=1e-5, rtol=1e-5)
+    for x, y in zip(off_grads, grads):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-5)
+    assert not native.bias_gelu_supports(a, 40, None)  # widths not a multiple of 16 keep torch's GELU
+    assert not native.bias_gelu_supports(a.double(), 48, None)
+    lib = native.native_library()
+    h = torch.full((3, 40), 7.0)
+    assert lib.davit_bias_gelu_f32(h.data_ptr(), 0, h.data_ptr(), 3, 40, 1) == -1 and (h == 7.0).all()
+
+
+@needs_kernel
+def test_compiled_training_runs_bias_gelu_and_matches_eager():
+    """Compiled (fullgraph) CPU fp32 training runs every MLP's bias + GELU as the native operator, with
+    eager training's outputs and gradients; eager training and compiled inference keep their own paths."""
+    torch.manual_seed(0)
+    m = davit.create_model("davit_atto", num_classes=10).train()
+    mlps = sum(isinstance(mod, davit.layers.blocks.Mlp) for mod in m.modules())
+    x = torch.randn(2, 3, 45, 33)
+    eager, g_eager = _train(m, x)
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled, g_comp = _train(torch.compile(m, backend=keep, fullgraph=True), x)
+    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.davit.bias_gelu.default) == mlps
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for n, g in g_comp.items():
+        torch.testing.assert_close(g, g_eager[n], atol=1e-4, rtol=1e-4, msg=n)
+    previous = davit.layers.fused.set_native_bias_gelu(False)
+    try:
+        graphs.clear()
+        torch._dynamo.reset()
+        _train(torch.compile(m, backend=keep, fullgraph=True), x)
+    finally:
+        davit.layers.fused.set_native_bias_gelu(previous)
+    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.davit.bias_gelu.default not in ops

@@ -274,7 +274,7 @@ int for_each_window_head(int64_t B, int64_t nwy, int64_t nwx, int64_t heads, int
 extern "C" {
 
 // Kernel ABI version; native.py refuses a library that reports another.
-int davit_native_abi(void) { return 4; }
+int davit_native_abi(void) { return 5; }
 
 // qkv: (B, Hp, Wp, 3C) contiguous, Hp and Wp multiples of ws, channels [q | k | v], each head's D channels
 // contiguous in each (C = heads * D). out: (B, Ho, Wo, C) contiguous, Ho <= Hp, Wo <= Wp: each window's
@@ -689,6 +689,103 @@ int davit_pos_enc_backward_f32(const float* x, const float* w, const float* g, f
     }
   }
   std::free(taps);
+  std::free(part);
+  return 0;
+}
+
+}  // extern "C"
+
+// ----- exact GELU with the bias of the linear before it: forward, and backward with the bias gradient ------
+//
+// Why: in compiled CPU training inductor's GELU kernels (bias add and GELU; GELU's backward and the bias
+// gradient's sum) run at ~0.7 and ~1.2 ns per element on a 2-core AVX-512 VM, about 1.5x this kernel's
+// time, for the same passes: GELU's erf here is one rational function with one division, the backward's
+// column sums are accumulated per group of rows while the rows stream through.
+namespace {
+
+// erf(z): a rational function of z^2 times z on [-4, 4] (erf is +-1 to fp32 beyond), about 1 ulp
+inline vf verf(vf z) {
+  z = z < splat(-4.f) ? splat(-4.f) : z;
+  z = z > splat(4.f) ? splat(4.f) : z;
+  const vf z2 = z * z;
+  vf p = splat(-2.72614225801306e-10f);
+  p = p * z2 + 2.77068142495902e-08f;
+  p = p * z2 + -2.10102402082508e-06f;
+  p = p * z2 + -5.69250639462346e-05f;
+  p = p * z2 + -7.34990630326855e-04f;
+  p = p * z2 + -2.95459980854025e-03f;
+  p = p * z2 + -1.60960333262415e-02f;
+  vf q = splat(-1.45660718464996e-05f);
+  q = q * z2 + -2.13374055278905e-04f;
+  q = q * z2 + -1.68282697438203e-03f;
+  q = q * z2 + -7.37332916720468e-03f;
+  q = q * z2 + -1.42647390514189e-02f;
+  return z * p / q;
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+inline vf vgelu(vf x) { return 0.5f * x * (1.0f + verf(x * kSqrtHalf)); }
+
+// d gelu / dx = Phi(x) + x phi(x)
+inline vf vgelu_grad(vf x) {
+  const vf cdf = 0.5f * (1.0f + verf(x * kSqrtHalf));
+  return cdf + x * (vexp(-0.5f * x * x) * kInvSqrt2Pi);
+}
+
+}  // namespace
+
+extern "C" {
+
+// h = gelu(a + b) over `rows` rows of C (a, h contiguous; h may be a; b (C) or null). Returns 0, or -1 unless
+// C is a positive multiple of 16.
+int davit_bias_gelu_f32(const float* a, const float* b, float* h, int64_t rows, int64_t C, int threads) {
+  if (C % L || C <= 0 || rows < 0) return -1;
+#pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* in = a + r * C;
+    float* out = h + r * C;
+    for (int64_t c = 0; c < C; c += L) {
+      const vf x = b ? vload(in + c) + vload(b + c) : vload(in + c);
+      vstore(out + c, vgelu(x));
+    }
+  }
+  return 0;
+}
+
+// da = dh * gelu'(a + b) (da may be dh), and db = the column sums of da where db is not null, summed per
+// fixed group of rows, then the groups in order (independent of the thread count). Returns 0, -1 as the
+// forward, -3 if scratch memory could not be allocated.
+int davit_bias_gelu_backward_f32(const float* a, const float* b, const float* dh, float* da, float* db,
+                                 int64_t rows, int64_t C, int threads) {
+  if (C % L || C <= 0 || rows < 0) return -1;
+  const int64_t per = db ? std::max<int64_t>((rows + 63) / 64, 16) : (rows > 0 ? rows : 1);
+  const int64_t groups = (rows + per - 1) / per;
+  float* part = db && groups ? static_cast<float*>(std::malloc(groups * C * sizeof(float))) : nullptr;
+  if (db && groups && !part) return -3;
+#pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    // row by row (streaming, as the rows lie in memory), each group's column sums in its own row of `part`
+    const int64_t r0 = grp * per, r1 = std::min(r0 + per, rows);
+    float* sums = part ? part + grp * C : nullptr;
+    if (sums) std::memset(sums, 0, C * sizeof(float));
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = 0; c < C; c += L) {
+        const vf bias = b ? vload(b + c) : splat(0.f);
+        const vf d = vload(dh + r * C + c) * vgelu_grad(vload(a + r * C + c) + bias);
+        vstore(da + r * C + c, d);
+        if (sums) vstore(sums + c, vload(sums + c) + d);
+      }
+    }
+  }
+  if (db) {
+    for (int64_t c = 0; c < C; c += L) {
+      vf s = splat(0.f);
+      for (int64_t grp = 0; grp < groups; ++grp) s += vload(part + grp * C + c);
+      vstore(db + c, s);
+    }
+  }
   std::free(part);
   return 0;
 }

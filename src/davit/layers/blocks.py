@@ -33,9 +33,11 @@ from .fused import (
     infer_linear,
     infer_linear_add,
     linear,
+    native_bias_gelu,
     onednn_linear_add,
     onednn_linear_gelu,
     onednn_norm_mlp_add,
+    onednn_training,
 )
 from .native import window_attention as native_window_attention
 from .native import window_attention_map, window_kernel_supports, window_training_supports
@@ -185,6 +187,17 @@ class Mlp(nn.Module):
             return infer_linear(x, self.fc1.weight, self.fc1.bias, "gelu")
         if self.fast and fused_compiled_inference(x, self.fc1):
             return onednn_linear_gelu(x, self.fc1.weight, self.fc1.bias)
+        if (
+            self.fast
+            and not has_hooks(self.act)
+            and type(self.act) is nn.GELU
+            and self.act.approximate == "none"
+            and native_bias_gelu(x, self.fc1)
+            and not onednn_training(x, self.fc1)
+        ):
+            # compiled CPU fp32 training: the GEMM without its bias, bias + GELU (and in the backward GELU's
+            # gradient and the bias gradient) in one native pass each
+            return native.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
         return self.act(linear(x, self.fc1, self.fast))
 
     def forward(self, x: Tensor) -> Tensor:
