@@ -1,5 +1,6 @@
-// davit's native CPU kernels for fp32: window self-attention (forward, and backward for training) and layer norm
-// (inference).
+// davit's native CPU kernels for fp32: window self-attention (forward, and backward for training), layer norm
+// (inference), the conditional position encoding x + depthwise_conv3x3(x) (forward and backward) and exact GELU
+// with the preceding linear's bias (forward and backward, for compiled training).
 //
 // Window attention: softmax(q k^T / sqrt(d)) v in every window of a token map, read straight from the map's
 // qkv projection and written straight into the output map.
@@ -608,7 +609,8 @@ int davit_pos_enc_f32(const float* x, const float* w, const float* b, float* y, 
       for (int t = 0; t < 9; ++t) k[t] = vload(taps + t * C + c);
       const vf bias = b ? vload(b + c) : splat(0.f);
       const float* in[3] = {rows[0] ? rows[0] + c : nullptr, rows[1] + c, rows[2] ? rows[2] + c : nullptr};
-      for (int64_t j = 0; j < W; ++j) vstore(out + j * C + c, vload(in[1] + j * C) + taps_at(k, in, j, W, C, bias));
+      for (int64_t j = 0; j < W; ++j)
+        vstore(out + j * C + c, vload(in[1] + j * C) + taps_at(k, in, j, W, C, bias));
     }
   }
   std::free(taps);
@@ -625,8 +627,8 @@ int davit_pos_enc_backward_f32(const float* x, const float* w, const float* g, f
   const int64_t rows_total = B * H, rowlen = W * C;
   const bool params = dw || db;
   // groups of map rows for the parameter sums: at most 64 of at least 4 rows (fewer partial sums to add up
-  // on small maps), their size set by the map alone
-  const int64_t per = params ? std::max<int64_t>((rows_total + 63) / 64, 4) : rows_total;
+  // on small maps), their size set by the map alone; without parameter gradients, one row each
+  const int64_t per = params ? std::max<int64_t>((rows_total + 63) / 64, 4) : 1;
   const int64_t groups = (rows_total + per - 1) / per;
   float* taps = static_cast<float*>(std::malloc(9 * C * sizeof(float)));
   float* part = params ? static_cast<float*>(std::malloc(groups * 10 * C * sizeof(float))) : nullptr;
@@ -638,7 +640,7 @@ int davit_pos_enc_backward_f32(const float* x, const float* w, const float* g, f
   taps_by_row(w, C, true, taps);
 #pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
   for (int64_t grp = 0; grp < groups; ++grp) {
-    const int64_t r0 = grp * per, r1 = r0 + per < rows_total ? r0 + per : rows_total;
+    const int64_t r0 = grp * per, r1 = std::min(r0 + per, rows_total);
     for (int64_t c = 0; c < C; c += L) {
       vf k[9], acc[9];
       for (int t = 0; t < 9; ++t) {
@@ -698,9 +700,9 @@ int davit_pos_enc_backward_f32(const float* x, const float* w, const float* g, f
 // ----- exact GELU with the bias of the linear before it: forward, and backward with the bias gradient ------
 //
 // Why: in compiled CPU training inductor's GELU kernels (bias add and GELU; GELU's backward and the bias
-// gradient's sum) run at ~0.7 and ~1.2 ns per element on a 2-core AVX-512 VM, about 1.5x this kernel's
-// time, for the same passes: GELU's erf here is one rational function with one division, the backward's
-// column sums are accumulated per group of rows while the rows stream through.
+// gradient's sum) took 101 ms of a davit_tiny step at batch 8 on a 2-core AVX-512 VM, these 80 ms for the
+// same passes (paired profiles): GELU's erf here is one rational function with one division, and the
+// backward's column sums are accumulated per group of rows while the rows stream through.
 namespace {
 
 // erf(z): a rational function of z^2 times z on [-4, 4] (erf is +-1 to fp32 beyond), about 1 ulp
@@ -760,7 +762,9 @@ int davit_bias_gelu_f32(const float* a, const float* b, float* h, int64_t rows, 
 int davit_bias_gelu_backward_f32(const float* a, const float* b, const float* dh, float* da, float* db,
                                  int64_t rows, int64_t C, int threads) {
   if (C % L || C <= 0 || rows < 0) return -1;
-  const int64_t per = db ? std::max<int64_t>((rows + 63) / 64, 16) : (rows > 0 ? rows : 1);
+  // groups of rows: at most 64 of at least 16 for the bias gradient's partial sums (their size set by the
+  // shape alone), 16 rows each without it
+  const int64_t per = db ? std::max<int64_t>((rows + 63) / 64, 16) : 16;
   const int64_t groups = (rows + per - 1) / per;
   float* part = db && groups ? static_cast<float*>(std::malloc(groups * C * sizeof(float))) : nullptr;
   if (db && groups && !part) return -3;

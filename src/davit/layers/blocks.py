@@ -111,6 +111,10 @@ class ConvPosEnc(nn.Module):
         if (
             self.fast
             and proj.kernel_size == (3, 3)
+            and proj.stride == (1, 1)
+            and proj.padding == (1, 1)
+            and proj.dilation == (1, 1)
+            and proj.padding_mode == "zeros"
             and not has_hooks(proj)
             and native.pos_enc_supports(x, proj.weight, proj.bias)
         ):

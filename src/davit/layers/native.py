@@ -614,7 +614,8 @@ def bias_gelu(a: Tensor, bias: Tensor | None) -> Tensor:
     a = a.contiguous()
     h = torch.empty_like(a)
     C = a.shape[-1]
-    b = 0 if bias is None else bias.contiguous().data_ptr()
+    bias = None if bias is None else bias.contiguous()  # (held: the kernel reads it through a pointer)
+    b = 0 if bias is None else bias.data_ptr()
     code = lib.davit_bias_gelu_f32(a.data_ptr(), b, h.data_ptr(), a.numel() // C, C, torch.get_num_threads())
     if code != 0:
         raise RuntimeError(f"davit_bias_gelu_f32 returned {code} for {tuple(a.shape)}")
@@ -636,11 +637,12 @@ def _bias_gelu_backward(
         da = torch.ops.aten.gelu_backward(grad, a if bias is None else a + bias)
         return da, da.reshape(-1, a.shape[-1]).sum(0) if bias_grad else a.new_empty(0)
     a, grad = a.contiguous(), grad.contiguous()
+    bias = None if bias is None else bias.contiguous()
     C = a.shape[-1]
     da = torch.empty_like(a)
     db = a.new_empty(C) if bias_grad else a.new_empty(0)
     code = lib.davit_bias_gelu_backward_f32(
-        a.data_ptr(), 0 if bias is None else bias.contiguous().data_ptr(), grad.data_ptr(), da.data_ptr(),
+        a.data_ptr(), 0 if bias is None else bias.data_ptr(), grad.data_ptr(), da.data_ptr(),
         db.data_ptr() if bias_grad else 0, a.numel() // C, C, torch.get_num_threads(),
     )  # fmt: skip
     if code != 0:
