@@ -328,6 +328,23 @@ def _train(model, x):
     return out.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _compiled(model, x, train=True):
+    """``model`` compiled (fullgraph) and run once on ``x`` (trained as :func:`_train` does, or a forward):
+    its output, gradients ({} for a forward) and the ops of the graphs dynamo handed over."""
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=keep, fullgraph=True)
+    with torch.set_grad_enabled(train):
+        out, grads = _train(compiled, x) if train else (compiled(x), {})
+    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    return out, grads, ops
+
+
 @needs_kernel
 def test_training_runs_the_kernel_and_matches_torchs_path(monkeypatch):
     """Eager and compiled (fullgraph) CPU fp32 training run the operator in the spatial blocks whose map
@@ -356,15 +373,7 @@ def test_training_runs_the_kernel_and_matches_torchs_path(monkeypatch):
         torch.testing.assert_close(g, g_torch[n], atol=1e-4, rtol=1e-4, msg=n)
 
     monkeypatch.setattr(davit.layers.blocks, "native_window_attention", real)
-    graphs = []
-
-    def keep(gm, _inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled, g_comp = _train(torch.compile(m, backend=keep, fullgraph=True), x)
-    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    compiled, g_comp, ops = _compiled(m, x)
     assert ops.count(torch.ops.davit.window_attention.default) == 2
     torch.testing.assert_close(compiled, fast, atol=1e-5, rtol=1e-5)
     for n, g in g_comp.items():
@@ -607,17 +616,7 @@ def test_position_encodings_run_the_kernel_and_match_torchs_path(monkeypatch, mo
         torch.testing.assert_close(g, g_ref[n], atol=1e-4, rtol=1e-4, msg=n)
 
     monkeypatch.setattr(native, "pos_enc", real)
-    graphs = []
-
-    def keep(gm, _inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(m, backend=keep, fullgraph=True)
-    with torch.set_grad_enabled(mode == "train"):
-        out, g_comp = _train(compiled, x) if mode == "train" else (compiled(x), {})
-    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    out, g_comp, ops = _compiled(m, x, train=mode == "train")
     assert ops.count(torch.ops.davit.pos_enc.default) == cpes
     torch.testing.assert_close(out, fast, atol=1e-5, rtol=1e-5)
     for n, g in g_comp.items():
@@ -700,25 +699,14 @@ def test_compiled_training_runs_bias_gelu_and_matches_eager():
     mlps = sum(isinstance(mod, davit.layers.blocks.Mlp) for mod in m.modules())
     x = torch.randn(2, 3, 45, 33)
     eager, g_eager = _train(m, x)
-    graphs = []
-
-    def keep(gm, _inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled, g_comp = _train(torch.compile(m, backend=keep, fullgraph=True), x)
-    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    compiled, g_comp, ops = _compiled(m, x)
     assert ops.count(torch.ops.davit.bias_gelu.default) == mlps
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for n, g in g_comp.items():
         torch.testing.assert_close(g, g_eager[n], atol=1e-4, rtol=1e-4, msg=n)
     previous = davit.layers.fused.set_native_bias_gelu(False)
     try:
-        graphs.clear()
-        torch._dynamo.reset()
-        _train(torch.compile(m, backend=keep, fullgraph=True), x)
+        _, _, ops = _compiled(m, x)
     finally:
         davit.layers.fused.set_native_bias_gelu(previous)
-    ops = [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.davit.bias_gelu.default not in ops

@@ -391,6 +391,17 @@ def _library_available() -> bool:
     return native_library() is not None
 
 
+def _operator_context() -> bool:
+    # where the differentiable operators run: outside CPU autocast, in eager code or under torch.compile (not
+    # export or TorchScript, which see torch's ops)
+    return not (
+        torch.is_autocast_enabled("cpu")
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+    )
+
+
 def window_training_supports(x: Tensor, channels: int, num_heads: int, window_size: int) -> bool:
     """Whether training runs :func:`window_attention` on a map ``x`` of ``channels`` channels: CPU fp32
     outside autocast, eager or torch.compile (not export or TorchScript), a built head dim, at most
@@ -398,10 +409,7 @@ def window_training_supports(x: Tensor, channels: int, num_heads: int, window_si
     if not (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
+        and _operator_context()
         and channels % num_heads == 0
         and channels // num_heads in HEAD_DIMS
         and window_size * window_size <= MAX_WINDOW_TOKENS
@@ -478,10 +486,7 @@ def pos_enc_supports(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and weight.shape == (x.shape[3], 1, 3, 3)
         and x.shape[3] % 16 == 0
         and (bias is None or bias.dtype == torch.float32)
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
+        and _operator_context()
     ):
         return False
     return _library_available()
@@ -591,10 +596,7 @@ def bias_gelu_supports(x: Tensor, width: int, bias: Tensor | None) -> bool:
         and width % 16 == 0
         and width > 0
         and (bias is None or (bias.dtype == torch.float32 and bias.shape == (width,)))
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
+        and _operator_context()
     ):
         return False
     return _library_available()
