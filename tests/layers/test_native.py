@@ -21,6 +21,18 @@ from davit.layers.blocks import ChannelBlock, SpatialBlock
 needs_kernel = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler on this machine")
 
 
+def _count_calls(monkeypatch, owner, name: str, real) -> list:
+    """Replace ``owner.name`` by ``real`` that records each call's first argument's shape; the records."""
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 def windowed(qkv: torch.Tensor, heads: int, ws: int, H: int, W: int, fn=window_attention_ref) -> torch.Tensor:
     """The formulation the kernel replaces: partition, attend, reverse, crop."""
     Hp, Wp = qkv.shape[1:3]
@@ -137,14 +149,8 @@ def test_environment_switch(monkeypatch):
 @needs_kernel
 def test_eager_inference_runs_the_kernel_and_matches_torchs_path(monkeypatch):
     m = davit.create_model("davit_atto", num_classes=10).eval()  # head dim 32, 7x7 windows
-    calls = []
     real = native.window_attention_map
-
-    def counted(*a, **k):
-        calls.append(a[0].shape)
-        return real(*a, **k)
-
-    monkeypatch.setattr(davit.layers.blocks, "window_attention_map", counted)
+    calls = _count_calls(monkeypatch, davit.layers.blocks, "window_attention_map", real)
     x = torch.randn(2, 3, 45, 33)  # stem stride 2: maps 23x17, 12x9 (padded windows), then 6x5 and 3x3
     with torch.inference_mode():
         fast = m(x)
@@ -351,14 +357,8 @@ def test_training_runs_the_kernel_and_matches_torchs_path(monkeypatch):
     spans more than one window (padded ones too) and give torch's path's output and gradients."""
     torch.manual_seed(0)
     m = davit.create_model("davit_atto", num_classes=10).train()
-    calls = []
     real = native.window_attention
-
-    def counted(*a, **k):
-        calls.append(a[0].shape)
-        return real(*a, **k)
-
-    monkeypatch.setattr(davit.layers.blocks, "native_window_attention", counted)
+    calls = _count_calls(monkeypatch, davit.layers.blocks, "native_window_attention", real)
     x = torch.randn(2, 3, 45, 33)  # maps 23x17, 12x9 (padded windows), then 6x5 and 3x3 (one window)
     fast, g_fast = _train(m, x)
     assert len(calls) == 2
@@ -594,14 +594,8 @@ def test_position_encodings_run_the_kernel_and_match_torchs_path(monkeypatch, mo
     inference and training, with the reference path's outputs and gradients."""
     torch.manual_seed(0)
     m = davit.create_model("davit_atto", num_classes=10).train(mode == "train")
-    calls = []
     real = native.pos_enc
-
-    def counted(*a, **k):
-        calls.append(a[0].shape)
-        return real(*a, **k)
-
-    monkeypatch.setattr(native, "pos_enc", counted)
+    calls = _count_calls(monkeypatch, native, "pos_enc", real)
     x = torch.randn(2, 3, 45, 33)
     cpes = sum(isinstance(mod, davit.layers.blocks.ConvPosEnc) for mod in m.modules())
     with torch.set_grad_enabled(mode == "train"):
