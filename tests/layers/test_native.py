@@ -685,9 +685,16 @@ def test_bias_gelu_opcheck_fallback_threads_and_bad_widths():
 
 
 @needs_kernel
-def test_compiled_training_runs_bias_gelu_and_matches_eager():
-    """Compiled (fullgraph) CPU fp32 training runs every MLP's bias + GELU as the native operator, with
-    eager training's outputs and gradients; eager training and compiled inference keep their own paths."""
+@pytest.mark.parametrize("onednn", [False, True], ids=["F.linear", "onednn"])
+def test_compiled_training_runs_bias_gelu_and_matches_eager(monkeypatch, onednn):
+    """Compiled (fullgraph) CPU fp32 training runs every MLP's bias + GELU as the native operator after fc1's
+    GEMM without its bias, whichever the training linears run on (``F.linear``, or oneDNN, the default on
+    AMD AVX-512 CPUs), with eager training's outputs and gradients; eager training and compiled inference
+    keep their own paths."""
+    if onednn and not davit.layers.fused._MKLDNN:
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(davit.layers.fused, "_ONEDNN_TRAINING", onednn)
+    monkeypatch.setattr(davit.layers.fused, "_MIN_MACS", 0)  # the test's small layers too
     torch.manual_seed(0)
     m = davit.create_model("davit_atto", num_classes=10).train()
     mlps = sum(isinstance(mod, davit.layers.blocks.Mlp) for mod in m.modules())
@@ -695,6 +702,7 @@ def test_compiled_training_runs_bias_gelu_and_matches_eager():
     eager, g_eager = _train(m, x)
     compiled, g_comp, ops = _compiled(m, x)
     assert ops.count(torch.ops.davit.bias_gelu.default) == mlps
+    assert (torch.ops.davit.onednn_linear.default in ops) == onednn
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for n, g in g_comp.items():
         torch.testing.assert_close(g, g_eager[n], atol=1e-4, rtol=1e-4, msg=n)

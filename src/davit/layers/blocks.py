@@ -34,6 +34,7 @@ from .fused import (
     infer_linear_add,
     linear,
     native_bias_gelu,
+    onednn_linear,
     onednn_linear_add,
     onednn_linear_gelu,
     onednn_norm_mlp_add,
@@ -197,11 +198,14 @@ class Mlp(nn.Module):
             and type(self.act) is nn.GELU
             and self.act.approximate == "none"
             and native_bias_gelu(x, self.fc1)
-            and not onednn_training(x, self.fc1)
         ):
             # compiled CPU fp32 training: the GEMM without its bias, bias + GELU (and in the backward GELU's
             # gradient and the bias gradient) in one native pass each
-            return native.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
+            if onednn_training(x, self.fc1):
+                a = onednn_linear(x, self.fc1.weight, None)
+            else:
+                a = F.linear(x, self.fc1.weight)
+            return native.bias_gelu(a, self.fc1.bias)
         return self.act(linear(x, self.fc1, self.fast))
 
     def forward(self, x: Tensor) -> Tensor:

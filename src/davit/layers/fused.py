@@ -673,12 +673,15 @@ def set_native_bias_gelu(enable: bool) -> bool:
 
 
 def native_bias_gelu(x: Tensor, layer: nn.Linear) -> bool:
-    """True where ``gelu(layer(x))`` runs as ``native.bias_gelu(F.linear(x, weight), bias)``: in compiled CPU
-    fp32 training (see :func:`_compiled_cpu_fp32_training`), the layer's width a multiple of 16 and the
-    native library available. Inductor's kernels for the bias add and GELU, and for GELU's backward with the
-    bias gradient's sum, took 31 and 54 ms of a compiled davit_tiny training step at batch 8 (kernel
-    profile, session 38); in paired profiles the operator's forward and backward took 80 ms per step where
-    those kernels took 101 ms."""
+    """True where ``gelu(layer(x))`` runs as ``native.bias_gelu(F.linear(x, weight), bias)`` (or
+    :func:`onednn_linear` without its bias where :func:`onednn_training` holds): in compiled CPU fp32
+    training (see :func:`_compiled_cpu_fp32_training`), the layer's width a multiple of 16 and the native
+    library available. Inductor's kernels for the bias add and GELU, and for GELU's backward with the bias
+    gradient's sum, took 31 and 54 ms of a compiled davit_tiny training step at batch 8 (kernel profile,
+    session 38); in paired profiles the operator's forward and backward took 80 ms per step where those
+    kernels took 101 ms. With oneDNN's linears (AMD AVX-512 CPUs) inductor also recomputed the last stages'
+    GELUs at the end of the forward graph, to save them for fc2's weight gradient (one 82 ms kernel, Zen 4,
+    session 39); the operator's output is saved as it is (the step 1.016x and 1.028x in paired rounds)."""
     return (
         _NATIVE_BIAS_GELU
         and _compiled_cpu_fp32_training(x, layer)
