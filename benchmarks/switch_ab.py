@@ -12,6 +12,8 @@ Switches (each a ``set_*`` function returning the previous setting):
   (``davit.layers.fused.native_bias_gelu``), against inductor's kernels;
 - ``bias_apart``: compiled CPU training's linears with the bias added apart
   (``davit.layers.fused.bias_apart``), against ``F.linear``'s addmm;
+- ``mlp_chunks``: compiled CPU training's large MLPs on chunks of tokens
+  (``davit.layers.blocks.COMPILED_TRAIN_MLP_BATCH``), against whole maps;
 - ``opaque_convs``: compiled CPU training's convolutions as opaque ops (``davit.layers.fused.conv``), against
   plain ``aten.convolution``.
 
@@ -32,12 +34,13 @@ import torch
 from ab_rounds import build, interleaved_medians, paired, parser, print_summary, under, warm_up
 
 from davit.bench import _make_step
-from davit.layers import fused, native
+from davit.layers import blocks, fused, native
 
 SWITCHES: dict[str, Callable[[bool], bool]] = {
     "pos_enc": native.set_pos_enc_kernel,
     "bias_gelu": fused.set_native_bias_gelu,
     "bias_apart": fused.set_bias_apart,
+    "mlp_chunks": blocks.set_compiled_mlp_chunks,
     "opaque_convs": fused.set_opaque_convs,
 }
 

@@ -231,3 +231,54 @@ def test_mlp_in_token_chunks_in_cpu_training_equals_the_whole_map(monkeypatch, b
     with torch.no_grad():  # inference keeps the whole map (fused with the residual add on CPU)
         b.eval()(x)
     assert 40 not in fc2_rows
+
+
+@pytest.mark.parametrize("block", [SpatialBlock, ChannelBlock])
+def test_compiled_training_runs_large_mlps_in_a_fixed_number_of_chunks(monkeypatch, block):
+    """Compiled CPU fp32 training splits an MLP whose map has enough tokens per image into the fixed number of
+    chunks eager training's rule gives at COMPILED_TRAIN_MLP_BATCH, with the whole map's outputs and
+    gradients, and another batch size runs the same graph (the count does not depend on the symbolic batch);
+    with the setting off the map stays whole."""
+    from davit.layers import blocks
+
+    # 9 x 11 = 99 tokens per image: 99 * COMPILED_TRAIN_MLP_BATCH // TRAIN_MLP_CHUNK_TOKENS = 3 chunks
+    monkeypatch.setattr(blocks, "TRAIN_MLP_CHUNK_TOKENS", 99 * blocks.COMPILED_TRAIN_MLP_BATCH // 3)
+    torch.manual_seed(0)
+    b = block(32, 2, drop_path=0.0).train()
+
+    def run(fn, batch):
+        torch.manual_seed(batch)
+        x = torch.randn(batch, 9, 11, 32, requires_grad=True)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        b.zero_grad(set_to_none=True)
+        out = fn(x)
+        (out * torch.randn(out.shape)).sum().backward()
+        return out.detach(), [x.grad.clone()] + [p.grad.clone() for p in b.parameters()]
+
+    def compiled(graphs):
+        def keep(gm, _inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        return torch.compile(b, backend=keep, fullgraph=True)
+
+    graphs = []
+    fn = compiled(graphs)
+    for batch in (2, 3):
+        out, grads = run(fn, batch)
+        ref, ref_grads = run(b, batch)  # eager: 198 or 297 tokens, below two of eager's chunks: the whole map
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for a, r in zip(grads, ref_grads):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    assert len(graphs) == 1  # batch 3 ran batch 2's graph
+    splits = [n.args[1:] for n in graphs[0].graph.nodes if n.target == "tensor_split"]
+    assert splits == [(3,)]
+
+    graphs = []
+    previous = blocks.set_compiled_mlp_chunks(False)
+    try:
+        out, grads = run(compiled(graphs), 2)
+    finally:
+        blocks.set_compiled_mlp_chunks(previous)
+    assert not [n for n in graphs[0].graph.nodes if n.target == "tensor_split"]

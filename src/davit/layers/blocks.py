@@ -44,7 +44,16 @@ from .native import window_attention as native_window_attention
 from .native import window_attention_map, window_kernel_supports, window_training_supports
 from .norm import LayerNorm
 
-__all__ = ["DropPath", "ConvPosEnc", "Mlp", "SpatialBlock", "ChannelBlock", "drop_path", "linear_residual"]
+__all__ = [
+    "DropPath",
+    "ConvPosEnc",
+    "Mlp",
+    "SpatialBlock",
+    "ChannelBlock",
+    "drop_path",
+    "linear_residual",
+    "set_compiled_mlp_chunks",
+]
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -170,6 +179,26 @@ def _norm_folds(norm: nn.Module, x: Tensor, layer: nn.Linear) -> bool:
 #: and GELU and its backward read their input from cache. The same activations are kept for the backward.
 TRAIN_MLP_CHUNK_TOKENS = 6272
 
+#: Compiled CPU training splits the same MLPs into a fixed number of chunks: the batch size is symbolic there
+#: (a count that depends on it would guard on it, and another batch size would recompile), so the count is
+#: what eager training's rule gives at this batch size, from the map's static tokens per image (davit_tiny at
+#: 224 px: 4 chunks in the first stage, whole maps in the others; 6272 tokens per chunk at batch 8). Paired
+#: rounds of the compiled step at batch 8, Zen 4: 1.059x with 4 chunks, 1.023x with 2, 1.008x with 8
+#: (session 39).
+COMPILED_TRAIN_MLP_BATCH = 8
+
+# davit.layers.blocks.set_compiled_mlp_chunks(False): compiled training keeps whole maps (A/B timing, tests)
+_COMPILED_CHUNKS = True
+
+
+def set_compiled_mlp_chunks(enable: bool) -> bool:
+    """Let compiled CPU fp32 training run large MLPs on chunks of tokens (the default; see
+    :data:`COMPILED_TRAIN_MLP_BATCH`) or on whole maps. Read when torch.compile traces. Returns the previous
+    setting."""
+    global _COMPILED_CHUNKS
+    previous, _COMPILED_CHUNKS = _COMPILED_CHUNKS, bool(enable)
+    return previous
+
 
 class Mlp(nn.Module):
     """Linear -> exact GELU -> Linear.
@@ -231,6 +260,11 @@ class Mlp(nn.Module):
             )
         x = norm(residual)
         n = x.numel() // x.shape[-1]  # (torch.Size.numel() would make a symbolic size concrete under export)
+        chunks = self._compiled_chunks(x, residual)
+        if chunks > 1:
+            parts = x.reshape(n, x.shape[-1]).tensor_split(chunks)
+            y = torch.cat([linear(self.hidden(part), self.fc2, self.fast) for part in parts])
+            return residual + drop(y.view(residual.shape))
         if not (
             self.fast
             and x.is_cpu
@@ -252,6 +286,30 @@ class Mlp(nn.Module):
         parts = x.reshape(n, x.shape[-1]).split(TRAIN_MLP_CHUNK_TOKENS)
         y = torch.cat([linear(self.hidden(part), self.fc2, self.fast) for part in parts])
         return residual + drop(y.view(residual.shape))
+
+    def _compiled_chunks(self, x: Tensor, residual: Tensor) -> int:
+        """How many chunks of tokens compiled CPU fp32 training runs this MLP on (1: the whole map): see
+        :data:`COMPILED_TRAIN_MLP_BATCH`. Only where the tokens per image are static (a symbolic image size
+        keeps whole maps)."""
+        if not (
+            _COMPILED_CHUNKS
+            and self.fast
+            and torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting()
+            and torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not any(has_hooks(m) for m in (self, self.fc1, self.act, self.fc2))
+        ):
+            return 1
+        tokens = 1
+        for size in residual.shape[1:-1]:
+            if not isinstance(size, int):
+                return 1
+            tokens *= size
+        chunks = tokens * COMPILED_TRAIN_MLP_BATCH // TRAIN_MLP_CHUNK_TOKENS
+        return chunks if chunks >= 2 else 1
 
 
 class SpatialBlock(nn.Module):
