@@ -183,8 +183,9 @@ TRAIN_MLP_CHUNK_TOKENS = 6272
 #: (a count that depends on it would guard on it, and another batch size would recompile), so the count is
 #: what eager training's rule gives at this batch size, from the map's static tokens per image (davit_tiny at
 #: 224 px: 4 chunks in the first stage, whole maps in the others; 6272 tokens per chunk at batch 8). Paired
-#: rounds of the compiled step at batch 8, Zen 4: 1.059x with 4 chunks, 1.023x with 2, 1.008x with 8
-#: (session 39).
+#: rounds of the compiled step at batch 8, Zen 4 (session 39): 1.035x as committed (15 rounds; exploratory,
+#: 11 rounds each: 1.059x with 4 chunks, 1.023x with 2, 1.008x with 8, and no gain from the second stage in
+#: 2); the step's peak allocation 873 instead of 860 MB (the chunks' concatenations).
 COMPILED_TRAIN_MLP_BATCH = 8
 
 # davit.layers.blocks.set_compiled_mlp_chunks(False): compiled training keeps whole maps (A/B timing, tests)
@@ -261,11 +262,9 @@ class Mlp(nn.Module):
         x = norm(residual)
         n = x.numel() // x.shape[-1]  # (torch.Size.numel() would make a symbolic size concrete under export)
         chunks = self._compiled_chunks(x, residual)
-        if chunks > 1:
+        if chunks > 1:  # compiled training: a count that does not depend on the symbolic batch size
             parts = x.reshape(n, x.shape[-1]).tensor_split(chunks)
-            y = torch.cat([linear(self.hidden(part), self.fc2, self.fast) for part in parts])
-            return residual + drop(y.view(residual.shape))
-        if not (
+        elif not (
             self.fast
             and x.is_cpu
             and x.dtype == torch.float32  # measured in fp32 only (bf16 autocast keeps the whole map)
@@ -279,11 +278,12 @@ class Mlp(nn.Module):
             and not any(has_hooks(m) for m in (self, self.fc1, self.act, self.fc2))
         ):
             return linear_residual(self.hidden(x), self.fc2, residual, drop, self.fast)
+        else:
+            parts = x.reshape(n, x.shape[-1]).split(TRAIN_MLP_CHUNK_TOKENS)
         # split and cat, not slicing and slice assignment: their backwards are one cat of the chunks' input
         # gradients and free views of y's, where a slice's backward writes a zero-filled full-size gradient
         # per chunk (summed by autograd) and a slice assignment's clones y's (13.5 ms of fills, copies and
         # adds per davit_tiny training step at batch 8, session 37)
-        parts = x.reshape(n, x.shape[-1]).split(TRAIN_MLP_CHUNK_TOKENS)
         y = torch.cat([linear(self.hidden(part), self.fc2, self.fast) for part in parts])
         return residual + drop(y.view(residual.shape))
 
