@@ -185,7 +185,7 @@ TRAIN_MLP_CHUNK_TOKENS = 6272
 #: 224 px: 4 chunks in the first stage, whole maps in the others; 6272 tokens per chunk at batch 8). Paired
 #: rounds of the compiled step at batch 8, Zen 4 (session 39): 1.035x as committed (15 rounds; exploratory,
 #: 11 rounds each: 1.059x with 4 chunks, 1.023x with 2, 1.008x with 8, and no gain from the second stage in
-#: 2); the step's peak allocation 873 instead of 860 MB (the chunks' concatenations).
+#: 2); the step's peak allocation 873 MB against 860 MB with whole maps (timm's 874 MB).
 COMPILED_TRAIN_MLP_BATCH = 8
 
 # davit.layers.blocks.set_compiled_mlp_chunks(False): compiled training keeps whole maps (A/B timing, tests)
