@@ -26,6 +26,7 @@ from .attention import (
     window_reverse_gather,
 )
 from .fused import (
+    compiled_cpu_fp32_training,
     conv,
     fused_compiled_inference,
     fused_cpu_inference,
@@ -246,7 +247,8 @@ class Mlp(nn.Module):
         fc2 with the add (see :func:`linear_residual`), compiled CPU inference runs the norm and the whole
         branch as one opaque call on chunks of tokens (:func:`~davit.layers.fused.onednn_norm_mlp_add`);
         eager CPU fp32 training runs the MLP on chunks of TRAIN_MLP_CHUNK_TOKENS tokens where the hidden map
-        is larger than two chunks (see there)."""
+        is larger than two chunks (see there), compiled CPU fp32 training on the fixed number of chunks of
+        :meth:`_compiled_chunks`."""
         if (
             self.fast
             and (drop.p == 0.0 or not drop.training)
@@ -294,13 +296,8 @@ class Mlp(nn.Module):
         if not (
             _COMPILED_CHUNKS
             and self.fast
-            and torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting()
-            and torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not any(has_hooks(m) for m in (self, self.fc1, self.act, self.fc2))
+            and compiled_cpu_fp32_training(x, self.fc1)
+            and not any(has_hooks(m) for m in (self, self.act, self.fc2))
         ):
             return 1
         tokens = 1

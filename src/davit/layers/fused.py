@@ -657,7 +657,7 @@ def bias_apart(x: Tensor, layer: nn.Linear) -> bool:
     residual add, the channel attention's re-layout; in the backward the bias gradient's sum joins GELU's
     or the norm's), so it costs no pass of its own. Step 1.029x as fast (medians of 21 interleaved rounds;
     per-round ratios' median 1.039x; Xeon family 6 model 207, session 37)."""
-    return _BIAS_APART and layer.bias is not None and _compiled_cpu_fp32_training(x, layer)
+    return _BIAS_APART and layer.bias is not None and compiled_cpu_fp32_training(x, layer)
 
 
 _NATIVE_BIAS_GELU = True
@@ -675,7 +675,7 @@ def set_native_bias_gelu(enable: bool) -> bool:
 def native_bias_gelu(x: Tensor, layer: nn.Linear) -> bool:
     """True where ``gelu(layer(x))`` runs as ``native.bias_gelu(F.linear(x, weight), bias)`` (or
     :func:`onednn_linear` without its bias where :func:`onednn_training` holds): in compiled CPU fp32
-    training (see :func:`_compiled_cpu_fp32_training`), the layer's width a multiple of 16 and the native
+    training (see :func:`compiled_cpu_fp32_training`), the layer's width a multiple of 16 and the native
     library available. Inductor's kernels for the bias add and GELU, and for GELU's backward with the bias
     gradient's sum, took 31 and 54 ms of a compiled davit_tiny training step at batch 8 (kernel profile,
     session 38); in paired profiles the operator's forward and backward took 80 ms per step where those
@@ -684,15 +684,16 @@ def native_bias_gelu(x: Tensor, layer: nn.Linear) -> bool:
     session 39); the operator's output is saved as it is (the step 1.016x and 1.028x in paired rounds)."""
     return (
         _NATIVE_BIAS_GELU
-        and _compiled_cpu_fp32_training(x, layer)
+        and compiled_cpu_fp32_training(x, layer)
         and native.bias_gelu_supports(x, layer.out_features, layer.bias)
     )
 
 
-def _compiled_cpu_fp32_training(x: Tensor, layer: nn.Module) -> bool:
-    # torch.compile (not export: ONNX and exported programs see the plain ops) with gradients, CPU fp32
-    # outside autocast, the layer unhooked: where the compiled-training rewrites apply (bias_apart,
-    # opaque_conv, native_bias_gelu)
+def compiled_cpu_fp32_training(x: Tensor, layer: nn.Module) -> bool:
+    """Whether compiled CPU training's rewrites apply to ``layer`` run on ``x``: torch.compile (not export:
+    ONNX and exported programs see the plain ops) with gradients, CPU fp32 outside autocast, the layer
+    unhooked (:func:`bias_apart`, :func:`conv`, :func:`native_bias_gelu`, the MLP chunks of
+    ``davit.layers.blocks.Mlp``)."""
     return (
         torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
@@ -843,7 +844,7 @@ def opaque_conv(x: Tensor, layer: nn.Conv2d) -> bool:
         and layer.dilation == (1, 1)
         and layer.padding_mode == "zeros"
         and not isinstance(layer.padding, str)
-        and _compiled_cpu_fp32_training(x, layer)
+        and compiled_cpu_fp32_training(x, layer)
     )
 
 
