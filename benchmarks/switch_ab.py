@@ -8,8 +8,8 @@ Switches (each a ``set_*`` function returning the previous setting):
 
 - ``pos_enc``: the position encodings in davit's native kernel (``davit.layers.native.pos_enc``), against
   torch's depthwise convolution and add;
-- ``bias_gelu``: compiled CPU training's MLPs with bias + GELU in the native kernel
-  (``davit.layers.fused.native_bias_gelu``), against inductor's kernels;
+- ``bias_gelu``: CPU training's MLPs with bias + GELU in the native kernel (compiled; eager after oneDNN's
+  linears) (``davit.layers.fused.native_bias_gelu``), against inductor's kernels or torch's GELU;
 - ``bias_apart``: compiled CPU training's linears with the bias added apart
   (``davit.layers.fused.bias_apart``), against ``F.linear``'s addmm;
 - ``mlp_chunks``: compiled CPU training's large MLPs on chunks of tokens

@@ -685,6 +685,52 @@ def test_bias_gelu_opcheck_fallback_threads_and_bad_widths():
 
 
 @needs_kernel
+def test_eager_training_runs_bias_gelu_after_onednn_linears(monkeypatch):
+    """Eager CPU fp32 training runs every MLP's bias + GELU as the native operator where the training linears
+    run on oneDNN (whole maps and the chunks of large ones), with the reference path's outputs and
+    gradients; after ``F.linear``, with the setting off, and without gradients it keeps torch's GELU."""
+    if not davit.layers.fused._MKLDNN:
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(davit.layers.fused, "_MIN_MACS", 0)  # the test's small layers too
+    torch.manual_seed(0)
+    m = davit.create_model("davit_atto", num_classes=10).train()
+    mlps = sum(isinstance(mod, davit.layers.blocks.Mlp) for mod in m.modules())
+    calls = _count_calls(monkeypatch, native, "bias_gelu", native.bias_gelu)
+    x = torch.randn(2, 3, 45, 33)
+    monkeypatch.setattr(davit.layers.fused, "_ONEDNN_TRAINING", True)
+    fast, g_fast = _train(m, x)
+    assert len(calls) == mlps
+    m.set_fast(False)
+    ref, g_ref = _train(m, x)
+    m.set_fast(True)
+    assert len(calls) == mlps
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    for n, g in g_fast.items():
+        torch.testing.assert_close(g, g_ref[n], atol=1e-4, rtol=1e-4, msg=n)
+    # the first stages' MLPs on chunks of at most 32 tokens (rows), the later ones on whole (B, H, W, C) maps
+    monkeypatch.setattr(davit.layers.blocks, "TRAIN_MLP_CHUNK_TOKENS", 32)
+    calls.clear()
+    chunked, g_chunked = _train(m, x)
+    rows = [c[0] for c in calls if len(c) == 2]
+    assert len(calls) > mlps and rows and max(rows) == 32
+    torch.testing.assert_close(chunked, ref, atol=1e-5, rtol=1e-5)
+    for n, g in g_chunked.items():
+        torch.testing.assert_close(g, g_ref[n], atol=1e-4, rtol=1e-4, msg=n)
+    monkeypatch.setattr(davit.layers.blocks, "TRAIN_MLP_CHUNK_TOKENS", 1 << 30)
+    calls.clear()
+    previous = davit.layers.fused.set_native_bias_gelu(False)
+    try:
+        _train(m, x)
+    finally:
+        davit.layers.fused.set_native_bias_gelu(previous)
+    with torch.no_grad():
+        m(x)
+    monkeypatch.setattr(davit.layers.fused, "_ONEDNN_TRAINING", False)
+    _train(m, x)
+    assert calls == []
+
+
+@needs_kernel
 @pytest.mark.parametrize("onednn", [False, True], ids=["F.linear", "onednn"])
 def test_compiled_training_runs_bias_gelu_and_matches_eager(monkeypatch, onednn):
     """Compiled (fullgraph) CPU fp32 training runs every MLP's bias + GELU as the native operator after fc1's

@@ -230,8 +230,8 @@ class Mlp(nn.Module):
             and self.act.approximate == "none"
             and native_bias_gelu(x, self.fc1)
         ):
-            # compiled CPU fp32 training: the GEMM without its bias, bias + GELU (and in the backward GELU's
-            # gradient and the bias gradient) in one native pass each
+            # CPU fp32 training (compiled; eager after oneDNN's linears): the GEMM without its bias, bias +
+            # GELU (and in the backward GELU's gradient and the bias gradient) in one native pass each
             if onednn_training(x, self.fc1):
                 a = onednn_linear(x, self.fc1.weight, None)
             else:

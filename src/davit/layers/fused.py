@@ -664,9 +664,9 @@ _NATIVE_BIAS_GELU = True
 
 
 def set_native_bias_gelu(enable: bool) -> bool:
-    """Let compiled CPU fp32 training run its MLPs' bias + GELU in the native kernel (see
-    :func:`native_bias_gelu`; the default) or in inductor's kernels. Read when torch.compile traces. Returns
-    the previous setting."""
+    """Let CPU fp32 training run its MLPs' bias + GELU in the native kernel where :func:`native_bias_gelu`
+    says (the default), or in torch's GELU (eager) and inductor's kernels (compiled). Read when torch.compile
+    traces, and by eager code on each call. Returns the previous setting."""
     global _NATIVE_BIAS_GELU
     previous, _NATIVE_BIAS_GELU = _NATIVE_BIAS_GELU, bool(enable)
     return previous
@@ -675,16 +675,29 @@ def set_native_bias_gelu(enable: bool) -> bool:
 def native_bias_gelu(x: Tensor, layer: nn.Linear) -> bool:
     """True where ``gelu(layer(x))`` runs as ``native.bias_gelu(F.linear(x, weight), bias)`` (or
     :func:`onednn_linear` without its bias where :func:`onednn_training` holds): in compiled CPU fp32
-    training (see :func:`compiled_cpu_fp32_training`), the layer's width a multiple of 16 and the native
-    library available. Inductor's kernels for the bias add and GELU, and for GELU's backward with the bias
+    training (see :func:`compiled_cpu_fp32_training`), and in eager CPU fp32 training where the linears run
+    on oneDNN (:func:`onednn_training`: AMD AVX-512 CPUs by default), the layer's width a multiple of 16 and
+    the native library available.
+
+    Compiled: inductor's kernels for the bias add and GELU, and for GELU's backward with the bias
     gradient's sum, took 31 and 54 ms of a compiled davit_tiny training step at batch 8 (kernel profile,
     session 38); in paired profiles the operator's forward and backward took 80 ms per step where those
     kernels took 101 ms. With oneDNN's linears (AMD AVX-512 CPUs) inductor also recomputed the last stages'
     GELUs at the end of the forward graph, to save them for fc2's weight gradient (one 82 ms kernel, Zen 4,
-    session 39); the operator's output is saved as it is (the step 1.016x and 1.028x in paired rounds)."""
+    session 39); the operator's output is saved as it is (the step 1.016x and 1.028x in paired rounds).
+
+    Eager, after oneDNN's linears: the step 1.023x and 1.024x in paired rounds (davit_tiny, batch 8, Zen 4,
+    session 40): torch's GELU and its backward are no slower than the kernel, but the operator's backward
+    also yields the bias gradient, a separate column sum otherwise. After ``F.linear`` (Intel's default)
+    eager training keeps torch's GELU: 0.982x there (session 38)."""
+    if not _NATIVE_BIAS_GELU:
+        return False
+    if compiled_cpu_fp32_training(x, layer):
+        return native.bias_gelu_supports(x, layer.out_features, layer.bias)
     return (
-        _NATIVE_BIAS_GELU
-        and compiled_cpu_fp32_training(x, layer)
+        not torch.compiler.is_compiling()  # (compiled code that is not fp32 training: not here, no guards)
+        and torch.is_grad_enabled()
+        and onednn_training(x, layer)
         and native.bias_gelu_supports(x, layer.out_features, layer.bias)
     )
 
