@@ -8,6 +8,9 @@ Switches (each a ``set_*`` function returning the previous setting):
 
 - ``pos_enc``: the position encodings in davit's native kernel (``davit.layers.native.pos_enc``), against
   torch's depthwise convolution and add;
+- ``channel``: training's channel attention in davit's native kernel
+  (``davit.layers.native.channel_attention``), against torch's matmuls (per group in eager code, batched in
+  compiled code);
 - ``bias_gelu``: CPU training's MLPs with bias + GELU in the native kernel (compiled; eager after oneDNN's
   linears) (``davit.layers.fused.native_bias_gelu``), against inductor's kernels or torch's GELU;
 - ``bias_apart``: compiled CPU training's linears with the bias added apart
@@ -38,6 +41,7 @@ from davit.layers import blocks, fused, native
 
 SWITCHES: dict[str, Callable[[bool], bool]] = {
     "pos_enc": native.set_pos_enc_kernel,
+    "channel": native.set_channel_attention_kernel,
     "bias_gelu": fused.set_native_bias_gelu,
     "bias_apart": fused.set_bias_apart,
     "mlp_chunks": blocks.set_compiled_mlp_chunks,

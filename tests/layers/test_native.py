@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import davit
 from davit.layers import native, window_attention, window_attention_ref, window_partition, window_reverse
+from davit.layers.attention import channel_attention_ref
 from davit.layers.blocks import ChannelBlock, SpatialBlock
 
 # skipped only where there is no compiler at all: with one, a kernel that does not build fails these tests
@@ -758,3 +759,110 @@ def test_compiled_training_runs_bias_gelu_and_matches_eager(monkeypatch, onednn)
     finally:
         davit.layers.fused.set_native_bias_gelu(previous)
     assert torch.ops.davit.bias_gelu.default not in ops
+
+
+# ----- channel group attention (training) ----------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "B, N, C, G, v2",
+    [
+        (2, 37, 96, 3, False),  # davit's 32 channels per group, an odd token count
+        (2, 37, 96, 3, True),  # Florence-2's formulation
+        (1, 1, 64, 4, False),  # one token; 16 channels per group
+        (3, 101, 128, 2, False),  # 64 channels per group
+        (2, 50, 768, 24, True),
+    ],
+)
+def test_channel_attention_equals_float64_reference(B, N, C, G, v2):
+    """Output and qkv gradient against float64 autograd through the reference formulation, as close as
+    torch's fp32 matmuls get (within 2x their error, or fp32 round-off of the result's scale)."""
+    torch.manual_seed(0)
+    q64 = (torch.randn(B, N, 3 * C, dtype=torch.float64) * 2).requires_grad_()
+    ref = channel_attention_ref(q64, G, v2)
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    (dref,) = torch.autograd.grad(ref, q64, g)
+    qf = q64.detach().float().requires_grad_()
+    assert native.channel_attention_supports(qf, G)
+    out = native.channel_attention(qf, G, v2)
+    (d,) = torch.autograd.grad(out, qf, g.float())
+    tq = q64.detach().float().requires_grad_()
+    tout = channel_attention_ref(tq, G, v2)
+    (td,) = torch.autograd.grad(tout, tq, g.float())
+    assert out.shape == (B, N, C) and d.shape == qf.shape
+    for mine, theirs, r in ((out, tout, ref), (d, td, dref)):
+        err, terr = (mine.double() - r).abs().max().item(), (theirs.double() - r).abs().max().item()
+        assert err <= max(2 * terr, 2e-7 * r.abs().max().item()), (err, terr)
+
+
+@needs_kernel
+def test_channel_attention_opcheck_fallback_threads_and_what_it_refuses():
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 40, 3 * 96, requires_grad=True)
+    for v2 in (False, True):
+        torch.library.opcheck(native._channel_attention, (qkv, 3, v2))
+        attn = native._channel_attention(qkv.detach(), 3, v2)[1]
+        grad_args = (torch.randn(3, 40, 96), qkv.detach(), attn, 3, v2)
+        torch.library.opcheck(native._channel_attention_backward, grad_args)
+    g = torch.randn(3, 40, 96)
+    n = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = native.channel_attention(qkv, 3)
+            results.append((out, *torch.autograd.grad(out, qkv, g)))
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(a, b) for a, b in zip(*results))  # each (image, group) summed on one thread
+    native.set_native_kernels(False)
+    try:
+        off = native.channel_attention(qkv, 3)
+        (off_grad,) = torch.autograd.grad(off, qkv, g)
+    finally:
+        native.set_native_kernels(None)
+    torch.testing.assert_close(off, results[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(off_grad, results[0][1], atol=1e-5, rtol=1e-5)
+    assert not native.channel_attention_supports(qkv, 4)  # 24 channels per group: not built
+    assert not native.channel_attention_supports(qkv.double(), 3)
+    with torch.no_grad():
+        assert not native.channel_attention_supports(qkv, 3)  # inference keeps its own paths
+    out = torch.full((1, 2, 48), 7.0)
+    x = torch.zeros(1, 2, 144)
+    assert native.native_library().davit_channel_attention_f32(
+        x.data_ptr(), out.data_ptr(), None, 1, 2, 48, 2, 1, 2, 0, 0.2, 1
+    ) == -1 and (out == 7.0).all()
+
+
+@needs_kernel
+def test_training_runs_channel_attention_kernel_and_matches_reference(monkeypatch):
+    """Eager and compiled (fullgraph) CPU fp32 training run the operator in every channel block, with the
+    reference path's outputs and gradients; inference and the switch turned off keep torch's matmuls."""
+    torch.manual_seed(0)
+    m = davit.create_model("davit_atto", num_classes=10).train()
+    blocks = sum(isinstance(mod, davit.layers.blocks.ChannelBlock) for mod in m.modules())
+    calls = _count_calls(monkeypatch, native, "channel_attention", native.channel_attention)
+    x = torch.randn(2, 3, 45, 33)
+    fast, g_fast = _train(m, x)
+    assert len(calls) == blocks
+    m.set_fast(False)
+    ref, g_ref = _train(m, x)
+    m.set_fast(True)
+    assert len(calls) == blocks
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    for n, g in g_fast.items():
+        torch.testing.assert_close(g, g_ref[n], atol=1e-4, rtol=1e-4, msg=n)
+    with torch.no_grad():
+        m(x)
+    previous = native.set_channel_attention_kernel(False)
+    try:
+        _train(m, x)
+    finally:
+        native.set_channel_attention_kernel(previous)
+    assert len(calls) == blocks
+    out, g_comp, ops = _compiled(m, x)
+    assert ops.count(torch.ops.davit.channel_attention.default) == blocks
+    torch.testing.assert_close(out, fast, atol=1e-5, rtol=1e-5)
+    for n, g in g_comp.items():
+        torch.testing.assert_close(g, g_fast[n], atol=1e-4, rtol=1e-4, msg=n)

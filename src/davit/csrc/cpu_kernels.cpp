@@ -1,6 +1,7 @@
 // davit's native CPU kernels for fp32: window self-attention (forward, and backward for training), layer norm
-// (inference), the conditional position encoding x + depthwise_conv3x3(x) (forward and backward) and exact GELU
-// with the preceding linear's bias (forward and backward, for compiled training).
+// (inference), the conditional position encoding x + depthwise_conv3x3(x) (forward and backward), exact GELU
+// with the preceding linear's bias (forward and backward, for training) and channel group attention (forward
+// and backward, for training).
 //
 // Window attention: softmax(q k^T / sqrt(d)) v in every window of a token map, read straight from the map's
 // qkv projection and written straight into the output map.
@@ -275,7 +276,7 @@ int for_each_window_head(int64_t B, int64_t nwy, int64_t nwx, int64_t heads, int
 extern "C" {
 
 // Kernel ABI version; native.py refuses a library that reports another.
-int davit_native_abi(void) { return 5; }
+int davit_native_abi(void) { return 6; }
 
 // qkv: (B, Hp, Wp, 3C) contiguous, Hp and Wp multiples of ws, channels [q | k | v], each head's D channels
 // contiguous in each (C = heads * D). out: (B, Ho, Wo, C) contiguous, Ho <= Hp, Wo <= Wp: each window's
@@ -791,6 +792,189 @@ int davit_bias_gelu_backward_f32(const float* a, const float* b, const float* dh
     }
   }
   std::free(part);
+  return 0;
+}
+
+}  // extern "C"
+
+// ----- channel group attention: per image and group, A = softmax(s Q^T K) (D x D), out = V A^T ----------------
+//
+// Why a kernel of our own: the (D x D) logits are sums over all N tokens of an image, so torch runs them as
+// batched matmuls with tiny outputs and long reductions (about 30 GFLOP/s for davit_tiny's first stage on a
+// 2-core AVX-512 VM), on (B, G, N, D) operands that strided views of qkv cannot give it without copies, and
+// the backward adds transposed copies and a softmax backward pass. Here each (image, group) is one task on
+// one thread: the logits as a sum of outer products over the tokens (8 rows x 32 columns of accumulators),
+// the D x D softmax in registers, and out = V A^T as one pass over the tokens, the operands read in place
+// from qkv's column blocks (roles: the query, key and value chunks of qkv by index, as the caller's
+// formulation has them).
+
+namespace {
+
+// S[i0 + r][:] (+)= sum_n X[n * ldx + i0 + r] * Y[n * ldy + :] for r < R (D columns of S); `first`: =
+template <int D, int R>
+inline void outer_rows(const float* X, int64_t ldx, const float* Y, int64_t ldy, int64_t N, int i0, float* S,
+                       bool first) {
+  constexpr int DV = D / L;
+  vf acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) acc[r][c] = first ? splat(0.f) : vload(S + (i0 + r) * D + c * L);
+  for (int64_t n = 0; n < N; ++n) {
+    vf yv[DV];
+    for (int c = 0; c < DV; ++c) yv[c] = vload(Y + n * ldy + c * L);
+    const float* x = X + n * ldx + i0;
+    for (int r = 0; r < R; ++r) {
+      const vf xb = splat(x[r]);
+      for (int c = 0; c < DV; ++c) acc[r][c] += xb * yv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) vstore(S + (i0 + r) * D + c * L, acc[r][c]);
+}
+
+// S (D x D) = X^T Y over N rows (X, Y: N x D, rows ldx / ldy apart), in blocks of NB rows: the blocks' rows
+// stay in L1 while each R-row band of S (16 accumulators) passes over them, so only the first band reads
+// them from memory
+template <int D>
+void outer(const float* X, int64_t ldx, const float* Y, int64_t ldy, int64_t N, float* S) {
+  constexpr int R = 16 / (D / L);
+  constexpr int64_t NB = 64;
+  for (int64_t n0 = 0; n0 < N || n0 == 0; n0 += NB) {
+    const int64_t nb = N - n0 < NB ? N - n0 : NB;
+    for (int i0 = 0; i0 < D; i0 += R) outer_rows<D, R>(X + n0 * ldx, ldx, Y + n0 * ldy, ldy, nb, i0, S, n0 == 0);
+  }
+}
+
+// Y[r][:] = sum_j X[r * ldx + j] * M[j][:] for r < R (M: D x D)
+template <int D, int R>
+inline void apply_rows(const float* X, int64_t ldx, const float* M, float* Y, int64_t ldy) {
+  constexpr int DV = D / L;
+  vf acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) acc[r][c] = splat(0.f);
+  for (int j = 0; j < D; ++j) {
+    vf mv[DV];
+    for (int c = 0; c < DV; ++c) mv[c] = vload(M + j * D + c * L);
+    for (int r = 0; r < R; ++r) {
+      const vf xb = splat(X[r * ldx + j]);
+      for (int c = 0; c < DV; ++c) acc[r][c] += xb * mv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) vstore(Y + r * ldy + c * L, acc[r][c]);
+}
+
+// Y = X M over N rows (X: N x D rows ldx apart, Y: N x D rows ldy apart, M: D x D)
+template <int D>
+void apply(const float* X, int64_t ldx, const float* M, float* Y, int64_t ldy, int64_t N) {
+  constexpr int R = 16 / (D / L);
+  int64_t n = 0;
+  for (; n + R <= N; n += R) apply_rows<D, R>(X + n * ldx, ldx, M, Y + n * ldy, ldy);
+  for (; n < N; ++n) apply_rows<D, 1>(X + n * ldx, ldx, M, Y + n * ldy, ldy);
+}
+
+// each row of the D x D logits S replaced by softmax(scale * row) (scale > 0)
+template <int D>
+void softmax_rows(float* S, float scale) {
+  constexpr int DV = D / L;
+  for (int i = 0; i < D; ++i) {
+    float* row = S + i * D;
+    float m = row[0];
+    for (int j = 1; j < D; ++j) m = row[j] > m ? row[j] : m;
+    vf e[DV];
+    vf sum = splat(0.f);
+    for (int c = 0; c < DV; ++c) {
+      e[c] = vexp((vload(row + c * L) - m) * scale);
+      sum += e[c];
+    }
+    const float inv = 1.0f / hsum(sum);
+    for (int c = 0; c < DV; ++c) vstore(row + c * L, e[c] * inv);
+  }
+}
+
+template <int D>
+void transpose_square(const float* A, float* T) {
+  for (int i = 0; i < D; ++i)
+    for (int j = 0; j < D; ++j) T[j * D + i] = A[i * D + j];
+}
+
+template <int D>
+void channel_task(const float* qkv, float* out, float* attn, int64_t N, int64_t C, int64_t b, int64_t g,
+                  const int* role, float scale) {
+  alignas(64) float A[D * D];
+  alignas(64) float At[D * D];
+  const int64_t ld = 3 * C;
+  const float* base = qkv + b * N * ld + g * D;
+  outer<D>(base + role[0] * C, ld, base + role[1] * C, ld, N, A);
+  softmax_rows<D>(A, scale);
+  transpose_square<D>(A, At);
+  apply<D>(base + role[2] * C, ld, At, out + b * N * C + g * D, C, N);
+  if (attn) std::memcpy(attn + (b * (C / D) + g) * D * D, A, sizeof A);
+}
+
+template <int D>
+void channel_task_backward(const float* qkv, const float* attn, const float* dout, float* dqkv, int64_t N,
+                           int64_t C, int64_t b, int64_t g, const int* role, float scale) {
+  alignas(64) float dA[D * D];
+  alignas(64) float dS[D * D];
+  alignas(64) float dSt[D * D];
+  const int64_t ld = 3 * C;
+  const float* base = qkv + b * N * ld + g * D;
+  float* dbase = dqkv + b * N * ld + g * D;
+  const float* A = attn + (b * (C / D) + g) * D * D;
+  const float* dO = dout + b * N * C + g * D;
+  outer<D>(dO, C, base + role[2] * C, ld, N, dA);  // dA = dO^T V
+  for (int i = 0; i < D; ++i) {  // dS = s * A * (dA - rowsum(dA * A))
+    float dot = 0.f;
+    for (int j = 0; j < D; ++j) dot += dA[i * D + j] * A[i * D + j];
+    for (int j = 0; j < D; ++j) dS[i * D + j] = scale * A[i * D + j] * (dA[i * D + j] - dot);
+  }
+  transpose_square<D>(dS, dSt);
+  apply<D>(dO, C, A, dbase + role[2] * C, ld, N);                 // dV = dO A
+  apply<D>(base + role[1] * C, ld, dSt, dbase + role[0] * C, ld, N);  // dQ = s K dS^T
+  apply<D>(base + role[0] * C, ld, dS, dbase + role[1] * C, ld, N);   // dK = s Q dS
+}
+
+}  // namespace
+
+extern "C" {
+
+// qkv: (B, N, 3C) contiguous; roles q, k, v: which of qkv's three C-column chunks is the query, the key and
+// the value; groups of D = C / G channels (16, 32 or 64). out: (B, N, C) contiguous; attn: (B, G, D, D) the
+// attention (may be null). Per (image, group): A = softmax(scale * Q^T K), out = V A^T. Returns 0, or -1 for a
+// group width that is not built.
+int davit_channel_attention_f32(const float* qkv, float* out, float* attn, int64_t B, int64_t N, int64_t C,
+                                int64_t G, int q, int k, int v, float scale, int threads) {
+  const int64_t D = C / G;
+  if (D != 16 && D != 32 && D != 64) return -1;
+  const int role[3] = {q, k, v};
+#pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
+  for (int64_t t = 0; t < B * G; ++t) {
+    FlushDenormals ftz;
+    const int64_t b = t / G, g = t % G;
+    if (D == 16) channel_task<16>(qkv, out, attn, N, C, b, g, role, scale);
+    else if (D == 32) channel_task<32>(qkv, out, attn, N, C, b, g, role, scale);
+    else channel_task<64>(qkv, out, attn, N, C, b, g, role, scale);
+  }
+  return 0;
+}
+
+// The gradient of davit_channel_attention_f32 with respect to qkv, given its attention attn (B, G, D, D) and
+// the output's gradient dout (B, N, C): dV = dO A, dA = dO^T V, dS = s A * (dA - rowsum(dA * A)),
+// dQ = K dS^T, dK = Q dS, written into dqkv (B, N, 3C), every element. Returns 0, or -1 as the forward.
+int davit_channel_attention_backward_f32(const float* qkv, const float* attn, const float* dout, float* dqkv,
+                                         int64_t B, int64_t N, int64_t C, int64_t G, int q, int k, int v,
+                                         float scale, int threads) {
+  const int64_t D = C / G;
+  if (D != 16 && D != 32 && D != 64) return -1;
+  const int role[3] = {q, k, v};
+#pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
+  for (int64_t t = 0; t < B * G; ++t) {
+    FlushDenormals ftz;
+    const int64_t b = t / G, g = t % G;
+    if (D == 16) channel_task_backward<16>(qkv, attn, dout, dqkv, N, C, b, g, role, scale);
+    else if (D == 32) channel_task_backward<32>(qkv, attn, dout, dqkv, N, C, b, g, role, scale);
+    else channel_task_backward<64>(qkv, attn, dout, dqkv, N, C, b, g, role, scale);
+  }
   return 0;
 }
 

@@ -4,9 +4,10 @@ For CPU fp32: window self-attention (:func:`window_attention_map`), read from th
 written into the output map, so the windows are never partitioned or reversed as copies, in inference and,
 with its backward (:func:`window_attention_map_backward`, as the differentiable operator
 :func:`window_attention`), in training; the conditional position encoding ``x + depthwise_conv3x3(x)`` of a
-(B, H, W, C) map, forward and backward (the operator :func:`pos_enc`); in compiled training exact GELU with
-the preceding linear's bias, forward and backward (the operator :func:`bias_gelu`); and in inference layer
-norm over rows (:func:`layer_norm`). The
+(B, H, W, C) map, forward and backward (the operator :func:`pos_enc`); in training exact GELU with the
+preceding linear's bias, forward and backward (the operator :func:`bias_gelu`) and channel group attention,
+forward and backward (the operator :func:`channel_attention`); and in inference layer norm over rows
+(:func:`layer_norm`). The
 library has a plain C ABI and no torch headers: it builds in about a second, does not depend on torch's
 version, and is loaded with ctypes. Its threads are OpenMP's, as many as torch's.
 
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"
-_ABI = 5
+_ABI = 6
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 #: head dims the library is built for (davit's variants all have 32)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -179,6 +180,13 @@ def _load() -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn = lib.davit_bias_gelu_backward_f32
     fn.argtypes = [ctypes.c_void_p] * 5 + [i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    i32 = ctypes.c_int
+    fn = lib.davit_channel_attention_f32
+    fn.argtypes = [ctypes.c_void_p] * 3 + [i64] * 4 + [i32] * 3 + [ctypes.c_float, i32]
+    fn.restype = ctypes.c_int
+    fn = lib.davit_channel_attention_backward_f32
+    fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 4 + [i32] * 3 + [ctypes.c_float, i32]
     fn.restype = ctypes.c_int
     return lib
 
@@ -671,3 +679,137 @@ def _bias_gelu_grad(ctx, grad: Tensor):
 
 
 bias_gelu.register_autograd(_bias_gelu_grad, setup_context=_bias_gelu_setup)
+
+
+# ----- channel group attention ---------------------------------------------------------------------------
+
+#: channels per group the channel-attention kernel is built for (davit's variants all have 32)
+CHANNEL_GROUP_DIMS = (16, 32, 64)
+_CHANNEL = True
+
+
+def set_channel_attention_kernel(enable: bool) -> bool:
+    """Let training's channel attention run :func:`channel_attention` where it applies (the default) or
+    torch's matmuls (for A/B timing). Read when eager code runs and when torch.compile traces. Returns the
+    previous setting."""
+    global _CHANNEL
+    previous, _CHANNEL = _CHANNEL, bool(enable)
+    return previous
+
+
+def channel_attention_supports(qkv: Tensor, groups: int) -> bool:
+    """Whether :func:`channel_attention` runs on ``qkv`` (B, N, 3C) with ``groups`` groups: CPU fp32 outside
+    autocast, with gradients (training; eager or torch.compile, not export or TorchScript), C / groups in
+    :data:`CHANNEL_GROUP_DIMS`, and the library available."""
+    if not (
+        _CHANNEL
+        and qkv.device.type == "cpu"
+        and qkv.dtype == torch.float32
+        and qkv.dim() == 3
+        and torch.is_grad_enabled()
+        and _operator_context()
+        and qkv.shape[-1] % (3 * groups) == 0
+        and qkv.shape[-1] // 3 // groups in CHANNEL_GROUP_DIMS
+    ):
+        return False
+    return _library_available()
+
+
+def _channel_roles(n: int, c: int, groups: int, v2: bool) -> tuple[int, int, int, float]:
+    # (query, key, value) chunks of qkv and the logit scale, as davit.layers.attention._roles has them
+    q, k, v = (0, 1, 2) if v2 else (1, 2, 0)
+    return q, k, v, (n**-0.5 if v2 else (c // groups) ** -0.5)
+
+
+@torch.library.custom_op("davit::channel_attention", mutates_args=())
+def _channel_attention(qkv: Tensor, groups: int, v2: bool) -> tuple[Tensor, Tensor]:
+    # (out (B, N, C), the attention (B, G, D, D), kept for the backward)
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    lib = native_library()
+    if lib is None:  # turned off after tracing: torch's ops
+        from .attention import _channel_attention_per_group
+
+        out, attns = _channel_attention_per_group(qkv, groups, v2)
+        return out, torch.stack(attns, 1)
+    qkv = qkv.contiguous()
+    out = qkv.new_empty((B, N, C))
+    attn = qkv.new_empty((B, groups, C // groups, C // groups))
+    code = lib.davit_channel_attention_f32(
+        qkv.data_ptr(), out.data_ptr(), attn.data_ptr(), B, N, C, groups, *_channel_roles(N, C, groups, v2),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"davit_channel_attention_f32 returned {code} for qkv {tuple(qkv.shape)}")
+    return out, attn
+
+
+@_channel_attention.register_fake
+def _(qkv: Tensor, groups: int, v2: bool) -> tuple[Tensor, Tensor]:
+    B, N, C3 = qkv.shape
+    d = C3 // 3 // groups
+    return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, groups, d, d))
+
+
+@torch.library.custom_op("davit::channel_attention_backward", mutates_args=())
+def _channel_attention_backward(grad: Tensor, qkv: Tensor, attn: Tensor, groups: int, v2: bool) -> Tensor:
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    lib = native_library()
+    if lib is None:
+        return _torch_channel_attention_grad(grad, qkv, attn, groups, v2)
+    qkv, attn, grad = qkv.contiguous(), attn.contiguous(), grad.contiguous()
+    dqkv = torch.empty_like(qkv)
+    code = lib.davit_channel_attention_backward_f32(
+        qkv.data_ptr(), attn.data_ptr(), grad.data_ptr(), dqkv.data_ptr(), B, N, C, groups,
+        *_channel_roles(N, C, groups, v2), torch.get_num_threads(),
+    )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"davit_channel_attention_backward_f32 returned {code} for qkv {tuple(qkv.shape)}")
+    return dqkv
+
+
+def _torch_channel_attention_grad(grad: Tensor, qkv: Tensor, attn: Tensor, groups: int, v2: bool) -> Tensor:
+    # the kernel's backward in torch's ops (autograd does not record inside an operator): kernels turned off
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v, scale = _channel_roles(N, C, groups, v2)
+    parts = qkv.view(B, N, 3, groups, C // groups).permute(2, 0, 3, 1, 4)  # (3, B, G, N, D)
+    query, key, value = parts[q], parts[k], parts[v]
+    d_out = grad.reshape(B, N, groups, C // groups).transpose(1, 2)  # (B, G, N, D)
+    d_attn = d_out.transpose(-1, -2) @ value
+    d_logits = attn * (d_attn - (d_attn * attn).sum(-1, keepdim=True)) * scale
+    d = [None, None, None]
+    d[q], d[k], d[v] = key @ d_logits.transpose(-1, -2), query @ d_logits, d_out @ attn
+    return torch.stack(d).permute(1, 3, 0, 2, 4).reshape(B, N, C3)
+
+
+@_channel_attention_backward.register_fake
+def _(grad: Tensor, qkv: Tensor, attn: Tensor, groups: int, v2: bool) -> Tensor:
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _channel_attention_setup(ctx, inputs, output) -> None:
+    qkv, groups, v2 = inputs
+    ctx.save_for_backward(qkv, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.conf = (groups, v2)
+
+
+def _channel_attention_grad(ctx, grad: Tensor, _grad_attn: Tensor | None):
+    qkv, attn = ctx.saved_tensors
+    return _channel_attention_backward(grad, qkv, attn, *ctx.conf), None, None
+
+
+_channel_attention.register_autograd(_channel_attention_grad, setup_context=_channel_attention_setup)
+
+
+def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
+    """Channel group attention of ``qkv`` (B, N, 3C) in the native kernel, as a differentiable operator
+    that torch.compile keeps as one opaque call (requires :func:`channel_attention_supports`): per image and
+    group of D = C / groups channels, A = softmax(s Q^T K) (D x D) and out = V A^T, the roles and scale
+    of :func:`davit.layers.attention.channel_attention_ref` (V1 or, with ``v2``, Florence-2's). Its backward
+    writes the qkv gradient in one pass per group: dV = dO A, dA = dO^T V, dS = s A * (dA - rowsum(dA * A)),
+    dQ = K dS^T, dK = Q dS. Each (image, group) is summed on one thread: results do not depend on the
+    thread count."""
+    return _channel_attention(qkv, groups, v2)[0]
