@@ -802,9 +802,9 @@ int davit_bias_gelu_backward_f32(const float* a, const float* b, const float* dh
 // Why a kernel of our own: the (D x D) logits are sums over all N tokens of an image, so torch runs them as
 // batched matmuls with tiny outputs and long reductions (about 30 GFLOP/s for davit_tiny's first stage on a
 // 2-core AVX-512 VM), on (B, G, N, D) operands that strided views of qkv cannot give it without copies, and
-// the backward adds transposed copies and a softmax backward pass. Here each (image, group) is one task on
-// one thread: the logits as a sum of outer products over the tokens (8 rows x 32 columns of accumulators),
-// the D x D softmax in registers, and out = V A^T as one pass over the tokens, the operands read in place
+// the backward adds transposed copies and a softmax backward pass. Here the logits are sums of outer products
+// over the tokens (8 rows x 32 columns of accumulators) per chunk of tokens, added in a fixed order, the
+// D x D softmax is vectorised, and out = V A^T is one pass over the tokens; the operands are read in place
 // from qkv's column blocks (roles: the query, key and value chunks of qkv by index, as the caller's
 // formulation has them).
 
@@ -831,19 +831,6 @@ inline void outer_rows(const float* X, int64_t ldx, const float* Y, int64_t ldy,
     for (int c = 0; c < DV; ++c) vstore(S + (i0 + r) * D + c * L, acc[r][c]);
 }
 
-// S (D x D) = X^T Y over N rows (X, Y: N x D, rows ldx / ldy apart), in blocks of NB rows: the blocks' rows
-// stay in L1 while each R-row band of S (16 accumulators) passes over them, so only the first band reads
-// them from memory
-template <int D>
-void outer(const float* X, int64_t ldx, const float* Y, int64_t ldy, int64_t N, float* S) {
-  constexpr int R = 16 / (D / L);
-  constexpr int64_t NB = 64;
-  for (int64_t n0 = 0; n0 < N || n0 == 0; n0 += NB) {
-    const int64_t nb = N - n0 < NB ? N - n0 : NB;
-    for (int i0 = 0; i0 < D; i0 += R) outer_rows<D, R>(X + n0 * ldx, ldx, Y + n0 * ldy, ldy, nb, i0, S, n0 == 0);
-  }
-}
-
 // Y[r][:] = sum_j X[r * ldx + j] * M[j][:] for r < R (M: D x D)
 template <int D, int R>
 inline void apply_rows(const float* X, int64_t ldx, const float* M, float* Y, int64_t ldy) {
@@ -861,15 +848,6 @@ inline void apply_rows(const float* X, int64_t ldx, const float* M, float* Y, in
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < DV; ++c) vstore(Y + r * ldy + c * L, acc[r][c]);
-}
-
-// Y = X M over N rows (X: N x D rows ldx apart, Y: N x D rows ldy apart, M: D x D)
-template <int D>
-void apply(const float* X, int64_t ldx, const float* M, float* Y, int64_t ldy, int64_t N) {
-  constexpr int R = 16 / (D / L);
-  int64_t n = 0;
-  for (; n + R <= N; n += R) apply_rows<D, R>(X + n * ldx, ldx, M, Y + n * ldy, ldy);
-  for (; n < N; ++n) apply_rows<D, 1>(X + n * ldx, ldx, M, Y + n * ldy, ldy);
 }
 
 // each row of the D x D logits S replaced by softmax(scale * row) (scale > 0)
@@ -897,41 +875,131 @@ void transpose_square(const float* A, float* T) {
     for (int j = 0; j < D; ++j) T[j * D + i] = A[i * D + j];
 }
 
+constexpr int64_t CHUNK = 256;  // tokens per task: a fixed split, so sums do not depend on the thread count
+
+// P[g] (D x D, for each of the G groups) = X_g^T Y_g over `rows` rows, X_g and Y_g a group's D columns of X
+// and Y: blocks of 64 rows, each block's rows (all groups' columns: whole cache lines, read once from
+// memory) in L1 / L2 while every group's bands of accumulators pass over them
 template <int D>
-void channel_task(const float* qkv, float* out, float* attn, int64_t N, int64_t C, int64_t b, int64_t g,
-                  const int* role, float scale) {
-  alignas(64) float A[D * D];
-  alignas(64) float At[D * D];
-  const int64_t ld = 3 * C;
-  const float* base = qkv + b * N * ld + g * D;
-  outer<D>(base + role[0] * C, ld, base + role[1] * C, ld, N, A);
-  softmax_rows<D>(A, scale);
-  transpose_square<D>(A, At);
-  apply<D>(base + role[2] * C, ld, At, out + b * N * C + g * D, C, N);
-  if (attn) std::memcpy(attn + (b * (C / D) + g) * D * D, A, sizeof A);
+void outer_chunk(const float* X, int64_t ldx, const float* Y, int64_t ldy, int64_t rows, int64_t G, float* P) {
+  constexpr int R = 16 / (D / L);
+  constexpr int64_t NB = 64;
+  for (int64_t n0 = 0; n0 < rows; n0 += NB) {
+    const int64_t nb = rows - n0 < NB ? rows - n0 : NB;
+    for (int64_t g = 0; g < G; ++g)
+      for (int i0 = 0; i0 < D; i0 += R)
+        outer_rows<D, R>(X + n0 * ldx + g * D, ldx, Y + n0 * ldy + g * D, ldy, nb, i0, P + g * D * D, n0 == 0);
+  }
+}
+
+// Y_g = X_g M_g for every group g over `rows` rows (M: G matrices of D x D), row block by row block
+template <int D>
+void apply_chunk(const float* X, int64_t ldx, const float* M, float* Y, int64_t ldy, int64_t rows, int64_t G) {
+  constexpr int R = 16 / (D / L);
+  int64_t n = 0;
+  for (; n + R <= rows; n += R)
+    for (int64_t g = 0; g < G; ++g)
+      apply_rows<D, R>(X + n * ldx + g * D, ldx, M + g * D * D, Y + n * ldy + g * D, ldy);
+  for (; n < rows; ++n)
+    for (int64_t g = 0; g < G; ++g)
+      apply_rows<D, 1>(X + n * ldx + g * D, ldx, M + g * D * D, Y + n * ldy + g * D, ldy);
+}
+
+// sum of the chunks' partial D x D matrices of (image b, group g), in chunk order
+template <int D>
+void sum_chunks(const float* P, int64_t nch, int64_t G, int64_t b, int64_t g, float* S) {
+  constexpr int DV = D / L;
+  for (int i = 0; i < D * D; i += DV * L)
+    for (int c = 0; c < DV; ++c) vstore(S + i + c * L, splat(0.f));
+  for (int64_t ch = 0; ch < nch; ++ch) {
+    const float* p = P + ((b * nch + ch) * G + g) * D * D;
+    for (int i = 0; i < D * D; i += L) vstore(S + i, vload(S + i) + vload(p + i));
+  }
+}
+
+// Work in three phases, each split into tasks: (image, chunk of CHUNK tokens, all groups) for the passes
+// over the tokens, (image, group) for the D x D matrices between them. A chunk's task reads and writes whole
+// rows (every group's columns); davit_tiny's channel attentions per training step (batch 8, 2-core Zen 4,
+// interleaved): forward 8.4 ms and backward 14.4 ms so, against 9.3 and 17.7 with one task per (image,
+// group) over all tokens, and 10.0 and 19.7 per (image, chunk, group), whose tasks read 128 bytes of each
+// 1152-byte qkv row.
+template <int D>
+int channel_forward(const float* qkv, float* out, float* attn, int64_t B, int64_t N, int64_t C, int64_t G,
+                    const int* role, float scale, int team) {
+  const int64_t nch = (N + CHUNK - 1) / CHUNK, ld = 3 * C, DD = D * D;
+  float* P = static_cast<float*>(std::malloc((B * nch * G + 2 * B * G) * DD * sizeof(float) + 64));
+  if (!P) return -3;
+  float* A = P + B * nch * G * DD;
+  float* At = A + B * G * DD;
+#pragma omp parallel num_threads(team)
+  {
+    FlushDenormals ftz;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * nch; ++t) {
+      const int64_t b = t / nch, n0 = (t % nch) * CHUNK, rows = N - n0 < CHUNK ? N - n0 : CHUNK;
+      const float* base = qkv + (b * N + n0) * ld;
+      outer_chunk<D>(base + role[0] * C, ld, base + role[1] * C, ld, rows, G, P + t * G * DD);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * G; ++t) {
+      sum_chunks<D>(P, nch, G, t / G, t % G, A + t * DD);
+      softmax_rows<D>(A + t * DD, scale);
+      transpose_square<D>(A + t * DD, At + t * DD);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * nch; ++t) {
+      const int64_t b = t / nch, n0 = (t % nch) * CHUNK, rows = N - n0 < CHUNK ? N - n0 : CHUNK;
+      apply_chunk<D>(qkv + (b * N + n0) * ld + role[2] * C, ld, At + b * G * DD, out + (b * N + n0) * C, C,
+                     rows, G);
+    }
+  }
+  if (attn) std::memcpy(attn, A, B * G * DD * sizeof(float));
+  std::free(P);
+  return 0;
 }
 
 template <int D>
-void channel_task_backward(const float* qkv, const float* attn, const float* dout, float* dqkv, int64_t N,
-                           int64_t C, int64_t b, int64_t g, const int* role, float scale) {
-  alignas(64) float dA[D * D];
-  alignas(64) float dS[D * D];
-  alignas(64) float dSt[D * D];
-  const int64_t ld = 3 * C;
-  const float* base = qkv + b * N * ld + g * D;
-  float* dbase = dqkv + b * N * ld + g * D;
-  const float* A = attn + (b * (C / D) + g) * D * D;
-  const float* dO = dout + b * N * C + g * D;
-  outer<D>(dO, C, base + role[2] * C, ld, N, dA);  // dA = dO^T V
-  for (int i = 0; i < D; ++i) {  // dS = s * A * (dA - rowsum(dA * A))
-    float dot = 0.f;
-    for (int j = 0; j < D; ++j) dot += dA[i * D + j] * A[i * D + j];
-    for (int j = 0; j < D; ++j) dS[i * D + j] = scale * A[i * D + j] * (dA[i * D + j] - dot);
+int channel_backward(const float* qkv, const float* attn, const float* dout, float* dqkv, int64_t B, int64_t N,
+                     int64_t C, int64_t G, const int* role, float scale, int team) {
+  const int64_t nch = (N + CHUNK - 1) / CHUNK, ld = 3 * C, DD = D * D;
+  float* P = static_cast<float*>(std::malloc((B * nch * G + 2 * B * G) * DD * sizeof(float) + 64));
+  if (!P) return -3;
+  float* dS = P + B * nch * G * DD;
+  float* dSt = dS + B * G * DD;
+#pragma omp parallel num_threads(team)
+  {
+    FlushDenormals ftz;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * nch; ++t) {  // dA = dO^T V, per chunk
+      const int64_t b = t / nch, n0 = (t % nch) * CHUNK, rows = N - n0 < CHUNK ? N - n0 : CHUNK;
+      outer_chunk<D>(dout + (b * N + n0) * C, C, qkv + (b * N + n0) * ld + role[2] * C, ld, rows, G,
+                     P + t * G * DD);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * G; ++t) {  // dS = s A * (dA - rowsum(dA * A))
+      alignas(64) float dA[D * D];
+      sum_chunks<D>(P, nch, G, t / G, t % G, dA);
+      const float* a = attn + t * DD;
+      float* ds = dS + t * DD;
+      for (int i = 0; i < D; ++i) {
+        float dot = 0.f;
+        for (int j = 0; j < D; ++j) dot += dA[i * D + j] * a[i * D + j];
+        for (int j = 0; j < D; ++j) ds[i * D + j] = scale * a[i * D + j] * (dA[i * D + j] - dot);
+      }
+      transpose_square<D>(ds, dSt + t * DD);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * nch; ++t) {  // dV = dO A, dQ = K dS^T, dK = Q dS
+      const int64_t b = t / nch, n0 = (t % nch) * CHUNK, rows = N - n0 < CHUNK ? N - n0 : CHUNK;
+      const float* base = qkv + (b * N + n0) * ld;
+      float* dbase = dqkv + (b * N + n0) * ld;
+      apply_chunk<D>(dout + (b * N + n0) * C, C, attn + b * G * DD, dbase + role[2] * C, ld, rows, G);
+      apply_chunk<D>(base + role[1] * C, ld, dSt + b * G * DD, dbase + role[0] * C, ld, rows, G);
+      apply_chunk<D>(base + role[0] * C, ld, dS + b * G * DD, dbase + role[1] * C, ld, rows, G);
+    }
   }
-  transpose_square<D>(dS, dSt);
-  apply<D>(dO, C, A, dbase + role[2] * C, ld, N);                 // dV = dO A
-  apply<D>(base + role[1] * C, ld, dSt, dbase + role[0] * C, ld, N);  // dQ = s K dS^T
-  apply<D>(base + role[0] * C, ld, dS, dbase + role[1] * C, ld, N);   // dK = s Q dS
+  std::free(P);
+  return 0;
 }
 
 }  // namespace
@@ -940,42 +1008,32 @@ extern "C" {
 
 // qkv: (B, N, 3C) contiguous; roles q, k, v: which of qkv's three C-column chunks is the query, the key and
 // the value; groups of D = C / G channels (16, 32 or 64). out: (B, N, C) contiguous; attn: (B, G, D, D) the
-// attention (may be null). Per (image, group): A = softmax(scale * Q^T K), out = V A^T. Returns 0, or -1 for a
-// group width that is not built.
+// attention (may be null). Per (image, group): A = softmax(scale * Q^T K), out = V A^T. Returns 0, -1 for a
+// group width that is not built, -3 if scratch memory could not be allocated.
 int davit_channel_attention_f32(const float* qkv, float* out, float* attn, int64_t B, int64_t N, int64_t C,
                                 int64_t G, int q, int k, int v, float scale, int threads) {
   const int64_t D = C / G;
-  if (D != 16 && D != 32 && D != 64) return -1;
   const int role[3] = {q, k, v};
-#pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
-  for (int64_t t = 0; t < B * G; ++t) {
-    FlushDenormals ftz;
-    const int64_t b = t / G, g = t % G;
-    if (D == 16) channel_task<16>(qkv, out, attn, N, C, b, g, role, scale);
-    else if (D == 32) channel_task<32>(qkv, out, attn, N, C, b, g, role, scale);
-    else channel_task<64>(qkv, out, attn, N, C, b, g, role, scale);
-  }
-  return 0;
+  const int team = omp_team(threads);
+  if (D == 16) return channel_forward<16>(qkv, out, attn, B, N, C, G, role, scale, team);
+  if (D == 32) return channel_forward<32>(qkv, out, attn, B, N, C, G, role, scale, team);
+  if (D == 64) return channel_forward<64>(qkv, out, attn, B, N, C, G, role, scale, team);
+  return -1;
 }
 
 // The gradient of davit_channel_attention_f32 with respect to qkv, given its attention attn (B, G, D, D) and
 // the output's gradient dout (B, N, C): dV = dO A, dA = dO^T V, dS = s A * (dA - rowsum(dA * A)),
-// dQ = K dS^T, dK = Q dS, written into dqkv (B, N, 3C), every element. Returns 0, or -1 as the forward.
+// dQ = K dS^T, dK = Q dS, written into dqkv (B, N, 3C), every element. Returns 0, -1 / -3 as the forward.
 int davit_channel_attention_backward_f32(const float* qkv, const float* attn, const float* dout, float* dqkv,
                                          int64_t B, int64_t N, int64_t C, int64_t G, int q, int k, int v,
                                          float scale, int threads) {
   const int64_t D = C / G;
-  if (D != 16 && D != 32 && D != 64) return -1;
   const int role[3] = {q, k, v};
-#pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
-  for (int64_t t = 0; t < B * G; ++t) {
-    FlushDenormals ftz;
-    const int64_t b = t / G, g = t % G;
-    if (D == 16) channel_task_backward<16>(qkv, attn, dout, dqkv, N, C, b, g, role, scale);
-    else if (D == 32) channel_task_backward<32>(qkv, attn, dout, dqkv, N, C, b, g, role, scale);
-    else channel_task_backward<64>(qkv, attn, dout, dqkv, N, C, b, g, role, scale);
-  }
-  return 0;
+  const int team = omp_team(threads);
+  if (D == 16) return channel_backward<16>(qkv, attn, dout, dqkv, B, N, C, G, role, scale, team);
+  if (D == 32) return channel_backward<32>(qkv, attn, dout, dqkv, B, N, C, G, role, scale, team);
+  if (D == 64) return channel_backward<64>(qkv, attn, dout, dqkv, B, N, C, G, role, scale, team);
+  return -1;
 }
 
 }  // extern "C"
