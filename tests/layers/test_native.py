@@ -827,8 +827,9 @@ def test_channel_attention_opcheck_fallback_threads_and_what_it_refuses():
     torch.testing.assert_close(off_grad, results[0][1], atol=1e-5, rtol=1e-5)
     assert not native.channel_attention_supports(qkv, 4)  # 24 channels per group: not built
     assert not native.channel_attention_supports(qkv.double(), 3)
-    with torch.no_grad():
-        assert not native.channel_attention_supports(qkv, 3)  # inference keeps its own paths
+    with torch.no_grad():  # inference: the kernel called directly, no attention kept
+        assert native.channel_attention_supports(qkv, 3)
+        torch.testing.assert_close(native.channel_attention(qkv, 3), off, atol=1e-5, rtol=1e-5)
     out = torch.full((1, 2, 48), 7.0)
     x = torch.zeros(1, 2, 144)
     assert native.native_library().davit_channel_attention_f32(
@@ -837,9 +838,9 @@ def test_channel_attention_opcheck_fallback_threads_and_what_it_refuses():
 
 
 @needs_kernel
-def test_training_runs_channel_attention_kernel_and_matches_reference(monkeypatch):
-    """Eager and compiled (fullgraph) CPU fp32 training run the operator in every channel block, with the
-    reference path's outputs and gradients; inference and the switch turned off keep torch's matmuls."""
+def test_channel_blocks_run_the_kernel_and_match_reference(monkeypatch):
+    """Eager and compiled (fullgraph) CPU fp32 training, and eager inference, run the kernel in every channel
+    block, with the reference path's outputs and gradients; with the switch off, torch's matmuls."""
     torch.manual_seed(0)
     m = davit.create_model("davit_atto", num_classes=10).train()
     blocks = sum(isinstance(mod, davit.layers.blocks.ChannelBlock) for mod in m.modules())
@@ -854,14 +855,20 @@ def test_training_runs_channel_attention_kernel_and_matches_reference(monkeypatc
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     for n, g in g_fast.items():
         torch.testing.assert_close(g, g_ref[n], atol=1e-4, rtol=1e-4, msg=n)
+    m.eval()
     with torch.no_grad():
-        m(x)
+        infer = m(x)
+        assert len(calls) == 2 * blocks
+        m.set_fast(False)
+        torch.testing.assert_close(infer, m(x), atol=1e-5, rtol=1e-5)
+        m.set_fast(True)
+    m.train()
     previous = native.set_channel_attention_kernel(False)
     try:
         _train(m, x)
     finally:
         native.set_channel_attention_kernel(previous)
-    assert len(calls) == blocks
+    assert len(calls) == 2 * blocks
     out, g_comp, ops = _compiled(m, x)
     assert ops.count(torch.ops.davit.channel_attention.default) == blocks
     torch.testing.assert_close(out, fast, atol=1e-5, rtol=1e-5)

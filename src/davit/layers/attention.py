@@ -211,16 +211,15 @@ def channel_attention_ref(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
 
 
 def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
-    """Fast path of :func:`channel_attention_ref`.
+    """Fast path of :func:`channel_attention_ref`: on CPU in fp32 (eager or compiled, training and inference)
+    davit's native kernel (:func:`davit.layers.native.channel_attention`); elsewhere torch's matmuls,
 
-    Written as ``out = value @ A^T`` so the result comes out directly in (B, G, N, Cg) without the two
+    written as ``out = value @ A^T`` so the result comes out directly in (B, G, N, Cg) without the two
     transposes of the literal form, and the (Cg x Cg) logits are formed by one batched matmul over the
     strided views.
     """
     if native.channel_attention_supports(qkv, groups):
-        # CPU fp32 training, eager and compiled: the native kernel, one opaque call per block (compiled
-        # training: the step 1.057x in paired rounds; eager, against the per-group path below, ~1.01x;
-        # davit_tiny b8, Zen 4, session 40)
+        # CPU fp32, eager and compiled: the native kernel (one opaque call per block in compiled code)
         return native.channel_attention(qkv, groups, v2)
     if 2 <= groups <= 8 and qkv.device.type == "cpu" and not _traced():
         if torch.is_grad_enabled() and qkv.requires_grad:

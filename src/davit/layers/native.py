@@ -689,9 +689,9 @@ _CHANNEL = True
 
 
 def set_channel_attention_kernel(enable: bool) -> bool:
-    """Let training's channel attention run :func:`channel_attention` where it applies (the default) or
-    torch's matmuls (for A/B timing). Read when eager code runs and when torch.compile traces. Returns the
-    previous setting."""
+    """Let channel attention run :func:`channel_attention` where it applies (the default) or torch's
+    matmuls (for A/B timing). Read when eager code runs and when torch.compile traces. Returns the previous
+    setting."""
     global _CHANNEL
     previous, _CHANNEL = _CHANNEL, bool(enable)
     return previous
@@ -699,14 +699,13 @@ def set_channel_attention_kernel(enable: bool) -> bool:
 
 def channel_attention_supports(qkv: Tensor, groups: int) -> bool:
     """Whether :func:`channel_attention` runs on ``qkv`` (B, N, 3C) with ``groups`` groups: CPU fp32 outside
-    autocast, with gradients (training; eager or torch.compile, not export or TorchScript), C / groups in
-    :data:`CHANNEL_GROUP_DIMS`, and the library available."""
+    autocast, eager or torch.compile (not export or TorchScript), C / groups in :data:`CHANNEL_GROUP_DIMS`,
+    and the library available."""
     if not (
         _CHANNEL
         and qkv.device.type == "cpu"
         and qkv.dtype == torch.float32
         and qkv.dim() == 3
-        and torch.is_grad_enabled()
         and _operator_context()
         and qkv.shape[-1] % (3 * groups) == 0
         and qkv.shape[-1] // 3 // groups in CHANNEL_GROUP_DIMS
@@ -721,9 +720,8 @@ def _channel_roles(n: int, c: int, groups: int, v2: bool) -> tuple[int, int, int
     return q, k, v, (n**-0.5 if v2 else (c // groups) ** -0.5)
 
 
-@torch.library.custom_op("davit::channel_attention", mutates_args=())
-def _channel_attention(qkv: Tensor, groups: int, v2: bool) -> tuple[Tensor, Tensor]:
-    # (out (B, N, C), the attention (B, G, D, D), kept for the backward)
+def _channel_attention_call(qkv: Tensor, groups: int, v2: bool, keep_attn: bool) -> tuple[Tensor, Tensor]:
+    # (out (B, N, C), the attention (B, G, D, D) where kept for the backward, else an empty tensor)
     B, N, C3 = qkv.shape
     C = C3 // 3
     lib = native_library()
@@ -731,17 +729,23 @@ def _channel_attention(qkv: Tensor, groups: int, v2: bool) -> tuple[Tensor, Tens
         from .attention import _channel_attention_per_group
 
         out, attns = _channel_attention_per_group(qkv, groups, v2)
-        return out, torch.stack(attns, 1)
+        return out, torch.stack(attns, 1) if keep_attn else qkv.new_empty(0)
     qkv = qkv.contiguous()
     out = qkv.new_empty((B, N, C))
-    attn = qkv.new_empty((B, groups, C // groups, C // groups))
+    attn = qkv.new_empty((B, groups, C // groups, C // groups) if keep_attn else 0)
     code = lib.davit_channel_attention_f32(
-        qkv.data_ptr(), out.data_ptr(), attn.data_ptr(), B, N, C, groups, *_channel_roles(N, C, groups, v2),
-        torch.get_num_threads(),
+        qkv.data_ptr(), out.data_ptr(), attn.data_ptr() if keep_attn else None, B, N, C, groups,
+        *_channel_roles(N, C, groups, v2), torch.get_num_threads(),
     )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"davit_channel_attention_f32 returned {code} for qkv {tuple(qkv.shape)}")
     return out, attn
+
+
+@torch.library.custom_op("davit::channel_attention", mutates_args=())
+def _channel_attention(qkv: Tensor, groups: int, v2: bool) -> tuple[Tensor, Tensor]:
+    # (out (B, N, C), the attention (B, G, D, D), kept for the backward)
+    return _channel_attention_call(qkv, groups, v2, keep_attn=True)
 
 
 @_channel_attention.register_fake
@@ -810,6 +814,9 @@ def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
     group of D = C / groups channels, A = softmax(s Q^T K) (D x D) and out = V A^T, the roles and scale
     of :func:`davit.layers.attention.channel_attention_ref` (V1 or, with ``v2``, Florence-2's). Its backward
     writes the qkv gradient in one pass per group: dV = dO A, dA = dO^T V, dS = s A * (dA - rowsum(dA * A)),
-    dQ = K dS^T, dK = Q dS. Each (image, group) is summed on one thread: results do not depend on the
-    thread count."""
+    dQ = K dS^T, dK = Q dS. The sums over tokens run per fixed chunk of tokens and are added in a fixed
+    order: results do not depend on the thread count. Without autograd in eager code (inference) it calls
+    the kernel directly, keeping no attention."""
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and qkv.requires_grad):
+        return _channel_attention_call(qkv, groups, v2, keep_attn=False)[0]
     return _channel_attention(qkv, groups, v2)[0]
