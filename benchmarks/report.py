@@ -39,6 +39,8 @@ def _linears_line(run: dict) -> list[str]:
             "Ours' fp32 window attention (windows up to 12x12) and position encodings (inference and "
             f"training): {kind}."
         )
+        if run.get("native_channel_attention"):
+            lines.append("Ours' fp32 channel attention (inference and training): davit's native kernel.")
     return lines
 
 

@@ -318,12 +318,15 @@ def test_window_attention_line_says_which_kernel_and_why(monkeypatch):
 
     try:
         native.set_native_kernels(False)
-        assert bench._window_attention_kind() == "torch's SDPA and convolution (native kernels turned off)"
+        assert bench._window_attention_kind() == (
+            "torch's SDPA, convolution and matmuls (native kernels turned off)"
+        )
         native.set_native_kernels(True)
         monkeypatch.setattr(native, "native_library", lambda: None)
         monkeypatch.setattr(native, "build_error", lambda: "no C++ compiler found (set CXX)\nmore")
         assert bench._window_attention_kind() == (
-            "torch's SDPA and convolution (native kernels not available: no C++ compiler found (set CXX))"
+            "torch's SDPA, convolution and matmuls "
+            "(native kernels not available: no C++ compiler found (set CXX))"
         )
         monkeypatch.setattr(native, "build_error", lambda: "")
         assert bench._window_attention_kind().endswith("(native kernels not available: no reason given)")

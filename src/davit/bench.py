@@ -360,7 +360,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ours' CPU inference linears: {gemms}")
         attn = _window_attention_kind()
         print(
-            f"ours' CPU fp32 window attention and position encodings (inference and training): {attn} "
+            f"ours' CPU fp32 window and channel attention and position encodings (inference and training): "
+            f"{attn} "
             "(DAVIT_NATIVE_KERNELS=0/1)"
         )
         if args.compile and args.mode in ("infer", "both") and dtype == torch.float32:
@@ -645,28 +646,30 @@ def environment() -> dict[str, Any]:
     env["onednn_inference_gemms"] = inference_onednn_gemms_enabled()
     env["onednn_compiled_inference"] = onednn_compiled_inference_enabled()
     env["compiled_packed_weights"] = compiled_packed_weights_enabled()
-    from .layers.native import native_library
+    from .layers.native import channel_attention_kernel_enabled, native_library
 
     env["native_window_attention"] = native_library() is not None
+    env["native_channel_attention"] = env["native_window_attention"] and channel_attention_kernel_enabled()
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
 
 
 def _window_attention_kind() -> str:
-    """Which kernel ours' CPU fp32 inference and training attend windows with (davit.layers.native), and
-    why."""
+    """Which kernels ours' CPU fp32 inference and training attend windows and channel groups with
+    (davit.layers.native), and why."""
     from .layers.native import MAX_WINDOW_TOKENS, build_error, native_kernels_enabled, native_library
 
     if native_library() is not None:
         return (
             f"native kernels (windows of up to {MAX_WINDOW_TOKENS} tokens, else torch's SDPA; position "
-            "encodings of widths that are multiples of 16, else torch's convolution)"
+            "encodings of widths that are multiples of 16, else torch's convolution; channel groups of 16, "
+            "32 or 64 channels, else torch's matmuls)"
         )
     if not native_kernels_enabled():
-        return "torch's SDPA and convolution (native kernels turned off)"
+        return "torch's SDPA, convolution and matmuls (native kernels turned off)"
     why = (build_error() or "").strip().splitlines() or ["no reason given"]
-    return f"torch's SDPA and convolution (native kernels not available: {why[0][:200]})"
+    return f"torch's SDPA, convolution and matmuls (native kernels not available: {why[0][:200]})"
 
 
 # ----- CLI --------------------------------------------------------------------------------------------------

@@ -697,6 +697,11 @@ def set_channel_attention_kernel(enable: bool) -> bool:
     return previous
 
 
+def channel_attention_kernel_enabled() -> bool:
+    """The setting of :func:`set_channel_attention_kernel` (``davit bench`` reports it)."""
+    return _CHANNEL
+
+
 def channel_attention_supports(qkv: Tensor, groups: int) -> bool:
     """Whether :func:`channel_attention` runs on ``qkv`` (B, N, 3C) with ``groups`` groups: CPU fp32 outside
     autocast, eager or torch.compile (not export or TorchScript), C / groups in :data:`CHANNEL_GROUP_DIMS`,
