@@ -817,19 +817,22 @@ def test_channel_attention_opcheck_fallback_threads_and_what_it_refuses():
     finally:
         torch.set_num_threads(n)
     assert all(torch.equal(a, b) for a, b in zip(*results))  # fixed chunks, summed in a fixed order
-    native.set_native_kernels(False)
-    try:
-        off = native.channel_attention(qkv, 3)
-        (off_grad,) = torch.autograd.grad(off, qkv, g)
-    finally:
-        native.set_native_kernels(None)
-    torch.testing.assert_close(off, results[0][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(off_grad, results[0][1], atol=1e-5, rtol=1e-5)
+    for v2 in (False, True):  # kernels turned off: torch's ops, forward and backward
+        out = native.channel_attention(qkv, 3, v2)
+        (grad,) = torch.autograd.grad(out, qkv, g)
+        native.set_native_kernels(False)
+        try:
+            off = native.channel_attention(qkv, 3, v2)
+            (off_grad,) = torch.autograd.grad(off, qkv, g)
+        finally:
+            native.set_native_kernels(None)
+        torch.testing.assert_close(off, out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(off_grad, grad, atol=1e-5, rtol=1e-5)
     assert not native.channel_attention_supports(qkv, 4)  # 24 channels per group: not built
     assert not native.channel_attention_supports(qkv.double(), 3)
     with torch.no_grad():  # inference: the kernel called directly, no attention kept
         assert native.channel_attention_supports(qkv, 3)
-        torch.testing.assert_close(native.channel_attention(qkv, 3), off, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(native.channel_attention(qkv, 3), results[0][0], atol=1e-5, rtol=1e-5)
     out = torch.full((1, 2, 48), 7.0)
     x = torch.zeros(1, 2, 144)
     assert native.native_library().davit_channel_attention_f32(

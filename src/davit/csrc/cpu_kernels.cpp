@@ -927,6 +927,7 @@ template <int D>
 int channel_forward(const float* qkv, float* out, float* attn, int64_t B, int64_t N, int64_t C, int64_t G,
                     const int* role, float scale, int team) {
   const int64_t nch = (N + CHUNK - 1) / CHUNK, ld = 3 * C, DD = D * D;
+  // (+ 64 bytes: never a zero-byte request, for which malloc may return null)
   float* P = static_cast<float*>(std::malloc((B * nch * G + 2 * B * G) * DD * sizeof(float) + 64));
   if (!P) return -3;
   float* A = P + B * nch * G * DD;
