@@ -335,6 +335,21 @@ def _train(model, x):
     return out.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _train_matches_reference(model, x):
+    """A training step of ``model`` on ``x`` on its fast paths and on the reference path
+    (``set_fast(False)``), asserting their outputs and gradients agree; returns both (output, gradients)."""
+    fast, g_fast = _train(model, x)
+    model.set_fast(False)
+    try:
+        ref, g_ref = _train(model, x)
+    finally:
+        model.set_fast(True)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    for n, g in g_fast.items():
+        torch.testing.assert_close(g, g_ref[n], atol=1e-4, rtol=1e-4, msg=n)
+    return (fast, g_fast), (ref, g_ref)
+
+
 def _compiled(model, x, train=True):
     """``model`` compiled (fullgraph) and run once on ``x`` (trained as :func:`_train` does, or a forward):
     its output, gradients ({} for a forward) and the ops of the graphs dynamo handed over."""
@@ -699,15 +714,8 @@ def test_eager_training_runs_bias_gelu_after_onednn_linears(monkeypatch):
     calls = _count_calls(monkeypatch, native, "bias_gelu", native.bias_gelu)
     x = torch.randn(2, 3, 45, 33)
     monkeypatch.setattr(davit.layers.fused, "_ONEDNN_TRAINING", True)
-    fast, g_fast = _train(m, x)
-    assert len(calls) == mlps
-    m.set_fast(False)
-    ref, g_ref = _train(m, x)
-    m.set_fast(True)
-    assert len(calls) == mlps
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    for n, g in g_fast.items():
-        torch.testing.assert_close(g, g_ref[n], atol=1e-4, rtol=1e-4, msg=n)
+    _, (ref, g_ref) = _train_matches_reference(m, x)
+    assert len(calls) == mlps  # (the reference path: none)
     # the first stages' MLPs on chunks of at most 32 tokens (rows), the later ones on whole (B, H, W, C) maps
     monkeypatch.setattr(davit.layers.blocks, "TRAIN_MLP_CHUNK_TOKENS", 32)
     calls.clear()
@@ -849,15 +857,8 @@ def test_channel_blocks_run_the_kernel_and_match_reference(monkeypatch):
     blocks = sum(isinstance(mod, davit.layers.blocks.ChannelBlock) for mod in m.modules())
     calls = _count_calls(monkeypatch, native, "channel_attention", native.channel_attention)
     x = torch.randn(2, 3, 45, 33)
-    fast, g_fast = _train(m, x)
-    assert len(calls) == blocks
-    m.set_fast(False)
-    ref, g_ref = _train(m, x)
-    m.set_fast(True)
-    assert len(calls) == blocks
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    for n, g in g_fast.items():
-        torch.testing.assert_close(g, g_ref[n], atol=1e-4, rtol=1e-4, msg=n)
+    (fast, g_fast), _ = _train_matches_reference(m, x)
+    assert len(calls) == blocks  # (the reference path: none)
     m.eval()
     with torch.no_grad():
         infer = m(x)

@@ -797,7 +797,7 @@ int davit_bias_gelu_backward_f32(const float* a, const float* b, const float* dh
 
 }  // extern "C"
 
-// ----- channel group attention: per image and group, A = softmax(s Q^T K) (D x D), out = V A^T ----------------
+// ----- channel group attention: per image and group, A = softmax(s Q^T K) (D x D), out = V A^T -----------
 //
 // Why a kernel of our own: the (D x D) logits are sums over all N tokens of an image, so torch runs them as
 // batched matmuls with tiny outputs and long reductions (about 30 GFLOP/s for davit_tiny's first stage on a
@@ -881,20 +881,23 @@ constexpr int64_t CHUNK = 256;  // tokens per task: a fixed split, so sums do no
 // and Y: blocks of 64 rows, each block's rows (all groups' columns: whole cache lines, read once from
 // memory) in L1 / L2 while every group's bands of accumulators pass over them
 template <int D>
-void outer_chunk(const float* X, int64_t ldx, const float* Y, int64_t ldy, int64_t rows, int64_t G, float* P) {
+void outer_chunk(const float* X, int64_t ldx, const float* Y, int64_t ldy, int64_t rows, int64_t G,
+                 float* P) {
   constexpr int R = 16 / (D / L);
   constexpr int64_t NB = 64;
   for (int64_t n0 = 0; n0 < rows; n0 += NB) {
     const int64_t nb = rows - n0 < NB ? rows - n0 : NB;
     for (int64_t g = 0; g < G; ++g)
       for (int i0 = 0; i0 < D; i0 += R)
-        outer_rows<D, R>(X + n0 * ldx + g * D, ldx, Y + n0 * ldy + g * D, ldy, nb, i0, P + g * D * D, n0 == 0);
+        outer_rows<D, R>(X + n0 * ldx + g * D, ldx, Y + n0 * ldy + g * D, ldy, nb, i0, P + g * D * D,
+                         n0 == 0);
   }
 }
 
 // Y_g = X_g M_g for every group g over `rows` rows (M: G matrices of D x D), row block by row block
 template <int D>
-void apply_chunk(const float* X, int64_t ldx, const float* M, float* Y, int64_t ldy, int64_t rows, int64_t G) {
+void apply_chunk(const float* X, int64_t ldx, const float* M, float* Y, int64_t ldy, int64_t rows,
+                 int64_t G) {
   constexpr int R = 16 / (D / L);
   int64_t n = 0;
   for (; n + R <= rows; n += R)
@@ -917,6 +920,21 @@ void sum_chunks(const float* P, int64_t nch, int64_t G, int64_t b, int64_t g, fl
   }
 }
 
+// tokens n0 .. n0 + rows - 1 of image b: task t's chunk, of nch per image
+struct TokenChunk {
+  int64_t b, n0, rows;
+};
+inline TokenChunk token_chunk(int64_t t, int64_t nch, int64_t N) {
+  const int64_t b = t / nch, n0 = (t % nch) * CHUNK;
+  return {b, n0, N - n0 < CHUNK ? N - n0 : CHUNK};
+}
+
+// the chunks' partial D x D sums (B x nch x G) and two D x D matrices per (image, group); null if not
+// allocated (+ 64 bytes: never a zero-byte request, for which malloc may return null)
+inline float* channel_scratch(int64_t B, int64_t nch, int64_t G, int64_t DD) {
+  return static_cast<float*>(std::malloc((B * nch * G + 2 * B * G) * DD * sizeof(float) + 64));
+}
+
 // Work in three phases, each split into tasks: (image, chunk of CHUNK tokens, all groups) for the passes
 // over the tokens, (image, group) for the D x D matrices between them. A chunk's task reads and writes whole
 // rows (every group's columns); davit_tiny's channel attentions per training step (batch 8, 2-core Zen 4,
@@ -927,8 +945,7 @@ template <int D>
 int channel_forward(const float* qkv, float* out, float* attn, int64_t B, int64_t N, int64_t C, int64_t G,
                     const int* role, float scale, int team) {
   const int64_t nch = (N + CHUNK - 1) / CHUNK, ld = 3 * C, DD = D * D;
-  // (+ 64 bytes: never a zero-byte request, for which malloc may return null)
-  float* P = static_cast<float*>(std::malloc((B * nch * G + 2 * B * G) * DD * sizeof(float) + 64));
+  float* P = channel_scratch(B, nch, G, DD);
   if (!P) return -3;
   float* A = P + B * nch * G * DD;
   float* At = A + B * G * DD;
@@ -937,9 +954,9 @@ int channel_forward(const float* qkv, float* out, float* attn, int64_t B, int64_
     FlushDenormals ftz;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < B * nch; ++t) {
-      const int64_t b = t / nch, n0 = (t % nch) * CHUNK, rows = N - n0 < CHUNK ? N - n0 : CHUNK;
-      const float* base = qkv + (b * N + n0) * ld;
-      outer_chunk<D>(base + role[0] * C, ld, base + role[1] * C, ld, rows, G, P + t * G * DD);
+      const TokenChunk c = token_chunk(t, nch, N);
+      const float* base = qkv + (c.b * N + c.n0) * ld;
+      outer_chunk<D>(base + role[0] * C, ld, base + role[1] * C, ld, c.rows, G, P + t * G * DD);
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < B * G; ++t) {
@@ -949,9 +966,9 @@ int channel_forward(const float* qkv, float* out, float* attn, int64_t B, int64_
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < B * nch; ++t) {
-      const int64_t b = t / nch, n0 = (t % nch) * CHUNK, rows = N - n0 < CHUNK ? N - n0 : CHUNK;
-      apply_chunk<D>(qkv + (b * N + n0) * ld + role[2] * C, ld, At + b * G * DD, out + (b * N + n0) * C, C,
-                     rows, G);
+      const TokenChunk c = token_chunk(t, nch, N);
+      apply_chunk<D>(qkv + (c.b * N + c.n0) * ld + role[2] * C, ld, At + c.b * G * DD,
+                     out + (c.b * N + c.n0) * C, C, c.rows, G);
     }
   }
   if (attn) std::memcpy(attn, A, B * G * DD * sizeof(float));
@@ -960,10 +977,10 @@ int channel_forward(const float* qkv, float* out, float* attn, int64_t B, int64_
 }
 
 template <int D>
-int channel_backward(const float* qkv, const float* attn, const float* dout, float* dqkv, int64_t B, int64_t N,
-                     int64_t C, int64_t G, const int* role, float scale, int team) {
+int channel_backward(const float* qkv, const float* attn, const float* dout, float* dqkv, int64_t B,
+                     int64_t N, int64_t C, int64_t G, const int* role, float scale, int team) {
   const int64_t nch = (N + CHUNK - 1) / CHUNK, ld = 3 * C, DD = D * D;
-  float* P = static_cast<float*>(std::malloc((B * nch * G + 2 * B * G) * DD * sizeof(float) + 64));
+  float* P = channel_scratch(B, nch, G, DD);
   if (!P) return -3;
   float* dS = P + B * nch * G * DD;
   float* dSt = dS + B * G * DD;
@@ -972,8 +989,8 @@ int channel_backward(const float* qkv, const float* attn, const float* dout, flo
     FlushDenormals ftz;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < B * nch; ++t) {  // dA = dO^T V, per chunk
-      const int64_t b = t / nch, n0 = (t % nch) * CHUNK, rows = N - n0 < CHUNK ? N - n0 : CHUNK;
-      outer_chunk<D>(dout + (b * N + n0) * C, C, qkv + (b * N + n0) * ld + role[2] * C, ld, rows, G,
+      const TokenChunk c = token_chunk(t, nch, N);
+      outer_chunk<D>(dout + (c.b * N + c.n0) * C, C, qkv + (c.b * N + c.n0) * ld + role[2] * C, ld, c.rows, G,
                      P + t * G * DD);
     }
 #pragma omp for schedule(static)
@@ -991,12 +1008,13 @@ int channel_backward(const float* qkv, const float* attn, const float* dout, flo
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < B * nch; ++t) {  // dV = dO A, dQ = K dS^T, dK = Q dS
-      const int64_t b = t / nch, n0 = (t % nch) * CHUNK, rows = N - n0 < CHUNK ? N - n0 : CHUNK;
-      const float* base = qkv + (b * N + n0) * ld;
-      float* dbase = dqkv + (b * N + n0) * ld;
-      apply_chunk<D>(dout + (b * N + n0) * C, C, attn + b * G * DD, dbase + role[2] * C, ld, rows, G);
-      apply_chunk<D>(base + role[1] * C, ld, dSt + b * G * DD, dbase + role[0] * C, ld, rows, G);
-      apply_chunk<D>(base + role[0] * C, ld, dS + b * G * DD, dbase + role[1] * C, ld, rows, G);
+      const TokenChunk c = token_chunk(t, nch, N);
+      const int64_t m = c.b * G * DD;
+      const float* base = qkv + (c.b * N + c.n0) * ld;
+      float* dbase = dqkv + (c.b * N + c.n0) * ld;
+      apply_chunk<D>(dout + (c.b * N + c.n0) * C, C, attn + m, dbase + role[2] * C, ld, c.rows, G);
+      apply_chunk<D>(base + role[1] * C, ld, dSt + m, dbase + role[0] * C, ld, c.rows, G);
+      apply_chunk<D>(base + role[0] * C, ld, dS + m, dbase + role[1] * C, ld, c.rows, G);
     }
   }
   std::free(P);
