@@ -8,9 +8,9 @@ Switches (each a ``set_*`` function returning the previous setting):
 
 - ``pos_enc``: the position encodings in davit's native kernel (``davit.layers.native.pos_enc``), against
   torch's depthwise convolution and add;
-- ``channel``: training's channel attention in davit's native kernel
+- ``channel``: the channel attention (training and inference) in davit's native kernel
   (``davit.layers.native.channel_attention``), against torch's matmuls (per group in eager code, batched in
-  compiled code);
+  compiled training);
 - ``bias_gelu``: CPU training's MLPs with bias + GELU in the native kernel (compiled; eager after oneDNN's
   linears) (``davit.layers.fused.native_bias_gelu``), against inductor's kernels or torch's GELU;
 - ``bias_apart``: compiled CPU training's linears with the bias added apart

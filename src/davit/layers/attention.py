@@ -211,12 +211,12 @@ def channel_attention_ref(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
 
 
 def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
-    """Fast path of :func:`channel_attention_ref`: on CPU in fp32 (eager or compiled, training and inference)
-    davit's native kernel (:func:`davit.layers.native.channel_attention`); elsewhere torch's matmuls,
+    """Fast path of :func:`channel_attention_ref`.
 
-    written as ``out = value @ A^T`` so the result comes out directly in (B, G, N, Cg) without the two
-    transposes of the literal form, and the (Cg x Cg) logits are formed by one batched matmul over the
-    strided views.
+    On CPU in fp32 (eager or compiled, training and inference) davit's native kernel
+    (:func:`davit.layers.native.channel_attention`). Elsewhere torch's matmuls, written as
+    ``out = value @ A^T`` so the result comes out directly in (B, G, N, Cg) without the two transposes of the
+    literal form, and the (Cg x Cg) logits are formed by one batched matmul over the strided views.
     """
     if native.channel_attention_supports(qkv, groups):
         # CPU fp32, eager and compiled: the native kernel (one opaque call per block in compiled code)

@@ -686,10 +686,10 @@ def native_bias_gelu(x: Tensor, layer: nn.Linear) -> bool:
     GELUs at the end of the forward graph, to save them for fc2's weight gradient (one 82 ms kernel, Zen 4,
     session 39); the operator's output is saved as it is (the step 1.016x and 1.028x in paired rounds).
 
-    Eager, after oneDNN's linears: the step 1.023x and 1.024x in paired rounds (davit_tiny, batch 8, Zen 4,
-    session 40): torch's GELU and its backward are no slower than the kernel, but the operator's backward
-    also yields the bias gradient, a separate column sum otherwise. After ``F.linear`` (Intel's default)
-    eager training keeps torch's GELU: 0.982x there (session 38)."""
+    Eager, after oneDNN's linears: the step 1.023x, 1.024x and 1.010x in paired rounds (davit_tiny, batch 8,
+    Zen 4, session 40): torch's GELU and its backward are no slower than the kernel, but the operator's
+    backward also yields the bias gradient, a separate column sum otherwise. After ``F.linear`` (Intel's
+    default) eager training keeps torch's GELU: 0.982x there (session 38)."""
     if not _NATIVE_BIAS_GELU:
         return False
     if compiled_cpu_fp32_training(x, layer):
