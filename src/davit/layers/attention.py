@@ -429,7 +429,9 @@ class ChannelAttention(nn.Module):
         """Attention output before the output projection (blocks fuse the projection with the residual)."""
         if not self.fast:
             return channel_attention_ref(self.qkv(x), self.groups, self.v2)
-        return channel_attention(linear(x, self.qkv), self.groups, self.v2)
+        # the native kernel reads q, k, v in place: a bias added apart would be a pass of its own (see linear)
+        kernel = native.channel_attention_supports(x, self.groups, width=self.qkv.out_features)
+        return channel_attention(linear(x, self.qkv, consumer_fuses=not kernel), self.groups, self.v2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.attend(x))

@@ -723,8 +723,9 @@ def linear(x: Tensor, layer: nn.Linear, fast: bool = True, consumer_fuses: bool 
     """``layer(x)``: in CPU fp32 eager inference through :func:`infer_linear` (oneDNN or MKL by CPU), in
     training and compiled code through :func:`onednn_linear` where its setting holds, unless the layer is
     hooked; else in compiled training with the bias added apart (:func:`bias_apart`) unless the caller says
-    the output's consumer takes no fused add (``consumer_fuses=False``: the window attention's qkv goes to
-    an attention kernel on strided views, so the add would be a pass of its own)."""
+    the output's consumer takes no fused add (``consumer_fuses=False``: the window attention's qkv, and the
+    channel attention's where the native kernel reads it, go to an attention kernel on strided views, so the
+    add would be a pass of its own)."""
     if fast and fused_cpu_inference(x) and not has_hooks(layer):
         return infer_linear(x, layer.weight, layer.bias)
     if fast and onednn_training(x, layer):

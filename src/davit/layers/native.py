@@ -702,18 +702,20 @@ def channel_attention_kernel_enabled() -> bool:
     return _CHANNEL
 
 
-def channel_attention_supports(qkv: Tensor, groups: int) -> bool:
+def channel_attention_supports(qkv: Tensor, groups: int, width: int | None = None) -> bool:
     """Whether :func:`channel_attention` runs on ``qkv`` (B, N, 3C) with ``groups`` groups: CPU fp32 outside
     autocast, eager or torch.compile (not export or TorchScript), C / groups in :data:`CHANNEL_GROUP_DIMS`,
-    and the library available."""
+    and the library available. ``width``: 3C, where ``qkv`` is the qkv projection's input (B, N, C) instead
+    (asked before the projection runs)."""
+    width = qkv.shape[-1] if width is None else width
     if not (
         _CHANNEL
         and qkv.device.type == "cpu"
         and qkv.dtype == torch.float32
         and qkv.dim() == 3
         and _operator_context()
-        and qkv.shape[-1] % (3 * groups) == 0
-        and qkv.shape[-1] // 3 // groups in CHANNEL_GROUP_DIMS
+        and width % (3 * groups) == 0
+        and width // 3 // groups in CHANNEL_GROUP_DIMS
     ):
         return False
     return _library_available()
