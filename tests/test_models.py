@@ -100,6 +100,36 @@ def test_conv_stem_stride_must_be_2_or_4():
         davit.create_model("davit_atto", conv_stem=True, stem_stride=8)
 
 
+@pytest.mark.parametrize("hw", [(64, 64), (30, 45)])
+def test_stem_norm_reads_a_contiguous_map_on_cpu_batches(hw):
+    # eager CPU, a batch: the images go channels-last, so the conv's permuted output reaches the layer norm
+    # contiguous (no copy of the map, forward or backward); the same output and gradients as the plain
+    # conv of NCHW images (the reference path), and one image keeps the plain path
+    from davit.models import Stem
+
+    torch.manual_seed(0)
+    stem = Stem(3, 32, stride=4)
+    seen: list[bool] = []
+    stem.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    x = torch.randn(3, 3, *hw)
+
+    def run(fast: bool, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        stem.fast = fast
+        stem.zero_grad()
+        y = stem(images)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        return y.detach(), [p.grad.clone() for p in stem.parameters()]
+
+    fast_y, fast_g = run(True, x)
+    ref_y, ref_g = run(False, x)
+    one = run(True, x[:1])
+    assert seen == [True, False, False]
+    torch.testing.assert_close(fast_y, ref_y, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast_g, ref_g):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(one[0], fast_y[:1], atol=1e-5, rtol=1e-5)
+
+
 def test_padding_matches_explicit_padding_on_the_window_grid():
     # a 16x16 stage-1 map is not a multiple of the 7-window: padding must not leak into the valid outputs'
     # shapes, and batch entries must be independent of each other

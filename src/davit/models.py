@@ -50,10 +50,21 @@ class Stem(nn.Module):
         self.stride = stride
         self.conv = nn.Conv2d(in_chans, dim, kernel_size=7, stride=stride, padding=3)
         self.norm = LayerNorm(dim, eps=norm_eps)
+        self.fast = True
 
     def forward(self, x: Tensor) -> Tensor:
         H, W = x.shape[-2:]
         s = self.stride
+        if self.fast and x.is_cpu and x.dim() == 4 and x.shape[0] > 1 and not _traced():
+            # eager CPU: the images in channels-last memory, so that oneDNN's convolution writes its output
+            # channels-last and the (B, H, W, C) permute below is contiguous. From NCHW images the layer norm
+            # copied the permuted map (and its saved input again in the backward), the convolution's
+            # backward its gradient, and inference's native layer norm (contiguous input only) did not run.
+            # The same values (bit-identical on davit_tiny's stem). In davit_tiny's eager training step at
+            # batch 8 (profiled, Zen 4, session 41) the two copies of the map (3.9 ms) give way to one of the
+            # images (0.4 ms); one image alone (eager inference's slices) was slower, 0.88 against 0.77 ms,
+            # hence batches only. Not in compiled code: its training step was no faster (0.975x, 11 rounds)
+            x = x.contiguous(memory_format=torch.channels_last)
         # known_true: the plain test for concrete sizes; with symbolic sizes (torch.compile) it is
         # false unless it holds for every size, so the graph pads by amounts that may be zero where a branch
         # would guard on the size's class and recompile for the other one. The amounts as ceiling divisions
