@@ -51,9 +51,10 @@ inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float s) { return s - (vf){}; }
 
 // Keeps v in a register where it is used R times: otherwise GCC folds its load into each FMA as a memory
-// operand, R loads where one does (on Zen 4 a 512-bit load takes the cycle's load bandwidth)
+// operand, R loads where one does (on Zen 4 a 512-bit load takes the cycle's load bandwidth). Only with
+// AVX-512, where a vf is one register (elsewhere it is two or four, which the constraint cannot name)
 inline void in_register(vf& v) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && defined(__AVX512F__)
   asm("" : "+v"(v));
 #else
   (void)v;
