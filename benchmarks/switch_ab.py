@@ -18,7 +18,12 @@ Switches (each a ``set_*`` function returning the previous setting):
 - ``mlp_chunks``: compiled CPU training's large MLPs on chunks of tokens
   (``davit.layers.blocks.COMPILED_TRAIN_MLP_BATCH``), against whole maps;
 - ``opaque_convs``: compiled CPU training's convolutions as opaque ops (``davit.layers.fused.conv``), against
-  plain ``aten.convolution``.
+  plain ``aten.convolution``;
+- ``weight_grad``: CPU training's linear weight and bias gradients in davit's native kernel
+  (``davit.layers.native.linear_weight_grad``), against oneDNN's convolution backward (``mm`` for large
+  weights) and a column sum. Read when the backward is traced: with ``--compile`` run it with
+  ``TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0``, so the second model's backward is not
+  the first one's from the cache.
 
 Three steps: ours with the switch on, ours with it off, and timm's model with identical weights (with
 ``--compile`` each compiled once, inductor's defaults, batch axis dynamic, ours with ``fullgraph=True``; a
@@ -46,6 +51,7 @@ SWITCHES: dict[str, Callable[[bool], bool]] = {
     "bias_apart": fused.set_bias_apart,
     "mlp_chunks": blocks.set_compiled_mlp_chunks,
     "opaque_convs": fused.set_opaque_convs,
+    "weight_grad": native.set_weight_grad_kernel,
 }
 
 

@@ -782,6 +782,144 @@ def test_compiled_training_runs_bias_gelu_and_matches_eager(monkeypatch, onednn)
     assert torch.ops.davit.bias_gelu.default not in ops
 
 
+# ----- linear weight gradients (training) ------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "M, N, K, bias",
+    [
+        (0, 8, 96, True),  # no tokens: zeros
+        (1, 4, 96, True),
+        (37, 384, 96, False),
+        (1031, 100, 192, True),  # three chunks of tokens (512 each), 25 bands of rows
+        (600, 12, 288, True),
+    ],
+)
+def test_linear_weight_grad_equals_float64_reference(M, N, K, bias):
+    """g^T x and g's column sums against float64, within the worst-case error of fp32 sums in chunks of 512
+    tokens: (512 + chunks) * 2^-24 * sum |g| |x| per element (a dropped or doubled token or chunk is off by
+    orders of magnitude more)."""
+    torch.manual_seed(0)
+    g, x = torch.randn(M, N), torch.randn(M, K)
+    gw, gb = native.linear_weight_grad(g, x, bias)
+    ref_w, ref_b = g.double().t() @ x.double(), g.double().sum(0)
+    assert gw.shape == (N, K) and gw.is_contiguous() and gb.shape == ((N,) if bias else (0,))
+    terms = min(M, 512) + -(-M // 512)
+    scale_w = g.double().abs().t() @ x.double().abs()
+    assert ((gw.double() - ref_w).abs() <= terms * 2.0**-24 * scale_w).all()
+    if bias:
+        assert ((gb.double() - ref_b).abs() <= terms * 2.0**-24 * g.double().abs().sum(0)).all()
+
+
+@needs_kernel
+def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
+    torch.manual_seed(0)
+    g, x = torch.randn(700, 24), torch.randn(700, 96)
+    torch.library.opcheck(native.linear_weight_grad, (g, x, True))
+    torch.library.opcheck(native.linear_weight_grad, (g, x, False))
+    n = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):  # each thread owns whole rows of the result: bit-identical for any count
+            torch.set_num_threads(threads)
+            runs.append(native.linear_weight_grad(g, x, True))
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+    native.set_native_kernels(False)
+    try:
+        off = native.linear_weight_grad(g, x, True)
+    finally:
+        native.set_native_kernels(None)
+    torch.testing.assert_close(off[0], runs[0][0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(off[1], runs[0][1], atol=1e-4, rtol=1e-5)
+    assert native.linear_weight_grad_supports(g, x)
+    assert not native.linear_weight_grad_supports(g, torch.randn(700, 100))  # inputs not a multiple of 96
+    assert not native.linear_weight_grad_supports(torch.randn(700, 6), x)  # outputs not a multiple of 4
+    assert not native.linear_weight_grad_supports(g.double(), x.double())
+    assert not native.linear_weight_grad_supports(g[:699], x)
+    previous = native.set_weight_grad_kernel(False)
+    try:
+        assert not native.linear_weight_grad_supports(g, x)
+    finally:
+        native.set_weight_grad_kernel(previous)
+    lib = native.native_library()
+    out = torch.full((6, 100), 7.0)
+    code = lib.davit_linear_weight_grad_f32(g.data_ptr(), x.data_ptr(), out.data_ptr(), None, 10, 6, 100, 1)
+    assert code == -1 and (out == 7.0).all()
+
+
+def _wide_model() -> torch.nn.Module:
+    # davit_tiny's widths (every linear's input a multiple of 96), one block per stage
+    return davit.create_model("davit_tiny", num_classes=10, depths=(1, 1, 1, 1)).train()
+
+
+@needs_kernel
+def test_eager_training_runs_the_weight_grad_kernel(monkeypatch):
+    """Eager CPU fp32 training on oneDNN's linears computes every linear's weight and bias gradients in the
+    kernel (not the head's, a plain ``F.linear``), with the gradients of the setting off."""
+    if not davit.layers.fused._MKLDNN:
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(davit.layers.fused, "_ONEDNN_TRAINING", True)
+    monkeypatch.setattr(davit.layers.fused, "_MIN_MACS", 0)
+    torch.manual_seed(0)
+    m = _wide_model()
+    linears = sum(isinstance(mod, torch.nn.Linear) for mod in m.modules()) - 1  # all but the head
+    calls = _count_calls(monkeypatch, native, "linear_weight_grad", native.linear_weight_grad)
+    x = torch.randn(2, 3, 45, 33)
+    out, grads = _train(m, x)
+    assert len(calls) == linears
+    previous = native.set_weight_grad_kernel(False)
+    try:
+        out_off, grads_off = _train(m, x)
+    finally:
+        native.set_weight_grad_kernel(previous)
+    assert len(calls) == linears
+    torch.testing.assert_close(out, out_off, atol=0, rtol=0)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, grads_off[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+@needs_kernel
+def test_compiled_backward_runs_the_weight_grad_kernel():
+    """Under torch.compile the linear's backward has the kernel as an opaque op (the input gradient from
+    ``davit::conv_linear_grads``), with eager code's gradients."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    if not davit.layers.fused._MKLDNN:
+        pytest.skip("torch built without oneDNN")
+    backward_graphs = []
+
+    def capture(gm, _inputs):
+        backward_graphs.append(gm)
+        return gm.forward
+
+    backend = aot_autograd(fw_compiler=lambda gm, _inputs: gm.forward, bw_compiler=capture)
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 96, requires_grad=True)
+    w = torch.randn(40, 96, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    up = torch.randn(3, 7, 40)
+
+    def loss(x, w, b):
+        return (davit.layers.fused.onednn_linear(x, w, b) * up).sum()
+
+    eager = torch.autograd.grad(loss(x, w, b), (x, w, b))
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(loss, backend=backend, fullgraph=True)(x, w, b), (x, w, b))
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-4)
+    ref_w = up.reshape(-1, 40).t() @ x.detach().reshape(-1, 96)
+    torch.testing.assert_close(eager[1], ref_w, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(eager[2], up.reshape(-1, 40).sum(0), rtol=1e-5, atol=1e-5)
+    (graph,) = backward_graphs
+    targets = {n.target for n in graph.graph.nodes if n.op == "call_function"}
+    assert torch.ops.davit.linear_weight_grad.default in targets, targets
+    assert torch.ops.davit.conv_linear_grads.default in targets, targets
+    assert torch.ops.davit.conv_weight_grad.default not in targets, targets
+
+
 # ----- channel group attention (training) ----------------------------------------------------------------
 
 

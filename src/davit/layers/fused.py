@@ -313,23 +313,33 @@ def _onednn_linear_backward(ctx, grad: Tensor):
     gx = gw = gb = None
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
+    g2, x2 = g2.contiguous(), x2.contiguous()
+    # the weight and bias gradients from the native kernel where it applies (1.1-1.7x the rate of oneDNN's
+    # convolution backward or MKL's mm on davit_tiny's shapes, see native.linear_weight_grad), the input
+    # gradient alone from the convolution backward
+    native_w = need_w and native.linear_weight_grad_supports(g2, x2)
+    if native_w:
+        bias_grad = ctx.has_bias and need_b
+        gw, gb = native.linear_weight_grad(g2, x2, bias_grad)
+        gb = gb if bias_grad else None
     # oneDNN's convolution sums per-thread partial weight gradients in a scratch buffer of the weight's size:
     # for stage 4's 768 x 3072 MLP weights (9.4 MB) that raised the training step's peak above timm's (1207
     # vs 1198 MB, davit_tiny at batch 8), so large weights keep ``mm``
-    conv_w = need_w and weight.numel() <= _MAX_CONV_WGRAD
+    conv_w = need_w and not native_w and weight.numel() <= _MAX_CONV_WGRAD
     if need_x:
         # both gradients from one 1x1 convolution backward (see _conv_grads); compiled: as an opaque op
         if torch.compiler.is_compiling():
             grads = conv_linear_grads(g2, x2, weight, conv_w)
-            gx, gw = grads[0], (grads[1] if conv_w else None)
+            gx, conv_gw = grads[0], (grads[1] if conv_w else None)
         else:
-            gx, gw = _conv_grads(g2, x2, weight, True, conv_w)
+            gx, conv_gw = _conv_grads(g2, x2, weight, True, conv_w)
         gx = gx.view(x.shape)
+        gw = conv_gw if conv_w else gw
     elif conv_w:
         gw = conv_weight_grad(g2, x2) if torch.compiler.is_compiling() else _weight_grad(g2, x2)
-    if need_w and not conv_w:
+    if need_w and not (conv_w or native_w):
         gw = g2.t() @ x2
-    if ctx.has_bias and need_b:
+    if ctx.has_bias and need_b and not native_w:
         gb = g2.sum(0)
     return gx, gw, gb
 

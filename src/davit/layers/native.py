@@ -6,10 +6,10 @@ with its backward (:func:`window_attention_map_backward`, as the differentiable 
 :func:`window_attention`), in training; the conditional position encoding ``x + depthwise_conv3x3(x)`` of a
 (B, H, W, C) map, forward and backward (the operator :func:`pos_enc`); in training exact GELU with the
 preceding linear's bias, forward and backward (the operator :func:`bias_gelu`) and channel group attention,
-forward and backward (the operator :func:`channel_attention`); and in inference layer norm over rows
-(:func:`layer_norm`). The
-library has a plain C ABI and no torch headers: it builds in about a second, does not depend on torch's
-version, and is loaded with ctypes. Its threads are OpenMP's, as many as torch's.
+forward and backward (the operator :func:`channel_attention`), and linears' weight and bias gradients
+(:func:`linear_weight_grad`); and in inference layer norm over rows (:func:`layer_norm`). The library has
+a plain C ABI and no torch headers: it builds in about a second, does not depend on torch's version, and is
+loaded with ctypes. Its threads are OpenMP's, as many as torch's.
 
 The library is built for the CPU it runs on (``-march=native``) into ``$DAVIT_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/davit`` or ``~/.cache/davit``), under a name hashed from the source, the compiler, its
@@ -50,12 +50,15 @@ __all__ = [
     "pos_enc_supports",
     "bias_gelu",
     "bias_gelu_supports",
+    "linear_weight_grad",
+    "linear_weight_grad_supports",
+    "set_weight_grad_kernel",
     "set_pos_enc_kernel",
     "build_error",
 ]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"
-_ABI = 6
+_ABI = 7
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 #: head dims the library is built for (davit's variants all have 32)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -187,6 +190,9 @@ def _load() -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn = lib.davit_channel_attention_backward_f32
     fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 4 + [i32] * 3 + [ctypes.c_float, i32]
+    fn.restype = ctypes.c_int
+    fn = lib.davit_linear_weight_grad_f32
+    fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 3 + [i32]
     fn.restype = ctypes.c_int
     return lib
 
@@ -679,6 +685,73 @@ def _bias_gelu_grad(ctx, grad: Tensor):
 
 
 bias_gelu.register_autograd(_bias_gelu_grad, setup_context=_bias_gelu_setup)
+
+
+# ----- a linear's weight (and bias) gradient --------------------------------------------------------------
+
+_WEIGHT_GRAD = True
+
+
+def set_weight_grad_kernel(enable: bool) -> bool:
+    """Let CPU fp32 training compute its oneDNN linears' weight and bias gradients in
+    :func:`linear_weight_grad` where it applies (the default) or oneDNN's convolution backward, MKL's ``mm``
+    and a column sum (for A/B timing). Read when eager code runs and when torch.compile traces the backward.
+    Returns the previous setting."""
+    global _WEIGHT_GRAD
+    previous, _WEIGHT_GRAD = _WEIGHT_GRAD, bool(enable)
+    return previous
+
+
+def linear_weight_grad_supports(g: Tensor, x: Tensor) -> bool:
+    """Whether :func:`linear_weight_grad` computes ``g.t() @ x`` for (M, N) rows ``g`` and (M, K) rows ``x``:
+    CPU fp32 outside autocast, N a multiple of 4 and K of 96 (every linear of davit's variants), eager or
+    torch.compile, the kernel on (:func:`set_weight_grad_kernel`) and the library available."""
+    if not (
+        _WEIGHT_GRAD
+        and g.device.type == "cpu"
+        and x.device.type == "cpu"
+        and g.dtype == torch.float32
+        and x.dtype == torch.float32
+        and g.dim() == 2
+        and x.dim() == 2
+        and g.shape[0] == x.shape[0]
+        and g.shape[1] > 0
+        and g.shape[1] % 4 == 0
+        and x.shape[1] > 0
+        and x.shape[1] % 96 == 0
+        and _operator_context()
+    ):
+        return False
+    return _library_available()
+
+
+@torch.library.custom_op("davit::linear_weight_grad", mutates_args=())
+def linear_weight_grad(g: Tensor, x: Tensor, bias_grad: bool) -> tuple[Tensor, Tensor]:
+    """``(g.t() @ x, g.sum(0))`` for (M, N) rows ``g`` (a linear's output gradient) and (M, K) rows ``x`` (its
+    input): the linear's weight gradient and, with ``bias_grad``, its bias gradient (else an empty tensor), in
+    one pass of the native kernel (requires :func:`linear_weight_grad_supports`). Each thread owns a band of
+    the weight gradient's rows, every element is summed over the tokens in chunks of 512 in order: the result
+    does not depend on the thread count. Where the kernels are off when it runs, torch's ops compute it."""
+    lib = native_library()
+    if lib is None:
+        return g.t() @ x, g.sum(0) if bias_grad else g.new_empty(0)
+    g, x = g.contiguous(), x.contiguous()
+    (m, n), k = g.shape, x.shape[1]
+    gw = g.new_empty((n, k))
+    gb = g.new_empty(n if bias_grad else 0)
+    code = lib.davit_linear_weight_grad_f32(
+        g.data_ptr(), x.data_ptr(), gw.data_ptr(), gb.data_ptr() if bias_grad else None, m, n, k,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if code != 0:
+        shapes = f"{tuple(g.shape)}, {tuple(x.shape)}"
+        raise RuntimeError(f"davit_linear_weight_grad_f32 returned {code} for {shapes}")
+    return gw, gb
+
+
+@linear_weight_grad.register_fake
+def _(g: Tensor, x: Tensor, bias_grad: bool) -> tuple[Tensor, Tensor]:
+    return g.new_empty((g.shape[1], x.shape[1])), g.new_empty(g.shape[1] if bias_grad else 0)
 
 
 # ----- channel group attention ---------------------------------------------------------------------------
