@@ -834,7 +834,7 @@ def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
         native.set_native_kernels(None)
     torch.testing.assert_close(off[0], runs[0][0], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(off[1], runs[0][1], atol=1e-4, rtol=1e-5)
-    assert native.linear_weight_grad_supports(g, x)
+    assert native.linear_weight_grad_supports(g, x) == _weight_grad_fast()
     assert not native.linear_weight_grad_supports(g, torch.randn(700, 100))  # inputs not a multiple of 96
     assert not native.linear_weight_grad_supports(torch.randn(700, 6), x)  # outputs not a multiple of 4
     assert not native.linear_weight_grad_supports(g.double(), x.double())
@@ -850,12 +850,34 @@ def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
     assert code == -1 and (out == 7.0).all()
 
 
+def _weight_grad_fast() -> bool:
+    lib = native.native_library()
+    return lib is not None and lib.davit_linear_weight_grad_fast() == 1
+
+
+# where the library is not built for AVX-512 the kernel is correct but slow, and training keeps the GEMMs
+needs_fast_weight_grad = pytest.mark.skipif(
+    native._compiler() is None or not _weight_grad_fast(), reason="the kernel is used on AVX-512 CPUs only"
+)
+
+
+@needs_kernel
+def test_weight_grad_kernel_is_left_alone_where_not_built_for_avx512(monkeypatch):
+    class NotFast:
+        def davit_linear_weight_grad_fast(self) -> int:
+            return 0
+
+    g, x = torch.randn(10, 8), torch.randn(10, 96)
+    monkeypatch.setattr(native, "native_library", lambda: NotFast())
+    assert not native.linear_weight_grad_supports(g, x)
+
+
 def _wide_model() -> torch.nn.Module:
     # davit_tiny's widths (every linear's input a multiple of 96), one block per stage
     return davit.create_model("davit_tiny", num_classes=10, depths=(1, 1, 1, 1)).train()
 
 
-@needs_kernel
+@needs_fast_weight_grad
 def test_eager_training_runs_the_weight_grad_kernel(monkeypatch):
     """Eager CPU fp32 training on oneDNN's linears computes every linear's weight and bias gradients in the
     kernel (not the head's, a plain ``F.linear``), with the gradients of the setting off."""
@@ -881,7 +903,7 @@ def test_eager_training_runs_the_weight_grad_kernel(monkeypatch):
         torch.testing.assert_close(g, grads_off[n], atol=1e-5, rtol=1e-5, msg=n)
 
 
-@needs_kernel
+@needs_fast_weight_grad
 def test_compiled_backward_runs_the_weight_grad_kernel():
     """Under torch.compile the linear's backward has the kernel as an opaque op (the input gradient from
     ``davit::conv_linear_grads``), with eager code's gradients."""

@@ -1167,6 +1167,17 @@ inline void wgrad_tile(const float* g, int64_t ldg, const float* x, int64_t ldx,
 
 extern "C" {
 
+// 1 where the kernel below is built for AVX-512, else 0. Its 24 accumulators and 6 row vectors fill 30 of
+// AVX-512's 32 registers; as pairs of AVX2 registers they spill, and it ran 8x slower than MKL's mm
+// (-march=haswell on a Zen 4 VM), so callers keep the libraries' GEMMs there.
+int davit_linear_weight_grad_fast(void) {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // g: (M, N) and x: (M, K) contiguous rows (a linear's output gradient and input, M tokens); dw: (N, K)
 // contiguous, = g^T x; db: (N) or null, = the column sums of g. Returns 0, or -1 unless N is a positive
 // multiple of 4 and K of 96.

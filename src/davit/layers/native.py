@@ -194,6 +194,7 @@ def _load() -> ctypes.CDLL:
     fn = lib.davit_linear_weight_grad_f32
     fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 3 + [i32]
     fn.restype = ctypes.c_int
+    lib.davit_linear_weight_grad_fast.restype = ctypes.c_int
     return lib
 
 
@@ -705,7 +706,8 @@ def set_weight_grad_kernel(enable: bool) -> bool:
 def linear_weight_grad_supports(g: Tensor, x: Tensor) -> bool:
     """Whether :func:`linear_weight_grad` computes ``g.t() @ x`` for (M, N) rows ``g`` and (M, K) rows ``x``:
     CPU fp32 outside autocast, N a multiple of 4 and K of 96 (every linear of davit's variants), eager or
-    torch.compile, the kernel on (:func:`set_weight_grad_kernel`) and the library available."""
+    torch.compile, the kernel on (:func:`set_weight_grad_kernel`) and the library available and built for
+    AVX-512 (elsewhere the kernel runs far below the GEMM libraries' rate: see the source)."""
     if not (
         _WEIGHT_GRAD
         and g.device.type == "cpu"
@@ -722,7 +724,8 @@ def linear_weight_grad_supports(g: Tensor, x: Tensor) -> bool:
         and _operator_context()
     ):
         return False
-    return _library_available()
+    lib = native_library()
+    return lib is not None and lib.davit_linear_weight_grad_fast() == 1
 
 
 @torch.library.custom_op("davit::linear_weight_grad", mutates_args=())
