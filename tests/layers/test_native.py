@@ -815,7 +815,7 @@ def test_linear_weight_grad_equals_float64_reference(M, N, K, bias):
 @needs_kernel
 def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
     torch.manual_seed(0)
-    g, x = torch.randn(700, 24), torch.randn(700, 96)
+    g, x = torch.randn(700, 128), torch.randn(700, 96)
     torch.library.opcheck(native.linear_weight_grad, (g, x, True))
     torch.library.opcheck(native.linear_weight_grad, (g, x, False))
     n = torch.get_num_threads()
@@ -839,6 +839,13 @@ def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
     assert not native.linear_weight_grad_supports(torch.randn(700, 6), x)  # outputs not a multiple of 4
     assert not native.linear_weight_grad_supports(g.double(), x.double())
     assert not native.linear_weight_grad_supports(g[:699], x)
+    try:  # fewer than 8 bands of 4 rows per thread: the GEMM libraries split the work better
+        torch.set_num_threads(2)
+        assert native.linear_weight_grad_supports(torch.randn(5, 64), x[:5]) == _weight_grad_fast()
+        torch.set_num_threads(3)
+        assert not native.linear_weight_grad_supports(torch.randn(5, 64), x[:5])
+    finally:
+        torch.set_num_threads(n)
     previous = native.set_weight_grad_kernel(False)
     try:
         assert not native.linear_weight_grad_supports(g, x)
@@ -920,9 +927,9 @@ def test_compiled_backward_runs_the_weight_grad_kernel():
     backend = aot_autograd(fw_compiler=lambda gm, _inputs: gm.forward, bw_compiler=capture)
     torch.manual_seed(0)
     x = torch.randn(3, 7, 96, requires_grad=True)
-    w = torch.randn(40, 96, requires_grad=True)
-    b = torch.randn(40, requires_grad=True)
-    up = torch.randn(3, 7, 40)
+    w = torch.randn(64, 96, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+    up = torch.randn(3, 7, 64)
 
     def loss(x, w, b):
         return (davit.layers.fused.onednn_linear(x, w, b) * up).sum()
@@ -932,9 +939,9 @@ def test_compiled_backward_runs_the_weight_grad_kernel():
     compiled = torch.autograd.grad(torch.compile(loss, backend=backend, fullgraph=True)(x, w, b), (x, w, b))
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-4)
-    ref_w = up.reshape(-1, 40).t() @ x.detach().reshape(-1, 96)
+    ref_w = up.reshape(-1, 64).t() @ x.detach().reshape(-1, 96)
     torch.testing.assert_close(eager[1], ref_w, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(eager[2], up.reshape(-1, 40).sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager[2], up.reshape(-1, 64).sum(0), rtol=1e-5, atol=1e-5)
     (graph,) = backward_graphs
     targets = {n.target for n in graph.graph.nodes if n.op == "call_function"}
     assert torch.ops.davit.linear_weight_grad.default in targets, targets
