@@ -20,6 +20,7 @@ from davit.bench import (
     timm_counterpart,
 )
 from davit.cli import build_parser, main
+from davit.compile_cache import code_version_pass
 
 CPU = torch.device("cpu")
 # tiny work, one thread: the CI machine is small and shared
@@ -153,10 +154,17 @@ def test_freezing_keeps_the_compile_mode_options(monkeypatch):
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
     _compile(torch.nn.Identity(), "reduce-overhead", True, "batch", freezing=True)
+    version = seen["options"].pop("post_grad_custom_post_pass")  # davit.compile_cache's, in every compile
     assert seen == {"fullgraph": True, "options": {"triton.cudagraphs": True, "freezing": True}}
+    assert version.uuid() == code_version_pass().uuid()
     seen.clear()
     _compile(torch.nn.Identity(), "reduce-overhead", True, "batch")
-    assert seen == {"fullgraph": True, "mode": "reduce-overhead"}
+    seen["options"].pop("post_grad_custom_post_pass")
+    assert seen == {"fullgraph": True, "options": {"triton.cudagraphs": True}}
+    seen.clear()
+    _compile(torch.nn.Identity(), "default", True, "batch")
+    seen["options"].pop("post_grad_custom_post_pass")
+    assert seen == {"fullgraph": True, "options": {}}
 
 
 @pytest.mark.parametrize("extra", ["--mode infer", "--mode train --compile", "--mode both --compile"])

@@ -236,16 +236,19 @@ def _make_step(
 
 
 def _compile(model: nn.Module, mode: str, fullgraph: bool, dynamic: str, freezing: bool = False) -> Callable:
-    kw: dict[str, Any] = dict(fullgraph=fullgraph, mode=None if mode == "default" else mode)
-    if freezing:
-        # besides run_bench's global flag, as an option: torch.compile takes a mode or options, not both, so
-        # the mode's own options plus freezing. The option makes a distinct backend, so dynamo does not reuse
-        # an unfrozen graph cached earlier in the process for the same forward (with the flag alone, a frozen
-        # davit_atto run after an unfrozen one in the test suite packed no weights: nothing was frozen)
-        from torch._inductor import list_mode_options
+    from torch._inductor import list_mode_options
 
-        mode_options = list_mode_options(mode) if kw.pop("mode") else {}  # None: all modes' table
-        kw["options"] = {**mode_options, "freezing": True}
+    from .compile_cache import compile_options
+
+    # torch.compile takes a mode or options, not both: the mode's own options (list_mode_options(None) is
+    # every mode's table, so the default mode's are none), freezing where asked (the option also makes a
+    # distinct backend, so dynamo does not reuse an unfrozen graph cached earlier in the process for the same
+    # forward: with the global flag alone, a frozen davit_atto run after an unfrozen one in the test suite
+    # packed no weights), and the pass that keys inductor's caches on davit's operator code (compile_cache)
+    options = dict(list_mode_options(mode)) if mode != "default" else {}
+    if freezing:
+        options["freezing"] = True
+    kw: dict[str, Any] = dict(fullgraph=fullgraph, options=compile_options(options))
     if dynamic == "all":
         kw["dynamic"] = True
     elif dynamic == "static":

@@ -155,8 +155,11 @@ def compile_options(device: torch.device) -> dict[str, Any]:
     processes, 7 in its favour, Zen 4 VM, docs/benchmarks.md, session 22). In fp32 the model's convolutions
     are opaque ops in compiled CPU code (``davit.layers.fused.conv``), which keeps the optimisation off in
     any user's ``torch.compile`` too; the option still covers bf16 autocast, where they are plain
-    convolutions. GPUs keep the default."""
-    return {"options": {"layout_optimization": False}} if device.type == "cpu" else {}
+    convolutions. GPUs keep the default. Both get the pass that keys inductor's caches on davit's operator
+    code (:mod:`davit.compile_cache`: a cached backward of older code is not reused)."""
+    from ..compile_cache import compile_options as code_keyed
+
+    return {"options": code_keyed({"layout_optimization": False} if device.type == "cpu" else {})}
 
 
 def _wrap_fsdp(net: nn.Module, device: torch.device) -> None:

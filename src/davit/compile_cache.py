@@ -1,0 +1,58 @@
+"""Keep torch.compile's caches from serving a backward that davit's current code would not trace.
+
+DaViT's fast paths are custom operators whose backward formulas are Python functions (``register_autograd``
+in ``davit.layers``). AOTAutograd's cache keys a compiled forward and backward by the forward graph, which
+names those operators but not their backward code: after a change to a backward, a warm cache keeps
+returning the backward compiled from the old one (PyTorch issue 144344, open in torch 2.14). Session 42 met
+it: ``davit bench --compile`` timed the weight gradients of the code before the native kernel that replaced
+them, while eager code ran the new one.
+
+:func:`code_version_pass` is a no-op post-grad pass whose ``uuid`` is a hash of ``davit.layers``' sources
+and the native kernels' C++ source. Inductor puts a custom pass's ``uuid`` into both its FX graph cache key
+and AOTAutograd's, so a changed operator gives new keys, and unchanged code still hits the cache. davit's
+own compiled paths (``davit bench --compile``, ``davit train --torchcompile``) pass it in ``options``; a
+user's own ``torch.compile`` of the model can do the same with :func:`compile_options`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+__all__ = ["code_version_pass", "compile_options", "source_files"]
+
+_ROOT = Path(__file__).resolve().parent
+
+
+def source_files() -> tuple[str, ...]:
+    """The files whose contents make the hash: the operators' Python and the kernels' C++."""
+    files = sorted((_ROOT / "layers").glob("*.py")) + sorted((_ROOT / "csrc").glob("*.cpp"))
+    return tuple(str(p) for p in files)
+
+
+class _CodeVersion(CustomGraphPass):
+    """Changes nothing in the graph; exists for its ``uuid``."""
+
+    def __init__(self, files: tuple[str, ...]) -> None:
+        self.files = files
+
+    def __call__(self, graph: Any) -> None:
+        return None
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files(self.files)
+
+
+def code_version_pass(files: tuple[str, ...] | None = None) -> CustomGraphPass:
+    """The no-op pass whose ``uuid`` hashes ``files`` (default: :func:`source_files`)."""
+    return _CodeVersion(source_files() if files is None else files)
+
+
+def compile_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``options`` (inductor settings for ``torch.compile(..., options=...)``) with the code-version pass as
+    ``post_grad_custom_post_pass``, unless the caller already set one (theirs is kept)."""
+    out = dict(options or {})
+    out.setdefault("post_grad_custom_post_pass", code_version_pass())
+    return out
