@@ -911,13 +911,17 @@ def test_eager_training_runs_the_weight_grad_kernel(monkeypatch):
 
 
 @needs_fast_weight_grad
-def test_compiled_backward_runs_the_weight_grad_kernel():
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
+def test_compiled_backward_runs_the_weight_grad_kernel(monkeypatch, large):
     """Under torch.compile the linear's backward has the kernel as an opaque op (the input gradient from
-    ``davit::conv_linear_grads``), with eager code's gradients."""
+    ``davit::conv_linear_grads``), with eager code's gradients; weights above ``_MAX_CONV_WGRAD`` keep
+    ``mm`` there (the kernel raised the compiled step's peak memory above timm's)."""
     from torch._dynamo.backends.common import aot_autograd
 
     if not davit.layers.fused._MKLDNN:
         pytest.skip("torch built without oneDNN")
+    if large:
+        monkeypatch.setattr(davit.layers.fused, "_MAX_CONV_WGRAD", 1000)
     backward_graphs = []
 
     def capture(gm, _inputs):
@@ -944,7 +948,8 @@ def test_compiled_backward_runs_the_weight_grad_kernel():
     torch.testing.assert_close(eager[2], up.reshape(-1, 64).sum(0), rtol=1e-5, atol=1e-5)
     (graph,) = backward_graphs
     targets = {n.target for n in graph.graph.nodes if n.op == "call_function"}
-    assert torch.ops.davit.linear_weight_grad.default in targets, targets
+    assert (torch.ops.davit.linear_weight_grad.default in targets) == (not large), targets
+    assert (torch.ops.aten.mm.default in targets) == large, targets
     assert torch.ops.davit.conv_linear_grads.default in targets, targets
     assert torch.ops.davit.conv_weight_grad.default not in targets, targets
 

@@ -313,15 +313,17 @@ def _onednn_linear_backward(ctx, grad: Tensor):
     gx = gw = gb = None
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    g2, x2 = g2.contiguous(), x2.contiguous()
     # the weight and bias gradients from the native kernel where it applies (1.1-1.7x the rate of oneDNN's
-    # convolution backward or MKL's mm on davit_tiny's shapes, see native.linear_weight_grad), the input
-    # gradient alone from the convolution backward
-    native_w = need_w and native.linear_weight_grad_supports(g2, x2)
-    if native_w:
-        bias_grad = ctx.has_bias and need_b
-        gw, gb = native.linear_weight_grad(g2, x2, bias_grad)
-        gb = gb if bias_grad else None
+    # convolution backward or MKL's mm on davit_tiny's shapes, see native.linear_weight_grad), after the
+    # input gradient alone from the convolution backward
+    # (compiled code keeps mm for weights above _MAX_CONV_WGRAD: with the kernel there, davit_tiny's compiled
+    # step at batch 8 peaked at 880 MB above its state, at the end of the backward with stage 4's two 9 MB
+    # MLP weight gradients live, against 873 MB with mm, and above timm's (/tmp/s42/peak.py, session 42))
+    native_w = (
+        need_w
+        and native.linear_weight_grad_supports(g2, x2)
+        and not (torch.compiler.is_compiling() and weight.numel() > _MAX_CONV_WGRAD)
+    )
     # oneDNN's convolution sums per-thread partial weight gradients in a scratch buffer of the weight's size:
     # for stage 4's 768 x 3072 MLP weights (9.4 MB) that raised the training step's peak above timm's (1207
     # vs 1198 MB, davit_tiny at batch 8), so large weights keep ``mm``
@@ -337,6 +339,10 @@ def _onednn_linear_backward(ctx, grad: Tensor):
         gw = conv_gw if conv_w else gw
     elif conv_w:
         gw = conv_weight_grad(g2, x2) if torch.compiler.is_compiling() else _weight_grad(g2, x2)
+    if native_w:
+        bias_grad = ctx.has_bias and need_b
+        gw, gb = native.linear_weight_grad(g2, x2, bias_grad)
+        gb = gb if bias_grad else None
     if need_w and not (conv_w or native_w):
         gw = g2.t() @ x2
     if ctx.has_bias and need_b and not native_w:
