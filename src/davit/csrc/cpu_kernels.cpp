@@ -1108,7 +1108,8 @@ int davit_channel_attention_backward_f32(const float* qkv, const float* attn, co
 // thread owns a band of dW's rows, so nothing is reduced across threads, and accumulates 4 x 96 tiles of it
 // in registers over chunks of tokens: per token one 96-float row piece of x (six vectors, kept in registers)
 // and four broadcast scalars of g make 24 FMAs. The bias gradient comes from the same reads of g. Every
-// element is summed over the tokens in order, so the result does not depend on the thread count.
+// element is summed per chunk of 512 tokens, the chunks in order, so the result does not depend on the thread
+// count.
 
 namespace {
 
