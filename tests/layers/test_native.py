@@ -794,6 +794,8 @@ def test_compiled_training_runs_bias_gelu_and_matches_eager(monkeypatch, onednn)
         (37, 384, 96, False),
         (1031, 100, 192, True),  # three chunks of tokens (512 each), 25 bands of rows
         (600, 12, 288, True),
+        (530, 8, 128, True),  # a 96-column tile and a 32-column one (davit_base's widths)
+        (70, 16, 16, False),  # the 16-column tile alone
     ],
 )
 def test_linear_weight_grad_equals_float64_reference(M, N, K, bias):
@@ -835,7 +837,7 @@ def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
     torch.testing.assert_close(off[0], runs[0][0], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(off[1], runs[0][1], atol=1e-4, rtol=1e-5)
     assert native.linear_weight_grad_supports(g, x) == _weight_grad_fast()
-    assert not native.linear_weight_grad_supports(g, torch.randn(700, 100))  # inputs not a multiple of 96
+    assert not native.linear_weight_grad_supports(g, torch.randn(700, 100))  # inputs not a multiple of 16
     assert not native.linear_weight_grad_supports(torch.randn(700, 6), x)  # outputs not a multiple of 4
     assert not native.linear_weight_grad_supports(g.double(), x.double())
     assert not native.linear_weight_grad_supports(g[:699], x)

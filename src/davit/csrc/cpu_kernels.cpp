@@ -1106,10 +1106,10 @@ int davit_channel_attention_backward_f32(const float* qkv, const float* attn, co
 // of the batch, and on a 2-core AVX-512 VM oneDNN's convolution backward and MKL's mm ran davit_tiny's shapes
 // at 0.55-0.85x the rate of their forward GEMMs (K = 96 inputs: 95-150 GFLOP/s against 180-200). Here each
 // thread owns a band of dW's rows, so nothing is reduced across threads, and accumulates 4 x 96 tiles of it
-// in registers over chunks of tokens: per token one 96-float row piece of x (six vectors, kept in registers)
-// and four broadcast scalars of g make 24 FMAs. The bias gradient comes from the same reads of g. Every
-// element is summed per chunk of 512 tokens, the chunks in order, so the result does not depend on the thread
-// count.
+// (the last one narrower where the input width is not a multiple of 96) in registers over chunks of tokens:
+// per token one 96-float row piece of x (six vectors, kept in registers) and four broadcast scalars of g
+// make 24 FMAs. The bias gradient comes from the same reads of g. Every element is summed per chunk of 512
+// tokens, the chunks in order, so the result does not depend on the thread count.
 
 namespace {
 
@@ -1120,28 +1120,28 @@ constexpr int WG_C = 6;            // vectors of dW's columns (input features) p
 constexpr int WG_K = WG_C * L;     // 96 columns
 constexpr int64_t WG_CHUNK = 512;  // tokens per pass over a thread's tiles (its x rows stay in L2)
 
-// dW[0..R-1][0..WG_K-1] (+)= sum over tokens m0..m1-1 of g[m][0..R-1] x[m][0..WG_K-1]; with `bias`, also
+// dW[0..R-1][0..16C-1] (+)= sum over tokens m0..m1-1 of g[m][0..R-1] x[m][0..16C-1]; with `bias`, also
 // db[0..R-1] (+)= sum of g[m][0..R-1]. `first`: = instead of +=
-template <bool BIAS>
+template <bool BIAS, int C>
 inline void wgrad_tile(const float* g, int64_t ldg, const float* x, int64_t ldx, float* dw, int64_t ldw,
                        float* db, int64_t m0, int64_t m1, bool first) {
   // the chunk's sums from zero, then added to the earlier chunks': blocked summation (one sum carried through
   // all tokens had ~10x the error of MKL's mm at 25088 tokens; this is within 0.6-2.5x of it, as oneDNN's)
-  vf acc[WG_R][WG_C];
+  vf acc[WG_R][C];
   for (int r = 0; r < WG_R; ++r)
-    for (int c = 0; c < WG_C; ++c) acc[r][c] = splat(0.f);
+    for (int c = 0; c < C; ++c) acc[r][c] = splat(0.f);
   v4 bsum = {};
   const float* gp = g + m0 * ldg;
   const float* xp = x + m0 * ldx;
   for (int64_t m = m0; m < m1; ++m, gp += ldg, xp += ldx) {
-    vf xv[WG_C];
-    for (int c = 0; c < WG_C; ++c) {
+    vf xv[C];
+    for (int c = 0; c < C; ++c) {
       xv[c] = vload(xp + c * L);
       in_register(xv[c]);
     }
     for (int r = 0; r < WG_R; ++r) {
       const vf gb = splat(gp[r]);
-      for (int c = 0; c < WG_C; ++c) acc[r][c] += gb * xv[c];
+      for (int c = 0; c < C; ++c) acc[r][c] += gb * xv[c];
     }
     if (BIAS) {
       v4 gv;
@@ -1150,7 +1150,7 @@ inline void wgrad_tile(const float* g, int64_t ldg, const float* x, int64_t ldx,
     }
   }
   for (int r = 0; r < WG_R; ++r)
-    for (int c = 0; c < WG_C; ++c) {
+    for (int c = 0; c < C; ++c) {
       float* p = dw + r * ldw + c * L;
       vstore(p, first ? acc[r][c] : acc[r][c] + vload(p));
     }
@@ -1162,6 +1162,16 @@ inline void wgrad_tile(const float* g, int64_t ldg, const float* x, int64_t ldx,
     }
     std::memcpy(db, &bsum, sizeof bsum);
   }
+}
+
+// one tile of C (1..6) column vectors, the bias sums where asked
+template <int C>
+inline void wgrad_tile_at(const float* g, int64_t ldg, const float* x, int64_t ldx, float* dw, int64_t ldw,
+                          float* db, int64_t m0, int64_t m1, bool first) {
+  if (db)
+    wgrad_tile<true, C>(g, ldg, x, ldx, dw, ldw, db, m0, m1, first);
+  else
+    wgrad_tile<false, C>(g, ldg, x, ldx, dw, ldw, nullptr, m0, m1, first);
 }
 
 }  // namespace
@@ -1181,16 +1191,17 @@ int davit_linear_weight_grad_fast(void) {
 
 // g: (M, N) and x: (M, K) contiguous rows (a linear's output gradient and input, M tokens); dw: (N, K)
 // contiguous, = g^T x; db: (N) or null, = the column sums of g. Returns 0, or -1 unless N is a positive
-// multiple of 4 and K of 96.
+// multiple of 4 and K of 16 (96-column tiles, then one of the remaining 16-80 columns).
 int davit_linear_weight_grad_f32(const float* g, const float* x, float* dw, float* db, int64_t M, int64_t N,
                                  int64_t K, int threads) {
-  if (N <= 0 || K <= 0 || M < 0 || N % WG_R || K % WG_K) return -1;
+  if (N <= 0 || K <= 0 || M < 0 || N % WG_R || K % L) return -1;
   if (M == 0) {
     std::memset(dw, 0, N * K * sizeof(float));
     if (db) std::memset(db, 0, N * sizeof(float));
     return 0;
   }
-  const int64_t bands = N / WG_R, kblocks = K / WG_K;
+  const int64_t bands = N / WG_R, full = K / WG_K, rest = (K % WG_K) / L;
+  const int64_t kblocks = full + (rest > 0);
   const int team = int(std::min<int64_t>(omp_team(threads), bands));
 #pragma omp parallel num_threads(team)
   {
@@ -1208,10 +1219,17 @@ int davit_linear_weight_grad_f32(const float* g, const float* x, float* dw, floa
         for (int64_t b = b0; b < b1; ++b) {
           const float* gb = g + b * WG_R;
           float* out = dw + b * WG_R * K + kb * WG_K;
-          if (db && kb == 0)
-            wgrad_tile<true>(gb, N, x + kb * WG_K, K, out, K, db + b * WG_R, m0, m1, m0 == 0);
-          else
-            wgrad_tile<false>(gb, N, x + kb * WG_K, K, out, K, nullptr, m0, m1, m0 == 0);
+          const float* xb = x + kb * WG_K;
+          float* bias = db && kb == 0 ? db + b * WG_R : nullptr;
+          const bool first = m0 == 0;
+          switch (kb < full ? WG_C : int(rest)) {
+            case 6: wgrad_tile_at<6>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
+            case 5: wgrad_tile_at<5>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
+            case 4: wgrad_tile_at<4>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
+            case 3: wgrad_tile_at<3>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
+            case 2: wgrad_tile_at<2>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
+            default: wgrad_tile_at<1>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
+          }
         }
       }
     }

@@ -706,7 +706,7 @@ def set_weight_grad_kernel(enable: bool) -> bool:
 
 def linear_weight_grad_supports(g: Tensor, x: Tensor) -> bool:
     """Whether :func:`linear_weight_grad` computes ``g.t() @ x`` for (M, N) rows ``g`` and (M, K) rows ``x``:
-    CPU fp32 outside autocast, N a multiple of 4 and K of 96 (every linear of davit's variants), at least 8
+    CPU fp32 outside autocast, N a multiple of 4 and K of 16 (every linear of davit's variants), at least 8
     bands of 4 rows of the result per thread (N >= 32 * threads: the kernel splits the rows among the threads,
     not the tokens, so fewer would leave threads idle or uneven; measured on 2 cores only), eager or
     torch.compile, the kernel on (:func:`set_weight_grad_kernel`) and the library available and built for
@@ -724,7 +724,7 @@ def linear_weight_grad_supports(g: Tensor, x: Tensor) -> bool:
         and g.shape[1] % 4 == 0
         and g.shape[1] >= 32 * torch.get_num_threads()
         and x.shape[1] > 0
-        and x.shape[1] % 96 == 0
+        and x.shape[1] % 16 == 0
         and _operator_context()
     ):
         return False
