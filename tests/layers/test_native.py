@@ -796,12 +796,13 @@ def test_compiled_training_runs_bias_gelu_and_matches_eager(monkeypatch, onednn)
         (600, 12, 288, True),
         (530, 8, 128, True),  # a 96-column tile and a 32-column one (davit_base's widths)
         (70, 16, 16, False),  # the 16-column tile alone
+        (1100, 600, 96, True),  # chunks of 128 tokens (a 512-token chunk of g would exceed 1 MB)
     ],
 )
 def test_linear_weight_grad_equals_float64_reference(M, N, K, bias):
     """g^T x and g's column sums against float64, within the worst-case error of fp32 sums in chunks of 512
-    tokens: (512 + chunks) * 2^-24 * sum |g| |x| per element (a dropped or doubled token or chunk is off by
-    orders of magnitude more)."""
+    tokens (the kernel's largest; smaller ones bound lower at these sizes): (512 + chunks) * 2^-24 *
+    sum |g| |x| per element (a dropped or doubled token or chunk is off by orders of magnitude more)."""
     torch.manual_seed(0)
     g, x = torch.randn(M, N), torch.randn(M, K)
     gw, gb = native.linear_weight_grad(g, x, bias)
@@ -829,6 +830,15 @@ def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
     finally:
         torch.set_num_threads(n)
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+    wide_g, wide_x = torch.randn(1100, 600), torch.randn(1100, 96)  # the shape picks the chunks, not threads
+    try:
+        torch.set_num_threads(1)
+        one = native.linear_weight_grad(wide_g, wide_x, True)
+        torch.set_num_threads(2)
+        two = native.linear_weight_grad(wide_g, wide_x, True)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     native.set_native_kernels(False)
     try:
         off = native.linear_weight_grad(g, x, True)

@@ -1108,8 +1108,8 @@ int davit_channel_attention_backward_f32(const float* qkv, const float* attn, co
 // thread owns a band of dW's rows, so nothing is reduced across threads, and accumulates 4 x 96 tiles of it
 // (the last one narrower where the input width is not a multiple of 96) in registers over chunks of tokens:
 // per token one 96-float row piece of x (six vectors, kept in registers) and four broadcast scalars of g
-// make 24 FMAs. The bias gradient comes from the same reads of g. Every element is summed per chunk of 512
-// tokens, the chunks in order, so the result does not depend on the thread count.
+// make 24 FMAs. The bias gradient comes from the same reads of g. Every element is summed per chunk of
+// 128-512 tokens, the chunks in order, so the result does not depend on the thread count.
 
 namespace {
 
@@ -1118,7 +1118,7 @@ typedef float v4 __attribute__((vector_size(16)));
 constexpr int WG_R = 4;            // rows of dW (output features) per tile
 constexpr int WG_C = 6;            // vectors of dW's columns (input features) per tile
 constexpr int WG_K = WG_C * L;     // 96 columns
-constexpr int64_t WG_CHUNK = 512;  // tokens per pass over a thread's tiles (its x rows stay in L2)
+constexpr int64_t WG_CHUNK = 512;  // tokens per pass over a thread's tiles at most (its x rows stay in L2)
 
 // dW[0..R-1][0..16C-1] (+)= sum over tokens m0..m1-1 of g[m][0..R-1] x[m][0..16C-1]; with `bias`, also
 // db[0..R-1] (+)= sum of g[m][0..R-1]. `first`: = instead of +=
@@ -1203,6 +1203,12 @@ int davit_linear_weight_grad_f32(const float* g, const float* x, float* dw, floa
   const int64_t bands = N / WG_R, full = K / WG_K, rest = (K % WG_K) / L;
   const int64_t kblocks = full + (rest > 0);
   const int team = int(std::min<int64_t>(omp_team(threads), bands));
+  // Over many tokens, smaller chunks where a chunk of g (all N columns, both cores' bands) outgrows ~1 MB,
+  // so each core's part stays in its L2 across the column tiles: davit_tiny's and davit_base's stage-3
+  // shapes (N = 1152-2048) ran 1.05-1.15x faster with 128 tokens; a few hundred tokens (stage 4) lose by it.
+  // Set by the shape alone, so the sums do not depend on the thread count
+  int64_t chunk = WG_CHUNK;
+  while (M > WG_CHUNK && chunk > 128 && chunk * N * int64_t(sizeof(float)) > (int64_t(1) << 20)) chunk /= 2;
 #pragma omp parallel num_threads(team)
   {
 #ifdef _OPENMP
@@ -1213,8 +1219,8 @@ int davit_linear_weight_grad_f32(const float* g, const float* x, float* dw, floa
     const int64_t b0 = bands * t / T, b1 = bands * (t + 1) / T;
     // chunks of tokens outermost: the chunk's rows of x (and of this thread's band of g) are read from
     // memory once and then from cache for every tile
-    for (int64_t m0 = 0; m0 < M; m0 += WG_CHUNK) {
-      const int64_t m1 = std::min(M, m0 + WG_CHUNK);
+    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+      const int64_t m1 = std::min(M, m0 + chunk);
       for (int64_t kb = 0; kb < kblocks; ++kb) {
         for (int64_t b = b0; b < b1; ++b) {
           const float* gb = g + b * WG_R;

@@ -737,8 +737,9 @@ def linear_weight_grad(g: Tensor, x: Tensor, bias_grad: bool) -> tuple[Tensor, T
     """``(g.t() @ x, g.sum(0))`` for (M, N) rows ``g`` (a linear's output gradient) and (M, K) rows ``x`` (its
     input): the linear's weight gradient and, with ``bias_grad``, its bias gradient (else an empty tensor), in
     one pass of the native kernel (requires :func:`linear_weight_grad_supports`). Each thread owns a band of
-    the weight gradient's rows, every element is summed over the tokens in chunks of 512 in order: the result
-    does not depend on the thread count. Where the kernels are off when it runs, torch's ops compute it."""
+    the weight gradient's rows, every element is summed over the tokens in chunks of 128-512 (set by the
+    shape) in order: the result does not depend on the thread count. Where the kernels are off when it runs,
+    torch's ops compute it."""
     lib = native_library()
     if lib is None:
         return g.t() @ x, g.sum(0) if bias_grad else g.new_empty(0)
