@@ -19,9 +19,9 @@ Switches (each a ``set_*`` function returning the previous setting):
   (``davit.layers.blocks.COMPILED_TRAIN_MLP_BATCH``), against whole maps;
 - ``opaque_convs``: compiled CPU training's convolutions as opaque ops (``davit.layers.fused.conv``), against
   plain ``aten.convolution``;
-- ``weight_grad``: CPU training's linear weight and bias gradients in davit's native kernel
+- ``weight_grad``: CPU training's linear weight gradients in davit's native kernel
   (``davit.layers.native.linear_weight_grad``), against oneDNN's convolution backward (``mm`` for large
-  weights) and a column sum. Read when the backward is traced: with ``--compile`` run it with
+  weights). Read when the backward is traced: with ``--compile`` run it with
   ``TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0``, so the second model's backward is not
   the first one's from the cache.
 
