@@ -696,9 +696,9 @@ _WEIGHT_GRAD = True
 def set_weight_grad_kernel(enable: bool) -> bool:
     """Let CPU fp32 training compute its oneDNN linears' weight gradients in :func:`linear_weight_grad`
     where it applies (the default) or oneDNN's convolution backward and MKL's ``mm`` (for A/B timing; the
-    bias gradients are torch's column sum either way). Read when eager code runs and when torch.compile traces the backward
-    (not part of the compile caches' keys: compare compiled settings with those caches off, see
-    ``benchmarks/switch_ab.py``). Returns the previous setting."""
+    bias gradients are torch's column sum either way). Read when eager code runs and when torch.compile
+    traces the backward (not part of the compile caches' keys: compare compiled settings with those caches
+    off, see ``benchmarks/switch_ab.py``). Returns the previous setting."""
     global _WEIGHT_GRAD
     previous, _WEIGHT_GRAD = _WEIGHT_GRAD, bool(enable)
     return previous
