@@ -340,12 +340,12 @@ def _onednn_linear_backward(ctx, grad: Tensor):
     elif conv_w:
         gw = conv_weight_grad(g2, x2) if torch.compiler.is_compiling() else _weight_grad(g2, x2)
     if native_w:
-        # the bias gradient from torch's sum, not the kernel's: its one running sum per 512-token chunk had
-        # 2-5x the error of torch's (a compiled-vs-eager gradient test at 200-300 tokens caught it)
-        gw = native.linear_weight_grad(g2, x2, False)[0]
+        bias_grad = ctx.has_bias and need_b
+        gw, gb = native.linear_weight_grad(g2, x2, bias_grad)
+        gb = gb if bias_grad else None
     if need_w and not (conv_w or native_w):
         gw = g2.t() @ x2
-    if ctx.has_bias and need_b:
+    if ctx.has_bias and need_b and not native_w:
         gb = g2.sum(0)
     return gx, gw, gb
 

@@ -735,26 +735,27 @@ def linear_weight_grad_supports(g: Tensor, x: Tensor) -> bool:
 @torch.library.custom_op("davit::linear_weight_grad", mutates_args=())
 def linear_weight_grad(g: Tensor, x: Tensor, bias_grad: bool) -> tuple[Tensor, Tensor]:
     """``(g.t() @ x, g.sum(0))`` for (M, N) rows ``g`` (a linear's output gradient) and (M, K) rows ``x`` (its
-    input): the linear's weight gradient and, with ``bias_grad``, its bias gradient (else an empty tensor), in
-    one pass of the native kernel (requires :func:`linear_weight_grad_supports`). Each thread owns a band of
-    the weight gradient's rows, every element is summed over the tokens in chunks of 128-512 (set by the
-    shape) in order: the result does not depend on the thread count. Where the kernels are off when it runs,
-    torch's ops compute it."""
+    input): the linear's weight gradient from the native kernel (requires
+    :func:`linear_weight_grad_supports`) and, with ``bias_grad``, its bias gradient by torch's column sum
+    (else an empty tensor). Each thread owns a band of the weight gradient's rows, every element is summed
+    over the tokens in chunks of 128-512 (set by the shape) in order: the result does not depend on the
+    thread count. Where the kernels are off when it runs, torch's ops compute it."""
     lib = native_library()
     if lib is None:
         return g.t() @ x, g.sum(0) if bias_grad else g.new_empty(0)
     g, x = g.contiguous(), x.contiguous()
     (m, n), k = g.shape, x.shape[1]
     gw = g.new_empty((n, k))
-    gb = g.new_empty(n if bias_grad else 0)
     code = lib.davit_linear_weight_grad_f32(
-        g.data_ptr(), x.data_ptr(), gw.data_ptr(), gb.data_ptr() if bias_grad else None, m, n, k,
-        torch.get_num_threads(),
-    )  # fmt: skip
+        g.data_ptr(), x.data_ptr(), gw.data_ptr(), None, m, n, k, torch.get_num_threads()
+    )
     if code != 0:
         shapes = f"{tuple(g.shape)}, {tuple(x.shape)}"
         raise RuntimeError(f"davit_linear_weight_grad_f32 returned {code} for {shapes}")
-    return gw, gb
+    # the bias gradient by torch's sum, inside the op: the kernel's own (one running sum per chunk) had 2-5x
+    # its error, which a compiled-vs-eager test at 200-300 tokens caught; and in compiled code a separate
+    # sum in the graph raised the training step's peak memory above timm's (1200 vs 1198 MB), the op's not
+    return gw, g.sum(0) if bias_grad else g.new_empty(0)
 
 
 @linear_weight_grad.register_fake
