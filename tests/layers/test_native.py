@@ -869,6 +869,21 @@ def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
     assert code == -1 and (out == 7.0).all()
 
 
+@needs_kernel
+def test_weight_grad_kernels_own_bias_sums_equal_float64_reference():
+    """The library's optional bias sums (unused by the operator, which takes torch's more accurate sum),
+    within the worst-case error of fp32 sums in chunks of 512 tokens."""
+    lib = native.native_library()
+    torch.manual_seed(0)
+    g, x = torch.randn(1031, 100), torch.randn(1031, 96)
+    gw, gb = torch.empty(100, 96), torch.empty(100)
+    ptrs = (g.data_ptr(), x.data_ptr(), gw.data_ptr(), gb.data_ptr())
+    assert lib.davit_linear_weight_grad_f32(*ptrs, 1031, 100, 96, 2) == 0
+    terms = 512 + 3
+    assert ((gb.double() - g.double().sum(0)).abs() <= terms * 2.0**-24 * g.double().abs().sum(0)).all()
+    torch.testing.assert_close(gw, native.linear_weight_grad(g, x, False)[0], rtol=0, atol=0)
+
+
 def _weight_grad_fast() -> bool:
     lib = native.native_library()
     return lib is not None and lib.davit_linear_weight_grad_fast() == 1
