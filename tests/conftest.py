@@ -43,3 +43,19 @@ def davit_cli():
         return r
 
     return run
+
+
+@pytest.fixture
+def backward_capture():
+    """``(backend, graphs)``: a torch.compile backend (AOT autograd, the forward and backward run as traced)
+    that appends every backward graph it is handed to ``graphs``, to check which ops a compiled backward
+    calls."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return aot_autograd(fw_compiler=lambda gm, _inputs: gm.forward, bw_compiler=keep), graphs

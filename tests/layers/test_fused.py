@@ -226,20 +226,12 @@ def test_compiled_training_step_fullgraph_with_onednn_linear(monkeypatch):
 
 
 @pytest.mark.parametrize("input_grad", [False, True])
-def test_compiled_backward_keeps_the_conv_grads_opaque(monkeypatch, input_grad):
+def test_compiled_backward_keeps_the_conv_grads_opaque(monkeypatch, backward_capture, input_grad):
     """Under torch.compile the linear's gradients are opaque ops (``davit::conv_weight_grad`` for the weight
     alone, ``davit::conv_linear_grads`` for input and weight), not the convolution's views traced in the
     open (inductor relaid those out into transposed copies). Same gradients as eager code."""
-    from torch._dynamo.backends.common import aot_autograd
-
     monkeypatch.setattr(fused, "_MIN_MACS", 0)
-    backward_graphs = []
-
-    def capture(gm, _inputs):
-        backward_graphs.append(gm)
-        return gm.forward
-
-    backend = aot_autograd(fw_compiler=lambda gm, _inputs: gm.forward, bw_compiler=capture)
+    backend, backward_graphs = backward_capture
     torch.manual_seed(0)
     x = torch.randn(3, 7, 24, requires_grad=input_grad)
     w = torch.randn(40, 24, requires_grad=True)

@@ -939,23 +939,15 @@ def test_eager_training_runs_the_weight_grad_kernel(monkeypatch):
 
 @needs_fast_weight_grad
 @pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
-def test_compiled_backward_runs_the_weight_grad_kernel(monkeypatch, large):
+def test_compiled_backward_runs_the_weight_grad_kernel(monkeypatch, backward_capture, large):
     """Under torch.compile the linear's backward has the kernel as an opaque op (the input gradient from
     ``davit::conv_linear_grads``), with eager code's gradients; weights above ``_MAX_CONV_WGRAD`` keep
     ``mm`` there (the kernel raised the compiled step's peak memory above timm's)."""
-    from torch._dynamo.backends.common import aot_autograd
-
     if not davit.layers.fused._MKLDNN:
         pytest.skip("torch built without oneDNN")
     if large:
         monkeypatch.setattr(davit.layers.fused, "_MAX_CONV_WGRAD", 1000)
-    backward_graphs = []
-
-    def capture(gm, _inputs):
-        backward_graphs.append(gm)
-        return gm.forward
-
-    backend = aot_autograd(fw_compiler=lambda gm, _inputs: gm.forward, bw_compiler=capture)
+    backend, backward_graphs = backward_capture
     torch.manual_seed(0)
     x = torch.randn(3, 7, 96, requires_grad=True)
     w = torch.randn(64, 96, requires_grad=True)
