@@ -870,17 +870,19 @@ def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
 
 
 @needs_kernel
-def test_weight_grad_kernels_own_bias_sums_equal_float64_reference():
-    """The library's optional bias sums (unused by the operator, which takes torch's more accurate sum),
-    within the worst-case error of fp32 sums in chunks of 512 tokens."""
-    lib = native.native_library()
+@pytest.mark.parametrize("M, bound", [(512, 2.5), (25088, 1.5)])
+def test_weight_grad_bias_sums_are_as_accurate_as_torchs(M, bound):
+    """The bias gradients (the kernel's sums over 16 tokens, their sums over a chunk, over groups of 8 chunks,
+    then over the groups) close to torch.sum's mean error against float64, for gradients of mean 1 (where
+    the order of the sums matters most): 1.3-1.8x it at 512 tokens and 0.8-1.1x at 25088 over three seeds;
+    without the 16-token level 6x at 512, without the groups 1.8-2.4x at 25088."""
     torch.manual_seed(0)
-    g, x = torch.randn(1031, 100), torch.randn(1031, 96)
-    gw, gb = torch.empty(100, 96), torch.empty(100)
-    ptrs = (g.data_ptr(), x.data_ptr(), gw.data_ptr(), gb.data_ptr())
-    assert lib.davit_linear_weight_grad_f32(*ptrs, 1031, 100, 96, 2) == 0
-    terms = 512 + 3
-    assert ((gb.double() - g.double().sum(0)).abs() <= terms * 2.0**-24 * g.double().abs().sum(0)).all()
+    g, x = torch.randn(M, 64) + 1, torch.randn(M, 16)
+    gw, gb = native.linear_weight_grad(g, x, True)
+    ref, scale = g.double().sum(0), g.double().abs().sum(0)
+    ours = ((gb.double() - ref).abs() / scale).mean()
+    torchs = ((g.sum(0).double() - ref).abs() / scale).mean()
+    assert ours <= bound * torchs, (ours / torchs).item()
     torch.testing.assert_close(gw, native.linear_weight_grad(g, x, False)[0], rtol=0, atol=0)
 
 

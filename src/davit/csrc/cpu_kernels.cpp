@@ -1108,8 +1108,9 @@ int davit_channel_attention_backward_f32(const float* qkv, const float* attn, co
 // thread owns a band of dW's rows, so nothing is reduced across threads, and accumulates 4 x 96 tiles of it
 // (the last one narrower where the input width is not a multiple of 96) in registers over chunks of tokens:
 // per token one 96-float row piece of x (six vectors, kept in registers) and four broadcast scalars of g
-// make 24 FMAs. The bias gradient comes from the same reads of g. Every element is summed per chunk of
-// 128-512 tokens, the chunks in order, so the result does not depend on the thread count.
+// make 24 FMAs. The bias gradient comes from a second pass over each chunk of g, while it is in cache. Every
+// element is summed per chunk of 128-512 tokens, the chunks in order, so the result does not depend on the
+// thread count.
 
 namespace {
 
@@ -1119,18 +1120,38 @@ constexpr int WG_R = 4;            // rows of dW (output features) per tile
 constexpr int WG_C = 6;            // vectors of dW's columns (input features) per tile
 constexpr int WG_K = WG_C * L;     // 96 columns
 constexpr int64_t WG_CHUNK = 512;  // tokens per pass over a thread's tiles at most (its x rows stay in L2)
+constexpr int64_t WG_BIAS_BLOCK = 16;  // tokens per partial bias sum
+constexpr int64_t WG_BIAS_CHUNKS = 8;  // chunks per group of bias sums
+
+// the sums over tokens m0..m1-1 of g[m][0..3], over the chunk just read into cache, in two levels: over 16
+// tokens, then those sums (one running sum over a 512-token chunk had 2-5x torch.sum's error, which a
+// compiled-vs-eager test caught). Not inlined: in the tile's loop, or after it in the same function, the
+// sums slowed the whole tile 2-2.3x (its 24 accumulators lost their registers)
+__attribute__((noinline)) v4 wgrad_bias_sums(const float* g, int64_t ldg, int64_t m0, int64_t m1) {
+  v4 sum = {};
+  for (int64_t mb = m0; mb < m1; mb += WG_BIAS_BLOCK) {
+    const int64_t me = std::min(m1, mb + WG_BIAS_BLOCK);
+    v4 part = {};
+    for (int64_t m = mb; m < me; ++m) {
+      v4 gv;
+      std::memcpy(&gv, g + m * ldg, sizeof gv);
+      part += gv;
+    }
+    sum += part;
+  }
+  return sum;
+}
 
 // dW[0..R-1][0..16C-1] (+)= sum over tokens m0..m1-1 of g[m][0..R-1] x[m][0..16C-1]; with `bias`, also
 // db[0..R-1] (+)= sum of g[m][0..R-1]. `first`: = instead of +=
 template <bool BIAS, int C>
 inline void wgrad_tile(const float* g, int64_t ldg, const float* x, int64_t ldx, float* dw, int64_t ldw,
-                       float* db, int64_t m0, int64_t m1, bool first) {
+                       float* db, int64_t m0, int64_t m1, bool first, bool db_first) {
   // the chunk's sums from zero, then added to the earlier chunks': blocked summation (one sum carried through
   // all tokens had ~10x the error of MKL's mm at 25088 tokens; this is within 0.6-2.5x of it, as oneDNN's)
   vf acc[WG_R][C];
   for (int r = 0; r < WG_R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = splat(0.f);
-  v4 bsum = {};
   const float* gp = g + m0 * ldg;
   const float* xp = x + m0 * ldx;
   for (int64_t m = m0; m < m1; ++m, gp += ldg, xp += ldx) {
@@ -1143,19 +1164,17 @@ inline void wgrad_tile(const float* g, int64_t ldg, const float* x, int64_t ldx,
       const vf gb = splat(gp[r]);
       for (int c = 0; c < C; ++c) acc[r][c] += gb * xv[c];
     }
-    if (BIAS) {
-      v4 gv;
-      std::memcpy(&gv, gp, sizeof gv);
-      bsum += gv;
-    }
   }
+  // the bias sums apart (see wgrad_bias_sums)
+  v4 bsum = {};
+  if (BIAS) bsum = wgrad_bias_sums(g, ldg, m0, m1);
   for (int r = 0; r < WG_R; ++r)
     for (int c = 0; c < C; ++c) {
       float* p = dw + r * ldw + c * L;
       vstore(p, first ? acc[r][c] : acc[r][c] + vload(p));
     }
   if (BIAS) {
-    if (!first) {
+    if (!db_first) {
       v4 before;
       std::memcpy(&before, db, sizeof before);
       bsum += before;
@@ -1167,11 +1186,11 @@ inline void wgrad_tile(const float* g, int64_t ldg, const float* x, int64_t ldx,
 // one tile of C (1..6) column vectors, the bias sums where asked
 template <int C>
 inline void wgrad_tile_at(const float* g, int64_t ldg, const float* x, int64_t ldx, float* dw, int64_t ldw,
-                          float* db, int64_t m0, int64_t m1, bool first) {
+                          float* db, int64_t m0, int64_t m1, bool first, bool db_first) {
   if (db)
-    wgrad_tile<true, C>(g, ldg, x, ldx, dw, ldw, db, m0, m1, first);
+    wgrad_tile<true, C>(g, ldg, x, ldx, dw, ldw, db, m0, m1, first, db_first);
   else
-    wgrad_tile<false, C>(g, ldg, x, ldx, dw, ldw, nullptr, m0, m1, first);
+    wgrad_tile<false, C>(g, ldg, x, ldx, dw, ldw, nullptr, m0, m1, first, false);
 }
 
 }  // namespace
@@ -1190,8 +1209,9 @@ int davit_linear_weight_grad_fast(void) {
 }
 
 // g: (M, N) and x: (M, K) contiguous rows (a linear's output gradient and input, M tokens); dw: (N, K)
-// contiguous, = g^T x; db: (N) or null, = the column sums of g. Returns 0, or -1 unless N is a positive
-// multiple of 4 and K of 16 (96-column tiles, then one of the remaining 16-80 columns).
+// contiguous, = g^T x; db: (N) or null, = the column sums of g. Returns 0, -1 unless N is a positive
+// multiple of 4 and K of 16 (96-column tiles, then one of the remaining 16-80 columns), or -2 where no
+// memory is left for the bias sums' scratch row.
 int davit_linear_weight_grad_f32(const float* g, const float* x, float* dw, float* db, int64_t M, int64_t N,
                                  int64_t K, int threads) {
   if (N <= 0 || K <= 0 || M < 0 || N % WG_R || K % L) return -1;
@@ -1209,6 +1229,12 @@ int davit_linear_weight_grad_f32(const float* g, const float* x, float* dw, floa
   // Set by the shape alone, so the sums do not depend on the thread count
   int64_t chunk = WG_CHUNK;
   while (M > WG_CHUNK && chunk > 128 && chunk * N * int64_t(sizeof(float)) > (int64_t(1) << 20)) chunk /= 2;
+  // the bias sums of the current group of chunks (each thread its band's)
+  float* part = nullptr;
+  if (db) {
+    part = static_cast<float*>(std::malloc(N * sizeof(float)));
+    if (!part) return -2;
+  }
 #pragma omp parallel num_threads(team)
   {
 #ifdef _OPENMP
@@ -1219,27 +1245,34 @@ int davit_linear_weight_grad_f32(const float* g, const float* x, float* dw, floa
     const int64_t b0 = bands * t / T, b1 = bands * (t + 1) / T;
     // chunks of tokens outermost: the chunk's rows of x (and of this thread's band of g) are read from
     // memory once and then from cache for every tile
-    for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    for (int64_t m0 = 0, ci = 0; m0 < M; m0 += chunk, ++ci) {
       const int64_t m1 = std::min(M, m0 + chunk);
+      const bool first = m0 == 0;
       for (int64_t kb = 0; kb < kblocks; ++kb) {
         for (int64_t b = b0; b < b1; ++b) {
           const float* gb = g + b * WG_R;
           float* out = dw + b * WG_R * K + kb * WG_K;
           const float* xb = x + kb * WG_K;
-          float* bias = db && kb == 0 ? db + b * WG_R : nullptr;
-          const bool first = m0 == 0;
+          // the bias sums of WG_BIAS_CHUNKS chunks into `part`, then added to db's (the fourth level)
+          float* bias = db && kb == 0 ? part + b * WG_R : nullptr;
+          const bool part_first = ci % WG_BIAS_CHUNKS == 0;
           switch (kb < full ? WG_C : int(rest)) {
-            case 6: wgrad_tile_at<6>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
-            case 5: wgrad_tile_at<5>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
-            case 4: wgrad_tile_at<4>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
-            case 3: wgrad_tile_at<3>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
-            case 2: wgrad_tile_at<2>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
-            default: wgrad_tile_at<1>(gb, N, xb, K, out, K, bias, m0, m1, first); break;
+            case 6: wgrad_tile_at<6>(gb, N, xb, K, out, K, bias, m0, m1, first, part_first); break;
+            case 5: wgrad_tile_at<5>(gb, N, xb, K, out, K, bias, m0, m1, first, part_first); break;
+            case 4: wgrad_tile_at<4>(gb, N, xb, K, out, K, bias, m0, m1, first, part_first); break;
+            case 3: wgrad_tile_at<3>(gb, N, xb, K, out, K, bias, m0, m1, first, part_first); break;
+            case 2: wgrad_tile_at<2>(gb, N, xb, K, out, K, bias, m0, m1, first, part_first); break;
+            default: wgrad_tile_at<1>(gb, N, xb, K, out, K, bias, m0, m1, first, part_first); break;
           }
         }
       }
+      if (db && (ci % WG_BIAS_CHUNKS == WG_BIAS_CHUNKS - 1 || m1 == M)) {
+        for (int64_t n = b0 * WG_R; n < b1 * WG_R; ++n)
+          db[n] = ci < WG_BIAS_CHUNKS ? part[n] : db[n] + part[n];
+      }
     }
   }
+  std::free(part);
   return 0;
 }
 

@@ -315,8 +315,8 @@ def _onednn_linear_backward(ctx, grad: Tensor):
     x2 = x.reshape(-1, x.shape[-1])
     # the weight gradient from the native kernel where it applies (1.13-1.65x the rate of oneDNN's
     # convolution backward and a column sum, 0.94-1.25x MKL's mm on davit_tiny's shapes, docs/benchmarks.md
-    # session 42), the bias gradient by torch's sum in the same op, after the input gradient alone from the
-    # convolution backward
+    # session 42) with the bias gradient (session 43), after the input gradient alone from the convolution
+    # backward
     # (compiled code keeps mm for weights above _MAX_CONV_WGRAD: with the kernel there, davit_tiny's compiled
     # step at batch 8 peaked at 880 MB above its state, at the end of the backward with stage 4's two 9 MB
     # MLP weight gradients live, against 873 MB with mm, and above timm's (/tmp/s42/peak.py, session 42))

@@ -694,9 +694,9 @@ _WEIGHT_GRAD = True
 
 
 def set_weight_grad_kernel(enable: bool) -> bool:
-    """Let CPU fp32 training compute its oneDNN linears' weight gradients in :func:`linear_weight_grad`
-    where it applies (the default) or oneDNN's convolution backward and MKL's ``mm`` (for A/B timing; the
-    bias gradients are torch's column sum either way). Read when eager code runs and when torch.compile
+    """Let CPU fp32 training compute its oneDNN linears' weight and bias gradients in
+    :func:`linear_weight_grad` where it applies (the default) or oneDNN's convolution backward, MKL's ``mm``
+    and torch's column sum (for A/B timing). Read when eager code runs and when torch.compile
     traces the backward (not part of the compile caches' keys: compare compiled settings with those caches
     off, see ``benchmarks/switch_ab.py``). Returns the previous setting."""
     global _WEIGHT_GRAD
@@ -736,26 +736,27 @@ def linear_weight_grad_supports(g: Tensor, x: Tensor) -> bool:
 def linear_weight_grad(g: Tensor, x: Tensor, bias_grad: bool) -> tuple[Tensor, Tensor]:
     """``(g.t() @ x, g.sum(0))`` for (M, N) rows ``g`` (a linear's output gradient) and (M, K) rows ``x`` (its
     input): the linear's weight gradient from the native kernel (requires
-    :func:`linear_weight_grad_supports`) and, with ``bias_grad``, its bias gradient by torch's column sum
+    :func:`linear_weight_grad_supports`) and, with ``bias_grad``, its bias gradient from the same kernel
     (else an empty tensor). Each thread owns a band of the weight gradient's rows, every element is summed
     over the tokens in chunks of 128-512 (set by the shape) in order: the result does not depend on the
-    thread count. Where the kernels are off when it runs, torch's ops compute it."""
+    thread count. The bias sums go one level deeper (over 16 tokens, the chunk, groups of 8 chunks, all),
+    as accurate as torch's sum (a single sum per chunk had 2-5x its error, which a compiled-vs-eager test
+    caught), and cost no pass of their own over ``g`` (1.0-1.29x the kernel and torch's sum per call).
+    Where the kernels are off when it runs, torch's ops compute it."""
     lib = native_library()
     if lib is None:
         return g.t() @ x, g.sum(0) if bias_grad else g.new_empty(0)
     g, x = g.contiguous(), x.contiguous()
     (m, n), k = g.shape, x.shape[1]
-    gw = g.new_empty((n, k))
+    gw, gb = g.new_empty((n, k)), g.new_empty(n if bias_grad else 0)
     code = lib.davit_linear_weight_grad_f32(
-        g.data_ptr(), x.data_ptr(), gw.data_ptr(), None, m, n, k, torch.get_num_threads()
+        g.data_ptr(), x.data_ptr(), gw.data_ptr(), gb.data_ptr() if bias_grad else None, m, n, k,
+        torch.get_num_threads(),
     )
     if code != 0:
         shapes = f"{tuple(g.shape)}, {tuple(x.shape)}"
         raise RuntimeError(f"davit_linear_weight_grad_f32 returned {code} for {shapes}")
-    # the bias gradient by torch's sum, inside the op: the kernel's own (one running sum per chunk) had 2-5x
-    # its error, which a compiled-vs-eager test at 200-300 tokens caught; and in compiled code a separate
-    # sum in the graph raised the training step's peak memory above timm's (1200 vs 1198 MB), the op's not
-    return gw, g.sum(0) if bias_grad else g.new_empty(0)
+    return gw, gb
 
 
 @linear_weight_grad.register_fake
