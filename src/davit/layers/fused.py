@@ -333,11 +333,10 @@ def _onednn_linear_backward(ctx, grad: Tensor):
         # both gradients from one 1x1 convolution backward (see _conv_grads); compiled: as an opaque op
         if torch.compiler.is_compiling():
             grads = conv_linear_grads(g2, x2, weight, conv_w)
-            gx, conv_gw = grads[0], (grads[1] if conv_w else None)
+            gx, gw = grads[0], (grads[1] if conv_w else None)
         else:
-            gx, conv_gw = _conv_grads(g2, x2, weight, True, conv_w)
+            gx, gw = _conv_grads(g2, x2, weight, True, conv_w)  # gw: None unless conv_w
         gx = gx.view(x.shape)
-        gw = conv_gw if conv_w else gw
     elif conv_w:
         gw = conv_weight_grad(g2, x2) if torch.compiler.is_compiling() else _weight_grad(g2, x2)
     if native_w:
