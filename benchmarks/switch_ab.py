@@ -17,6 +17,8 @@ Switches (each a ``set_*`` function returning the previous setting):
   (``davit.layers.fused.bias_apart``), against ``F.linear``'s addmm;
 - ``mlp_chunks``: compiled CPU training's large MLPs on chunks of tokens
   (``davit.layers.blocks.COMPILED_TRAIN_MLP_BATCH``), against whole maps;
+- ``train_mlp``: eager CPU fp32 training's MLPs as one function with GELU's backward in fc2's input-gradient
+  GEMM (``davit.layers.fused.train_mlp``), against oneDNN's linears and the native bias + GELU ops;
 - ``opaque_convs``: compiled CPU training's convolutions as opaque ops (``davit.layers.fused.conv``), against
   plain ``aten.convolution``;
 - ``weight_grad``: CPU training's linear weight gradients in davit's native kernel
@@ -51,6 +53,7 @@ SWITCHES: dict[str, Callable[[bool], bool]] = {
     "bias_apart": fused.set_bias_apart,
     "mlp_chunks": blocks.set_compiled_mlp_chunks,
     "opaque_convs": fused.set_opaque_convs,
+    "train_mlp": fused.set_train_mlp,
     "weight_grad": native.set_weight_grad_kernel,
 }
 

@@ -201,6 +201,60 @@ def test_model_training_onednn_equals_plain_linear(monkeypatch):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler: no native bias + GELU")
+def test_eager_training_runs_each_mlp_as_one_function(monkeypatch):
+    """Eager CPU fp32 training runs every MLP (whole maps and the chunks of large ones) as :func:`train_mlp`,
+    whose backward multiplies by GELU's derivative in fc2's input-gradient GEMM, with the outputs and
+    gradients of the three-op path and of the reference path; with the setting off, without gradients,
+    compiled, or with a hook on fc2 (which then fires) it does not."""
+    from davit.layers import blocks
+
+    monkeypatch.setattr(fused, "_MIN_MACS", 0)
+    torch.manual_seed(0)
+    model = davit.create_model("davit_atto", num_classes=7).train()
+    mlps = [m for m in model.modules() if isinstance(m, blocks.Mlp)]
+    x = torch.randn(2, 3, 45, 33)
+    calls = []
+    real = fused.train_mlp
+    monkeypatch.setattr(blocks, "train_mlp", lambda x, *a: calls.append(x.shape) or real(x, *a))
+    out, g = _train_grads(model, x)
+    assert len(calls) == len(mlps)
+    model.set_fast(False)
+    out_ref, g_ref = _train_grads(model, x)
+    model.set_fast(True)
+    fused.set_train_mlp(False)
+    try:
+        out_ops, g_ops = _train_grads(model, x)
+    finally:
+        fused.set_train_mlp(True)
+    assert len(calls) == len(mlps)
+    for o, grads in ((out_ref, g_ref), (out_ops, g_ops)):
+        torch.testing.assert_close(out, o, rtol=1e-5, atol=1e-5)
+        for a, r in zip(g, grads):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    # chunks of at most 32 tokens in the first stages
+    monkeypatch.setattr(blocks, "TRAIN_MLP_CHUNK_TOKENS", 32)
+    calls.clear()
+    out_chunks, g_chunks = _train_grads(model, x)
+    assert len(calls) > len(mlps) and max(c[0] for c in calls) == 32
+    torch.testing.assert_close(out_chunks, out, rtol=1e-5, atol=1e-5)
+    for a, r in zip(g_chunks, g):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(blocks, "TRAIN_MLP_CHUNK_TOKENS", 1 << 30)
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+    torch.compile(model, backend="eager", fullgraph=True)(x).sum().backward()
+    assert calls == []
+    seen = []
+    handle = mlps[0].fc2.register_forward_hook(lambda *a: seen.append(1))
+    try:
+        _train_grads(model, x)
+    finally:
+        handle.remove()
+    assert seen == [1] and len(calls) == len(mlps) - 1
+
+
 def test_small_linears_and_other_dtypes_keep_f_linear():
     layer = torch.nn.Linear(32, 96)
     assert not fused.onednn_training(torch.randn(64, 49, 32), layer)  # the demo's stage-1 qkv: 9.6 M MACs

@@ -710,7 +710,35 @@ def test_bias_gelu_opcheck_fallback_threads_and_bad_widths():
     assert not native.bias_gelu_supports(a.double(), 48, None)
     lib = native.native_library()
     h = torch.full((3, 40), 7.0)
-    assert lib.davit_bias_gelu_f32(h.data_ptr(), 0, h.data_ptr(), 3, 40, 1) == -1 and (h == 7.0).all()
+    assert lib.davit_bias_gelu_f32(h.data_ptr(), 0, h.data_ptr(), None, 3, 40, 1) == -1 and (h == 7.0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_bias_gelu_with_grad_gives_gelu_and_its_derivative(bias):
+    """The forward pass that also overwrites the pre-activation with GELU's derivative (the MLP function of
+    eager training saves that): both against float64, the kernels on and off, and a non-contiguous input
+    refused untouched."""
+    torch.manual_seed(0)
+    a = torch.randn(301, 64) * 3  # (erf's whole range, both tails)
+    b = torch.randn(64) if bias else None
+    t = (a if b is None else a + b).double()
+    want_h = torch.nn.functional.gelu(t)
+    want_d = torch.ops.aten.gelu_backward(torch.ones_like(t), t)
+    for kernels in (None, False):
+        native.set_native_kernels(kernels)
+        try:
+            d = a.clone()
+            h = native.bias_gelu_with_grad_(d, b)
+        finally:
+            native.set_native_kernels(None)
+        torch.testing.assert_close(h.double(), want_h, atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(d.double(), want_d, atol=2e-6, rtol=2e-6)
+    strided = a.t()
+    kept = strided.clone()
+    with pytest.raises(ValueError, match="must be contiguous"):
+        native.bias_gelu_with_grad_(strided, None)
+    assert torch.equal(strided, kept)
 
 
 @needs_kernel
@@ -721,6 +749,7 @@ def test_eager_training_runs_bias_gelu_after_onednn_linears(monkeypatch):
     if not davit.layers.fused._MKLDNN:
         pytest.skip("torch built without oneDNN")
     monkeypatch.setattr(davit.layers.fused, "_MIN_MACS", 0)  # the test's small layers too
+    monkeypatch.setattr(davit.layers.fused, "_TRAIN_MLP", False)  # (train_mlp: tests/layers/test_fused.py)
     torch.manual_seed(0)
     m = davit.create_model("davit_atto", num_classes=10).train()
     mlps = sum(isinstance(mod, davit.layers.blocks.Mlp) for mod in m.modules())

@@ -306,7 +306,7 @@ int for_each_window_head(int64_t B, int64_t nwy, int64_t nwx, int64_t heads, int
 extern "C" {
 
 // Kernel ABI version; native.py refuses a library that reports another.
-int davit_native_abi(void) { return 7; }
+int davit_native_abi(void) { return 8; }
 
 // qkv: (B, Hp, Wp, 3C) contiguous, Hp and Wp multiples of ws, channels [q | k | v], each head's D channels
 // contiguous in each (C = heads * D). out: (B, Ho, Wo, C) contiguous, Ho <= Hp, Wo <= Wp: each window's
@@ -778,17 +778,27 @@ inline vf vgelu_grad(vf x) {
 
 extern "C" {
 
-// h = gelu(a + b) over `rows` rows of C (a, h contiguous; h may be a; b (C) or null). Returns 0, or -1 unless
-// C is a positive multiple of 16.
-int davit_bias_gelu_f32(const float* a, const float* b, float* h, int64_t rows, int64_t C, int threads) {
+// h = gelu(a + b) over `rows` rows of C (a, h contiguous; h may be a; b (C) or null), and where d is not null
+// d = gelu'(a + b) (d may be a, not h): then a backward is one multiply, which a GEMM's epilogue can do (the
+// MLP op's, see davit.layers.native.mlp_train). Returns 0, or -1 unless C is a positive multiple of 16.
+int davit_bias_gelu_f32(const float* a, const float* b, float* h, float* d, int64_t rows, int64_t C,
+                        int threads) {
   if (C % L || C <= 0 || rows < 0) return -1;
 #pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const float* in = a + r * C;
     float* out = h + r * C;
+    float* grad = d ? d + r * C : nullptr;
     for (int64_t c = 0; c < C; c += L) {
       const vf x = b ? vload(in + c) + vload(b + c) : vload(in + c);
-      vstore(out + c, vgelu(x));
+      if (grad) {
+        // one erf for both: gelu = x Phi(x), gelu' = Phi(x) + x phi(x)
+        const vf cdf = 0.5f * (1.0f + verf(x * kSqrtHalf));
+        vstore(out + c, x * cdf);
+        vstore(grad + c, cdf + x * (vexp(-0.5f * x * x) * kInvSqrt2Pi));
+      } else {
+        vstore(out + c, vgelu(x));
+      }
     }
   }
   return 0;

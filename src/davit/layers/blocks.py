@@ -40,6 +40,8 @@ from .fused import (
     onednn_linear_gelu,
     onednn_norm_mlp_add,
     onednn_training,
+    train_mlp,
+    train_mlp_applies,
 )
 from .native import window_attention as native_window_attention
 from .native import window_attention_map, window_kernel_supports, window_training_supports
@@ -279,15 +281,31 @@ class Mlp(nn.Module):
             and n >= 2 * TRAIN_MLP_CHUNK_TOKENS
             and not any(has_hooks(m) for m in (self, self.fc1, self.act, self.fc2))
         ):
-            return linear_residual(self.hidden(x), self.fc2, residual, drop, self.fast)
+            return self._add_branch(x, residual, drop)
         else:
             parts = x.reshape(n, x.shape[-1]).split(TRAIN_MLP_CHUNK_TOKENS)
         # split and cat, not slicing and slice assignment: their backwards are one cat of the chunks' input
         # gradients and free views of y's, where a slice's backward writes a zero-filled full-size gradient
         # per chunk (summed by autograd) and a slice assignment's clones y's (13.5 ms of fills, copies and
         # adds per davit_tiny training step at batch 8, session 37)
-        y = torch.cat([linear(self.hidden(part), self.fc2, self.fast) for part in parts])
+        y = torch.cat([self._branch(part) for part in parts])
         return residual + drop(y.view(residual.shape))
+
+    def _fused_train(self, x: Tensor) -> bool:
+        return self.fast and not has_hooks(self) and train_mlp_applies(x, self.fc1, self.act, self.fc2)
+
+    def _branch(self, x: Tensor) -> Tensor:
+        """``self(x)`` on the training paths: eager CPU fp32 training as one function
+        (:func:`~davit.layers.fused.train_mlp`), else the hidden map and fc2 as in :meth:`hidden`."""
+        if self._fused_train(x):
+            return train_mlp(x, self.fc1, self.fc2)
+        return linear(self.hidden(x), self.fc2, self.fast)
+
+    def _add_branch(self, x: Tensor, residual: Tensor, drop: DropPath) -> Tensor:
+        # residual + drop(self(x)) on a whole map
+        if self._fused_train(x):
+            return residual + drop(train_mlp(x, self.fc1, self.fc2))
+        return linear_residual(self.hidden(x), self.fc2, residual, drop, self.fast)
 
     def _compiled_chunks(self, x: Tensor, residual: Tensor) -> int:
         """How many chunks of tokens compiled CPU fp32 training runs this MLP on (1: the whole map): see

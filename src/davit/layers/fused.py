@@ -82,6 +82,9 @@ __all__ = [
     "set_onednn_training",
     "set_opaque_convs",
     "set_bias_apart",
+    "set_train_mlp",
+    "train_mlp",
+    "train_mlp_applies",
 ]
 
 
@@ -310,9 +313,17 @@ def _onednn_linear_setup(ctx, inputs, output) -> None:
 def _onednn_linear_backward(ctx, grad: Tensor):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    gx, gw, gb = _linear_grads(g2, x2, weight, need_x, need_w, ctx.has_bias and need_b)
+    return None if gx is None else gx.view(x.shape), gw, gb
+
+
+def _linear_grads(
+    g2: Tensor, x2: Tensor, weight: Tensor, need_x: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The input, weight and bias gradients (those asked for, else None) of a linear of (M, K) rows ``x2`` to
+    (M, N) rows with output gradient ``g2``, as the training linears compute them."""
     gx = gw = gb = None
-    g2 = grad.reshape(-1, grad.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
     # the weight gradient from the native kernel where it applies (1.13-1.65x the rate of oneDNN's
     # convolution backward and a column sum, 0.94-1.25x MKL's mm on davit_tiny's shapes, docs/benchmarks.md
     # session 42) with the bias gradient (session 43), after the input gradient alone from the convolution
@@ -336,16 +347,14 @@ def _onednn_linear_backward(ctx, grad: Tensor):
             gx, gw = grads[0], (grads[1] if conv_w else None)
         else:
             gx, gw = _conv_grads(g2, x2, weight, True, conv_w)  # gw: None unless conv_w
-        gx = gx.view(x.shape)
     elif conv_w:
         gw = conv_weight_grad(g2, x2) if torch.compiler.is_compiling() else _weight_grad(g2, x2)
     if native_w:
-        bias_grad = ctx.has_bias and need_b
-        gw, gb = native.linear_weight_grad(g2, x2, bias_grad)
-        gb = gb if bias_grad else None
+        gw, gb = native.linear_weight_grad(g2, x2, need_b)
+        gb = gb if need_b else None
     if need_w and not (conv_w or native_w):
         gw = g2.t() @ x2
-    if ctx.has_bias and need_b and not native_w:
+    if need_b and not native_w:
         gb = g2.sum(0)
     return gx, gw, gb
 
@@ -716,6 +725,77 @@ def native_bias_gelu(x: Tensor, layer: nn.Linear) -> bool:
         and onednn_training(x, layer)
         and native.bias_gelu_supports(x, layer.out_features, layer.bias)
     )
+
+
+# ----- eager CPU training: an MLP as one function, GELU's backward in a GEMM's epilogue -------------------
+class _TrainMlp(torch.autograd.Function):
+    """``F.linear(gelu(F.linear(x, w1, b1)), w2, b2)`` (exact GELU) for eager CPU fp32 training, see
+    :func:`train_mlp`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        a = torch.ops.mkldnn._linear_pointwise(x2, w1, None, "none", [], "")
+        h = native.bias_gelu_with_grad_(a, b1)  # a now holds gelu'(a + b1)
+        y = torch.ops.mkldnn._linear_pointwise(h, w2, b2, "none", [], "")
+        ctx.save_for_backward(x2, w1, w2, h, a)
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        ctx.in_shape = x.shape
+        return y.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x2, w1, w2, h, d = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1]).contiguous()
+        _, gw2, gb2 = _linear_grads(g, h, w2, False, need_w2, ctx.has_bias[1] and need_b2)
+        gx = gw1 = gb1 = None
+        if need_x or need_w1 or need_b1:
+            # the hidden pre-activation's gradient (g @ w2) * gelu' in one pass: the product goes through the
+            # linear kernel with the transposed weight as a view (oneDNN reads it in place) and its epilogue
+            ga = torch.ops.mkldnn._linear_pointwise.binary(g, d, w2.t(), None, "mul")
+            gx, gw1, gb1 = _linear_grads(ga, x2, w1, need_x, need_w1, ctx.has_bias[0] and need_b1)
+        return None if gx is None else gx.view(ctx.in_shape), gw1, gb1, gw2, gb2
+
+
+_TRAIN_MLP = True
+
+
+def set_train_mlp(enable: bool) -> bool:
+    """Let eager CPU fp32 training run its MLPs as :func:`train_mlp` where :func:`train_mlp_applies` (the
+    default) or as oneDNN's linears with the native bias + GELU between them (A/B timing, tests). Returns the
+    previous setting."""
+    global _TRAIN_MLP
+    previous, _TRAIN_MLP = _TRAIN_MLP, bool(enable)
+    return previous
+
+
+def train_mlp_applies(x: Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear) -> bool:
+    """True where :func:`train_mlp` computes ``fc2(act(fc1(x)))``: eager CPU fp32 training with oneDNN's
+    linears and the native bias + GELU (:func:`native_bias_gelu`), the exact GELU, no hooks on the three
+    layers, fc2 in fp32 with fc1's hidden width and ``x`` rows of fc1's width."""
+    return (
+        _TRAIN_MLP
+        and not torch.compiler.is_compiling()
+        and type(act) is nn.GELU
+        and act.approximate == "none"
+        and not has_hooks(act)
+        and not has_hooks(fc2)
+        and fc2.weight.dtype == torch.float32
+        and fc2.in_features == fc1.out_features
+        and x.shape[-1] == fc1.in_features
+        and native_bias_gelu(x, fc1)
+    )
+
+
+def train_mlp(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
+    """``fc2(gelu(fc1(x)))`` where :func:`train_mlp_applies`, as one autograd function: oneDNN's linears, the
+    native bias + GELU pass also writing GELU's derivative over the pre-activation it no longer needs, and in
+    the backward the hidden gradient as fc2's input-gradient GEMM with that derivative multiplied in its
+    epilogue (no separate pass of GELU's backward; fc1's bias gradient comes with its weight gradient from
+    the native kernel). Saves as much as the three ops did (fc1's input, the hidden map, the derivative in
+    place of the pre-activation). Same results to fp32 round-off."""
+    return _TrainMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
 def compiled_cpu_fp32_training(x: Tensor, layer: nn.Module) -> bool:

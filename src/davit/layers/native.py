@@ -50,6 +50,7 @@ __all__ = [
     "pos_enc_supports",
     "bias_gelu",
     "bias_gelu_supports",
+    "bias_gelu_with_grad_",
     "linear_weight_grad",
     "linear_weight_grad_supports",
     "set_weight_grad_kernel",
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"
-_ABI = 7
+_ABI = 8
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 #: head dims the library is built for (davit's variants all have 32)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -179,7 +180,7 @@ def _load() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p] * 6 + [i64] * 4 + [ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = lib.davit_bias_gelu_f32
-    fn.argtypes = [ctypes.c_void_p] * 3 + [i64, i64, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = lib.davit_bias_gelu_backward_f32
     fn.argtypes = [ctypes.c_void_p] * 5 + [i64, i64, ctypes.c_int]
@@ -633,7 +634,8 @@ def bias_gelu(a: Tensor, bias: Tensor | None) -> Tensor:
     C = a.shape[-1]
     bias = None if bias is None else bias.contiguous()  # (held: the kernel reads it through a pointer)
     b = 0 if bias is None else bias.data_ptr()
-    code = lib.davit_bias_gelu_f32(a.data_ptr(), b, h.data_ptr(), a.numel() // C, C, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    code = lib.davit_bias_gelu_f32(a.data_ptr(), b, h.data_ptr(), None, a.numel() // C, C, threads)
     if code != 0:
         raise RuntimeError(f"davit_bias_gelu_f32 returned {code} for {tuple(a.shape)}")
     return h
@@ -686,6 +688,30 @@ def _bias_gelu_grad(ctx, grad: Tensor):
 
 
 bias_gelu.register_autograd(_bias_gelu_grad, setup_context=_bias_gelu_setup)
+
+
+def bias_gelu_with_grad_(a: Tensor, bias: Tensor | None) -> Tensor:
+    """``gelu(a + bias)`` (exact GELU), overwriting the contiguous (..., C) ``a`` with ``gelu'(a + bias)``,
+    in one pass of the native kernel (torch's ops where the kernels are off): what an MLP's backward needs
+    of its hidden pre-activation, as a factor a GEMM's epilogue can apply (see
+    :func:`davit.layers.fused.train_mlp`). No autograd; requires :func:`bias_gelu_supports`."""
+    lib = native_library()
+    if lib is None:
+        t = a if bias is None else a + bias
+        h = torch.nn.functional.gelu(t)
+        a.copy_(torch.ops.aten.gelu_backward(torch.ones_like(t), t))
+        return h
+    if not a.is_contiguous():
+        raise ValueError(f"bias_gelu_with_grad_ overwrites its input, which must be contiguous: {a.stride()}")
+    h = torch.empty_like(a)
+    C = a.shape[-1]
+    bias = None if bias is None else bias.contiguous()
+    b = 0 if bias is None else bias.data_ptr()
+    threads = torch.get_num_threads()
+    code = lib.davit_bias_gelu_f32(a.data_ptr(), b, h.data_ptr(), a.data_ptr(), a.numel() // C, C, threads)
+    if code != 0:
+        raise RuntimeError(f"davit_bias_gelu_f32 returned {code} for {tuple(a.shape)}")
+    return h
 
 
 # ----- a linear's weight (and bias) gradient --------------------------------------------------------------
