@@ -19,6 +19,9 @@ Switches (each a ``set_*`` function returning the previous setting):
   (``davit.layers.blocks.COMPILED_TRAIN_MLP_BATCH``), against whole maps;
 - ``train_mlp``: eager CPU fp32 training's MLPs as one function with GELU's backward in fc2's input-gradient
   GEMM (``davit.layers.fused.train_mlp``), against oneDNN's linears and the native bias + GELU ops;
+- ``fork_norm``: eager CPU fp32 training's block norms as one function with the native kernels, the
+  stream's skip gradient added in the norm's backward (``davit.layers.norm.LayerNorm.fork``), against torch's
+  layer norm and autograd's sum;
 - ``opaque_convs``: compiled CPU training's convolutions as opaque ops (``davit.layers.fused.conv``), against
   plain ``aten.convolution``;
 - ``weight_grad``: CPU training's linear weight gradients in davit's native kernel
@@ -44,7 +47,7 @@ import torch
 from ab_rounds import build, interleaved_medians, paired, parser, print_summary, under, warm_up
 
 from davit.bench import _make_step
-from davit.layers import blocks, fused, native
+from davit.layers import blocks, fused, native, norm
 
 SWITCHES: dict[str, Callable[[bool], bool]] = {
     "pos_enc": native.set_pos_enc_kernel,
@@ -54,6 +57,7 @@ SWITCHES: dict[str, Callable[[bool], bool]] = {
     "mlp_chunks": blocks.set_compiled_mlp_chunks,
     "opaque_convs": fused.set_opaque_convs,
     "train_mlp": fused.set_train_mlp,
+    "fork_norm": norm.set_fork_norm,
     "weight_grad": native.set_weight_grad_kernel,
 }
 

@@ -742,6 +742,55 @@ def test_bias_gelu_with_grad_gives_gelu_and_its_derivative(bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows, C", [(0, 32), (1, 16), (37, 96), (3000, 192), (25088 + 5, 96), (9, 768)])
+@pytest.mark.parametrize("affine, skip", [(True, True), (True, False), (False, True)])
+def test_layer_norm_training_kernels_match_float64(rows, C, affine, skip):
+    """The training norm's forward (with each row's mean and rstd) and its backward with the skip gradient
+    added: outputs and the input gradient within a few ulps of float64's, the parameter gradients no less
+    accurate than torch's fp32 backward, and every result independent of the thread count."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, C) * 3 + 1
+    w, b = (torch.randn(C), torch.randn(C)) if affine else (None, None)
+    gn, gs = torch.randn(rows, C), (torch.randn(rows, C) if skip else None)
+    n = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y, mean, rstd = native.layer_norm_train(x, w, b, 1e-5)
+            grads = native.layer_norm_backward(x, w, mean, rstd, gn, gs, affine, affine)
+            results.append((y, mean, rstd, *grads))
+    finally:
+        torch.set_num_threads(n)
+    for one, two in zip(*results):
+        assert (one is None and two is None) or torch.equal(one, two)
+    y, mean, rstd, gx, gw, gb = results[1]
+    xd = x.double().requires_grad_()
+    wd, bd = (w.double().requires_grad_(), b.double().requires_grad_()) if affine else (None, None)
+    want = F.layer_norm(xd, (C,), wd, bd, 1e-5)
+    torch.testing.assert_close(y.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    if rows == 0:
+        assert gx.shape == (0, C) and (not affine or (gw.abs().sum() == 0 and gb.abs().sum() == 0))
+        return
+    torch.testing.assert_close(mean.double(), xd.detach().mean(1), atol=1e-5, rtol=1e-5)
+    want_rstd = (xd.detach().var(1, unbiased=False) + 1e-5).rsqrt()
+    torch.testing.assert_close(rstd.double(), want_rstd, rtol=1e-5, atol=0)
+    params = [xd] + ([wd, bd] if affine else [])
+    want_g = torch.autograd.grad(want, params, gn.double())
+    gx_want = want_g[0] + (gs.double() if skip else 0)
+    torch.testing.assert_close(gx.double(), gx_want, atol=1e-5, rtol=1e-5)
+    if affine:
+        xf, wf, bf = (t.clone().requires_grad_() for t in (x, w, b))
+        torch_g = torch.autograd.grad(F.layer_norm(xf, (C,), wf, bf, 1e-5), [wf, bf], gn)
+        for ours, theirs, exact in zip((gw, gb), torch_g, want_g[1:]):
+            err = (ours.double() - exact).abs().mean()
+            assert err <= 1.5 * (theirs.double() - exact).abs().mean() + 1e-7
+    with pytest.raises(RuntimeError, match="returned -1"):
+        x8, g8 = x[:, :8].contiguous(), gn[:, :8].contiguous()  # (widths not a multiple of 16)
+        native.layer_norm_backward(x8, None, mean, rstd, g8, None, False, False)
+
+
+@needs_kernel
 def test_eager_training_runs_bias_gelu_after_onednn_linears(monkeypatch):
     """Eager CPU fp32 training runs every MLP's bias + GELU as the native operator where the training linears
     run on oneDNN (whole maps and the chunks of large ones), with the reference path's outputs and

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from davit import create_model
+from davit.layers import native
 from davit.layers import norm as norm_mod
 from davit.layers.norm import LayerNorm, set_triton_layer_norm, triton_available
 
@@ -195,3 +196,68 @@ def test_cuda_training_uses_the_plain_op_with_gradients():
     x = torch.randn(4, 64, device="cuda", requires_grad=True)
     norm(x).sum().backward()
     assert x.grad is not None and norm.weight.grad is not None
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler: no native kernels")
+def test_eager_cpu_training_forks_each_blocks_norms(monkeypatch):
+    """Eager CPU fp32 training runs both norms of every block as LayerNorm.fork (one function: the native
+    norm, and a backward that adds the stream's skip gradient), with the outputs and gradients of the plain
+    pair and of the reference path; inference, compiled code, a hooked norm (whose hook fires) and the
+    setting off keep the plain pair."""
+    torch.manual_seed(0)
+    model = create_model("davit_atto", num_classes=7).train()
+    blocks = [m for m in model.modules() if isinstance(m, LayerNorm) and m.normalized_shape[0] % 16 == 0]
+    calls = []
+    real = norm_mod._ForkNorm.apply
+    monkeypatch.setattr(norm_mod._ForkNorm, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = torch.randn(2, 3, 45, 33)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out, grads = step()
+    forks = len(calls)
+    assert forks == 2 * sum(type(m).__name__.endswith("Block") for m in model.modules())
+    assert forks <= len(blocks)
+    previous = norm_mod.set_fork_norm(False)
+    try:
+        plain = step()
+    finally:
+        norm_mod.set_fork_norm(previous)
+    model.set_fast(False)
+    try:
+        ref = step()
+    finally:
+        model.set_fast(True)
+    assert len(calls) == forks
+    for o, g in (plain, ref):
+        torch.testing.assert_close(out, o, atol=1e-5, rtol=1e-5)
+        for a, r in zip(grads, g):
+            torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        model(x)
+    torch.compile(model, backend="eager", fullgraph=True)(x).sum().backward()
+    assert len(calls) == forks
+    seen = []
+    first = next(m for m in model.modules() if hasattr(m, "norm1"))
+    handle = first.norm1.register_forward_hook(lambda *a: seen.append(1))
+    try:
+        step()
+    finally:
+        handle.remove()
+    assert seen == [1] and len(calls) == 2 * forks - 1
+
+
+def test_fork_returns_the_stream_itself_and_its_norm():
+    norm = LayerNorm(32)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    s, n = norm.fork(x * 1)
+    assert torch.equal(s, x * 1)
+    torch.testing.assert_close(n, F.layer_norm(x, (32,), norm.weight, norm.bias, norm.eps))
+    with torch.no_grad():
+        base = x * 1
+        s, n = norm.fork(base)
+        assert s is base

@@ -368,7 +368,8 @@ inline float hsum(vf v) {
   return v[0];
 }
 
-void layer_norm_row(const float* x, float* y, const float* w, const float* b, int64_t C, float eps) {
+void layer_norm_row(const float* x, float* y, const float* w, const float* b, int64_t C, float eps,
+                    float* mean_out = nullptr, float* rstd_out = nullptr) {
   const int64_t Cv = C / L * L;
   vf acc = splat(0.f);
   float tail = 0.f;
@@ -383,6 +384,8 @@ void layer_norm_row(const float* x, float* y, const float* w, const float* b, in
   }
   for (int64_t c = Cv; c < C; ++c) tail += (x[c] - mean) * (x[c] - mean);
   const float rstd = 1.0f / std::sqrt((hsum(acc) + tail) / float(C) + eps);
+  if (mean_out) *mean_out = mean;
+  if (rstd_out) *rstd_out = rstd;
   for (int64_t c = 0; c < Cv; c += L) {
     vf t = (vload(x + c) - mean) * rstd;
     if (w) t = t * vload(w + c);
@@ -404,10 +407,77 @@ extern "C" {
 // y = layer_norm(x) over rows of C (x and y contiguous, may be the same); w, b may be null. Two passes over
 // each row (mean, then the variance about it), as exact as torch's; ~2x ATen's speed for rows of 96-192
 // (the horizontal sums by shuffles), 1.2x for longer ones (bound by memory there).
-int davit_layer_norm_f32(const float* x, float* y, const float* w, const float* b, int64_t rows, int64_t C,
-                         float eps, int threads) {
+// With mean and rstd not null (training) each row's mean and 1 / sqrt(variance + eps) go there too.
+int davit_layer_norm_f32(const float* x, float* y, const float* w, const float* b, float* mean, float* rstd,
+                         int64_t rows, int64_t C, float eps, int threads) {
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) layer_norm_row(x + r * C, y + r * C, w, b, C, eps);
+  for (int64_t r = 0; r < rows; ++r)
+    layer_norm_row(x + r * C, y + r * C, w, b, C, eps, mean ? mean + r : nullptr, rstd ? rstd + r : nullptr);
+  return 0;
+}
+
+// The backward of the above for rows of C (a multiple of 16), with the gradient of a residual stream added:
+// gx = rstd (u - mean(u) - xh mean(u xh)) + gs, u = gn w (gn where w is null), xh = (x - mean) rstd; gs may
+// be null (nothing added). Where gw / gb are not null, the column sums of gn xh / gn, per fixed group of
+// rows, then the groups in order (independent of the thread count). Why: a residual block's norm gets the
+// stream's gradient from the skip and from its own branch; torch's backward and autograd's sum of the two
+// are two passes (read x and gn, write; read both, write), here one. Returns 0, -1 unless C is a positive
+// multiple of 16, -3 if scratch memory could not be allocated.
+int davit_layer_norm_backward_f32(const float* x, const float* w, const float* mean, const float* rstd,
+                                  const float* gn, const float* gs, float* gx, float* gw, float* gb,
+                                  int64_t rows, int64_t C, int threads) {
+  if (C % L || C <= 0 || rows < 0) return -1;
+  const bool sums = gw || gb;
+  const int64_t per = sums ? std::max<int64_t>((rows + 63) / 64, 16) : 16;
+  const int64_t groups = (rows + per - 1) / per;
+  float* part = sums && groups ? static_cast<float*>(std::malloc(groups * 2 * C * sizeof(float))) : nullptr;
+  if (sums && groups && !part) return -3;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    const int64_t r0 = grp * per, r1 = std::min(r0 + per, rows);
+    float* sw = part ? part + grp * 2 * C : nullptr;  // this group's sums of gn xh, then of gn
+    if (sw) std::memset(sw, 0, 2 * C * sizeof(float));
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * C;
+      const float* gr = gn + r * C;
+      const vf mu = splat(mean[r]), rs = splat(rstd[r]);
+      vf s1 = splat(0.f), s2 = splat(0.f);
+      for (int64_t c = 0; c < C; c += L) {
+        const vf xh = (vload(xr + c) - mu) * rs;
+        const vf g = vload(gr + c);
+        const vf u = w ? g * vload(w + c) : g;
+        s1 += u;
+        s2 += u * xh;
+        if (sw) {
+          vstore(sw + c, vload(sw + c) + g * xh);
+          vstore(sw + C + c, vload(sw + C + c) + g);
+        }
+      }
+      const vf a1 = splat(hsum(s1) / float(C)), a2 = splat(hsum(s2) / float(C));
+      float* out = gx + r * C;
+      const float* skip = gs ? gs + r * C : nullptr;
+      for (int64_t c = 0; c < C; c += L) {
+        const vf xh = (vload(xr + c) - mu) * rs;
+        const vf g = vload(gr + c);
+        const vf u = w ? g * vload(w + c) : g;
+        vf d = rs * (u - a1 - xh * a2);
+        if (skip) d += vload(skip + c);
+        vstore(out + c, d);
+      }
+    }
+  }
+  if (sums) {
+    for (int64_t c = 0; c < C; c += L) {
+      vf s = splat(0.f), t = splat(0.f);
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        s += vload(part + grp * 2 * C + c);
+        t += vload(part + grp * 2 * C + C + c);
+      }
+      if (gw) vstore(gw + c, s);
+      if (gb) vstore(gb + c, t);
+    }
+  }
+  std::free(part);
   return 0;
 }
 

@@ -263,7 +263,10 @@ class Mlp(nn.Module):
             return onednn_norm_mlp_add(
                 residual, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias
             )
-        x = norm(residual)
+        if isinstance(norm, LayerNorm):
+            residual, x = norm.fork(residual)  # (residual itself; see LayerNorm.fork)
+        else:
+            x = norm(residual)
         n = x.numel() // x.shape[-1]  # (torch.Size.numel() would make a symbolic size concrete under export)
         chunks = self._compiled_chunks(x, residual)
         if chunks > 1:  # compiled training: a count that does not depend on the symbolic batch size
@@ -357,7 +360,8 @@ class SpatialBlock(nn.Module):
             # training: project inside the windows, on the attention kernel's output that autograd keeps
             # anyway; projecting after un-windowing would keep a second, re-laid-out copy of it for the
             # projection's backward (+20 MB, 2% of the activations, for davit_tiny at batch 8, 224 px)
-            x = x + self.drop_path1(self._window_attend(self.norm1(x), self.attn.proj))
+            s, t = self.norm1.fork(x)  # (s: x; the skip's gradient joins the norm's backward)
+            x = s + self.drop_path1(self._window_attend(t, self.attn.proj))
         else:
             # the output projection is per token, so it runs after un-windowing, fused with the residual add
             if self._map_attention(x):
@@ -493,7 +497,8 @@ class ChannelBlock(nn.Module):
             t = x.reshape(B, H * W, C)
             t = onednn_channel_attention(t, n.weight, n.bias, n.eps, a.qkv.weight, a.qkv.bias, a.groups, a.v2)
         else:
-            t = a.attend(n(x).reshape(B, H * W, C))
+            x, t = n.fork(x)  # (x itself; in training the skip's gradient joins the norm's backward)
+            t = a.attend(t.reshape(B, H * W, C))
         t = t.view(B, H, W, C)
         x = linear_residual(t, self.attn.proj, x, self.drop_path1, self.attn.fast)
         x = self.cpe2(x)

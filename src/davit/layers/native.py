@@ -46,6 +46,8 @@ __all__ = [
     "window_training_supports",
     "layer_norm",
     "layer_norm_supports",
+    "layer_norm_train",
+    "layer_norm_backward",
     "pos_enc",
     "pos_enc_supports",
     "bias_gelu",
@@ -171,7 +173,10 @@ def _load() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 8 + [ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = lib.davit_layer_norm_f32
-    fn.argtypes = [ctypes.c_void_p] * 4 + [i64, i64, ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 6 + [i64, i64, ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.davit_layer_norm_backward_f32
+    fn.argtypes = [ctypes.c_void_p] * 9 + [i64, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = lib.davit_pos_enc_f32
     fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 4 + [ctypes.c_int]
@@ -470,8 +475,61 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     w = 0 if weight is None else weight.data_ptr()
     b = 0 if bias is None else bias.data_ptr()
     rows = x.numel() // C if C else 0
-    lib.davit_layer_norm_f32(x.data_ptr(), out.data_ptr(), w, b, rows, C, eps, torch.get_num_threads())
+    threads = torch.get_num_threads()
+    lib.davit_layer_norm_f32(x.data_ptr(), out.data_ptr(), w, b, None, None, rows, C, eps, threads)
     return out
+
+
+def layer_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`layer_norm` of contiguous (..., C) ``x`` (C a multiple of 16) with each row's mean and
+    ``1 / sqrt(var + eps)`` (fp32, one per row), what :func:`layer_norm_backward` reads. No autograd."""
+    lib = native_library()
+    if lib is None:
+        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+    C = x.shape[-1]
+    rows = x.numel() // C
+    out = torch.empty_like(x)
+    mean, rstd = x.new_empty(rows), x.new_empty(rows)
+    w = 0 if weight is None else weight.data_ptr()
+    b = 0 if bias is None else bias.data_ptr()
+    threads = torch.get_num_threads()
+    stats = mean.data_ptr(), rstd.data_ptr()
+    lib.davit_layer_norm_f32(x.data_ptr(), out.data_ptr(), w, b, *stats, rows, C, eps, threads)
+    return out, mean, rstd
+
+
+def layer_norm_backward(
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    grad: Tensor,
+    skip_grad: Tensor | None,
+    weight_grad: bool,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The input gradient of :func:`layer_norm_train`'s norm for output gradient ``grad``, plus ``skip_grad``
+    (a residual stream's gradient, or None) in the same pass, and the weight and bias gradients asked for
+    (else None), summed per fixed group of rows (independent of the thread count). All contiguous CPU fp32;
+    no autograd."""
+    lib = native_library()
+    if lib is None:
+        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+    C = x.shape[-1]
+    gx = torch.empty_like(x)
+    gw = x.new_empty(C) if weight_grad else None
+    gb = x.new_empty(C) if bias_grad else None
+    code = lib.davit_layer_norm_backward_f32(
+        x.data_ptr(), 0 if weight is None else weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        grad.data_ptr(), 0 if skip_grad is None else skip_grad.data_ptr(), gx.data_ptr(),
+        0 if gw is None else gw.data_ptr(), 0 if gb is None else gb.data_ptr(), x.numel() // C, C,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"davit_layer_norm_backward_f32 returned {code} for x {tuple(x.shape)}")
+    return gx, gw, gb
 
 
 # ----- conditional position encoding: x + depthwise_conv3x3(x) ---------------------------------------------

@@ -34,10 +34,11 @@ from torch import Tensor, nn
 
 from . import native
 from .attention import _traced
-from .fused import fused_cpu_inference
+from .fused import fused_cpu_inference, has_hooks
 
 __all__ = [
     "LayerNorm",
+    "set_fork_norm",
     "set_triton_layer_norm",
     "triton_available",
     "triton_layer_norm",
@@ -119,6 +120,40 @@ def triton_layer_norm(
     return y.view(x.shape)
 
 
+class _ForkNorm(torch.autograd.Function):
+    """``(x, layer_norm(x))`` for eager CPU fp32 training, see :meth:`LayerNorm.fork`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        y, mean, rstd = native.layer_norm_train(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.affine = (weight is not None, bias is not None)
+        # x itself: autograd hands it on as a view of x whose gradient comes to backward's first argument
+        return x, y
+
+    @staticmethod
+    def backward(ctx, grad_skip: Tensor, grad: Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        _, need_w, need_b, _ = ctx.needs_input_grad
+        gx, gw, gb = native.layer_norm_backward(
+            x, weight, mean, rstd, grad.contiguous(), grad_skip.contiguous(),
+            ctx.affine[0] and need_w, ctx.affine[1] and need_b,
+        )  # fmt: skip
+        return gx, gw, gb, None
+
+
+_FORK = True
+
+
+def set_fork_norm(enable: bool) -> bool:
+    """Let eager CPU fp32 training run the blocks' norms as :meth:`LayerNorm.fork` where it applies (the
+    default) or as the norm and autograd's sum of the stream's two gradients (A/B timing, tests). Returns the
+    previous setting."""
+    global _FORK
+    previous, _FORK = _FORK, bool(enable)
+    return previous
+
+
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters and state-dict keys) that runs :func:`triton_layer_norm` in eager
     CUDA inference when :func:`triton_layer_norm_enabled`.
@@ -170,3 +205,31 @@ class LayerNorm(nn.LayerNorm):
         ):
             return native.layer_norm(x, self.weight, self.bias, self.eps)  # eager CPU fp32 inference
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def fork(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, self(x))`` for a residual block, ``x`` the stream that the block's branch is added to. In
+        eager CPU fp32 training, one autograd function with the native kernels: the norm's forward, and a
+        backward that adds the stream's gradient from the skip to the norm's input gradient in the same pass
+        (torch's norm backward, then autograd's sum of the two, are two passes over the stream). Elsewhere
+        (other devices and dtypes, inference, compiled code, tracing, hooks, ``fast=False``) the plain
+        pair."""
+        w, b = self.weight, self.bias
+        if (
+            _FORK
+            and self.fast
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and native._operator_context()
+            and len(self.normalized_shape) == 1
+            and self.normalized_shape[0] == x.shape[-1]
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.is_contiguous()
+            and x.shape[-1] % 16 == 0
+            and x.shape[-1] > 0
+            and all(p is None or (p.dtype == torch.float32 and p.is_contiguous()) for p in (w, b))
+            and not has_hooks(self)
+            and native.native_library() is not None
+        ):
+            return _ForkNorm.apply(x, self.weight, self.bias, self.eps)
+        return x, self(x)
