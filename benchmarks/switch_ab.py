@@ -17,8 +17,9 @@ Switches (each a ``set_*`` function returning the previous setting):
   (``davit.layers.fused.bias_apart``), against ``F.linear``'s addmm;
 - ``mlp_chunks``: compiled CPU training's large MLPs on chunks of tokens
   (``davit.layers.blocks.COMPILED_TRAIN_MLP_BATCH``), against whole maps;
-- ``train_mlp``: eager CPU fp32 training's MLPs as one function with GELU's backward in fc2's input-gradient
-  GEMM (``davit.layers.fused.train_mlp``), against oneDNN's linears and the native bias + GELU ops;
+- ``train_mlp``: CPU fp32 training's MLPs as one function (compiled: one opaque op) with GELU's backward in
+  fc2's input-gradient GEMM (``davit.layers.fused.train_mlp``), against oneDNN's linears and the native
+  bias + GELU ops (with ``--compile`` run it with the compile caches off, as ``weight_grad``);
 - ``fork_norm``: eager CPU fp32 training's block norms as one function with the native kernels, the
   stream's skip gradient added in the norm's backward (``davit.layers.norm.LayerNorm.fork``), against torch's
   layer norm and autograd's sum;

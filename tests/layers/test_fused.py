@@ -202,11 +202,12 @@ def test_model_training_onednn_equals_plain_linear(monkeypatch):
 
 
 @pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler: no native bias + GELU")
-def test_eager_training_runs_each_mlp_as_one_function(monkeypatch):
-    """Eager CPU fp32 training runs every MLP (whole maps and the chunks of large ones) as :func:`train_mlp`,
-    whose backward multiplies by GELU's derivative in fc2's input-gradient GEMM, with the outputs and
-    gradients of the three-op path and of the reference path; with the setting off, without gradients,
-    compiled, or with a hook on fc2 (which then fires) it does not."""
+def test_training_runs_each_mlp_as_one_function(monkeypatch):
+    """CPU fp32 training runs every MLP (whole maps and the chunks of large ones) as :func:`train_mlp`, whose
+    backward multiplies by GELU's derivative in fc2's input-gradient GEMM: eager as one autograd function,
+    compiled (fullgraph) as the opaque ``davit::train_mlp`` with ``davit::mlp_hidden_grad`` in its backward,
+    with the outputs and gradients of the three-op path and of the reference path; with the setting off,
+    without gradients, or with a hook on fc2 (which then fires) it does not."""
     from davit.layers import blocks
 
     monkeypatch.setattr(fused, "_MIN_MACS", 0)
@@ -232,6 +233,14 @@ def test_eager_training_runs_each_mlp_as_one_function(monkeypatch):
         torch.testing.assert_close(out, o, rtol=1e-5, atol=1e-5)
         for a, r in zip(g, grads):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    # compiled: the forward graph holds the op once per MLP, the backward graph the hidden-gradient op
+    graphs, out_c, g_c = _aot_graphs(model, x)
+    fw, bw = graphs["forward"], graphs["backward"]
+    assert _count(fw, torch.ops.davit.train_mlp.default) == len(mlps)
+    assert _count(bw, torch.ops.davit.mlp_hidden_grad.default) == len(mlps)
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-5)
+    for a, r in zip(g_c, g):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
     # chunks of at most 32 tokens in the first stages
     monkeypatch.setattr(blocks, "TRAIN_MLP_CHUNK_TOKENS", 32)
     calls.clear()
@@ -244,7 +253,6 @@ def test_eager_training_runs_each_mlp_as_one_function(monkeypatch):
     calls.clear()
     with torch.no_grad():
         model(x)
-    torch.compile(model, backend="eager", fullgraph=True)(x).sum().backward()
     assert calls == []
     seen = []
     handle = mlps[0].fc2.register_forward_hook(lambda *a: seen.append(1))
@@ -253,6 +261,26 @@ def test_eager_training_runs_each_mlp_as_one_function(monkeypatch):
     finally:
         handle.remove()
     assert seen == [1] and len(calls) == len(mlps) - 1
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler: no native bias + GELU")
+@pytest.mark.parametrize("bias", [True, False])
+def test_train_mlp_ops_opcheck(bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w1, w2 = (torch.randn(64, 16) / 4).requires_grad_(), (torch.randn(16, 64) / 8).requires_grad_()
+    b1, b2 = (torch.randn(64).requires_grad_(), torch.randn(16).requires_grad_()) if bias else (None, None)
+    torch.library.opcheck(fused.train_mlp_op, (x, w1, b1, w2, b2))
+    g, d = torch.randn(10, 16), torch.randn(10, 64)
+    torch.library.opcheck(fused.mlp_hidden_grad, (g, d, w2.detach()))
+    torch.testing.assert_close(fused.mlp_hidden_grad(g, d, w2.detach()), (g @ w2.detach()) * d)
+    y = fused.train_mlp_op(x, w1, b1, w2, b2)[0]
+    want = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    params = [t for t in (x, w1, b1, w2, b2) if t is not None]
+    gy = torch.randn_like(y)
+    for a, r in zip(torch.autograd.grad(y, params, gy), torch.autograd.grad(want, params, gy)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
 def test_small_linears_and_other_dtypes_keep_f_linear():

@@ -841,6 +841,7 @@ def test_compiled_training_runs_bias_gelu_and_matches_eager(monkeypatch, onednn)
         pytest.skip("torch built without oneDNN")
     monkeypatch.setattr(davit.layers.fused, "_ONEDNN_TRAINING", onednn)
     monkeypatch.setattr(davit.layers.fused, "_MIN_MACS", 0)  # the test's small layers too
+    monkeypatch.setattr(davit.layers.fused, "_TRAIN_MLP", False)  # (train_mlp: tests/layers/test_fused.py)
     torch.manual_seed(0)
     m = davit.create_model("davit_atto", num_classes=10).train()
     mlps = sum(isinstance(mod, davit.layers.blocks.Mlp) for mod in m.modules())

@@ -322,7 +322,7 @@ def _linear_grads(
     g2: Tensor, x2: Tensor, weight: Tensor, need_x: bool, need_w: bool, need_b: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The input, weight and bias gradients (those asked for, else None) of a linear of (M, K) rows ``x2`` to
-    (M, N) rows with output gradient ``g2``, as the training linears compute them."""
+    (M, N) rows with output gradient ``g2``, as the training linears compute them (eager or traced)."""
     gx = gw = gb = None
     # the weight gradient from the native kernel where it applies (1.13-1.65x the rate of oneDNN's
     # convolution backward and a column sum, 0.94-1.25x MKL's mm on davit_tiny's shapes, docs/benchmarks.md
@@ -728,55 +728,128 @@ def native_bias_gelu(x: Tensor, layer: nn.Linear) -> bool:
 
 
 # ----- eager CPU training: an MLP as one function, GELU's backward in a GEMM's epilogue -------------------
+def _train_mlp_forward(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    # y (x's leading shape), and the (M, hidden) maps the backward reads: gelu(a) and gelu'(a)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    a = torch.ops.mkldnn._linear_pointwise(x2, w1, None, "none", [], "")
+    h = native.bias_gelu_with_grad_(a, b1)  # a now holds gelu'(a + b1)
+    y = torch.ops.mkldnn._linear_pointwise(h, w2, b2, "none", [], "")
+    return y.view(*x.shape[:-1], w2.shape[0]), h, a
+
+
+def _hidden_grad(g: Tensor, d: Tensor, w2: Tensor) -> Tensor:
+    # the hidden pre-activation's gradient (g @ w2) * gelu' in one pass: the product goes through the linear
+    # kernel with the transposed weight as a view (oneDNN reads it in place) and its epilogue
+    return torch.ops.mkldnn._linear_pointwise.binary(g, d, w2.t(), None, "mul")
+
+
+@torch.library.custom_op("davit::mlp_hidden_grad", mutates_args=())
+def mlp_hidden_grad(g: Tensor, d: Tensor, w2: Tensor) -> Tensor:
+    """``(g @ w2) * d`` for (M, N) rows ``g``, the (N, H) weight ``w2`` and (M, H) ``d`` in one oneDNN call,
+    as an opaque op for compiled code (the backward of :func:`train_mlp_op`)."""
+    return _hidden_grad(g.contiguous(), d.contiguous(), w2)
+
+
+@mlp_hidden_grad.register_fake
+def _(g: Tensor, d: Tensor, w2: Tensor) -> Tensor:
+    return g.new_empty((g.shape[0], w2.shape[1]))
+
+
+def _train_mlp_backward(
+    grad: Tensor, x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, d: Tensor, mask: list[bool], op: bool
+) -> list[Tensor | None]:
+    # the gradients of x, w1, b1, w2, b2 that ``mask`` asks for (None for the others); for the operator
+    # (``op``: traced by torch.compile) as separate opaque ops, in this order, so each saved map is freed
+    # after its last use (one opaque call for all kept both hidden maps to the end and raised the compiled
+    # step's peak above timm's: 1205 vs 1198 MB)
+    need_x, need_w1, need_b1, need_w2, need_b2 = mask
+    g = grad.reshape(-1, grad.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1])
+    gx = gw1 = gb1 = ga = None
+    if need_x or need_w1 or need_b1:
+        ga = mlp_hidden_grad(g, d, w2) if op else _hidden_grad(g, d, w2)
+    _, gw2, gb2 = _linear_grads(g, h, w2, False, need_w2, need_b2)
+    if ga is not None:
+        gx, gw1, gb1 = _linear_grads(ga, x2, w1, need_x, need_w1, need_b1)
+    return [None if gx is None else gx.view(x.shape), gw1, gb1, gw2, gb2]
+
+
 class _TrainMlp(torch.autograd.Function):
     """``F.linear(gelu(F.linear(x, w1, b1)), w2, b2)`` (exact GELU) for eager CPU fp32 training, see
     :func:`train_mlp`."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        a = torch.ops.mkldnn._linear_pointwise(x2, w1, None, "none", [], "")
-        h = native.bias_gelu_with_grad_(a, b1)  # a now holds gelu'(a + b1)
-        y = torch.ops.mkldnn._linear_pointwise(h, w2, b2, "none", [], "")
-        ctx.save_for_backward(x2, w1, w2, h, a)
+        y, h, d = _train_mlp_forward(x, w1, b1, w2, b2)
+        ctx.save_for_backward(x, w1, w2, h, d)
         ctx.has_bias = (b1 is not None, b2 is not None)
-        ctx.in_shape = x.shape
-        return y.view(*x.shape[:-1], w2.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x2, w1, w2, h, d = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1]).contiguous()
-        _, gw2, gb2 = _linear_grads(g, h, w2, False, need_w2, ctx.has_bias[1] and need_b2)
-        gx = gw1 = gb1 = None
-        if need_x or need_w1 or need_b1:
-            # the hidden pre-activation's gradient (g @ w2) * gelu' in one pass: the product goes through the
-            # linear kernel with the transposed weight as a view (oneDNN reads it in place) and its epilogue
-            ga = torch.ops.mkldnn._linear_pointwise.binary(g, d, w2.t(), None, "mul")
-            gx, gw1, gb1 = _linear_grads(ga, x2, w1, need_x, need_w1, ctx.has_bias[0] and need_b1)
-        return None if gx is None else gx.view(ctx.in_shape), gw1, gb1, gw2, gb2
+        x, w1, w2, h, d = ctx.saved_tensors
+        mask = _train_mlp_mask(ctx)
+        return tuple(_train_mlp_backward(grad, x, w1, w2, h, d, mask, False))
+
+
+def _train_mlp_mask(ctx) -> list[bool]:
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+    return [need_x, need_w1, ctx.has_bias[0] and need_b1, need_w2, ctx.has_bias[1] and need_b2]
+
+
+@torch.library.custom_op("davit::train_mlp", mutates_args=())
+def train_mlp_op(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`train_mlp` as one opaque call for compiled CPU fp32 training: ``(y, h, d)``, the MLP's output
+    and the hidden maps its backward reads (GELU's output and derivative, (M, hidden)); differentiable in
+    ``y`` (its backward: :func:`mlp_hidden_grad` and the linears' gradient ops)."""
+    return _train_mlp_forward(x, w1, b1, w2, b2)
+
+
+@train_mlp_op.register_fake
+def _(x: Tensor, w1: Tensor, _b1: Tensor | None, w2: Tensor, _b2: Tensor | None) -> tuple[Tensor, ...]:
+    rows = x.numel() // x.shape[-1]
+    hidden = x.new_empty((rows, w1.shape[0]))
+    return x.new_empty((*x.shape[:-1], w2.shape[0])), hidden, torch.empty_like(hidden)
+
+
+def _train_mlp_setup(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2 = inputs
+    _, h, d = output
+    ctx.save_for_backward(x, w1, w2, h, d)
+    ctx.has_bias = (b1 is not None, b2 is not None)
+
+
+def _train_mlp_grad(ctx, grad: Tensor, _grad_h: Tensor | None, _grad_d: Tensor | None):
+    x, w1, w2, h, d = ctx.saved_tensors
+    return tuple(_train_mlp_backward(grad, x, w1, w2, h, d, _train_mlp_mask(ctx), True))
+
+
+train_mlp_op.register_autograd(_train_mlp_grad, setup_context=_train_mlp_setup)
 
 
 _TRAIN_MLP = True
 
 
 def set_train_mlp(enable: bool) -> bool:
-    """Let eager CPU fp32 training run its MLPs as :func:`train_mlp` where :func:`train_mlp_applies` (the
-    default) or as oneDNN's linears with the native bias + GELU between them (A/B timing, tests). Returns the
-    previous setting."""
+    """Let CPU fp32 training (eager, and compiled when torch.compile traces) run its MLPs as
+    :func:`train_mlp` where :func:`train_mlp_applies` (the default) or as oneDNN's linears with the native
+    bias + GELU between them (A/B timing, tests). Returns the previous setting."""
     global _TRAIN_MLP
     previous, _TRAIN_MLP = _TRAIN_MLP, bool(enable)
     return previous
 
 
 def train_mlp_applies(x: Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear) -> bool:
-    """True where :func:`train_mlp` computes ``fc2(act(fc1(x)))``: eager CPU fp32 training with oneDNN's
-    linears and the native bias + GELU (:func:`native_bias_gelu`), the exact GELU, no hooks on the three
-    layers, fc2 in fp32 with fc1's hidden width and ``x`` rows of fc1's width."""
+    """True where :func:`train_mlp` computes ``fc2(act(fc1(x)))``: CPU fp32 training, eager or compiled (not
+    export), with oneDNN's linears (:func:`onednn_training`) and the native bias + GELU
+    (:func:`native_bias_gelu`), the exact GELU, no hooks on the three layers, fc2 in fp32 with fc1's hidden
+    width and ``x`` rows of fc1's width."""
     return (
         _TRAIN_MLP
-        and not torch.compiler.is_compiling()
         and type(act) is nn.GELU
         and act.approximate == "none"
         and not has_hooks(act)
@@ -785,16 +858,22 @@ def train_mlp_applies(x: Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear)
         and fc2.in_features == fc1.out_features
         and x.shape[-1] == fc1.in_features
         and native_bias_gelu(x, fc1)
+        and onednn_training(x, fc1)
     )
 
 
 def train_mlp(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
-    """``fc2(gelu(fc1(x)))`` where :func:`train_mlp_applies`, as one autograd function: oneDNN's linears, the
-    native bias + GELU pass also writing GELU's derivative over the pre-activation it no longer needs, and in
-    the backward the hidden gradient as fc2's input-gradient GEMM with that derivative multiplied in its
-    epilogue (no separate pass of GELU's backward; fc1's bias gradient comes with its weight gradient from
-    the native kernel). Saves as much as the three ops did (fc1's input, the hidden map, the derivative in
-    place of the pre-activation). Same results to fp32 round-off."""
+    """``fc2(gelu(fc1(x)))`` where :func:`train_mlp_applies`, as one autograd function (compiled: the opaque
+    :func:`train_mlp_op`): oneDNN's linears, the native bias + GELU pass also writing GELU's derivative over
+    the pre-activation it no longer needs, and in the backward the hidden gradient as fc2's input-gradient
+    GEMM with that derivative multiplied in its epilogue (no separate pass of GELU's backward; fc1's bias
+    gradient comes with its weight gradient from the native kernel). Saves as much as the three ops did
+    (fc1's input, the hidden map, the derivative in place of the pre-activation). Same results to fp32
+    round-off. davit_tiny's training step at batch 8 (Zen 4 VM, session 44, ``benchmarks/switch_ab.py
+    --switch train_mlp``, per-round ratios of paired steps): eager 1.005x (15 rounds), compiled 1.016x (13
+    rounds; peak memory 1192 instead of 1198 MB)."""
+    if torch.compiler.is_compiling():
+        return train_mlp_op(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)[0]
     return _TrainMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
