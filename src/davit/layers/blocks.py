@@ -148,6 +148,13 @@ class ConvPosEnc(nn.Module):
         return x + y
 
 
+def _fork(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, norm(x))`` for a residual block whose branch starts with ``norm``: ours through
+    :meth:`LayerNorm.fork` (x itself; in eager CPU training the skip's gradient then joins the norm's
+    backward), any other norm module called plainly."""
+    return norm.fork(x) if isinstance(norm, LayerNorm) else (x, norm(x))
+
+
 def linear_residual(
     x: Tensor, layer: nn.Linear, residual: Tensor, drop: DropPath, fast: bool = True
 ) -> Tensor:
@@ -250,7 +257,9 @@ class Mlp(nn.Module):
         branch as one opaque call on chunks of tokens (:func:`~davit.layers.fused.onednn_norm_mlp_add`);
         eager CPU fp32 training runs the MLP on chunks of TRAIN_MLP_CHUNK_TOKENS tokens where the hidden map
         is larger than two chunks (see there), compiled CPU fp32 training on the fixed number of chunks of
-        :meth:`_compiled_chunks`."""
+        :meth:`_compiled_chunks`; in CPU fp32 training each (chunk of the) MLP is one function where
+        :func:`~davit.layers.fused.train_mlp_applies`, and in eager training the norm is
+        :meth:`LayerNorm.fork`."""
         if (
             self.fast
             and (drop.p == 0.0 or not drop.training)
@@ -263,10 +272,7 @@ class Mlp(nn.Module):
             return onednn_norm_mlp_add(
                 residual, norm.weight, norm.bias, norm.eps, fc1.weight, fc1.bias, fc2.weight, fc2.bias
             )
-        if isinstance(norm, LayerNorm):
-            residual, x = norm.fork(residual)  # (residual itself; see LayerNorm.fork)
-        else:
-            x = norm(residual)
+        residual, x = _fork(norm, residual)
         n = x.numel() // x.shape[-1]  # (torch.Size.numel() would make a symbolic size concrete under export)
         chunks = self._compiled_chunks(x, residual)
         if chunks > 1:  # compiled training: a count that does not depend on the symbolic batch size
@@ -298,8 +304,9 @@ class Mlp(nn.Module):
         return self.fast and not has_hooks(self) and train_mlp_applies(x, self.fc1, self.act, self.fc2)
 
     def _branch(self, x: Tensor) -> Tensor:
-        """``self(x)`` on the training paths: eager CPU fp32 training as one function
-        (:func:`~davit.layers.fused.train_mlp`), else the hidden map and fc2 as in :meth:`hidden`."""
+        """``self(x)`` on the training paths: CPU fp32 training as one function
+        (:func:`~davit.layers.fused.train_mlp`; compiled, one opaque op), else the hidden map and fc2 as in
+        :meth:`hidden`."""
         if self._fused_train(x):
             return train_mlp(x, self.fc1, self.fc2)
         return linear(self.hidden(x), self.fc2, self.fast)
@@ -360,7 +367,7 @@ class SpatialBlock(nn.Module):
             # training: project inside the windows, on the attention kernel's output that autograd keeps
             # anyway; projecting after un-windowing would keep a second, re-laid-out copy of it for the
             # projection's backward (+20 MB, 2% of the activations, for davit_tiny at batch 8, 224 px)
-            s, t = self.norm1.fork(x)  # (s: x; the skip's gradient joins the norm's backward)
+            s, t = _fork(self.norm1, x)
             x = s + self.drop_path1(self._window_attend(t, self.attn.proj))
         else:
             # the output projection is per token, so it runs after un-windowing, fused with the residual add
@@ -497,7 +504,7 @@ class ChannelBlock(nn.Module):
             t = x.reshape(B, H * W, C)
             t = onednn_channel_attention(t, n.weight, n.bias, n.eps, a.qkv.weight, a.qkv.bias, a.groups, a.v2)
         else:
-            x, t = n.fork(x)  # (x itself; in training the skip's gradient joins the norm's backward)
+            x, t = _fork(n, x)
             t = a.attend(t.reshape(B, H * W, C))
         t = t.view(B, H, W, C)
         x = linear_residual(t, self.attn.proj, x, self.drop_path1, self.attn.fast)
