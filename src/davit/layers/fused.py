@@ -727,7 +727,7 @@ def native_bias_gelu(x: Tensor, layer: nn.Linear) -> bool:
     )
 
 
-# ----- eager CPU training: an MLP as one function, GELU's backward in a GEMM's epilogue -------------------
+# ----- CPU training: an MLP as one function (compiled: one op), GELU's backward in a GEMM's epilogue ------
 def _train_mlp_forward(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
