@@ -850,7 +850,7 @@ extern "C" {
 
 // h = gelu(a + b) over `rows` rows of C (a, h contiguous; h may be a; b (C) or null), and where d is not null
 // d = gelu'(a + b) (d may be a, not h): then a backward is one multiply, which a GEMM's epilogue can do (the
-// MLP op's, see davit.layers.native.mlp_train). Returns 0, or -1 unless C is a positive multiple of 16.
+// MLP function's, davit.layers.fused.train_mlp). Returns 0, or -1 unless C is a positive multiple of 16.
 int davit_bias_gelu_f32(const float* a, const float* b, float* h, float* d, int64_t rows, int64_t C,
                         int threads) {
   if (C % L || C <= 0 || rows < 0) return -1;
