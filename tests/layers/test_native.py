@@ -716,9 +716,9 @@ def test_bias_gelu_opcheck_fallback_threads_and_bad_widths():
 @needs_kernel
 @pytest.mark.parametrize("bias", [True, False])
 def test_bias_gelu_with_grad_gives_gelu_and_its_derivative(bias):
-    """The forward pass that also overwrites the pre-activation with GELU's derivative (the MLP function of
-    eager training saves that): both against float64, the kernels on and off, and a non-contiguous input
-    refused untouched."""
+    """The forward pass that also overwrites the pre-activation with GELU's derivative (what the training MLP
+    function saves): both against float64, the kernels on and off, and a non-contiguous input refused
+    untouched."""
     torch.manual_seed(0)
     a = torch.randn(301, 64) * 3  # (erf's whole range, both tails)
     b = torch.randn(64) if bias else None

@@ -206,7 +206,7 @@ def test_eager_cpu_training_forks_each_blocks_norms(monkeypatch):
     setting off keep the plain pair."""
     torch.manual_seed(0)
     model = create_model("davit_atto", num_classes=7).train()
-    blocks = [m for m in model.modules() if isinstance(m, LayerNorm) and m.normalized_shape[0] % 16 == 0]
+    norms = [m for m in model.modules() if isinstance(m, LayerNorm) and m.normalized_shape[0] % 16 == 0]
     calls = []
     real = norm_mod._ForkNorm.apply
     monkeypatch.setattr(norm_mod._ForkNorm, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -221,7 +221,7 @@ def test_eager_cpu_training_forks_each_blocks_norms(monkeypatch):
     out, grads = step()
     forks = len(calls)
     assert forks == 2 * sum(type(m).__name__.endswith("Block") for m in model.modules())
-    assert forks <= len(blocks)
+    assert forks <= len(norms)
     previous = norm_mod.set_fork_norm(False)
     try:
         plain = step()
