@@ -227,6 +227,14 @@ def native_library() -> ctypes.CDLL | None:
     return _library
 
 
+def _required_library() -> ctypes.CDLL:
+    """:func:`native_library`, or a RuntimeError saying why it is not there (for the direct kernel calls)."""
+    lib = native_library()
+    if lib is None:
+        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+    return lib
+
+
 def window_kernel_supports(x: Tensor, channels: int, num_heads: int, window_size: int) -> bool:
     """Whether :func:`window_attention_map` runs for a map ``x`` of ``channels`` channels (the normed map, or
     its qkv projection) in inference: CPU fp32 without autograd (training: :func:`window_training_supports`),
@@ -272,9 +280,7 @@ def window_attention_map(
     windows' tokens beyond H, W are padding, keys and values but no outputs. Requires
     :func:`window_kernel_supports`; softmax(q k^T / sqrt(d)) v per window and head, as
     :func:`davit.layers.attention.window_attention` on the partitioned map, to fp32 round-off."""
-    lib = native_library()
-    if lib is None:
-        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+    lib = _required_library()
     _check_qkv_map("window_attention_map", qkv, num_heads, window_size)
     B, Hp, Wp, C3 = qkv.shape
     C = C3 // 3
@@ -301,9 +307,7 @@ def window_attention_map_backward(
     ``out`` (B, H, W, C) and that output's gradient ``grad``: per window and head the probabilities are
     recomputed (as the forward does) and dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = s dS K,
     dK = s dS^T Q written into the qkv layout, padding tokens' queries zero."""
-    lib = native_library()
-    if lib is None:
-        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+    lib = _required_library()
     _check_qkv_map("window_attention_map_backward", qkv, num_heads, window_size)
     B, Hp, Wp, C3 = qkv.shape
     C, (H, W) = C3 // 3, out.shape[1:3]
@@ -462,9 +466,7 @@ def layer_norm_supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """``F.layer_norm(x, (x.shape[-1],), weight, bias, eps)`` in the native kernel (requires
     :func:`layer_norm_supports`): to fp32 round-off, 1.2-2x ATen's speed on DaViT's widths."""
-    lib = native_library()
-    if lib is None:
-        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+    lib = _required_library()
     C = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.shape != (C,) or p.dtype != torch.float32 or not p.is_contiguous()):
@@ -485,9 +487,7 @@ def layer_norm_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`layer_norm` of contiguous (..., C) ``x`` (C a multiple of 16) with each row's mean and
     ``1 / sqrt(var + eps)`` (fp32, one per row), what :func:`layer_norm_backward` reads. No autograd."""
-    lib = native_library()
-    if lib is None:
-        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+    lib = _required_library()
     C = x.shape[-1]
     rows = x.numel() // C
     out = torch.empty_like(x)
@@ -514,9 +514,7 @@ def layer_norm_backward(
     (a residual stream's gradient, or None) in the same pass, and the weight and bias gradients asked for
     (else None), summed per fixed group of rows (independent of the thread count). All contiguous CPU fp32;
     no autograd."""
-    lib = native_library()
-    if lib is None:
-        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+    lib = _required_library()
     C = x.shape[-1]
     gx = torch.empty_like(x)
     gw = x.new_empty(C) if weight_grad else None
