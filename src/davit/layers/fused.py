@@ -739,13 +739,17 @@ def _train_mlp_forward(
     return y.view(*x.shape[:-1], w2.shape[0]), h, a
 
 
+def _hidden_grad(g: Tensor, d: Tensor, w2: Tensor) -> Tensor:
+    # the hidden pre-activation's gradient (g @ w2) * gelu' in one pass: the product goes through the linear
+    # kernel with the transposed weight as a view (oneDNN reads it in place) and its epilogue
+    return torch.ops.mkldnn._linear_pointwise.binary(g, d, w2.t(), None, "mul")
+
+
 @torch.library.custom_op("davit::mlp_hidden_grad", mutates_args=())
 def mlp_hidden_grad(g: Tensor, d: Tensor, w2: Tensor) -> Tensor:
-    """``(g @ w2) * d`` for (M, N) rows ``g``, the (N, H) weight ``w2`` and (M, H) ``d`` in one oneDNN call
-    (the backward of :func:`train_mlp_op`: the hidden pre-activation's gradient, times GELU's derivative):
-    the product goes through the linear kernel with the transposed weight as a view (oneDNN reads it in
-    place) and the multiply through its epilogue."""
-    return torch.ops.mkldnn._linear_pointwise.binary(g.contiguous(), d.contiguous(), w2.t(), None, "mul")
+    """``(g @ w2) * d`` for (M, N) rows ``g``, the (N, H) weight ``w2`` and (M, H) ``d`` in one oneDNN call,
+    as an opaque op for compiled code (the backward of :func:`train_mlp_op`)."""
+    return _hidden_grad(g.contiguous(), d.contiguous(), w2)
 
 
 @mlp_hidden_grad.register_fake
@@ -754,22 +758,42 @@ def _(g: Tensor, d: Tensor, w2: Tensor) -> Tensor:
 
 
 def _train_mlp_backward(
-    grad: Tensor, x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, d: Tensor, mask: list[bool]
+    grad: Tensor, x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, d: Tensor, mask: list[bool], op: bool
 ) -> list[Tensor | None]:
-    # the gradients of x, w1, b1, w2, b2 that ``mask`` asks for (None for the others); traced by torch.compile
-    # as separate opaque ops, in this order, so each saved map is freed after its last use (one opaque call
-    # for all kept both hidden maps to the end and raised the compiled step's peak above timm's: 1205 vs
-    # 1198 MB)
+    # the gradients of x, w1, b1, w2, b2 that ``mask`` asks for (None for the others); for the operator
+    # (``op``: traced by torch.compile) as separate opaque ops, in this order, so each saved map is freed
+    # after its last use (one opaque call for all kept both hidden maps to the end and raised the compiled
+    # step's peak above timm's: 1205 vs 1198 MB)
     need_x, need_w1, need_b1, need_w2, need_b2 = mask
     g = grad.reshape(-1, grad.shape[-1]).contiguous()
     x2 = x.reshape(-1, x.shape[-1])
     gx = gw1 = gb1 = ga = None
     if need_x or need_w1 or need_b1:
-        ga = mlp_hidden_grad(g, d, w2)
+        ga = mlp_hidden_grad(g, d, w2) if op else _hidden_grad(g, d, w2)
     _, gw2, gb2 = _linear_grads(g, h, w2, False, need_w2, need_b2)
     if ga is not None:
         gx, gw1, gb1 = _linear_grads(ga, x2, w1, need_x, need_w1, need_b1)
     return [None if gx is None else gx.view(x.shape), gw1, gb1, gw2, gb2]
+
+
+class _TrainMlp(torch.autograd.Function):
+    """``F.linear(gelu(F.linear(x, w1, b1)), w2, b2)`` (exact GELU) for eager CPU fp32 training, see
+    :func:`train_mlp`. The same forward and backward as :func:`train_mlp_op`, without the custom operator's
+    dispatch: eager, with the operator instead, paired steps gave 0.996x (13 rounds, quartiles 0.981-1.003,
+    session 44) where this function gave 1.005x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
+        y, h, d = _train_mlp_forward(x, w1, b1, w2, b2)
+        ctx.save_for_backward(x, w1, w2, h, d)
+        ctx.has_bias = (b1 is not None, b2 is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w1, w2, h, d = ctx.saved_tensors
+        mask = _train_mlp_mask(ctx)
+        return tuple(_train_mlp_backward(grad, x, w1, w2, h, d, mask, False))
 
 
 def _train_mlp_mask(ctx) -> list[bool]:
@@ -781,7 +805,7 @@ def _train_mlp_mask(ctx) -> list[bool]:
 def train_mlp_op(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`train_mlp` as one operator (opaque to torch.compile): ``(y, h, d)``, the MLP's output
+    """:func:`train_mlp` as one opaque call for compiled CPU fp32 training: ``(y, h, d)``, the MLP's output
     and the hidden maps its backward reads (GELU's output and derivative, (M, hidden)); differentiable in
     ``y`` (its backward: :func:`mlp_hidden_grad` and the linears' gradient ops)."""
     return _train_mlp_forward(x, w1, b1, w2, b2)
@@ -803,7 +827,7 @@ def _train_mlp_setup(ctx, inputs, output) -> None:
 
 def _train_mlp_grad(ctx, grad: Tensor, _grad_h: Tensor | None, _grad_d: Tensor | None):
     x, w1, w2, h, d = ctx.saved_tensors
-    return tuple(_train_mlp_backward(grad, x, w1, w2, h, d, _train_mlp_mask(ctx)))
+    return tuple(_train_mlp_backward(grad, x, w1, w2, h, d, _train_mlp_mask(ctx), True))
 
 
 train_mlp_op.register_autograd(_train_mlp_grad, setup_context=_train_mlp_setup)
@@ -841,8 +865,8 @@ def train_mlp_applies(x: Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear)
 
 
 def train_mlp(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
-    """``fc2(gelu(fc1(x)))`` where :func:`train_mlp_applies`, as the operator :func:`train_mlp_op` (eager and
-    compiled): oneDNN's linears, the native bias + GELU pass also writing GELU's derivative over
+    """``fc2(gelu(fc1(x)))`` where :func:`train_mlp_applies`, as one autograd function (compiled: the opaque
+    :func:`train_mlp_op`): oneDNN's linears, the native bias + GELU pass also writing GELU's derivative over
     the pre-activation it no longer needs, and in the backward the hidden gradient as fc2's input-gradient
     GEMM with that derivative multiplied in its epilogue (no separate pass of GELU's backward; fc1's bias
     gradient comes with its weight gradient from the native kernel). Saves as much as the three ops did
@@ -850,7 +874,9 @@ def train_mlp(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
     round-off. davit_tiny's training step at batch 8 (Zen 4 VM, session 44, ``benchmarks/switch_ab.py
     --switch train_mlp``, per-round ratios of paired steps): eager 1.005x (15 rounds), compiled 1.016x (13
     rounds; peak memory 1192 instead of 1198 MB)."""
-    return train_mlp_op(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)[0]
+    if torch.compiler.is_compiling():
+        return train_mlp_op(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)[0]
+    return _TrainMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
 
 
 def compiled_cpu_fp32_training(x: Tensor, layer: nn.Module) -> bool:
