@@ -86,6 +86,32 @@ def test_switch_ab_times_a_switch_on_and_off():
     assert r.returncode != 0 and "invalid choice: 'nope'" in r.stderr
 
 
+def test_kernels_ab_pairs_two_kernel_sources(tmp_path):
+    """benchmarks/kernels_ab.py: ours with the current kernel library and with one built from ``--base`` in
+    every round (here a copy of the current source, so the build is the cached one), the paired per-round
+    ratio; a missing or absent ``--base`` is refused with what to give."""
+    script = SCRIPT.parent / "kernels_ab.py"
+    source = SCRIPT.parents[1] / "src" / "davit" / "csrc" / "cpu_kernels.cpp"
+    base = tmp_path / "base.cpp"
+    base.write_text(source.read_text())
+    args = ["--model", "davit_atto", "-b", "2", "--img-size", "32", "--rounds", "2"]
+    r = subprocess.run(
+        [sys.executable, str(script), "--base", str(base), *args], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    name = "kernels vs base.cpp"
+    rounds = re.findall(rf"round (\d): ours, {name} on \d+ ms, ours, {name} off \d+ ms\n", r.stdout)
+    assert rounds == ["0", "1"], r.stdout
+    assert re.search(r"per-round off / on: +median [\d.]+x, quartiles", r.stdout), r.stdout
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "needs --base PATH" in r.stderr
+    missing = tmp_path / "none.cpp"
+    r = subprocess.run(
+        [sys.executable, str(script), "--base", str(missing)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode != 0 and "no such file" in r.stderr
+
+
 def test_malloc_step_compares_inference_on_batch_slices():
     script = SCRIPT.parent / "malloc_step.py"
     args = ["--compare", "slices", "--model", "davit_atto", "-b", "2", "--img-size", "32", "--steps", "1"]
