@@ -43,7 +43,10 @@ def main() -> None:
         raise SystemExit(f"--base {base}: no such file (write one with `git show REV:src/davit/csrc/...`)")
     del args[i : i + 2]
     current = _library(native._SOURCE)
-    other = _library(base)
+    try:
+        other = _library(base)
+    except RuntimeError as e:  # a build error, or another ABI (calling convention) than the package's
+        raise SystemExit(f"--base {base}: {e}\n(kernels_ab.py compares sources of one kernel ABI)") from e
 
     def use_current(on: bool) -> bool:
         # switch_ab's setter protocol: put the library in place, return whether the current one was
