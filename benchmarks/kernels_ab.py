@@ -14,6 +14,8 @@ compiled graphs hold davit's ops, which call whichever library is in place when 
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from pathlib import Path
 
 import switch_ab
@@ -21,7 +23,7 @@ import switch_ab
 from davit.layers import native
 
 
-def _library(source: Path) -> object:
+def _library(source: Path) -> ctypes.CDLL:
     """The library built from ``source`` (the same flags, cache and checks as the package's own)."""
     saved = native._SOURCE
     native._SOURCE = source
@@ -32,8 +34,6 @@ def _library(source: Path) -> object:
 
 
 def main() -> None:
-    import sys
-
     args = sys.argv[1:]
     if "--base" not in args or args.index("--base") + 1 >= len(args):
         raise SystemExit("kernels_ab.py needs --base PATH: the kernel source to compare the current one with")
