@@ -785,20 +785,26 @@ class _TrainMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
         y, h, d = _train_mlp_forward(x, w1, b1, w2, b2)
-        ctx.save_for_backward(x, w1, w2, h, d)
-        ctx.has_bias = (b1 is not None, b2 is not None)
+        _train_mlp_keep(ctx, (x, w1, b1, w2, b2), h, d)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, w1, w2, h, d = ctx.saved_tensors
-        mask = _train_mlp_mask(ctx)
-        return tuple(_train_mlp_backward(grad, x, w1, w2, h, d, mask, False))
+        return _train_mlp_grads(ctx, grad, False)
 
 
-def _train_mlp_mask(ctx) -> list[bool]:
+def _train_mlp_keep(ctx, inputs: tuple, h: Tensor, d: Tensor) -> None:
+    # what both registrations keep for the backward: fc1's input, the weights, the two hidden maps
+    x, w1, b1, w2, b2 = inputs
+    ctx.save_for_backward(x, w1, w2, h, d)
+    ctx.has_bias = (b1 is not None, b2 is not None)
+
+
+def _train_mlp_grads(ctx, grad: Tensor, op: bool) -> tuple[Tensor | None, ...]:
+    x, w1, w2, h, d = ctx.saved_tensors
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-    return [need_x, need_w1, ctx.has_bias[0] and need_b1, need_w2, ctx.has_bias[1] and need_b2]
+    mask = [need_x, need_w1, ctx.has_bias[0] and need_b1, need_w2, ctx.has_bias[1] and need_b2]
+    return tuple(_train_mlp_backward(grad, x, w1, w2, h, d, mask, op))
 
 
 @torch.library.custom_op("davit::train_mlp", mutates_args=())
@@ -819,15 +825,12 @@ def _(x: Tensor, w1: Tensor, _b1: Tensor | None, w2: Tensor, _b2: Tensor | None)
 
 
 def _train_mlp_setup(ctx, inputs, output) -> None:
-    x, w1, b1, w2, b2 = inputs
     _, h, d = output
-    ctx.save_for_backward(x, w1, w2, h, d)
-    ctx.has_bias = (b1 is not None, b2 is not None)
+    _train_mlp_keep(ctx, inputs, h, d)
 
 
 def _train_mlp_grad(ctx, grad: Tensor, _grad_h: Tensor | None, _grad_d: Tensor | None):
-    x, w1, w2, h, d = ctx.saved_tensors
-    return tuple(_train_mlp_backward(grad, x, w1, w2, h, d, _train_mlp_mask(ctx), True))
+    return _train_mlp_grads(ctx, grad, True)
 
 
 train_mlp_op.register_autograd(_train_mlp_grad, setup_context=_train_mlp_setup)
