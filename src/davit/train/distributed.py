@@ -8,6 +8,7 @@ defaults to 29500. Backend: NCCL on GPUs, gloo on CPU.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -92,6 +93,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def cleanup() -> None:
     if dist.is_initialized():
+        # FSDP2's module hooks and device meshes can hold the process group in reference cycles; freed now,
+        # while the interpreter is alive, its gloo threads are joined here and not at interpreter exit
+        gc.collect()
         dist.destroy_process_group()
 
 

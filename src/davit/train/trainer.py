@@ -175,7 +175,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the training of ``cfg``; returns the final metrics (and the run folder as ``run_dir``)."""
     di = init_distributed(cfg.device)
     try:
-        return _train(cfg, di)
+        result = _train(cfg, di)
+        # the ranks leave together: rank 0 may still be writing the final files, and a peer tearing gloo down
+        # under it aborted once at exit (SIGABRT from a gloo thread, as pytorch/pytorch#179291 describes)
+        barrier()
+        return result
     finally:
         cleanup()
 
