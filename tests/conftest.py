@@ -46,16 +46,20 @@ def davit_cli():
 
 
 @pytest.fixture
-def backward_capture():
+def aot_capture():
     """``(backend, graphs)``: a torch.compile backend (AOT autograd, the forward and backward run as traced)
-    that appends every backward graph it is handed to ``graphs``, to check which ops a compiled backward
-    calls."""
+    that appends every forward and backward graph it is handed to ``graphs["forward"]`` and
+    ``graphs["backward"]`` (the graphs inductor would lower, without its C++ compilation), to check which ops
+    compiled code calls."""
     from torch._dynamo.backends.common import aot_autograd
 
-    graphs = []
+    graphs = {"forward": [], "backward": []}
 
-    def keep(gm, _inputs):
-        graphs.append(gm)
-        return gm.forward
+    def keep(kind):
+        def compiler(gm, _inputs):
+            graphs[kind].append(gm)
+            return gm.forward
 
-    return aot_autograd(fw_compiler=lambda gm, _inputs: gm.forward, bw_compiler=keep), graphs
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")), graphs

@@ -202,7 +202,7 @@ def test_model_training_onednn_equals_plain_linear(monkeypatch):
 
 
 @pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler: no native bias + GELU")
-def test_training_runs_each_mlp_as_one_function(monkeypatch):
+def test_training_runs_each_mlp_as_one_function(monkeypatch, aot_capture):
     """CPU fp32 training runs every MLP (whole maps and the chunks of large ones) as :func:`train_mlp`, whose
     backward multiplies by GELU's derivative in fc2's input-gradient GEMM: eager as one autograd function,
     compiled (fullgraph) as the opaque ``davit::train_mlp`` with ``davit::mlp_hidden_grad`` in its backward,
@@ -234,7 +234,7 @@ def test_training_runs_each_mlp_as_one_function(monkeypatch):
         for a, r in zip(g, grads):
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
     # compiled: the forward graph holds the op once per MLP, the backward graph the hidden-gradient op
-    graphs, out_c, g_c = _aot_graphs(model, x)
+    graphs, out_c, g_c = _aot_graphs(aot_capture, model, x)
     fw, bw = graphs["forward"], graphs["backward"]
     assert _count(fw, torch.ops.davit.train_mlp.default) == len(mlps)
     assert _count(bw, torch.ops.davit.mlp_hidden_grad.default) == len(mlps)
@@ -308,12 +308,13 @@ def test_compiled_training_step_fullgraph_with_onednn_linear(monkeypatch):
 
 
 @pytest.mark.parametrize("input_grad", [False, True])
-def test_compiled_backward_keeps_the_conv_grads_opaque(monkeypatch, backward_capture, input_grad):
+def test_compiled_backward_keeps_the_conv_grads_opaque(monkeypatch, aot_capture, input_grad):
     """Under torch.compile the linear's gradients are opaque ops (``davit::conv_weight_grad`` for the weight
     alone, ``davit::conv_linear_grads`` for input and weight), not the convolution's views traced in the
     open (inductor relaid those out into transposed copies). Same gradients as eager code."""
     monkeypatch.setattr(fused, "_MIN_MACS", 0)
-    backend, backward_graphs = backward_capture
+    backend, graphs = aot_capture
+    backward_graphs = graphs["backward"]
     torch.manual_seed(0)
     x = torch.randn(3, 7, 24, requires_grad=input_grad)
     w = torch.randn(40, 24, requires_grad=True)
@@ -567,30 +568,19 @@ def test_conv2d_op_opcheck_and_values(case, bias):
     torch.library.opcheck(fused.conv2d_backward, (grad, x.detach(), w.detach(), *args, mask))
 
 
-def _aot_graphs(model, x):
-    """The forward and backward graphs AOT autograd hands the compiler for a training step of ``model`` (the
-    graphs inductor would lower, without its C++ compilation), and the compiled step's output and grads."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
-
-    def keep(kind):
-        def compiler(gm, _inputs):
-            graphs[kind] = gm
-            return gm.forward
-
-        return compiler
-
-    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+def _aot_graphs(aot_capture, model, x):
+    """The latest forward and backward graphs the ``aot_capture`` backend kept for a compiled training step
+    of ``model``, and that step's output and grads."""
+    backend, graphs = aot_capture
     out, grads = _train_grads(torch.compile(model, backend=backend, fullgraph=True), x)
-    return graphs, out, grads
+    return {kind: kept[-1] for kind, kept in graphs.items()}, out, grads
 
 
 def _targets(gm):
     return {n.target for n in gm.graph.nodes if n.op == "call_function"}
 
 
-def test_compiled_cpu_graphs_hold_no_aten_convolution():
+def test_compiled_cpu_graphs_hold_no_aten_convolution(aot_capture):
     """Compiled CPU fp32 code runs the stem, downsampling and position-encoding convolutions as the opaque
     ``davit::conv2d`` (backward ``davit::conv2d_backward``): no ``aten.convolution`` is left, so inductor's
     layout optimisation (on for any CPU graph with one) stays off. Same output and gradients as eager; with
@@ -601,7 +591,7 @@ def test_compiled_cpu_graphs_hold_no_aten_convolution():
     model = davit.create_model("davit_atto", num_classes=5, stem_stride=4)
     x = torch.randn(2, 3, 40, 36)
     out_ref, g_ref = _train_grads(model, x)
-    graphs, out, grads = _aot_graphs(model, x)
+    graphs, out, grads = _aot_graphs(aot_capture, model, x)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(grads, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
@@ -614,7 +604,7 @@ def test_compiled_cpu_graphs_hold_no_aten_convolution():
     torch._dynamo.reset()
     previous = fused.set_opaque_convs(False)
     try:
-        graphs, _, _ = _aot_graphs(model, x)
+        graphs, _, _ = _aot_graphs(aot_capture, model, x)
     finally:
         fused.set_opaque_convs(previous)
     assert torch.ops.aten.convolution.default in _targets(graphs["forward"])
@@ -626,7 +616,7 @@ def _count(gm, target) -> int:
     return sum(n.op == "call_function" and n.target == target for n in gm.graph.nodes)
 
 
-def test_compiled_training_adds_biases_apart(monkeypatch):
+def test_compiled_training_adds_biases_apart(monkeypatch, aot_capture):
     """Compiled CPU fp32 training computes each biased linear whose consumer takes a fused add (MLP, output
     projections, the channel attention's qkv) as a matmul plus a separate add, which inductor folds into the
     consumer's kernel, instead of aten's addmm (a pass that writes the bias over the whole output). The
@@ -640,7 +630,7 @@ def test_compiled_training_adds_biases_apart(monkeypatch):
     n_spatial = sum(isinstance(b, kinds[0]) for b in blocks)
     x = torch.randn(2, 3, 40, 36)
     out_ref, g_ref = _train_grads(model, x)
-    graphs, out, grads = _aot_graphs(model, x)
+    graphs, out, grads = _aot_graphs(aot_capture, model, x)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     for a, r in zip(grads, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
@@ -654,7 +644,7 @@ def test_compiled_training_adds_biases_apart(monkeypatch):
     # (fc1's GEMM also runs without its bias where the native bias + GELU operator takes the bias: off too)
     previous, gelu = fused.set_bias_apart(False), fused.set_native_bias_gelu(False)
     try:
-        graphs, _, _ = _aot_graphs(model, x)
+        graphs, _, _ = _aot_graphs(aot_capture, model, x)
     finally:
         fused.set_bias_apart(previous)
         fused.set_native_bias_gelu(gelu)

@@ -1020,7 +1020,7 @@ def test_eager_training_runs_the_weight_grad_kernel(monkeypatch):
 
 @needs_fast_weight_grad
 @pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
-def test_compiled_backward_runs_the_weight_grad_kernel(monkeypatch, backward_capture, large):
+def test_compiled_backward_runs_the_weight_grad_kernel(monkeypatch, aot_capture, large):
     """Under torch.compile the linear's backward has the kernel as an opaque op (the input gradient from
     ``davit::conv_linear_grads``), with eager code's gradients; weights above ``_MAX_CONV_WGRAD`` keep
     ``mm`` there (the kernel raised the compiled step's peak memory above timm's)."""
@@ -1028,7 +1028,8 @@ def test_compiled_backward_runs_the_weight_grad_kernel(monkeypatch, backward_cap
         pytest.skip("torch built without oneDNN")
     if large:
         monkeypatch.setattr(davit.layers.fused, "_MAX_CONV_WGRAD", 1000)
-    backend, backward_graphs = backward_capture
+    backend, graphs = aot_capture
+    backward_graphs = graphs["backward"]
     torch.manual_seed(0)
     x = torch.randn(3, 7, 96, requires_grad=True)
     w = torch.randn(64, 96, requires_grad=True)
