@@ -572,7 +572,11 @@ def _aot_graphs(aot_capture, model, x):
     """The latest forward and backward graphs the ``aot_capture`` backend kept for a compiled training step
     of ``model``, and that step's output and grads."""
     backend, graphs = aot_capture
+    before = {kind: len(kept) for kind, kept in graphs.items()}
     out, grads = _train_grads(torch.compile(model, backend=backend, fullgraph=True), x)
+    # a step that compiled nothing (dynamo's cache) would leave the previous call's graphs as the latest
+    new = all(len(kept) > before[kind] for kind, kept in graphs.items())
+    assert new, "the compiled step made no new graphs: torch._dynamo.reset() before compiling again"
     return {kind: kept[-1] for kind, kept in graphs.items()}, out, grads
 
 
