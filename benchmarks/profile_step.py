@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/profile_step.py --task vs-timm             # davit_tiny ours vs timm, per op
     .venv/bin/python benchmarks/profile_step.py --task vs-floor            # ours' step vs its GEMMs alone
     .venv/bin/python benchmarks/profile_step.py --task vs-floor --mode infer --compile  # compiled forward
+    .venv/bin/python benchmarks/profile_step.py --task gemm-rates --between-timm  # every GEMM's rate
 
 The step is the trainers' sequence: forward, loss, backward (for ``classify`` the gradient clipping too), a
 fused AdamW step, on random inputs of the demos' sizes (batch 64 of 28 px grey images; batch 16 of 64 px RGB
@@ -20,6 +21,14 @@ side by side: where one model spends time the other does not.
 ``infer``: batch 16) against the replay of its linear and dense-convolution GEMMs alone (the GEMM floor,
 ``davit.gemm_floor``), in interleaved rounds, and prints each op's self time per step in both and the
 difference, largest first: the time that is not one of those GEMMs, op by op.
+
+``--task gemm-rates`` times every op of ours' ``davit bench`` step (``--mode train``, batch 8, or ``infer``,
+batch 16) by the wall clock around its call under a ``TorchDispatchMode`` (no profiler): the GEMMs (linears,
+their gradients, convolutions, matrix products) grouped by op and operand shapes with their FLOPs and
+GFLOP/s, the total GEMM rate, the other ops by name, and the part of the plain step no dispatched op accounts
+for (the native kernels that Python calls directly, such as the norms and bias + GELU, and Python itself).
+``--between-timm`` runs timm's step (untimed) before each of ours', as ``davit bench``'s alternation does:
+the heap, and so the page faults of ours' fresh outputs, then match the bench's.
 """
 
 from __future__ import annotations
@@ -173,12 +182,105 @@ def compare_with_floor(
         print(f"{k[:64]:64s} {s:8.1f} {f:8.1f} {s - f:8.1f}")
 
 
+def gemm_flops(name: str, args: tuple, out: object) -> int | None:
+    """Floating-point operations of one dispatched call if it is a GEMM (a linear, its gradients, a
+    convolution or a matrix product), else None. ``name``: the op's ``str``."""
+    if "linear_weight_grad" in name:  # davit::linear_weight_grad(g (M, N), x (M, K), bias)
+        g, x = args[0], args[1]
+        return 2 * g.shape[0] * g.shape[1] * x.shape[1]
+    if "_linear_pointwise" in name or "onednn_linear" in name:  # x (..., K), weight (N, K)
+        # (the binary form takes the epilogue's other operand second, the weight third)
+        x, w = args[0], args[2] if name.endswith(".binary") else args[1]
+        return 2 * (x.numel() // x.shape[-1]) * x.shape[-1] * w.shape[0] if w.dim() == 2 else None
+    if "convolution_backward" in name:  # (grad, input, weight, ..., output_mask): input and weight grads
+        grad, w, mask = args[0], args[2], args[10]
+        return 2 * grad.numel() * (w.numel() // w.shape[0]) * (int(mask[0]) + int(mask[1]))
+    if "convolution" in name:  # (input, weight, ...): MACs = outputs x (in / groups) x kernel
+        return 2 * out.numel() * (args[1].numel() // args[1].shape[0])
+    if name.startswith(("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm")):
+        a, b = args[-2], args[-1]
+        return 2 * a.numel() * b.shape[-1]
+    return None
+
+
+def gemm_rates(
+    model: str, mode: str, batch: int | None, img_size: int, steps: int, rows: int, between_timm: bool
+) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from davit import create_model
+    from davit.bench import _make_step, load_timm_weights, timm_counterpart
+
+    train = mode == "train"
+    net = create_model(model).train(train)
+    x = torch.randn(batch or (8 if train else 16), 3, img_size, img_size)
+    step, _ = _make_step(net, x, mode, torch.float32, torch.device("cpu"), net)
+    other: Callable[[], object] = lambda: None  # noqa: E731
+    if between_timm:
+        peer = timm_counterpart(model, net.num_classes).train(train)
+        load_timm_weights(net, peer)
+        other, _ = _make_step(peer, x, mode, torch.float32, torch.device("cpu"), peer)
+    for _ in range(2):
+        other()
+        step()
+    gemms: dict[tuple[str, str], list[float]] = {}  # (op, shapes) -> [seconds, flops, calls]
+    rest: dict[str, list[float]] = {}  # op -> [seconds, calls]
+
+    class Timed(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            dt = time.perf_counter() - t
+            name = str(func)
+            flops = gemm_flops(name, args, out)
+            if flops is None:
+                acc = rest.setdefault(name, [0.0, 0])
+                acc[0] += dt
+                acc[1] += 1
+            else:
+                shapes = " ".join(str(tuple(a.shape)) for a in args[:3] if isinstance(a, torch.Tensor))
+                acc = gemms.setdefault((name, shapes), [0.0, 0, 0])
+                acc[0] += dt
+                acc[1] += flops
+                acc[2] += 1
+            return out
+
+    plain = []
+    for _ in range(steps):
+        other()
+        with Timed():
+            step()
+        other()
+        t = time.perf_counter()
+        step()
+        plain.append(time.perf_counter() - t)
+    plain_ms = statistics.median(plain) * 1e3
+    g_time = sum(v[0] for v in gemms.values()) / steps * 1e3
+    g_flops = sum(v[1] for v in gemms.values()) / steps
+    r_time = sum(v[0] for v in rest.values()) / steps * 1e3
+    print(
+        f"{model} {mode} b{x.shape[0]} {img_size} px, {torch.get_num_threads()} threads, {steps} timed steps"
+        f"{' (timm between)' if between_timm else ''}: plain step {plain_ms:.0f} ms (median); GEMMs "
+        f"{g_time:.1f} ms, {g_flops / 1e9:.2f} GFLOP at {g_flops / g_time / 1e6:.1f} GFLOP/s; other "
+        f"dispatched ops {r_time:.1f} ms; not seen by the dispatcher {plain_ms - g_time - r_time:.1f} ms"
+    )
+    print(f"{'ms/step':>8s} {'GFLOP/s':>8s} {'calls':>5s}  op and operand shapes")
+    for (name, shapes), (sec, flops, calls) in sorted(gemms.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{sec / steps * 1e3:8.1f} {flops / sec / 1e9:8.1f} {calls // steps:5d}  {name} {shapes}")
+    print(f"{'ms/step':>8s} {'':8s} {'calls':>5s}  other ops")
+    for name, (sec, calls) in sorted(rest.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{sec / steps * 1e3:8.1f} {'':8s} {calls // steps:5d}  {name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", choices=("classify", "segment", "vs-timm", "vs-floor"), default="classify")
-    ap.add_argument("--model", default="davit_tiny", help="--task vs-timm / vs-floor: the variant")
-    ap.add_argument("--img-size", type=int, default=224, help="--task vs-timm / vs-floor: the input size")
-    ap.add_argument("--mode", choices=("train", "infer"), default="train", help="--task vs-floor: the step")
+    tasks = ("classify", "segment", "vs-timm", "vs-floor", "gemm-rates")
+    ap.add_argument("--task", choices=tasks, default="classify")
+    ap.add_argument("--model", default="davit_tiny", help="vs-timm, vs-floor, gemm-rates: the variant")
+    ap.add_argument("--img-size", type=int, default=224, help="vs-timm, vs-floor, gemm-rates: the input size")
+    ap.add_argument(
+        "--mode", choices=("train", "infer"), default="train", help="vs-floor, gemm-rates: the step"
+    )
     ap.add_argument("-b", "--batch-size", type=int, help="default: the demo's (64 classify, 16 segment)")
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores (the demos' default)")
     ap.add_argument("--steps", type=int, default=10, help="steps per timed round and profiled")
@@ -187,6 +289,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument(
         "--compile", action="store_true", help="--task vs-floor: ours compiled as `davit bench --compile`"
+    )
+    ap.add_argument(
+        "--between-timm", action="store_true", help="--task gemm-rates: timm's step before each of ours'"
     )
     args = ap.parse_args()
     if args.threads:
@@ -202,6 +307,11 @@ def main() -> None:
             args.steps,
             args.rows,
             args.compile,
+        )
+        return
+    if args.task == "gemm-rates":
+        gemm_rates(
+            args.model, args.mode, args.batch_size, args.img_size, args.steps, args.rows, args.between_timm
         )
         return
     if args.task == "vs-timm":
