@@ -188,14 +188,15 @@ def gemm_flops(name: str, args: tuple, out: object) -> int | None:
     if "linear_weight_grad" in name:  # davit::linear_weight_grad(g (M, N), x (M, K), bias)
         g, x = args[0], args[1]
         return 2 * g.shape[0] * g.shape[1] * x.shape[1]
-    if "_linear_pointwise" in name or "onednn_linear" in name:  # x (..., K), weight (N, K)
-        # (the binary form takes the epilogue's other operand second, the weight third)
+    if "_linear_pointwise" in name or "onednn_linear" in name or name.startswith("aten.linear."):
+        # x (..., K), weight (N, K); the binary form takes the epilogue's operand second, the weight third
         x, w = args[0], args[2] if name.endswith(".binary") else args[1]
         return 2 * (x.numel() // x.shape[-1]) * x.shape[-1] * w.shape[0] if w.dim() == 2 else None
     if "convolution_backward" in name:  # (grad, input, weight, ..., output_mask): input and weight grads
         grad, w, mask = args[0], args[2], args[10]
         return 2 * grad.numel() * (w.numel() // w.shape[0]) * (int(mask[0]) + int(mask[1]))
-    if "convolution" in name:  # (input, weight, ...): MACs = outputs x (in / groups) x kernel
+    if "convolution" in name or name.startswith(("aten.conv1d", "aten.conv2d", "aten.conv3d")):
+        # (input, weight, ...): MACs = outputs x (in / groups) x kernel (conv2d: inference, not decomposed)
         return 2 * out.numel() * (args[1].numel() // args[1].shape[0])
     if name.startswith(("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm")):
         a, b = args[-2], args[-1]

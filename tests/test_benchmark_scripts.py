@@ -155,7 +155,8 @@ def test_profile_step_vs_floor_lists_the_step_against_its_gemms():
         assert step > 0 and floor == 0.0 and diff == pytest.approx(step), (op, out)
 
 
-def test_profile_step_gemm_rates_counts_the_steps_gemm_flops():
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_profile_step_gemm_rates_counts_the_steps_gemm_flops(mode):
     """--task gemm-rates: every GEMM of ours' step timed and counted; at 224 px (no padded windows) its FLOPs
     are the GEMM floor's, which counts them from the reference path's layers."""
     import torch
@@ -164,16 +165,19 @@ def test_profile_step_gemm_rates_counts_the_steps_gemm_flops():
     from davit.gemm_floor import GemmReplay, capture_model_gemms
 
     args = ("--task", "gemm-rates", "--model", "davit_atto", "--img-size", "224", "-b", "1", "--steps", "1")
-    out = _run(*args)
+    out = _run(*args, "--mode", mode)
     head = re.search(
-        r"davit_atto train b1 224 px, 1 threads, 1 timed steps: plain step (\d+) ms \(median\); GEMMs "
+        rf"davit_atto {mode} b1 224 px, 1 threads, 1 timed steps: plain step (\d+) ms \(median\); GEMMs "
         r"([\d.]+) ms, ([\d.]+) GFLOP at [\d.]+ GFLOP/s; other dispatched ops ([\d.]+) ms",
         out,
     )
     assert head, out
-    net = create_model("davit_atto").train()
-    floor = GemmReplay(capture_model_gemms(net, torch.randn(1, 3, 224, 224), True)).flops
+    train = mode == "train"
+    net = create_model("davit_atto").train(train)
+    floor = GemmReplay(capture_model_gemms(net, torch.randn(1, 3, 224, 224), train)).flops
     assert float(head.group(3)) == pytest.approx(floor / 1e9, abs=0.006), out
+    if not train:
+        return
     # the weight gradients are GEMM rows with a rate (the native kernel's, or oneDNN's or MKL's where the
     # kernel is not built for the CPU); the optimizer's update is one of the other ops
     wgrad = r"^ +[\d.]+ +[\d.]+ +\d+  (davit\.linear_weight_grad|aten\.convolution_backward|aten\.mm)\."
