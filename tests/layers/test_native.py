@@ -876,6 +876,11 @@ def test_compiled_training_runs_bias_gelu_and_matches_eager(monkeypatch, onednn)
         (530, 8, 128, True),  # a 96-column tile and a 32-column one (davit_base's widths)
         (70, 16, 16, False),  # the 16-column tile alone
         (1100, 600, 96, True),  # chunks of 128 tokens (a 512-token chunk of g would exceed 1 MB)
+        # x wider than g, g's columns whole tiles (or a last one of 4-5 vectors): x^T g, transposed
+        (1031, 96, 384, True),  # davit_tiny's first-stage fc2
+        (300, 256, 272, False),  # a 4-vector last tile
+        (2100, 64, 1040, True),  # 17 chunks of 128 tokens (set by x's width): three groups of bias sums
+        (530, 128, 512, True),  # a 2-vector last tile: g^T x as for the others
     ],
 )
 def test_linear_weight_grad_equals_float64_reference(M, N, K, bias):
@@ -901,14 +906,17 @@ def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
     torch.library.opcheck(native.linear_weight_grad, (g, x, True))
     torch.library.opcheck(native.linear_weight_grad, (g, x, False))
     n = torch.get_num_threads()
-    runs = []
+    runs, mirrored = [], []
+    gm, xm = torch.randn(700, 96), torch.randn(700, 384)  # x wider than g: computed as x^T g
     try:
         for threads in (1, 2, 3):  # each thread owns whole rows of the result: bit-identical for any count
             torch.set_num_threads(threads)
             runs.append(native.linear_weight_grad(g, x, True))
+            mirrored.append(native.linear_weight_grad(gm, xm, True))
     finally:
         torch.set_num_threads(n)
     assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0]))
+    assert all(torch.equal(a, b) for run in mirrored[1:] for a, b in zip(run, mirrored[0]))
     wide_g, wide_x = torch.randn(1100, 600), torch.randn(1100, 96)  # the shape picks the chunks, not threads
     try:
         torch.set_num_threads(1)
@@ -949,14 +957,15 @@ def test_linear_weight_grad_opcheck_threads_fallback_and_bad_shapes():
 
 
 @needs_kernel
+@pytest.mark.parametrize("K", [16, 128])  # 128: x wider than g, the sums taken lane-wise over g's columns
 @pytest.mark.parametrize("M, bound", [(512, 2.5), (25088, 1.5)])
-def test_weight_grad_bias_sums_are_as_accurate_as_torchs(M, bound):
+def test_weight_grad_bias_sums_are_as_accurate_as_torchs(M, bound, K):
     """The bias gradients (the kernel's sums over 16 tokens, their sums over a chunk, over groups of 8 chunks,
     then over the groups) close to torch.sum's mean error against float64, for gradients of mean 1 (where
     the order of the sums matters most): 1.3-1.8x it at 512 tokens and 0.8-1.1x at 25088 over three seeds;
     without the 16-token level 6x at 512, without the groups 1.8-2.4x at 25088."""
     torch.manual_seed(0)
-    g, x = torch.randn(M, 64) + 1, torch.randn(M, 16)
+    g, x = torch.randn(M, 64) + 1, torch.randn(M, K)
     gw, gb = native.linear_weight_grad(g, x, True)
     ref, scale = g.double().sum(0), g.double().abs().sum(0)
     ours = ((gb.double() - ref).abs() / scale).mean()
