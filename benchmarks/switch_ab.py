@@ -25,6 +25,9 @@ Switches (each a ``set_*`` function returning the previous setting):
   layer norm and autograd's sum;
 - ``opaque_convs``: compiled CPU training's convolutions as opaque ops (``davit.layers.fused.conv``), against
   plain ``aten.convolution``;
+- ``input_grad``: eager CPU training's linear input gradients (where the native kernel gives the weight
+  gradient) as oneDNN's linear on the transposed weight (``davit.layers.fused.set_input_grad_linear``),
+  against the data gradient of a 1x1 convolution backward;
 - ``weight_grad``: CPU training's linear weight gradients in davit's native kernel
   (``davit.layers.native.linear_weight_grad``), against oneDNN's convolution backward (``mm`` for large
   weights). Read when the backward is traced: with ``--compile`` run it with
@@ -58,6 +61,7 @@ SWITCHES: dict[str, Callable[[bool], bool]] = {
     "mlp_chunks": blocks.set_compiled_mlp_chunks,
     "opaque_convs": fused.set_opaque_convs,
     "train_mlp": fused.set_train_mlp,
+    "input_grad": fused.set_input_grad_linear,
     "fork_norm": norm.set_fork_norm,
     "weight_grad": native.set_weight_grad_kernel,
 }

@@ -128,6 +128,23 @@ def test_conv_grads_equal_matmuls(mkn, mask):
         torch.testing.assert_close(gw, g.t() @ x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not fused._MKLDNN, reason="torch built without oneDNN")
+@pytest.mark.parametrize("mkn", [(37, 24, 40), (1, 8, 3), (300, 96, 5), (1031, 384, 96)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_input_grad_equals_matmul(mkn, strided):
+    """The training linears' input gradient as oneDNN's linear on the transposed weight (read as a view):
+    ``g @ w`` to fp32 round-off, for contiguous and transposed (non-contiguous) ``g``."""
+    m, k, n = mkn
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    g = torch.randn(n, m).t() if strided else torch.randn(m, n)
+    gx = fused._input_grad(g, w)
+    assert gx.shape == (m, k) and gx.is_contiguous()
+    ref = g.double() @ w.double()
+    bound = 4 * n * 2.0**-24 * (g.double().abs() @ w.double().abs())
+    assert ((gx.double() - ref).abs() <= bound).all()
+
+
 def test_onednn_linear_frozen_weight_and_frozen_input():
     """Gradients for the input only (a frozen layer inside a trained model) and the weight only."""
     torch.manual_seed(0)

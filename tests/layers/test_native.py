@@ -1028,6 +1028,37 @@ def test_eager_training_runs_the_weight_grad_kernel(monkeypatch):
 
 
 @needs_fast_weight_grad
+def test_eager_training_input_grads_from_the_linear_on_the_transposed_weight(monkeypatch):
+    """Where the weight gradient comes from the kernel, eager CPU fp32 training computes the linears' input
+    gradients as oneDNN's linear on the transposed weight (every linear's but fc2's, whose input gradient is
+    the MLP's hidden gradient), no 1x1 convolution backward; the gradients of the setting off, which
+    computes them there."""
+    if not davit.layers.fused._MKLDNN:
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(davit.layers.fused, "_ONEDNN_TRAINING", True)
+    monkeypatch.setattr(davit.layers.fused, "_MIN_MACS", 0)
+    torch.manual_seed(0)
+    m = _wide_model()
+    linears = sum(isinstance(mod, torch.nn.Linear) for mod in m.modules()) - 1  # all but the head
+    mlps = sum(type(mod).__name__ == "Mlp" for mod in m.modules())
+    fused = davit.layers.fused
+    linear_calls = _count_calls(monkeypatch, fused, "_input_grad", fused._input_grad)
+    conv_calls = _count_calls(monkeypatch, fused, "_conv_grads", fused._conv_grads)
+    x = torch.randn(2, 3, 45, 33)
+    out, grads = _train(m, x)
+    assert mlps > 0 and len(linear_calls) == linears - mlps and not conv_calls
+    previous = fused.set_input_grad_linear(False)
+    try:
+        out_off, grads_off = _train(m, x)
+    finally:
+        fused.set_input_grad_linear(previous)
+    assert len(linear_calls) == linears - mlps and len(conv_calls) == linears - mlps
+    torch.testing.assert_close(out, out_off, atol=0, rtol=0)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, grads_off[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+@needs_fast_weight_grad
 @pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
 def test_compiled_backward_runs_the_weight_grad_kernel(monkeypatch, aot_capture, large):
     """Under torch.compile the linear's backward has the kernel as an opaque op (the input gradient from

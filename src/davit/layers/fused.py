@@ -82,6 +82,7 @@ __all__ = [
     "set_onednn_training",
     "set_opaque_convs",
     "set_bias_apart",
+    "set_input_grad_linear",
     "set_train_mlp",
     "train_mlp",
     "train_mlp_applies",
@@ -326,7 +327,8 @@ def _linear_grads(
     gx = gw = gb = None
     # the weight gradient from the native kernel where it applies (1.13-1.65x the rate of oneDNN's
     # convolution backward and a column sum, 0.94-1.25x MKL's mm on davit_tiny's shapes, docs/benchmarks.md
-    # session 42) with the bias gradient (session 43), after the input gradient alone from the convolution
+    # session 42) with the bias gradient (session 43), after the input gradient alone: in eager code from
+    # oneDNN's linear on the transposed weight (_input_grad, session 47), compiled from the convolution
     # backward
     # (compiled code keeps mm for weights above _MAX_CONV_WGRAD: with the kernel there, davit_tiny's compiled
     # step at batch 8 peaked at 880 MB above its state, at the end of the backward with stage 4's two 9 MB
@@ -345,8 +347,10 @@ def _linear_grads(
         if torch.compiler.is_compiling():
             grads = conv_linear_grads(g2, x2, weight, conv_w)
             gx, gw = grads[0], (grads[1] if conv_w else None)
-        else:
+        elif conv_w or not _INPUT_GRAD_LINEAR:
             gx, gw = _conv_grads(g2, x2, weight, True, conv_w)  # gw: None unless conv_w
+        else:
+            gx = _input_grad(g2, weight)
     elif conv_w:
         gw = conv_weight_grad(g2, x2) if torch.compiler.is_compiling() else _weight_grad(g2, x2)
     if native_w:
@@ -357,6 +361,30 @@ def _linear_grads(
     if need_b and not native_w:
         gb = g2.sum(0)
     return gx, gw, gb
+
+
+# davit.layers.fused.set_input_grad_linear(False): eager training's input gradients from the convolution
+# backward alone (A/B timing, tests)
+_INPUT_GRAD_LINEAR = True
+
+
+def set_input_grad_linear(enable: bool) -> bool:
+    """Let eager CPU training compute a linear's input gradient alone (its weight gradient from the native
+    kernel) as oneDNN's linear on the transposed weight (:func:`_input_grad`; the default), or as the data
+    gradient of a 1x1 convolution backward (:func:`_conv_grads`). Returns the previous setting."""
+    global _INPUT_GRAD_LINEAR
+    previous, _INPUT_GRAD_LINEAR = _INPUT_GRAD_LINEAR, bool(enable)
+    return previous
+
+
+def _input_grad(g: Tensor, weight: Tensor) -> Tensor:
+    """``g @ weight`` for (M, N) rows ``g`` and the (N, K) weight: oneDNN's linear with the transposed weight
+    as a view, which it reads in place (as the MLP's hidden gradient does). Where the weight gradient comes
+    from the native kernel, so the convolution backward would compute the input gradient alone, this is
+    1.01-1.14x its speed on each of davit_tiny's shapes after a 64 MB pass (228 against 237 ms per training
+    step at batch 8, 2 threads, Zen 4 VM, session 47; `/tmp/s47/dx.py`): the convolution's backward data
+    primitive on (1, C, M, 1) maps, not a GEMM's blocking."""
+    return torch.ops.mkldnn._linear_pointwise(g.contiguous(), weight.t(), None, "none", [], "")
 
 
 def _rows_as_map(t: Tensor) -> Tensor:

@@ -820,7 +820,8 @@ def linear_weight_grad(g: Tensor, x: Tensor, bias_grad: bool) -> tuple[Tensor, T
     """``(g.t() @ x, g.sum(0))`` for (M, N) rows ``g`` (a linear's output gradient) and (M, K) rows ``x`` (its
     input): the linear's weight gradient from the native kernel (requires
     :func:`linear_weight_grad_supports`) and, with ``bias_grad``, its bias gradient from the same kernel
-    (else an empty tensor). Each thread owns a band of the weight gradient's rows, every element is summed
+    (else an empty tensor). Each thread owns a band of the weight gradient's rows (of its columns where ``x``
+    is wider than ``g``: the kernel then computes ``x.t() @ g`` and transposes it), every element is summed
     over the tokens in chunks of 128-512 (set by the shape) in order: the result does not depend on the
     thread count. The bias sums go one level deeper (over 16 tokens, the chunk, groups of 8 chunks, all),
     as accurate as torch's sum (a single sum per chunk had 2-5x its error, which a compiled-vs-eager test
