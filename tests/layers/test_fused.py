@@ -362,6 +362,12 @@ def test_conv_linear_grads_opcheck():
         torch.library.opcheck(fused.conv_linear_grads, args)
 
 
+@pytest.mark.skipif(not fused._MKLDNN, reason="torch built without oneDNN")
+def test_linear_input_grad_opcheck():
+    torch.manual_seed(0)
+    torch.library.opcheck(fused.linear_input_grad, (torch.randn(30, 16), torch.randn(16, 8)))
+
+
 def test_conv_weight_grad_opcheck():
     torch.manual_seed(0)
     torch.library.opcheck(fused.conv_weight_grad, (torch.randn(30, 16), torch.randn(30, 8)))

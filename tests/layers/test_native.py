@@ -1062,7 +1062,7 @@ def test_eager_training_input_grads_from_the_linear_on_the_transposed_weight(mon
 @pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
 def test_compiled_backward_runs_the_weight_grad_kernel(monkeypatch, aot_capture, large):
     """Under torch.compile the linear's backward has the kernel as an opaque op (the input gradient from
-    ``davit::conv_linear_grads``), with eager code's gradients; weights above ``_MAX_CONV_WGRAD`` keep
+    ``davit::linear_input_grad``), with eager code's gradients; weights above ``_MAX_CONV_WGRAD`` keep
     ``mm`` there (the kernel raised the compiled step's peak memory above timm's)."""
     if not davit.layers.fused._MKLDNN:
         pytest.skip("torch built without oneDNN")
@@ -1091,7 +1091,9 @@ def test_compiled_backward_runs_the_weight_grad_kernel(monkeypatch, aot_capture,
     targets = {n.target for n in graph.graph.nodes if n.op == "call_function"}
     assert (torch.ops.davit.linear_weight_grad.default in targets) == (not large), targets
     assert (torch.ops.aten.mm.default in targets) == large, targets
-    assert torch.ops.davit.conv_linear_grads.default in targets, targets
+    # the input gradient alone (the weight's from the kernel or mm): oneDNN's linear on the transposed weight
+    assert torch.ops.davit.linear_input_grad.default in targets, targets
+    assert torch.ops.davit.conv_linear_grads.default not in targets, targets
     assert torch.ops.davit.conv_weight_grad.default not in targets, targets
 
 

@@ -83,6 +83,7 @@ __all__ = [
     "set_opaque_convs",
     "set_bias_apart",
     "set_input_grad_linear",
+    "linear_input_grad",
     "set_train_mlp",
     "train_mlp",
     "train_mlp_applies",
@@ -327,9 +328,8 @@ def _linear_grads(
     gx = gw = gb = None
     # the weight gradient from the native kernel where it applies (1.13-1.65x the rate of oneDNN's
     # convolution backward and a column sum, 0.94-1.25x MKL's mm on davit_tiny's shapes, docs/benchmarks.md
-    # session 42) with the bias gradient (session 43), after the input gradient alone: in eager code from
-    # oneDNN's linear on the transposed weight (_input_grad, session 47), compiled from the convolution
-    # backward
+    # session 42) with the bias gradient (session 43), after the input gradient alone from oneDNN's linear
+    # on the transposed weight (_input_grad, session 47)
     # (compiled code keeps mm for weights above _MAX_CONV_WGRAD: with the kernel there, davit_tiny's compiled
     # step at batch 8 peaked at 880 MB above its state, at the end of the backward with stage 4's two 9 MB
     # MLP weight gradients live, against 873 MB with mm, and above timm's (/tmp/s42/peak.py, session 42))
@@ -344,13 +344,13 @@ def _linear_grads(
     conv_w = need_w and not native_w and weight.numel() <= _MAX_CONV_WGRAD
     if need_x:
         # both gradients from one 1x1 convolution backward (see _conv_grads); compiled: as an opaque op
-        if torch.compiler.is_compiling():
+        if not conv_w and _INPUT_GRAD_LINEAR:
+            gx = linear_input_grad(g2, weight) if torch.compiler.is_compiling() else _input_grad(g2, weight)
+        elif torch.compiler.is_compiling():
             grads = conv_linear_grads(g2, x2, weight, conv_w)
             gx, gw = grads[0], (grads[1] if conv_w else None)
-        elif conv_w or not _INPUT_GRAD_LINEAR:
-            gx, gw = _conv_grads(g2, x2, weight, True, conv_w)  # gw: None unless conv_w
         else:
-            gx = _input_grad(g2, weight)
+            gx, gw = _conv_grads(g2, x2, weight, True, conv_w)  # gw: None unless conv_w
     elif conv_w:
         gw = conv_weight_grad(g2, x2) if torch.compiler.is_compiling() else _weight_grad(g2, x2)
     if native_w:
@@ -363,15 +363,16 @@ def _linear_grads(
     return gx, gw, gb
 
 
-# davit.layers.fused.set_input_grad_linear(False): eager training's input gradients from the convolution
-# backward alone (A/B timing, tests)
+# davit.layers.fused.set_input_grad_linear(False): training's input gradients from the convolution backward
+# (A/B timing, tests)
 _INPUT_GRAD_LINEAR = True
 
 
 def set_input_grad_linear(enable: bool) -> bool:
-    """Let eager CPU training compute a linear's input gradient alone (its weight gradient from the native
-    kernel) as oneDNN's linear on the transposed weight (:func:`_input_grad`; the default), or as the data
-    gradient of a 1x1 convolution backward (:func:`_conv_grads`). Returns the previous setting."""
+    """Let CPU training compute a linear's input gradient, where its weight gradient does not come from the
+    same convolution backward, as oneDNN's linear on the transposed weight (:func:`_input_grad`, compiled:
+    :func:`linear_input_grad`; the default), or as the data gradient of a 1x1 convolution backward
+    (:func:`_conv_grads`). Read when torch.compile traces the backward. Returns the previous setting."""
     global _INPUT_GRAD_LINEAR
     previous, _INPUT_GRAD_LINEAR = _INPUT_GRAD_LINEAR, bool(enable)
     return previous
@@ -385,6 +386,18 @@ def _input_grad(g: Tensor, weight: Tensor) -> Tensor:
     step at batch 8, 2 threads, Zen 4 VM, session 47; `/tmp/s47/dx.py`): the convolution's backward data
     primitive on (1, C, M, 1) maps, not a GEMM's blocking."""
     return torch.ops.mkldnn._linear_pointwise(g.contiguous(), weight.t(), None, "none", [], "")
+
+
+@torch.library.custom_op("davit::linear_input_grad", mutates_args=())
+def linear_input_grad(g: Tensor, weight: Tensor) -> Tensor:
+    """:func:`_input_grad` as an opaque operator, for compiled code (traced in the open, the weight's
+    transposed view could be given inductor's own layout: a copy)."""
+    return _input_grad(g, weight)
+
+
+@linear_input_grad.register_fake
+def _(g: Tensor, weight: Tensor) -> Tensor:
+    return g.new_empty((g.shape[0], weight.shape[1]))
 
 
 def _rows_as_map(t: Tensor) -> Tensor:
