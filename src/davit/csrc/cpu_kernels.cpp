@@ -1312,12 +1312,14 @@ int davit_linear_weight_grad_fast(void) {
 // multiple of 4 and K of 16 (96-column tiles, then one of the remaining 16-80 columns), or -2 where no
 // memory is left for the scratch (the bias sums', the transposed result's).
 //
-// Where K > N and N is a multiple of 16 it computes dw^T = x^T g instead (x's columns the tiles' rows, g's
-// the vectors) and transposes that into dw: the rows the tiles stream as vectors are then the narrower ones,
-// read contiguously, where otherwise each tile reads a 96-column piece of every wide row of x. fc2's weight
-// gradient in davit_tiny's first stage (g 96 wide, x 384) 1.22x as fast per call, its second stage's 1.07x,
-// the third's 1.02x (after a 64 MB pass, 2 threads, Zen 4); its sums are blocked alike (the chunk set by x's
-// width).
+// Where K > N, N is a multiple of 16 up to 256 and g's columns fill whole tiles or end in one of 4-5 vectors,
+// it computes dw^T = x^T g instead (x's columns the tiles' rows, g's the vectors) and transposes that into
+// dw: the rows the tiles stream as vectors are then the narrower ones, read contiguously, where otherwise
+// each tile reads a 96-column piece of every wide row of x. Per call after a 64 MB pass (2 threads, Zen 4):
+// fc2's weight gradient in davit_tiny's first stage (g 96 wide, x 384) 1.13-1.22x as fast, its second
+// stage's 1.02-1.07x, 256 / 1024 1.06x, 64 / 256 1.14-1.19x; but 128 / 512 (a last tile of 2 vectors)
+// 0.87-0.92x and 768 / 3072 0.80x (its 9 MB scratch mapped afresh per call), hence the limits. Its sums are
+// blocked alike (the chunk set by x's width).
 int davit_linear_weight_grad_f32(const float* g, const float* x, float* dw, float* db, int64_t M, int64_t N,
                                  int64_t K, int threads) {
   if (N <= 0 || K <= 0 || M < 0 || N % WG_R || K % L) return -1;

@@ -343,7 +343,8 @@ def _linear_grads(
     # vs 1198 MB, davit_tiny at batch 8), so large weights keep ``mm``
     conv_w = need_w and not native_w and weight.numel() <= _MAX_CONV_WGRAD
     if need_x:
-        # both gradients from one 1x1 convolution backward (see _conv_grads); compiled: as an opaque op
+        # alone: oneDNN's linear on the transposed weight (see _input_grad); with the weight's: both from one
+        # 1x1 convolution backward (see _conv_grads); compiled: as opaque ops
         if not conv_w and _INPUT_GRAD_LINEAR:
             gx = linear_input_grad(g2, weight) if torch.compiler.is_compiling() else _input_grad(g2, weight)
         elif torch.compiler.is_compiling():
