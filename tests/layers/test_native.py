@@ -1001,17 +1001,23 @@ def _wide_model() -> torch.nn.Module:
     return davit.create_model("davit_tiny", num_classes=10, depths=(1, 1, 1, 1)).train()
 
 
-@needs_fast_weight_grad
-def test_eager_training_runs_the_weight_grad_kernel(monkeypatch):
-    """Eager CPU fp32 training on oneDNN's linears computes every linear's weight and bias gradients in the
-    kernel (not the head's, a plain ``F.linear``), with the gradients of the setting off."""
+def _onednn_training_model(monkeypatch) -> tuple[torch.nn.Module, int]:
+    # _wide_model with its linears on oneDNN in eager training (any CPU, any size), and its count of linears
+    # but the head (a plain F.linear)
     if not davit.layers.fused._MKLDNN:
         pytest.skip("torch built without oneDNN")
     monkeypatch.setattr(davit.layers.fused, "_ONEDNN_TRAINING", True)
     monkeypatch.setattr(davit.layers.fused, "_MIN_MACS", 0)
     torch.manual_seed(0)
     m = _wide_model()
-    linears = sum(isinstance(mod, torch.nn.Linear) for mod in m.modules()) - 1  # all but the head
+    return m, sum(isinstance(mod, torch.nn.Linear) for mod in m.modules()) - 1
+
+
+@needs_fast_weight_grad
+def test_eager_training_runs_the_weight_grad_kernel(monkeypatch):
+    """Eager CPU fp32 training on oneDNN's linears computes every linear's weight and bias gradients in the
+    kernel (not the head's, a plain ``F.linear``), with the gradients of the setting off."""
+    m, linears = _onednn_training_model(monkeypatch)
     calls = _count_calls(monkeypatch, native, "linear_weight_grad", native.linear_weight_grad)
     x = torch.randn(2, 3, 45, 33)
     out, grads = _train(m, x)
@@ -1033,13 +1039,7 @@ def test_eager_training_input_grads_from_the_linear_on_the_transposed_weight(mon
     gradients as oneDNN's linear on the transposed weight (every linear's but fc2's, whose input gradient is
     the MLP's hidden gradient), no 1x1 convolution backward; the gradients of the setting off, which
     computes them there."""
-    if not davit.layers.fused._MKLDNN:
-        pytest.skip("torch built without oneDNN")
-    monkeypatch.setattr(davit.layers.fused, "_ONEDNN_TRAINING", True)
-    monkeypatch.setattr(davit.layers.fused, "_MIN_MACS", 0)
-    torch.manual_seed(0)
-    m = _wide_model()
-    linears = sum(isinstance(mod, torch.nn.Linear) for mod in m.modules()) - 1  # all but the head
+    m, linears = _onednn_training_model(monkeypatch)
     mlps = sum(type(mod).__name__ == "Mlp" for mod in m.modules())
     fused = davit.layers.fused
     linear_calls = _count_calls(monkeypatch, fused, "_input_grad", fused._input_grad)
