@@ -23,10 +23,12 @@ itself and the op lost 4-11% of the training step (sessions 14 and 29), so in tr
 AMD AVX-512 CPUs only (:func:`default_onednn_training`; ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). Compiled
 inference, where the ops fuse norms and epilogues as eager inference does, gains on both vendors and has its
 own default, every AVX-512 CPU (:func:`default_onednn_compiled_inference`;
-``DAVIT_ONEDNN_COMPILED_INFERENCE=0/1`` overrides). The
-input and weight gradients come from one 1x1 convolution backward over the rows (no transposed copy of the
-weight; in compiled code as the opaque :func:`conv_linear_grads`). Through the linear kernel the weight
-gradient would need transposed copies of both activations and ran slower than ``mm``.
+``DAVIT_ONEDNN_COMPILED_INFERENCE=0/1`` overrides). The weight gradient comes from davit's native kernel where
+it applies (:func:`davit.layers.native.linear_weight_grad`, AVX-512), and the input gradient then alone from
+the linear kernel on the transposed weight, read as a view (:func:`_input_grad`; compiled:
+:func:`linear_input_grad`); elsewhere both come from one 1x1 convolution backward over the rows (no transposed
+copy of the weight; in compiled code as the opaque :func:`conv_linear_grads`). Through the linear kernel the
+weight gradient would need transposed copies of both activations and ran slower than ``mm``.
 """
 
 from __future__ import annotations
