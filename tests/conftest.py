@@ -5,6 +5,11 @@ import sys
 import pytest
 import torch
 
+# The native kernels run by default only where their library is built for AVX-512 (slower than torch's ops
+# elsewhere, davit.layers.native.default_native_kernels); the suite checks them, and the paths that call
+# them, on every machine, CI runners without AVX-512 included. The tests of the default set it themselves.
+os.environ.setdefault("DAVIT_NATIVE_KERNELS", "1")
+
 # CI has 2 cores; keep torch from oversubscribing when pytest runs alongside subprocesses (or with
 # pytest-xdist workers: one thread each)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

@@ -332,12 +332,31 @@ def test_window_attention_line_says_which_kernel_and_why(monkeypatch):
         )
         native.set_native_kernels(True)
         monkeypatch.setattr(native, "native_library", lambda: None)
-        monkeypatch.setattr(native, "build_error", lambda: "no C++ compiler found (set CXX)\nmore")
+        monkeypatch.setattr(native, "_error", "no C++ compiler found (set CXX)\nmore")
         assert bench._window_attention_kind() == (
             "torch's SDPA, convolution and matmuls "
             "(native kernels not available: no C++ compiler found (set CXX))"
         )
-        monkeypatch.setattr(native, "build_error", lambda: "")
+        monkeypatch.setattr(native, "_error", None)
         assert bench._window_attention_kind().endswith("(native kernels not available: no reason given)")
+        # the default on a library built without AVX-512: off, and the line says why and how to force them
+        monkeypatch.undo()
+        monkeypatch.delenv("DAVIT_NATIVE_KERNELS", raising=False)
+        monkeypatch.setattr(native, "_loaded_library", lambda: _FakeLibrary(avx512=0))
+        native.set_native_kernels(None)
+        assert bench._window_attention_kind() == (
+            "torch's SDPA, convolution and matmuls (native kernels built without AVX-512, where torch's ops "
+            "are faster; DAVIT_NATIVE_KERNELS=1 runs them)"
+        )
     finally:
         native.set_native_kernels(None)
+
+
+class _FakeLibrary:
+    """Stands in for the kernel library where only its build's report is asked for."""
+
+    def __init__(self, avx512: int) -> None:
+        self._avx512 = avx512
+
+    def davit_native_avx512(self) -> int:
+        return self._avx512

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -70,6 +72,26 @@ def test_native_ab_times_the_kernels_on_and_off():
     assert rounds == ["0", "1"], r.stdout
     assert re.search(r"per-round torch's ops / native: median [\d.]+x, quartiles", r.stdout), r.stdout
     assert "its column is left out" in r.stdout
+
+
+def test_native_ab_times_each_kernel_call_for_another_cpu_target(tmp_path):
+    """benchmarks/native_ab.py --calls: each kernel against torch's ops on every block map of the model;
+    --march builds the kernels for another target (here AVX2, which the library reports)."""
+    script = SCRIPT.parent / "native_ab.py"
+    args = ["--model", "davit_atto", "-b", "1", "--img-size", "56", "--rounds", "1", "--calls"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        args += ["--march", "haswell"]
+    env = {**os.environ, "DAVIT_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, str(script), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if "--march" in args:
+        assert "(not AVX-512)" in r.stdout, r.stdout
+    row = r"  (window|channel) block \d+x\d+x\d+, ([a-z ]+): [\d.]+ vs [\d.]+ \([\d.]+x\)"
+    assert set(re.findall(row, r.stdout)) >= {
+        ("window", "layer norm"), ("window", "position encoding"), ("window", "window attention"),
+        ("channel", "layer norm"), ("channel", "channel attention"),
+    }, r.stdout  # fmt: skip
 
 
 def test_switch_ab_times_a_switch_on_and_off():

@@ -661,7 +661,7 @@ def environment() -> dict[str, Any]:
 def _window_attention_kind() -> str:
     """Which kernels ours' CPU fp32 inference and training attend windows and channel groups with
     (davit.layers.native), and why."""
-    from .layers.native import MAX_WINDOW_TOKENS, build_error, native_kernels_enabled, native_library
+    from .layers.native import MAX_WINDOW_TOKENS, native_kernels_reason, native_library
 
     if native_library() is not None:
         return (
@@ -669,10 +669,8 @@ def _window_attention_kind() -> str:
             "encodings of widths that are multiples of 16, else torch's convolution; channel groups of 16, "
             "32 or 64 channels, else torch's matmuls)"
         )
-    if not native_kernels_enabled():
-        return "torch's SDPA, convolution and matmuls (native kernels turned off)"
-    why = (build_error() or "").strip().splitlines() or ["no reason given"]
-    return f"torch's SDPA, convolution and matmuls (native kernels not available: {why[0][:200]})"
+    why = native_kernels_reason().strip().splitlines() or ["no reason given"]
+    return f"torch's SDPA, convolution and matmuls (native kernels {why[0][:200]})"
 
 
 # ----- CLI --------------------------------------------------------------------------------------------------

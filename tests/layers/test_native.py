@@ -4,6 +4,7 @@ kernels cannot be built."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import subprocess
@@ -51,6 +52,64 @@ def test_kernel_source_compiles_for_x86_cpus_without_avx512(march):
     cmd = [native._compiler(), f"-march={march}", "-O0", "-fopenmp", "-std=c++17", "-Wno-psabi", "-S"]
     proc = subprocess.run([*cmd, "-o", os.devnull, str(native._SOURCE)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+class _FakeLibrary:
+    """Stands in for the kernel library where only its build's report is asked for."""
+
+    def __init__(self, avx512: int) -> None:
+        self._avx512 = avx512
+
+    def davit_native_avx512(self) -> int:
+        return self._avx512
+
+
+def test_kernels_run_by_default_where_built_for_avx512(monkeypatch):
+    # built for AVX2 the kernels were slower than torch's ops (default_native_kernels): off there by default,
+    # on where the environment or set_native_kernels says so
+    monkeypatch.delenv("DAVIT_NATIVE_KERNELS", raising=False)
+    try:
+        for build, default in ((_FakeLibrary(1), True), (_FakeLibrary(0), False), (None, False)):
+            monkeypatch.setattr(native, "_loaded_library", lambda build=build: build)
+            native.set_native_kernels(None)
+            assert native.default_native_kernels() is default
+            assert native.native_kernels_enabled() is default
+            assert native.native_library() is (build if default else None)
+            monkeypatch.setenv("DAVIT_NATIVE_KERNELS", "1")
+            native.set_native_kernels(None)
+            assert native.native_kernels_enabled() and native.native_library() is build
+            monkeypatch.setenv("DAVIT_NATIVE_KERNELS", "0")
+            native.set_native_kernels(None)
+            assert not native.native_kernels_enabled() and native.native_library() is None
+            assert native.native_kernels_reason() == "turned off"
+            monkeypatch.delenv("DAVIT_NATIVE_KERNELS")
+            native.set_native_kernels(True)
+            assert native.native_library() is build
+        monkeypatch.setattr(native, "_loaded_library", lambda: _FakeLibrary(0))
+        native.set_native_kernels(None)
+        assert "built without AVX-512" in native.native_kernels_reason()
+        with pytest.raises(RuntimeError, match="off: built without AVX-512.*DAVIT_NATIVE_KERNELS=1"):
+            native.window_attention_map(torch.zeros(1, 7, 7, 288), 3, 7)
+    finally:
+        native.set_native_kernels(None)
+
+
+@needs_kernel
+def test_the_library_reports_whether_it_is_built_for_avx512(tmp_path):
+    lib = native._loaded_library()
+    assert lib is not None, native.build_error()
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    # -march=native: AVX-512 code where the CPU has it (any compiler that builds the source knows AVX-512)
+    assert lib.davit_native_avx512() == int(x86 and "avx512f" in native._cpu_identity().split())
+    if not x86:
+        return
+    # built for AVX2 (a laptop, a CI runner) it says so, and is then left alone by default
+    target = tmp_path / "haswell.so"
+    cmd = [native._compiler(), "-march=haswell", "-O1", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    cmd += ["-Wno-psabi", "-o", str(target), str(native._SOURCE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ctypes.CDLL(str(target)).davit_native_avx512() == 0
 
 
 @needs_kernel
@@ -154,7 +213,7 @@ def test_environment_switch(monkeypatch):
         monkeypatch.setenv("DAVIT_NATIVE_KERNELS", "yes")
         native.set_native_kernels(None)
         with pytest.warns(UserWarning, match="set it to 1"):
-            assert native.native_kernels_enabled()
+            assert native.native_kernels_enabled() == native.default_native_kernels()
     finally:
         monkeypatch.delenv("DAVIT_NATIVE_KERNELS")
         native.set_native_kernels(None)
@@ -213,8 +272,9 @@ def test_without_a_compiler_the_model_warns_once_and_runs_torchs_ops(tmp_path):
 @needs_kernel
 def test_library_is_built_once_per_cache(tmp_path):
     code = "from davit.layers import native; lib = native.native_library(); print(lib._name)"
+    # (on, whatever the CPU: what is checked is the build and its cache)
     env = {**os.environ, "DAVIT_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    env.pop("DAVIT_NATIVE_KERNELS", None)
+    env["DAVIT_NATIVE_KERNELS"] = "1"
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     (lib,) = tmp_path.glob("cpu_kernels-*.so")

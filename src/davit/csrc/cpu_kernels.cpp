@@ -306,7 +306,20 @@ int for_each_window_head(int64_t B, int64_t nwy, int64_t nwx, int64_t heads, int
 extern "C" {
 
 // Kernel ABI version; native.py refuses a library that reports another.
-int davit_native_abi(void) { return 8; }
+int davit_native_abi(void) { return 9; }
+
+// 1 where the library is built for AVX-512, else 0. The kernels are written for 16-float vectors, one AVX-512
+// register each; built for AVX2 (pairs of registers, shuffles GCC partly scalarizes) they ran 1.1-4.3x slower
+// than torch's ops on davit_tiny's maps, and the model's eager step at 0.85x (training) and 0.94x
+// (inference) timm's where torch's ops gave 1.07x and 1.21x (-march=haswell with an AVX2-only torch on the Zen
+// 4 VM, docs/benchmarks.md session 48), so native.py uses them by default on AVX-512 builds only.
+int davit_native_avx512(void) {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // qkv: (B, Hp, Wp, 3C) contiguous, Hp and Wp multiples of ws, channels [q | k | v], each head's D channels
 // contiguous in each (C = heads * D). out: (B, Ho, Wo, C) contiguous, Ho <= Hp, Wo <= Wp: each window's

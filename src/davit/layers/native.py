@@ -16,7 +16,10 @@ The library is built for the CPU it runs on (``-march=native``) into ``$DAVIT_CA
 flags and the CPU's model and flags, so one cache can serve machines of several kinds. Where there is no
 compiler, the build fails or the library cannot be loaded, a warning says why once and the model runs the
 portable path (torch's fused attention and layer norm), with the same results to fp32 round-off.
-``DAVIT_NATIVE_KERNELS=0`` turns the kernels off, ``1`` (or unset) allows them.
+
+By default the kernels run where the library is built for AVX-512 (:func:`default_native_kernels`): they are
+written for 16-float vectors, one AVX-512 register each, and built for AVX2 they were slower than torch's ops
+(docs/benchmarks.md, session 48). ``DAVIT_NATIVE_KERNELS=1`` runs them on any CPU, ``0`` turns them off.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ __all__ = [
 ]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"
-_ABI = 8
+_ABI = 9
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 #: head dims the library is built for (davit's variants all have 32)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -75,27 +78,56 @@ _library: ctypes.CDLL | None = None
 _tried = False
 _error: str | None = None
 _enabled: bool | None = None
+_explicit = False  # set by set_native_kernels (not the environment or the default)
 
 
-def _env_enabled() -> bool:
+def _env_enabled() -> bool | None:
     from .fused import _env_switch  # here: fused imports this module
 
-    return _env_switch("DAVIT_NATIVE_KERNELS", on="native CPU kernels", off="torch's ops only") is not False
+    return _env_switch("DAVIT_NATIVE_KERNELS", on="native CPU kernels", off="torch's ops only")
 
 
 def native_kernels_enabled() -> bool:
-    """Whether the native kernels may run (``DAVIT_NATIVE_KERNELS``, or :func:`set_native_kernels`)."""
+    """Whether the native kernels may run: :func:`set_native_kernels`, else ``DAVIT_NATIVE_KERNELS`` (1 or
+    0), else :func:`default_native_kernels`."""
     global _enabled
     if _enabled is None:
-        _enabled = _env_enabled()
+        env = _env_enabled()
+        _enabled = default_native_kernels() if env is None else env
     return _enabled
+
+
+def default_native_kernels() -> bool:
+    """Whether the native kernels run by default: where the library builds and loads, built for AVX-512.
+
+    Built for AVX2 (``-march=haswell``, with torch's own kernels held to AVX2 by ``ATEN_CPU_CAPABILITY=avx2
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``, on the 2-core Zen 4 VM, session 48) each kernel
+    was slower than torch's ops on davit_tiny's maps at batch 16: window attention 0.33-0.53x, layer norm
+    0.23-0.39x, position encodings 0.74-0.93x, channel attention 0.30-0.48x; the eager steps ran at 0.94x
+    (inference, batch 16) and 0.85x (training, batch 8) timm's, against 1.21x and 1.07x with torch's ops.
+    Asks for the library (built on first use), so a machine that cannot build it warns once here."""
+    lib = _loaded_library()
+    return lib is not None and lib.davit_native_avx512() == 1
+
+
+def native_kernels_reason() -> str:
+    """Why the native kernels are off, in a few words (for ``davit bench``'s report); "" where they run."""
+    if native_library() is not None:
+        return ""
+    if not native_kernels_enabled():
+        if _explicit or _env_enabled() is False:
+            return "turned off"
+        if _loaded_library() is not None:
+            return "built without AVX-512, where torch's ops are faster; DAVIT_NATIVE_KERNELS=1 runs them"
+    return f"not available: {_error or 'no reason given'}"
 
 
 def set_native_kernels(enabled: bool | None) -> None:
     """Allow (``True``) or forbid (``False``) the native kernels in this process; ``None``: the environment's
-    setting again. Read when the model runs: no recompilation."""
-    global _enabled
+    setting or the default again. Read when the model runs: no recompilation."""
+    global _enabled, _explicit
     _enabled = None if enabled is None else bool(enabled)
+    _explicit = enabled is not None
 
 
 def build_error() -> str | None:
@@ -201,15 +233,22 @@ def _load() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 3 + [i32]
     fn.restype = ctypes.c_int
     lib.davit_linear_weight_grad_fast.restype = ctypes.c_int
+    lib.davit_native_avx512.restype = ctypes.c_int
     return lib
 
 
 def native_library() -> ctypes.CDLL | None:
-    """The loaded kernel library, built first if needed; ``None`` (with one warning saying why) where it
-    cannot be built or loaded, or the kernels are turned off."""
-    global _library, _tried, _error
+    """The loaded kernel library, built first if needed; ``None`` where the kernels are off
+    (:func:`native_kernels_enabled`) or it cannot be built or loaded (with one warning saying why)."""
     if not native_kernels_enabled():
         return None
+    return _loaded_library()
+
+
+def _loaded_library() -> ctypes.CDLL | None:
+    # the library, built and loaded once per process whether or not the kernels are on; None (with one
+    # warning) where that failed
+    global _library, _tried, _error
     if _tried:
         return _library
     with _lock:
@@ -231,7 +270,7 @@ def _required_library() -> ctypes.CDLL:
     """:func:`native_library`, or a RuntimeError saying why it is not there (for the direct kernel calls)."""
     lib = native_library()
     if lib is None:
-        raise RuntimeError(f"davit's native CPU kernels are not available: {_error or 'turned off'}")
+        raise RuntimeError(f"davit's native CPU kernels are off: {native_kernels_reason()}")
     return lib
 
 
