@@ -10,7 +10,7 @@
 
 Three steps in one process: ours with the kernels on (``davit.layers.native``: window and channel attention
 and position encodings forward and backward, training's bias + GELU and weight gradients, layer norms; on
-whatever CPU, ``set_native_kernels(True)``: by default they run on AVX-512 builds only), ours with
+whatever CPU, ``set_native_kernels(True)``: by default they run on AVX-512 and AVX2 builds), ours with
 ``set_native_kernels(False)`` and timm's
 model with identical weights (with ``--compile`` each compiled once, inductor's defaults, batch axis
 dynamic, ours with ``fullgraph=True``; ours without kernels is traced with them off, as a distinct backend,
@@ -137,7 +137,7 @@ def main() -> None:
     lib = native.native_library()
     if lib is None:
         raise SystemExit(f"the native kernels are not available: {native.build_error()}")
-    print(f"kernels: {lib._name} ({'AVX-512' if lib.davit_native_avx512() else 'not AVX-512'}); "
+    print(f"kernels: {lib._name} (vectors of {lib.davit_native_vector_bits()} bits); "
           f"torch's CPU capability {torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
     native.set_native_kernels(None)
     torch.manual_seed(0)

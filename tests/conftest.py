@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-# The native kernels run by default only where their library is built for AVX-512 (slower than torch's ops
-# elsewhere, davit.layers.native.default_native_kernels); the suite checks them, and the paths that call
-# them, on every machine, CI runners without AVX-512 included. The tests of the default set it themselves.
+# The native kernels run by default only where their library is built for AVX-512 or AVX2
+# (davit.layers.native.default_native_kernels); the suite checks them, and the paths that call them, on every
+# machine. The tests of the default set it themselves.
 os.environ.setdefault("DAVIT_NATIVE_KERNELS", "1")
 
 # CI has 2 cores; keep torch from oversubscribing when pytest runs alongside subprocesses (or with

@@ -339,14 +339,15 @@ def test_window_attention_line_says_which_kernel_and_why(monkeypatch):
         )
         monkeypatch.setattr(native, "_error", None)
         assert bench._window_attention_kind().endswith("(native kernels not available: no reason given)")
-        # the default on a library built without AVX-512: off, and the line says why and how to force them
+        # the default on a library built for neither AVX-512 nor AVX2: off, and the line says why and how to
+        # run them
         monkeypatch.undo()
         monkeypatch.delenv("DAVIT_NATIVE_KERNELS", raising=False)
-        monkeypatch.setattr(native, "_loaded_library", lambda: _FakeLibrary(avx512=0))
+        monkeypatch.setattr(native, "_loaded_library", lambda: _FakeLibrary(bits=0))
         native.set_native_kernels(None)
         assert bench._window_attention_kind() == (
-            "torch's SDPA, convolution and matmuls (native kernels built without AVX-512, where torch's ops "
-            "are faster; DAVIT_NATIVE_KERNELS=1 runs them)"
+            "torch's SDPA, convolution and matmuls (native kernels built for neither AVX-512 nor AVX2 "
+            "(unmeasured there); DAVIT_NATIVE_KERNELS=1 runs them)"
         )
     finally:
         native.set_native_kernels(None)
@@ -355,8 +356,8 @@ def test_window_attention_line_says_which_kernel_and_why(monkeypatch):
 class _FakeLibrary:
     """Stands in for the kernel library where only its build's report is asked for."""
 
-    def __init__(self, avx512: int) -> None:
-        self._avx512 = avx512
+    def __init__(self, bits: int) -> None:
+        self._bits = bits
 
-    def davit_native_avx512(self) -> int:
-        return self._avx512
+    def davit_native_vector_bits(self) -> int:
+        return self._bits

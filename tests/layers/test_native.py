@@ -57,19 +57,20 @@ def test_kernel_source_compiles_for_x86_cpus_without_avx512(march):
 class _FakeLibrary:
     """Stands in for the kernel library where only its build's report is asked for."""
 
-    def __init__(self, avx512: int) -> None:
-        self._avx512 = avx512
+    def __init__(self, bits: int) -> None:
+        self._bits = bits
 
-    def davit_native_avx512(self) -> int:
-        return self._avx512
+    def davit_native_vector_bits(self) -> int:
+        return self._bits
 
 
-def test_kernels_run_by_default_where_built_for_avx512(monkeypatch):
-    # built for AVX2 the kernels were slower than torch's ops (default_native_kernels): off there by default,
-    # on where the environment or set_native_kernels says so
+def test_kernels_run_by_default_where_built_for_avx512_or_avx2(monkeypatch):
+    # measured faster than torch's ops on AVX-512 and AVX2 builds, unmeasured elsewhere
+    # (default_native_kernels): off there by default, on where the environment or set_native_kernels says so
     monkeypatch.delenv("DAVIT_NATIVE_KERNELS", raising=False)
     try:
-        for build, default in ((_FakeLibrary(1), True), (_FakeLibrary(0), False), (None, False)):
+        builds = [(_FakeLibrary(512), True), (_FakeLibrary(256), True), (_FakeLibrary(0), False)]
+        for build, default in [*builds, (None, False)]:
             monkeypatch.setattr(native, "_loaded_library", lambda build=build: build)
             native.set_native_kernels(None)
             assert native.default_native_kernels() is default
@@ -87,29 +88,33 @@ def test_kernels_run_by_default_where_built_for_avx512(monkeypatch):
             assert native.native_library() is build
         monkeypatch.setattr(native, "_loaded_library", lambda: _FakeLibrary(0))
         native.set_native_kernels(None)
-        assert "built without AVX-512" in native.native_kernels_reason()
-        with pytest.raises(RuntimeError, match="off: built without AVX-512.*DAVIT_NATIVE_KERNELS=1"):
+        assert "built for neither AVX-512 nor AVX2" in native.native_kernels_reason()
+        with pytest.raises(RuntimeError, match="off: built for neither AVX-512 nor AVX2.*=1 runs them"):
             native.window_attention_map(torch.zeros(1, 7, 7, 288), 3, 7)
     finally:
         native.set_native_kernels(None)
 
 
 @needs_kernel
-def test_the_library_reports_whether_it_is_built_for_avx512(tmp_path):
+def test_the_library_reports_the_vector_width_it_is_built_for(tmp_path):
     lib = native._loaded_library()
     assert lib is not None, native.build_error()
     x86 = platform.machine() in ("x86_64", "AMD64")
-    # -march=native: AVX-512 code where the CPU has it (any compiler that builds the source knows AVX-512)
-    assert lib.davit_native_avx512() == int(x86 and "avx512f" in native._cpu_identity().split())
+    if os.environ.get("DAVIT_NATIVE_MARCH", "native") in ("", "native"):
+        # -march=native: the CPU's widest (any compiler that builds the source knows AVX-512)
+        flags = native._cpu_identity().split()
+        want = 512 if "avx512f" in flags else 256 if {"avx2", "fma"} <= set(flags) else 0
+        assert lib.davit_native_vector_bits() == (want if x86 else 0)
     if not x86:
         return
-    # built for AVX2 (a laptop, a CI runner) it says so, and is then left alone by default
-    target = tmp_path / "haswell.so"
-    cmd = [native._compiler(), "-march=haswell", "-O1", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-    cmd += ["-Wno-psabi", "-o", str(target), str(native._SOURCE)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ctypes.CDLL(str(target)).davit_native_avx512() == 0
+    # built for AVX2 (a laptop) and for plain x86-64 (SSE only, unmeasured: off by default)
+    for march, bits in (("haswell", 256), ("x86-64", 0)):
+        target = tmp_path / f"{march}.so"
+        cmd = [native._compiler(), f"-march={march}", "-O1", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+        cmd += ["-Wno-psabi", "-o", str(target), str(native._SOURCE)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ctypes.CDLL(str(target)).davit_native_vector_bits() == bits, march
 
 
 @needs_kernel

@@ -39,9 +39,22 @@ struct FlushDenormals {
 #endif
 };
 
+#if defined(__AVX512F__)
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
-constexpr int L = 16;  // lanes per vector (one AVX-512 register; two AVX2 ones elsewhere)
+constexpr int L = 16;  // lanes per vector: one AVX-512 register
+// accumulator vectors per register block (of 32 registers), and keys per block of scores in the forward
+// and the backward
+constexpr int ACC = 16, KEYS_FWD = 6, KEYS_BWD = 4;
+#else
+// Elsewhere vectors of 8 floats, one AVX register (AVX2: 16 of them): as 16-float vectors (two registers
+// each, on AVX2) GCC kept accumulators on the stack and moved them through general registers, and the kernels
+// ran 1.1-4.3x slower than torch's ops (docs/benchmarks.md, session 48). Blocks of half the accumulators.
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+constexpr int L = 8;
+constexpr int ACC = 8, KEYS_FWD = 2, KEYS_BWD = 2;
+#endif
 constexpr int QB = 64;  // queries per block of scores
 
 inline vf vload(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
@@ -51,10 +64,10 @@ inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf splat(float s) { return s - (vf){}; }
 
 // Keeps v in a register where it is used R times: otherwise GCC folds its load into each FMA as a memory
-// operand, R loads where one does (on Zen 4 a 512-bit load takes the cycle's load bandwidth). Only with
-// AVX-512, where a vf is one register (elsewhere it is two or four, which the constraint cannot name)
+// operand, R loads where one does (on Zen 4 a 512-bit load takes the cycle's load bandwidth). Only where a
+// vf is one register (AVX-512's, or AVX's 8 floats; without AVX it is two, which the constraint cannot name)
 inline void in_register(vf& v) {
-#if defined(__GNUC__) && defined(__AVX512F__)
+#if defined(__GNUC__) && defined(__AVX__)
   asm("" : "+v"(v));
 #else
   (void)v;
@@ -87,6 +100,7 @@ inline vf vexp(vf x) {
 #define DAVIT_SHUFFLE2(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
 #endif
 
+#if defined(__AVX512F__)
 // 16 x 16 transpose in registers: four stages, each swapping the off-diagonal blocks of size 8, 4, 2, 1
 // (lane l of the pair's first row keeps a[l] where bit h of l is clear, else takes b[l - h]; the second row
 // the other halves). 64 two-source shuffles for 256 floats, where a scalar transpose moves them one by one.
@@ -115,6 +129,29 @@ inline void transpose16(vf* r) {
     r[i + 1] = DAVIT_SHUFFLE2(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
   }
 }
+inline void transpose_block(vf* r) { transpose16(r); }
+#else
+// 8 x 8 transpose in registers: three stages, each swapping the off-diagonal blocks of size 4, 2, 1 (as
+// transpose16 does for 16)
+inline void transpose_block(vf* r) {
+  for (int i = 0; i < 4; ++i) {
+    const vf a = r[i], b = r[i + 4];
+    r[i] = DAVIT_SHUFFLE2(a, b, 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = DAVIT_SHUFFLE2(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  for (int i = 0; i < 8; ++i) {
+    if (i & 2) continue;
+    const vf a = r[i], b = r[i + 2];
+    r[i] = DAVIT_SHUFFLE2(a, b, 0, 1, 8, 9, 4, 5, 12, 13);
+    r[i + 2] = DAVIT_SHUFFLE2(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 8; i += 2) {
+    const vf a = r[i], b = r[i + 1];
+    r[i] = DAVIT_SHUFFLE2(a, b, 0, 8, 2, 10, 4, 12, 6, 14);
+    r[i + 1] = DAVIT_SHUFFLE2(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+}
+#endif
 
 // S^T rows j..j+R-1 (keys k[0..R-1]), columns c0..c0+JV*L-1: S^T[j, i] = k_j . qT[:, i] (qT's rows ldq
 // apart, St's lds apart)
@@ -184,8 +221,8 @@ inline void prefetch_rows(const float* const* rows, int N, int64_t D) {
     for (int64_t e = 0; e < D; e += L) __builtin_prefetch(rows[i] + e);
 }
 
-// rows[0..N-1] (D floats each; a null row reads as zeros) transposed into T (D x ldt), 16 x 16 at a time in
-// registers, the rows beyond the last 16 one by one; T's columns N..ldt-1 are left as they are (zero: the
+// rows[0..N-1] (D floats each; a null row reads as zeros) transposed into T (D x ldt), L x L at a time in
+// registers, the rows beyond the last L one by one; T's columns N..ldt-1 are left as they are (zero: the
 // callers clear them once per call)
 template <int D>
 inline void transpose_rows(const float* const* rows, int N, float* T, int ldt) {
@@ -194,7 +231,7 @@ inline void transpose_rows(const float* const* rows, int N, float* T, int ldt) {
     for (int e0 = 0; e0 < D; e0 += L) {
       vf r[L];
       for (int k = 0; k < L; ++k) r[k] = rows[i0 + k] ? vload(rows[i0 + k] + e0) : splat(0.f);
-      transpose16(r);
+      transpose_block(r);
       for (int k = 0; k < L; ++k) vstore(T + (e0 + k) * ldt + i0, r[k]);
     }
   }
@@ -233,7 +270,7 @@ struct Scratch {
 
 template <int D>
 void one_head(const Scratch& s, int N, float scale) {
-  constexpr int RPV = 16 / (D / L) > 0 ? 16 / (D / L) : 1;  // query rows per P v block: 16 accumulators
+  constexpr int RPV = ACC / (D / L) > 0 ? ACC / (D / L) : 1;  // query rows per P v block: ACC accumulators
   const int Np = (N + L - 1) / L * L;
   transpose_rows<D>(s.qrow, N, s.qT, Np);
   // per block of up to QB queries (all of them for windows of up to 64 tokens), so that the block's scores
@@ -242,10 +279,11 @@ void one_head(const Scratch& s, int N, float scale) {
     const int cols = Np - q0 < QB ? Np - q0 : QB;
     // unscaled scores: the scale goes into the exponent below, and the keys are read where they are
     int j = 0;
-    // six keys per block (24 accumulators): one load of the queries per 24 FMAs, not per 16 (the forward on
-    // davit_tiny's maps 1.04-1.11x as fast in four paired runs; the backward, two products per block, was
-    // level)
-    for (; j + 6 <= N; j += 6) scores_rows<D, 6>(s.krow + j, s.qT + q0, Np, s.St + j * QB, QB, cols);
+    // with AVX-512 six keys per block (24 accumulators): one load of the queries per 24 FMAs, not per 16 (the
+    // forward on davit_tiny's maps 1.04-1.11x as fast in four paired runs; the backward, two products per
+    // block, was level); with AVX2's 16 registers two (8 accumulators)
+    for (; j + KEYS_FWD <= N; j += KEYS_FWD)
+      scores_rows<D, KEYS_FWD>(s.krow + j, s.qT + q0, Np, s.St + j * QB, QB, cols);
     for (; j < N; ++j) scores_rows<D, 1>(s.krow + j, s.qT + q0, Np, s.St + j * QB, QB, cols);
     for (int b = 0; b < cols; b += L) vstore(s.inv + q0 + b, 1.0f / exp_columns(s.St + b, QB, N, scale));
     const int end = q0 + cols < N ? q0 + cols : N;
@@ -308,14 +346,14 @@ extern "C" {
 // Kernel ABI version; native.py refuses a library that reports another.
 int davit_native_abi(void) { return 9; }
 
-// 1 where the library is built for AVX-512, else 0. The kernels are written for 16-float vectors, one AVX-512
-// register each; built for AVX2 (pairs of registers, shuffles GCC partly scalarizes) they ran 1.1-4.3x slower
-// than torch's ops on davit_tiny's maps, and the model's eager step at 0.85x (training) and 0.94x
-// (inference) timm's where torch's ops gave 1.07x and 1.21x (-march=haswell with an AVX2-only torch on the Zen
-// 4 VM, docs/benchmarks.md session 48), so native.py uses them by default on AVX-512 builds only.
-int davit_native_avx512(void) {
+// The width in bits of the vector registers the library is built for: 512 (AVX-512), 256 (AVX2 with FMA), or
+// 0 for other targets (SSE only, non-x86), where the kernels are unmeasured and native.py leaves them off by
+// default. On the first two they were measured faster than torch's ops (docs/benchmarks.md, session 48).
+int davit_native_vector_bits(void) {
 #if defined(__AVX512F__)
-  return 1;
+  return 512;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return 256;
 #else
   return 0;
 #endif
@@ -365,9 +403,17 @@ int davit_window_attention_f32(const float* qkv, float* out, int64_t B, int64_t 
 
 namespace {
 
-// sum of the lanes by halving (log2 16 shuffles), not lane by lane
+// sum of the lanes by halving (log2 L shuffles), not lane by lane
 inline float hsum(vf v) {
-#if defined(__clang__)
+#if !defined(__AVX512F__) && defined(__clang__)
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+#elif !defined(__AVX512F__)
+  v += __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6});
+#elif defined(__clang__)
   v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
   v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
@@ -381,22 +427,42 @@ inline float hsum(vf v) {
   return v[0];
 }
 
+// A row's sums are kept in 16 lanes on every build (NSUM vectors of L), so that they add up in the same
+// order, and as exactly, as with AVX-512's one vector: with 8 (AVX2), layer norm's mean over 768 channels
+// of mean 50 had twice ATen's error (tests/layers/test_native.py)
+constexpr int NSUM = 16 / L;
+
+inline vf fold(const vf* acc) {
+  vf t = acc[0];
+  for (int k = 1; k < NSUM; ++k) t += acc[k];
+  return t;
+}
+
 void layer_norm_row(const float* x, float* y, const float* w, const float* b, int64_t C, float eps,
                     float* mean_out = nullptr, float* rstd_out = nullptr) {
   const int64_t Cv = C / L * L;
-  vf acc = splat(0.f);
+  vf acc[NSUM];
+  for (int k = 0; k < NSUM; ++k) acc[k] = splat(0.f);
   float tail = 0.f;
-  for (int64_t c = 0; c < Cv; c += L) acc += vload(x + c);
-  for (int64_t c = Cv; c < C; ++c) tail += x[c];
-  const float mean = (hsum(acc) + tail) / float(C);
-  acc = splat(0.f);
+  int64_t c = 0;
+  for (; c + NSUM * L <= Cv; c += NSUM * L)
+    for (int k = 0; k < NSUM; ++k) acc[k] += vload(x + c + k * L);
+  for (; c < Cv; c += L) acc[0] += vload(x + c);
+  for (c = Cv; c < C; ++c) tail += x[c];
+  const float mean = (hsum(fold(acc)) + tail) / float(C);
+  for (int k = 0; k < NSUM; ++k) acc[k] = splat(0.f);
   tail = 0.f;
-  for (int64_t c = 0; c < Cv; c += L) {
-    vf d = vload(x + c) - mean;
-    acc += d * d;
+  for (c = 0; c + NSUM * L <= Cv; c += NSUM * L)
+    for (int k = 0; k < NSUM; ++k) {
+      const vf d = vload(x + c + k * L) - mean;
+      acc[k] += d * d;
+    }
+  for (; c < Cv; c += L) {
+    const vf d = vload(x + c) - mean;
+    acc[0] += d * d;
   }
-  for (int64_t c = Cv; c < C; ++c) tail += (x[c] - mean) * (x[c] - mean);
-  const float rstd = 1.0f / std::sqrt((hsum(acc) + tail) / float(C) + eps);
+  for (c = Cv; c < C; ++c) tail += (x[c] - mean) * (x[c] - mean);
+  const float rstd = 1.0f / std::sqrt((hsum(fold(acc)) + tail) / float(C) + eps);
   if (mean_out) *mean_out = mean;
   if (rstd_out) *rstd_out = rstd;
   for (int64_t c = 0; c < Cv; c += L) {
@@ -439,7 +505,7 @@ int davit_layer_norm_f32(const float* x, float* y, const float* w, const float* 
 int davit_layer_norm_backward_f32(const float* x, const float* w, const float* mean, const float* rstd,
                                   const float* gn, const float* gs, float* gx, float* gw, float* gb,
                                   int64_t rows, int64_t C, int threads) {
-  if (C % L || C <= 0 || rows < 0) return -1;
+  if (C % (NSUM * L) || C <= 0 || rows < 0) return -1;
   const bool sums = gw || gb;
   const int64_t per = sums ? std::max<int64_t>((rows + 63) / 64, 16) : 16;
   const int64_t groups = (rows + per - 1) / per;
@@ -454,19 +520,22 @@ int davit_layer_norm_backward_f32(const float* x, const float* w, const float* m
       const float* xr = x + r * C;
       const float* gr = gn + r * C;
       const vf mu = splat(mean[r]), rs = splat(rstd[r]);
-      vf s1 = splat(0.f), s2 = splat(0.f);
-      for (int64_t c = 0; c < C; c += L) {
-        const vf xh = (vload(xr + c) - mu) * rs;
-        const vf g = vload(gr + c);
-        const vf u = w ? g * vload(w + c) : g;
-        s1 += u;
-        s2 += u * xh;
-        if (sw) {
-          vstore(sw + c, vload(sw + c) + g * xh);
-          vstore(sw + C + c, vload(sw + C + c) + g);
+      vf s1[NSUM], s2[NSUM];
+      for (int k = 0; k < NSUM; ++k) s1[k] = s2[k] = splat(0.f);
+      for (int64_t c0 = 0; c0 < C; c0 += NSUM * L)  // (C: a multiple of 16)
+        for (int k = 0; k < NSUM; ++k) {
+          const int64_t c = c0 + k * L;
+          const vf xh = (vload(xr + c) - mu) * rs;
+          const vf g = vload(gr + c);
+          const vf u = w ? g * vload(w + c) : g;
+          s1[k] += u;
+          s2[k] += u * xh;
+          if (sw) {
+            vstore(sw + c, vload(sw + c) + g * xh);
+            vstore(sw + C + c, vload(sw + C + c) + g);
+          }
         }
-      }
-      const vf a1 = splat(hsum(s1) / float(C)), a2 = splat(hsum(s2) / float(C));
+      const vf a1 = splat(hsum(fold(s1)) / float(C)), a2 = splat(hsum(fold(s2)) / float(C));
       float* out = gx + r * C;
       const float* skip = gs ? gs + r * C : nullptr;
       for (int64_t c = 0; c < C; c += L) {
@@ -543,7 +612,7 @@ struct BackScratch {
 template <int D>
 void one_head_backward(const BackScratch& s, int N, float scale) {
   constexpr int DV = D / L;
-  constexpr int R = 16 / DV > 0 ? 16 / DV : 1;  // output rows per block: 16 accumulators
+  constexpr int R = ACC / DV > 0 ? ACC / DV : 1;  // output rows per block: ACC accumulators
   const int Np = (N + L - 1) / L * L;
   transpose_rows<D>(s.qrow, N, s.qT, Np);
   transpose_rows<D>(s.grow, N, s.gT, Np);
@@ -558,9 +627,9 @@ void one_head_backward(const BackScratch& s, int N, float scale) {
   }
   // S^T = K Q^T and dP^T = V dO^T, all Np columns (those beyond N are zero queries: never read back)
   int j = 0;
-  for (; j + 4 <= N; j += 4) {
-    scores_rows<D, 4>(s.krow + j, s.qT, Np, s.Pt + j * Np, Np, Np);
-    scores_rows<D, 4>(s.vrow + j, s.gT, Np, s.dSt + j * Np, Np, Np);
+  for (; j + KEYS_BWD <= N; j += KEYS_BWD) {
+    scores_rows<D, KEYS_BWD>(s.krow + j, s.qT, Np, s.Pt + j * Np, Np, Np);
+    scores_rows<D, KEYS_BWD>(s.vrow + j, s.gT, Np, s.dSt + j * Np, Np, Np);
   }
   for (; j < N; ++j) {
     scores_rows<D, 1>(s.krow + j, s.qT, Np, s.Pt + j * Np, Np, Np);
@@ -659,7 +728,7 @@ int davit_window_attention_backward_f32(const float* qkv, const float* out, cons
 
 }  // extern "C"
 
-// ----- conditional position encoding: y = x + b + depthwise_conv3x3(x), forward and backward ----------------
+// ----- conditional position encoding: y = x + b + depthwise_conv3x3(x), forward and backward ---------------
 //
 // Why a kernel of our own: DaViT adds this to the residual stream twice per block. torch runs it as oneDNN's
 // depthwise convolution into a fresh map, then the add as a second pass; the backward as oneDNN's convolution
@@ -715,7 +784,7 @@ extern "C" {
 // of 16 and the sizes positive, -3 if scratch memory could not be allocated.
 int davit_pos_enc_f32(const float* x, const float* w, const float* b, float* y, int64_t B, int64_t H,
                       int64_t W, int64_t C, int threads) {
-  if (C % L || C <= 0 || B <= 0 || H <= 0 || W <= 0) return -1;
+  if (C % 16 || C <= 0 || B <= 0 || H <= 0 || W <= 0) return -1;
   float* taps = static_cast<float*>(std::malloc(9 * C * sizeof(float)));
   if (!taps) return -3;
   taps_by_row(w, C, false, taps);
@@ -748,9 +817,9 @@ int davit_pos_enc_f32(const float* x, const float* w, const float* b, float* y, 
 // flipped taps), dw[c, 0, ky, kx] = sum g[.., c] * x[shifted by (ky - 1, kx - 1), c], db = sum g. Any of dx,
 // dw, db may be null (not wanted). dw and db are summed per fixed group of map rows, then the groups in
 // order: the result does not depend on the thread count. Returns 0, -1 / -3 as the forward.
-int davit_pos_enc_backward_f32(const float* x, const float* w, const float* g, float* dx, float* dw, float* db,
-                               int64_t B, int64_t H, int64_t W, int64_t C, int threads) {
-  if (C % L || C <= 0 || B <= 0 || H <= 0 || W <= 0) return -1;
+int davit_pos_enc_backward_f32(const float* x, const float* w, const float* g, float* dx, float* dw,
+                               float* db, int64_t B, int64_t H, int64_t W, int64_t C, int threads) {
+  if (C % 16 || C <= 0 || B <= 0 || H <= 0 || W <= 0) return -1;
   const int64_t rows_total = B * H, rowlen = W * C;
   const bool params = dw || db;
   // groups of map rows for the parameter sums: at most 64 of at least 4 rows (fewer partial sums to add up
@@ -885,7 +954,7 @@ extern "C" {
 // MLP function's, davit.layers.fused.train_mlp). Returns 0, or -1 unless C is a positive multiple of 16.
 int davit_bias_gelu_f32(const float* a, const float* b, float* h, float* d, int64_t rows, int64_t C,
                         int threads) {
-  if (C % L || C <= 0 || rows < 0) return -1;
+  if (C % 16 || C <= 0 || rows < 0) return -1;
 #pragma omp parallel for num_threads(omp_team(threads)) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const float* in = a + r * C;
@@ -911,7 +980,7 @@ int davit_bias_gelu_f32(const float* a, const float* b, float* h, float* d, int6
 // forward, -3 if scratch memory could not be allocated.
 int davit_bias_gelu_backward_f32(const float* a, const float* b, const float* dh, float* da, float* db,
                                  int64_t rows, int64_t C, int threads) {
-  if (C % L || C <= 0 || rows < 0) return -1;
+  if (C % 16 || C <= 0 || rows < 0) return -1;
   // groups of rows: at most 64 of at least 16 for the bias gradient's partial sums (their size set by the
   // shape alone), 16 rows each without it
   const int64_t per = db ? std::max<int64_t>((rows + 63) / 64, 16) : 16;
@@ -1038,7 +1107,7 @@ constexpr int64_t CHUNK = 256;  // tokens per task: a fixed split, so sums do no
 template <int D>
 void outer_chunk(const float* X, int64_t ldx, const float* Y, int64_t ldy, int64_t rows, int64_t G,
                  float* P) {
-  constexpr int R = 16 / (D / L);
+  constexpr int R = ACC / (D / L) > 0 ? ACC / (D / L) : 1;
   constexpr int64_t NB = 64;
   for (int64_t n0 = 0; n0 < rows; n0 += NB) {
     const int64_t nb = rows - n0 < NB ? rows - n0 : NB;
@@ -1053,7 +1122,7 @@ void outer_chunk(const float* X, int64_t ldx, const float* Y, int64_t ldy, int64
 template <int D>
 void apply_chunk(const float* X, int64_t ldx, const float* M, float* Y, int64_t ldy, int64_t rows,
                  int64_t G) {
-  constexpr int R = 16 / (D / L);
+  constexpr int R = ACC / (D / L) > 0 ? ACC / (D / L) : 1;
   int64_t n = 0;
   for (; n + R <= rows; n += R)
     for (int64_t g = 0; g < G; ++g)

@@ -11,15 +11,17 @@ forward and backward (the operator :func:`channel_attention`), and linears' weig
 a plain C ABI and no torch headers: it builds in about a second, does not depend on torch's version, and is
 loaded with ctypes. Its threads are OpenMP's, as many as torch's.
 
-The library is built for the CPU it runs on (``-march=native``) into ``$DAVIT_CACHE_DIR`` (default
+The library is built for the CPU it runs on (``-march=native``; ``DAVIT_NATIVE_MARCH`` names another target)
+into ``$DAVIT_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/davit`` or ``~/.cache/davit``), under a name hashed from the source, the compiler, its
 flags and the CPU's model and flags, so one cache can serve machines of several kinds. Where there is no
 compiler, the build fails or the library cannot be loaded, a warning says why once and the model runs the
 portable path (torch's fused attention and layer norm), with the same results to fp32 round-off.
 
-By default the kernels run where the library is built for AVX-512 (:func:`default_native_kernels`): they are
-written for 16-float vectors, one AVX-512 register each, and built for AVX2 they were slower than torch's ops
-(docs/benchmarks.md, session 48). ``DAVIT_NATIVE_KERNELS=1`` runs them on any CPU, ``0`` turns them off.
+By default the kernels run where the library is built for AVX-512 or AVX2 with FMA
+(:func:`default_native_kernels`), where they were measured faster than torch's ops; on other targets (SSE
+only, non-x86) they are unmeasured and off. ``DAVIT_NATIVE_KERNELS=1`` runs them on any CPU, ``0`` turns them
+off.
 """
 
 from __future__ import annotations
@@ -65,7 +67,10 @@ __all__ = [
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_kernels.cpp"
 _ABI = 9
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# -march: the CPU it runs on, unless DAVIT_NATIVE_MARCH names another target (a fleet's oldest CPU; an
+# AVX2 build checked on an AVX-512 machine)
+_FLAGS = ["-O3", f"-march={os.environ.get('DAVIT_NATIVE_MARCH') or 'native'}", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS.append("-std=c++17")
 #: head dims the library is built for (davit's variants all have 32)
 HEAD_DIMS = (16, 32, 64, 128)
 #: the most tokens per window the kernel is used for: DaViT's 7 x 7 windows (1.5-2.0x torch's partition,
@@ -98,16 +103,17 @@ def native_kernels_enabled() -> bool:
 
 
 def default_native_kernels() -> bool:
-    """Whether the native kernels run by default: where the library builds and loads, built for AVX-512.
+    """Whether the native kernels run by default: where the library builds and loads, built for AVX-512 or
+    for AVX2 with FMA (``davit_native_vector_bits`` 512 or 256).
 
-    Built for AVX2 (``-march=haswell``, with torch's own kernels held to AVX2 by ``ATEN_CPU_CAPABILITY=avx2
-    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``, on the 2-core Zen 4 VM, session 48) each kernel
-    was slower than torch's ops on davit_tiny's maps at batch 16: window attention 0.33-0.53x, layer norm
-    0.23-0.39x, position encodings 0.74-0.93x, channel attention 0.30-0.48x; the eager steps ran at 0.94x
-    (inference, batch 16) and 0.85x (training, batch 8) timm's, against 1.21x and 1.07x with torch's ops.
-    Asks for the library (built on first use), so a machine that cannot build it warns once here."""
+    On an AVX2-only CPU emulated on the 2-core Zen 4 VM (the library built with ``-march=haswell``, torch's
+    own kernels held to AVX2 by ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+    MKL_ENABLE_INSTRUCTIONS=AVX2``, session 48), davit_tiny's eager steps with the kernels against torch's
+    ops: inference at batch 16 1.047x, training at batch 8 1.069x (paired rounds). Elsewhere (SSE only,
+    non-x86) the kernels are unmeasured. Asks for the library (built on first use), so a machine that cannot
+    build it warns once here."""
     lib = _loaded_library()
-    return lib is not None and lib.davit_native_avx512() == 1
+    return lib is not None and lib.davit_native_vector_bits() >= 256
 
 
 def native_kernels_reason() -> str:
@@ -118,7 +124,7 @@ def native_kernels_reason() -> str:
         if _explicit or _env_enabled() is False:
             return "turned off"
         if _loaded_library() is not None:
-            return "built without AVX-512, where torch's ops are faster; DAVIT_NATIVE_KERNELS=1 runs them"
+            return "built for neither AVX-512 nor AVX2 (unmeasured there); DAVIT_NATIVE_KERNELS=1 runs them"
     return f"not available: {_error or 'no reason given'}"
 
 
@@ -233,7 +239,7 @@ def _load() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p] * 4 + [i64] * 3 + [i32]
     fn.restype = ctypes.c_int
     lib.davit_linear_weight_grad_fast.restype = ctypes.c_int
-    lib.davit_native_avx512.restype = ctypes.c_int
+    lib.davit_native_vector_bits.restype = ctypes.c_int
     return lib
 
 
