@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
 import subprocess
 import sys
 import textwrap
@@ -115,6 +116,36 @@ def test_the_library_reports_the_vector_width_it_is_built_for(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ctypes.CDLL(str(target)).davit_native_vector_bits() == bits, march
+
+
+# the kernels' references, for another build of the library (the test below)
+_REFERENCE_TESTS = (
+    "test_kernel_equals_windowed_reference or test_backward_equals_windowed_reference or "
+    "test_layer_norm_equals_torch or test_layer_norm_training_kernels_match_float64 or "
+    "test_pos_enc_equals_float64_reference or test_bias_gelu_equals_float64_reference or "
+    "test_channel_attention_equals_float64_reference or test_linear_weight_grad_equals_float64_reference"
+)
+
+
+@needs_kernel
+@pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64")
+    or os.environ.get("DAVIT_NATIVE_MARCH", "native") not in ("", "native")
+    or not {"avx2", "fma"} <= set(native._cpu_identity().split())
+    or "avx512f" not in native._cpu_identity().split(),
+    reason="checks the AVX2 build on an AVX-512 CPU (an AVX2 CPU's own build is the suite's)",
+)
+def test_the_avx2_build_matches_the_references(tmp_path):
+    # where the machine's own build is AVX-512's (16-float vectors), the AVX2 one (8-float vectors, other
+    # register blocks, transposes and sums) is otherwise never run: the reference tests again, built for it
+    env = {**os.environ, "DAVIT_NATIVE_MARCH": "haswell", "DAVIT_CACHE_DIR": str(tmp_path)}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", _REFERENCE_TESTS]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert re.search(r"(\d+) passed", r.stdout) and " failed" not in r.stdout, r.stdout[-2000:]
+    lib = ctypes.CDLL(str(next(tmp_path.glob("cpu_kernels-*.so"))))
+    assert lib.davit_native_vector_bits() == 256
 
 
 @needs_kernel
