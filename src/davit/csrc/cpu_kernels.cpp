@@ -49,7 +49,7 @@ constexpr int ACC = 16, KEYS_FWD = 6, KEYS_BWD = 4;
 #else
 // Elsewhere vectors of 8 floats, one AVX register (AVX2: 16 of them): as 16-float vectors (two registers
 // each, on AVX2) GCC kept accumulators on the stack and moved them through general registers, and the kernels
-// ran 1.1-4.3x slower than torch's ops (docs/benchmarks.md, session 48). Blocks of half the accumulators.
+// ran up to 4.8x slower than torch's ops (docs/benchmarks.md, session 48). Blocks of half the accumulators.
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
 constexpr int L = 8;
@@ -1379,8 +1379,10 @@ inline void wgrad_tile_at(const float* g, int64_t ldg, const float* x, int64_t l
 extern "C" {
 
 // 1 where the kernel below is built for AVX-512, else 0. Its 24 accumulators and 6 row vectors fill 30 of
-// AVX-512's 32 registers; as pairs of AVX2 registers they spill, and it ran 8x slower than MKL's mm
-// (-march=haswell on a Zen 4 VM), so callers keep the libraries' GEMMs there.
+// AVX-512's 32 registers; as pairs of AVX2 registers they spilled, and it ran 8x slower than MKL's mm
+// (-march=haswell on a Zen 4 VM, 16-float vectors), so callers keep the libraries' GEMMs there. (With the
+// 8-float vectors of non-AVX-512 builds its tiles still need 24 accumulators of AVX2's 16 registers;
+// correct, tested, unmeasured.)
 int davit_linear_weight_grad_fast(void) {
 #if defined(__AVX512F__)
   return 1;

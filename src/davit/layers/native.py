@@ -12,9 +12,9 @@ a plain C ABI and no torch headers: it builds in about a second, does not depend
 loaded with ctypes. Its threads are OpenMP's, as many as torch's.
 
 The library is built for the CPU it runs on (``-march=native``; ``DAVIT_NATIVE_MARCH`` names another target)
-into ``$DAVIT_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/davit`` or ``~/.cache/davit``), under a name hashed from the source, the compiler, its
-flags and the CPU's model and flags, so one cache can serve machines of several kinds. Where there is no
+into ``$DAVIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/davit`` or ``~/.cache/davit``), under a name hashed from
+the source, the compiler, its flags and the CPU's model and flags, so one cache can serve machines of several
+kinds. Where there is no
 compiler, the build fails or the library cannot be loaded, a warning says why once and the model runs the
 portable path (torch's fused attention and layer norm), with the same results to fp32 round-off.
 
