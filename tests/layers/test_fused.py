@@ -394,6 +394,55 @@ def test_fused_inference_ops_opcheck_and_values(bias, onednn_gemms, packed, monk
     torch.testing.assert_close(fused.onednn_linear_add(x, other, w, b), F.linear(x, w, b) + other)
 
 
+@pytest.mark.parametrize("capability,apart", [("AVX512", False), ("AVX2", True), ("DEFAULT", True)])
+def test_gelu_apart_from_the_gemm_where_not_avx512(capability, apart):
+    # oneDNN's GELU epilogue in AVX2 code ran at 0.76-0.90x the GEMM then the native bias + GELU (session 48)
+    assert fused.default_gelu_apart(capability) is apart
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_gelu_apart_equals_the_fused_linear(bias, monkeypatch):
+    calls = []
+    real = native.bias_gelu_
+
+    def spy(a, b):
+        calls.append(tuple(a.shape))
+        return real(a, b)
+
+    monkeypatch.setattr(native, "bias_gelu_", spy)
+    x = torch.randn(3, 5, 8)
+    w, b = torch.randn(32, 8), torch.randn(32) if bias else None
+    previous = fused.set_gelu_apart(True)
+    try:
+        with torch.inference_mode():
+            apart = fused.infer_linear(x, w, b, "gelu")
+            fused.infer_linear(x, w[:12], None if b is None else b[:12], "gelu")  # width 12: fused
+            fused.set_gelu_apart(False)
+            fused_out = fused.infer_linear(x, w, b, "gelu")
+    finally:
+        fused.set_gelu_apart(previous)
+    assert calls == [(3, 5, 32)] and native.native_library() is not None
+    torch.testing.assert_close(apart, F.gelu(F.linear(x, w, b)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(apart, fused_out, atol=1e-5, rtol=1e-5)
+
+
+def test_model_inference_with_gelu_apart_equals_reference():
+    m = davit.create_model("davit_atto", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    previous = fused.set_gelu_apart(True)
+    try:
+        with torch.inference_mode():
+            apart = m(x)
+            fused.set_gelu_apart(False)
+            fused_out = m(x)
+            m.set_fast(False)
+            ref = m(x)
+    finally:
+        fused.set_gelu_apart(previous)
+    assert (apart - ref).abs().max().item() <= 1e-5
+    assert (apart - fused_out).abs().max().item() <= 1e-5
+
+
 def _graph_targets(model, x, dynamic=None):
     """The call targets of the graph dynamo captures from ``model(x)`` (fullgraph), and the output."""
     graphs = []

@@ -264,7 +264,10 @@ def infer_linear(
     """CPU fp32 inference (eager where :func:`fused_cpu_inference` holds, and with ``compiled`` in compiled
     inference's opaque ops): ``F.linear(x, weight, bias)``, with ``epilogue`` "gelu" (exact) applied to it, in
     oneDNN's fused kernel (with a packed weight where :func:`packed_weight` gives one) or MKL's GEMM (see
-    :func:`default_inference_onednn_gemms`); equal to fp32 round-off either way."""
+    :func:`default_inference_onednn_gemms`), or, where :func:`gelu_apart` holds, the GEMM without its bias and
+    the native bias + GELU in place on its output; equal to fp32 round-off either way."""
+    if epilogue == "gelu" and gelu_apart(x, weight, bias):
+        return native.bias_gelu_(infer_linear(x, weight, None, "none", compiled), bias)
     algorithm = "" if epilogue == "none" else "none"  # GELU's: exact, not tanh
     packed = packed_weight(weight, compiled)
     if packed is not None:
@@ -274,6 +277,31 @@ def infer_linear(
     y = F.linear(x, weight, bias)
     # in place: the GEMM's fresh output is still in cache, and no second map is allocated
     return torch.ops.aten.gelu_(y) if epilogue == "gelu" else y
+
+
+def default_gelu_apart(capability: str | None = None) -> bool:
+    """Whether CPU fp32 inference runs an fc1's GELU apart from its GEMM by default (:func:`gelu_apart`):
+    where torch's CPU capability is not AVX-512. oneDNN's GELU epilogue in AVX2 code ran at 0.76-0.90x the
+    speed of the GEMM without its bias then the native bias + GELU in place, per call on davit_tiny's fc1
+    shapes (3136 x 96/192/384 -> 384/768/1536 and 784 x 768 -> 3072, an AVX2-only CPU emulated on the Zen 4
+    VM, session 48); with AVX-512, 0.98-1.00x: unchanged there."""
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return not capability.startswith("AVX512")
+
+
+def set_gelu_apart(enable: bool | None) -> bool:
+    """Run CPU fp32 inference's fc1 GELU apart from the GEMM (:func:`gelu_apart`) or fused with it;
+    ``None``: the default (:func:`default_gelu_apart`). Returns the previous setting."""
+    global _GELU_APART
+    previous, _GELU_APART = _GELU_APART, default_gelu_apart() if enable is None else bool(enable)
+    return previous
+
+
+def gelu_apart(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`infer_linear` runs ``gelu(F.linear(x, weight, bias))`` as the GEMM without its bias,
+    then :func:`davit.layers.native.bias_gelu_` in place: its setting (:func:`default_gelu_apart`), the
+    output's width a multiple of 16, and the native kernels on."""
+    return _GELU_APART and native.bias_gelu_supports(x, weight.shape[0], bias)
 
 
 def infer_linear_add(
@@ -581,6 +609,7 @@ def default_onednn_compiled_inference(capability: str | None = None) -> bool:
 _ONEDNN_TRAINING = default_onednn_training()
 _ONEDNN_COMPILED_INFERENCE = default_onednn_compiled_inference()
 _INFER_ONEDNN_GEMMS = default_inference_onednn_gemms()
+_GELU_APART = default_gelu_apart()
 _PACKED_WEIGHTS = default_packed_weights()
 _COMPILED_PACKED = default_compiled_packed_weights()
 

@@ -792,6 +792,25 @@ def _bias_gelu_grad(ctx, grad: Tensor):
 bias_gelu.register_autograd(_bias_gelu_grad, setup_context=_bias_gelu_setup)
 
 
+def bias_gelu_(a: Tensor, bias: Tensor | None) -> Tensor:
+    """``gelu(a + bias)`` (exact GELU) written over the contiguous (..., C) ``a`` in one pass of the native
+    kernel (torch's ops where the kernels are off); returns ``a``. No autograd: inference (see
+    :func:`davit.layers.fused.gelu_apart`); requires :func:`bias_gelu_supports`."""
+    if not a.is_contiguous():
+        raise ValueError(f"bias_gelu_ overwrites its input, which must be contiguous: {a.stride()}")
+    lib = native_library()
+    if lib is None:
+        return torch.nn.functional.gelu(a if bias is None else a.add_(bias))
+    C = a.shape[-1]
+    bias = None if bias is None else bias.contiguous()
+    b = 0 if bias is None else bias.data_ptr()
+    threads = torch.get_num_threads()
+    code = lib.davit_bias_gelu_f32(a.data_ptr(), b, a.data_ptr(), None, a.numel() // C, C, threads)
+    if code != 0:
+        raise RuntimeError(f"davit_bias_gelu_f32 returned {code} for {tuple(a.shape)}")
+    return a
+
+
 def bias_gelu_with_grad_(a: Tensor, bias: Tensor | None) -> Tensor:
     """``gelu(a + bias)`` (exact GELU), overwriting the contiguous (..., C) ``a`` with ``gelu'(a + bias)``,
     in one pass of the native kernel (torch's ops where the kernels are off): what an MLP's backward needs
