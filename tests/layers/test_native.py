@@ -143,7 +143,9 @@ def test_the_avx2_build_matches_the_references(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", _REFERENCE_TESTS]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert re.search(r"(\d+) passed", r.stdout) and " failed" not in r.stdout, r.stdout[-2000:]
+    passed = re.search(r"(\d+) passed", r.stdout)
+    # (73 when written: a renamed test would otherwise drop out of the selection silently)
+    assert passed and int(passed.group(1)) >= 60 and " failed" not in r.stdout, r.stdout[-2000:]
     lib = ctypes.CDLL(str(next(tmp_path.glob("cpu_kernels-*.so"))))
     assert lib.davit_native_vector_bits() == 256
 
