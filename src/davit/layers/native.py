@@ -732,12 +732,18 @@ def bias_gelu(a: Tensor, bias: Tensor | None) -> Tensor:
     if lib is None:
         return torch.nn.functional.gelu(a if bias is None else a + bias)
     a = a.contiguous()
-    h = torch.empty_like(a)
+    return _bias_gelu_call(lib, a, bias, torch.empty_like(a), None)
+
+
+def _bias_gelu_call(lib: ctypes.CDLL, a: Tensor, bias: Tensor | None, h: Tensor, d: Tensor | None) -> Tensor:
+    # davit_bias_gelu_f32 on contiguous (..., C) a into h (which may be a), GELU's derivative into d where
+    # given (which may be a); returns h
     C = a.shape[-1]
     bias = None if bias is None else bias.contiguous()  # (held: the kernel reads it through a pointer)
     b = 0 if bias is None else bias.data_ptr()
+    dp = None if d is None else d.data_ptr()
     threads = torch.get_num_threads()
-    code = lib.davit_bias_gelu_f32(a.data_ptr(), b, h.data_ptr(), None, a.numel() // C, C, threads)
+    code = lib.davit_bias_gelu_f32(a.data_ptr(), b, h.data_ptr(), dp, a.numel() // C, C, threads)
     if code != 0:
         raise RuntimeError(f"davit_bias_gelu_f32 returned {code} for {tuple(a.shape)}")
     return h
@@ -801,14 +807,7 @@ def bias_gelu_(a: Tensor, bias: Tensor | None) -> Tensor:
     lib = native_library()
     if lib is None:
         return torch.nn.functional.gelu(a if bias is None else a.add_(bias))
-    C = a.shape[-1]
-    bias = None if bias is None else bias.contiguous()
-    b = 0 if bias is None else bias.data_ptr()
-    threads = torch.get_num_threads()
-    code = lib.davit_bias_gelu_f32(a.data_ptr(), b, a.data_ptr(), None, a.numel() // C, C, threads)
-    if code != 0:
-        raise RuntimeError(f"davit_bias_gelu_f32 returned {code} for {tuple(a.shape)}")
-    return a
+    return _bias_gelu_call(lib, a, bias, a, None)
 
 
 def bias_gelu_with_grad_(a: Tensor, bias: Tensor | None) -> Tensor:
@@ -824,15 +823,7 @@ def bias_gelu_with_grad_(a: Tensor, bias: Tensor | None) -> Tensor:
         return h
     if not a.is_contiguous():
         raise ValueError(f"bias_gelu_with_grad_ overwrites its input, which must be contiguous: {a.stride()}")
-    h = torch.empty_like(a)
-    C = a.shape[-1]
-    bias = None if bias is None else bias.contiguous()
-    b = 0 if bias is None else bias.data_ptr()
-    threads = torch.get_num_threads()
-    code = lib.davit_bias_gelu_f32(a.data_ptr(), b, h.data_ptr(), a.data_ptr(), a.numel() // C, C, threads)
-    if code != 0:
-        raise RuntimeError(f"davit_bias_gelu_f32 returned {code} for {tuple(a.shape)}")
-    return h
+    return _bias_gelu_call(lib, a, bias, torch.empty_like(a), a)
 
 
 # ----- a linear's weight (and bias) gradient --------------------------------------------------------------
