@@ -28,6 +28,9 @@ Switches (each a ``set_*`` function returning the previous setting):
 - ``input_grad``: eager CPU training's linear input gradients (where the native kernel gives the weight
   gradient) as oneDNN's linear on the transposed weight (``davit.layers.fused.set_input_grad_linear``),
   against the data gradient of a 1x1 convolution backward;
+- ``gelu_apart``: CPU fp32 inference's fc1 as the GEMM without its bias and the native bias + GELU in place
+  (``davit.layers.fused.gelu_apart``; the default where torch's CPU capability is not AVX-512), against
+  oneDNN's GELU epilogue (``--mode infer``);
 - ``weight_grad``: CPU training's linear weight gradients in davit's native kernel
   (``davit.layers.native.linear_weight_grad``), against oneDNN's convolution backward (``mm`` for large
   weights). Read when the backward is traced: with ``--compile`` run it with
@@ -64,6 +67,7 @@ SWITCHES: dict[str, Callable[[bool], bool]] = {
     "input_grad": fused.set_input_grad_linear,
     "fork_norm": norm.set_fork_norm,
     "weight_grad": native.set_weight_grad_kernel,
+    "gelu_apart": fused.set_gelu_apart,
 }
 
 

@@ -16,6 +16,22 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
+class _FakeKernelLibrary:
+    """Stands in for davit's native kernel library where only its build's report is asked for."""
+
+    def __init__(self, bits: int) -> None:
+        self._bits = bits
+
+    def davit_native_vector_bits(self) -> int:
+        return self._bits
+
+
+@pytest.fixture
+def fake_kernel_library() -> type:
+    """A stand-in for the native library built for vectors of ``bits`` bits: ``fake_kernel_library(256)``."""
+    return _FakeKernelLibrary
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

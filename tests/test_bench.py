@@ -320,7 +320,7 @@ def test_packed_inference_weights_count_as_state(tmp_path, monkeypatch):
     assert states[True] - states[False] > 0.5, states
 
 
-def test_window_attention_line_says_which_kernel_and_why(monkeypatch):
+def test_window_attention_line_says_which_kernel_and_why(monkeypatch, fake_kernel_library):
     """`davit bench` names the kernel ours' CPU inference attends windows with, and why it is torch's."""
     from davit import bench
     from davit.layers import native
@@ -343,7 +343,7 @@ def test_window_attention_line_says_which_kernel_and_why(monkeypatch):
         # run them
         monkeypatch.undo()
         monkeypatch.delenv("DAVIT_NATIVE_KERNELS", raising=False)
-        monkeypatch.setattr(native, "_loaded_library", lambda: _FakeLibrary(bits=0))
+        monkeypatch.setattr(native, "_loaded_library", lambda: fake_kernel_library(0))
         native.set_native_kernels(None)
         assert bench._window_attention_kind() == (
             "torch's SDPA, convolution and matmuls (native kernels built for neither AVX-512 nor AVX2 "
@@ -352,12 +352,3 @@ def test_window_attention_line_says_which_kernel_and_why(monkeypatch):
     finally:
         native.set_native_kernels(None)
 
-
-class _FakeLibrary:
-    """Stands in for the kernel library where only its build's report is asked for."""
-
-    def __init__(self, bits: int) -> None:
-        self._bits = bits
-
-    def davit_native_vector_bits(self) -> int:
-        return self._bits

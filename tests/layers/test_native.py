@@ -55,22 +55,13 @@ def test_kernel_source_compiles_for_x86_cpus_without_avx512(march):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-class _FakeLibrary:
-    """Stands in for the kernel library where only its build's report is asked for."""
-
-    def __init__(self, bits: int) -> None:
-        self._bits = bits
-
-    def davit_native_vector_bits(self) -> int:
-        return self._bits
-
-
-def test_kernels_run_by_default_where_built_for_avx512_or_avx2(monkeypatch):
+def test_kernels_run_by_default_where_built_for_avx512_or_avx2(monkeypatch, fake_kernel_library):
     # measured faster than torch's ops on AVX-512 and AVX2 builds, unmeasured elsewhere
     # (default_native_kernels): off there by default, on where the environment or set_native_kernels says so
     monkeypatch.delenv("DAVIT_NATIVE_KERNELS", raising=False)
     try:
-        builds = [(_FakeLibrary(512), True), (_FakeLibrary(256), True), (_FakeLibrary(0), False)]
+        fake = fake_kernel_library
+        builds = [(fake(512), True), (fake(256), True), (fake(0), False)]
         for build, default in [*builds, (None, False)]:
             monkeypatch.setattr(native, "_loaded_library", lambda build=build: build)
             native.set_native_kernels(None)
@@ -87,7 +78,7 @@ def test_kernels_run_by_default_where_built_for_avx512_or_avx2(monkeypatch):
             monkeypatch.delenv("DAVIT_NATIVE_KERNELS")
             native.set_native_kernels(True)
             assert native.native_library() is build
-        monkeypatch.setattr(native, "_loaded_library", lambda: _FakeLibrary(0))
+        monkeypatch.setattr(native, "_loaded_library", lambda: fake(0))
         native.set_native_kernels(None)
         assert "built for neither AVX-512 nor AVX2" in native.native_kernels_reason()
         with pytest.raises(RuntimeError, match="off: built for neither AVX-512 nor AVX2.*=1 runs them"):
