@@ -22,7 +22,7 @@ training step: 0.97x with ``F.linear``, 0.99x with the op, session 21). On Intel
 itself and the op lost 4-11% of the training step (sessions 14 and 29), so in training it is on by default on
 AMD AVX-512 CPUs only (:func:`default_onednn_training`; ``DAVIT_ONEDNN_TRAINING=0/1`` overrides). Compiled
 inference, where the ops fuse norms and epilogues as eager inference does, gains on both vendors and has its
-own default, every AVX-512 CPU (:func:`default_onednn_compiled_inference`;
+own default, every AVX-512 or AVX2 CPU (:func:`default_onednn_compiled_inference`;
 ``DAVIT_ONEDNN_COMPILED_INFERENCE=0/1`` overrides). The weight gradient comes from davit's native kernel where
 it applies (:func:`davit.layers.native.linear_weight_grad`, AVX-512), and the input gradient then alone from
 the linear kernel on the transposed weight, read as a view (:func:`_input_grad`; compiled:
@@ -591,18 +591,20 @@ def default_onednn_training(vendor: str | None = None, capability: str | None = 
 
 def default_onednn_compiled_inference(capability: str | None = None) -> bool:
     """Whether compiled CPU fp32 inference runs its linears, and each block's norm with its MLP branch or
-    attention, as opaque oneDNN ops (:func:`fused_compiled_inference`) by default: on CPUs with AVX-512, of
-    either vendor. Inside them run eager inference's kernels (:func:`infer_linear`) on chunks of tokens.
-    Against inductor's graph with ``F.linear`` davit_tiny's compiled forward (batch 16, 224 px) ran 783 vs
-    878 ms on an Intel Xeon with AMX (oneDNN's GEMMs inside; medians of 7 interleaved rounds, session 29,
-    ``benchmarks/onednn_ab.py --mode infer -b 16 --compile``), and 1.14-1.22x against 1.03-1.04x timm's
-    compiled model on Zen 4 (sessions 27-28). Unmeasured on AVX2-only CPUs, which keep inductor's graph.
-    ``DAVIT_ONEDNN_COMPILED_INFERENCE=1`` or ``0`` overrides."""
+    attention, as opaque oneDNN ops (:func:`fused_compiled_inference`) by default: on x86 CPUs with AVX-512 or
+    AVX2 (torch's CPU capability). Inside them run eager inference's kernels (:func:`infer_linear`) on chunks
+    of tokens. Against inductor's graph with ``F.linear`` davit_tiny's compiled forward (batch 16, 224 px) ran
+    783 vs 878 ms on an Intel Xeon with AMX (oneDNN's GEMMs inside; medians of 7 interleaved rounds, session
+    29, ``benchmarks/onednn_ab.py --mode infer -b 16 --compile``), 1.14-1.22x against 1.03-1.04x timm's
+    compiled model on Zen 4 (sessions 27-28), and 1142 vs 1265 ms (1.146x against 1.035x timm's compiled
+    step, 9 rounds, session 49) on an AVX2-only CPU emulated on that Zen 4 (torch, oneDNN and MKL held to
+    AVX2). Elsewhere (no AVX2: unmeasured) inductor's graph. ``DAVIT_ONEDNN_COMPILED_INFERENCE=1`` or ``0``
+    overrides."""
     env = _env_switch("DAVIT_ONEDNN_COMPILED_INFERENCE")
     if env is not None:
         return env
     capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
-    return capability.startswith("AVX512")
+    return capability.startswith("AVX512") or capability == "AVX2"
 
 
 # davit.layers.fused.set_onednn_training(False) / set_onednn_compiled_inference(False): F.linear there
