@@ -68,6 +68,7 @@ SWITCHES: dict[str, Callable[[bool], bool]] = {
     "fork_norm": norm.set_fork_norm,
     "weight_grad": native.set_weight_grad_kernel,
     "gelu_apart": fused.set_gelu_apart,
+    "plain_train_mlp": fused.set_plain_train_mlp,
 }
 
 

@@ -282,6 +282,70 @@ def test_training_runs_each_mlp_as_one_function(monkeypatch, aot_capture):
 
 
 @pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler: no native bias + GELU")
+def test_training_with_plain_linears_runs_each_mlp_as_one_function(monkeypatch):
+    """Where oneDNN's training linears are off, eager CPU fp32 training with the plain setting on (AVX2 CPUs'
+    default) runs every MLP as :func:`train_mlp` on ``F.linear``'s GEMMs, with the outputs and gradients of
+    the three ops and of the reference path, whole and in chunks; with the setting off, under
+    torch.compile, or below the size floor, it does not."""
+    from davit.layers import blocks
+
+    monkeypatch.setattr(fused, "_MIN_MACS", 0)
+    fused.set_onednn_training(False)  # the fixture restores it
+    previous = fused.set_plain_train_mlp(True)
+    try:
+        torch.manual_seed(0)
+        model = davit.create_model("davit_atto", num_classes=7).train()
+        mlps = [m for m in model.modules() if isinstance(m, blocks.Mlp)]
+        x = torch.randn(2, 3, 45, 33)
+        plain = []
+        real = fused._TrainMlp.apply
+        monkeypatch.setattr(fused._TrainMlp, "apply", lambda *a: plain.append(a[-1]) or real(*a))
+        out, g = _train_grads(model, x)
+        assert plain == [True] * len(mlps)
+        model.set_fast(False)
+        out_ref, g_ref = _train_grads(model, x)
+        model.set_fast(True)
+        fused.set_plain_train_mlp(False)
+        out_ops, g_ops = _train_grads(model, x)
+        assert len(plain) == len(mlps), "set_plain_train_mlp(False) still ran the function"
+        fused.set_plain_train_mlp(True)
+        for o, grads in ((out_ref, g_ref), (out_ops, g_ops)):
+            torch.testing.assert_close(out, o, rtol=1e-5, atol=1e-5)
+            for a, r in zip(g, grads):
+                torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+        monkeypatch.setattr(blocks, "TRAIN_MLP_CHUNK_TOKENS", 32)
+        plain.clear()
+        out_chunks, g_chunks = _train_grads(model, x)
+        assert len(plain) > len(mlps) and set(plain) == {True}
+        torch.testing.assert_close(out_chunks, out, rtol=1e-5, atol=1e-5)
+        for a, r in zip(g_chunks, g):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+        monkeypatch.setattr(blocks, "TRAIN_MLP_CHUNK_TOKENS", 1 << 30)
+        fc1 = mlps[0].fc1
+        h = torch.randn(5, fc1.in_features)
+        assert fused.plain_train_mlp(h, fc1)
+        monkeypatch.setattr(fused, "_MIN_MACS", 5 * fc1.in_features * fc1.out_features + 1)
+        assert not fused.plain_train_mlp(h, fc1)
+        monkeypatch.setattr(fused, "_MIN_MACS", 0)
+        torch._dynamo.reset()
+        seen = []
+        compiled = torch.compile(
+            lambda t: seen.append(fused.plain_train_mlp(t, fc1)) or t * 2, fullgraph=True, backend="eager"
+        )
+        compiled(h)
+        assert seen == [False]
+        with torch.no_grad():
+            assert not fused.plain_train_mlp(h, fc1)
+    finally:
+        fused.set_plain_train_mlp(previous)
+
+
+@pytest.mark.parametrize("capability,expected", [("AVX2", True), ("AVX512", False), ("DEFAULT", False)])
+def test_default_plain_train_mlp_by_cpu(capability, expected):
+    assert fused.default_plain_train_mlp(capability) is expected
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler: no native bias + GELU")
 @pytest.mark.parametrize("bias", [True, False])
 def test_train_mlp_ops_opcheck(bias):
     torch.manual_seed(0)

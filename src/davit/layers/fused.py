@@ -87,6 +87,10 @@ __all__ = [
     "set_input_grad_linear",
     "linear_input_grad",
     "set_train_mlp",
+    "set_plain_train_mlp",
+    "plain_train_mlp",
+    "plain_train_mlp_enabled",
+    "default_plain_train_mlp",
     "train_mlp",
     "train_mlp_applies",
 ]
@@ -351,10 +355,17 @@ def _onednn_linear_backward(ctx, grad: Tensor):
 
 
 def _linear_grads(
-    g2: Tensor, x2: Tensor, weight: Tensor, need_x: bool, need_w: bool, need_b: bool
+    g2: Tensor, x2: Tensor, weight: Tensor, need_x: bool, need_w: bool, need_b: bool, plain: bool = False
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The input, weight and bias gradients (those asked for, else None) of a linear of (M, K) rows ``x2`` to
-    (M, N) rows with output gradient ``g2``, as the training linears compute them (eager or traced)."""
+    (M, N) rows with output gradient ``g2``, as the training linears compute them (eager or traced); with
+    ``plain``, as autograd computes ``F.linear``'s (``mm`` and a column sum: MKL's GEMMs)."""
+    if plain:
+        return (
+            g2 @ weight if need_x else None,
+            g2.t() @ x2 if need_w else None,
+            g2.sum(0) if need_b else None,
+        )
     gx = gw = gb = None
     # the weight gradient from the native kernel where it applies (1.13-1.65x the rate of oneDNN's
     # convolution backward and a column sum, 0.94-1.25x MKL's mm on davit_tiny's shapes, docs/benchmarks.md
@@ -804,19 +815,26 @@ def native_bias_gelu(x: Tensor, layer: nn.Linear) -> bool:
 
 # ----- CPU training: an MLP as one function (compiled: one op), GELU's backward in a GEMM's epilogue ------
 def _train_mlp_forward(
-    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, plain: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
-    # y (x's leading shape), and the (M, hidden) maps the backward reads: gelu(a) and gelu'(a)
+    # y (x's leading shape), and the (M, hidden) maps the backward reads: gelu(a) and gelu'(a); the GEMMs
+    # oneDNN's, or with ``plain`` F.linear's (MKL)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    a = torch.ops.mkldnn._linear_pointwise(x2, w1, None, "none", [], "")
+    if plain:
+        a = F.linear(x2, w1)
+    else:
+        a = torch.ops.mkldnn._linear_pointwise(x2, w1, None, "none", [], "")
     h = native.bias_gelu_with_grad_(a, b1)  # a now holds gelu'(a + b1)
-    y = torch.ops.mkldnn._linear_pointwise(h, w2, b2, "none", [], "")
+    y = F.linear(h, w2, b2) if plain else torch.ops.mkldnn._linear_pointwise(h, w2, b2, "none", [], "")
     return y.view(*x.shape[:-1], w2.shape[0]), h, a
 
 
-def _hidden_grad(g: Tensor, d: Tensor, w2: Tensor) -> Tensor:
+def _hidden_grad(g: Tensor, d: Tensor, w2: Tensor, plain: bool = False) -> Tensor:
     # the hidden pre-activation's gradient (g @ w2) * gelu' in one pass: the product goes through the linear
-    # kernel with the transposed weight as a view (oneDNN reads it in place) and its epilogue
+    # kernel with the transposed weight as a view (oneDNN reads it in place) and its epilogue; ``plain``:
+    # MKL's mm, then the product in place while the GEMM's output is partly in cache
+    if plain:
+        return torch.mm(g, w2).mul_(d)
     return torch.ops.mkldnn._linear_pointwise.binary(g, d, w2.t(), None, "mul")
 
 
@@ -833,7 +851,15 @@ def _(g: Tensor, d: Tensor, w2: Tensor) -> Tensor:
 
 
 def _train_mlp_backward(
-    grad: Tensor, x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, d: Tensor, mask: list[bool], op: bool
+    grad: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    h: Tensor,
+    d: Tensor,
+    mask: list[bool],
+    op: bool,
+    plain: bool = False,
 ) -> list[Tensor | None]:
     # the gradients of x, w1, b1, w2, b2 that ``mask`` asks for (None for the others); for the operator
     # (``op``: traced by torch.compile) as separate opaque ops, in this order, so each saved map is freed
@@ -844,28 +870,32 @@ def _train_mlp_backward(
     x2 = x.reshape(-1, x.shape[-1])
     gx = gw1 = gb1 = ga = None
     if need_x or need_w1 or need_b1:
-        ga = mlp_hidden_grad(g, d, w2) if op else _hidden_grad(g, d, w2)
-    _, gw2, gb2 = _linear_grads(g, h, w2, False, need_w2, need_b2)
+        ga = mlp_hidden_grad(g, d, w2) if op else _hidden_grad(g, d, w2, plain)
+    _, gw2, gb2 = _linear_grads(g, h, w2, False, need_w2, need_b2, plain)
     if ga is not None:
-        gx, gw1, gb1 = _linear_grads(ga, x2, w1, need_x, need_w1, need_b1)
+        gx, gw1, gb1 = _linear_grads(ga, x2, w1, need_x, need_w1, need_b1, plain)
     return [None if gx is None else gx.view(x.shape), gw1, gb1, gw2, gb2]
 
 
 class _TrainMlp(torch.autograd.Function):
     """``F.linear(gelu(F.linear(x, w1, b1)), w2, b2)`` (exact GELU) for eager CPU fp32 training, see
-    :func:`train_mlp`. The same forward and backward as :func:`train_mlp_op`, without the custom operator's
-    dispatch: eager, with the operator instead, paired steps gave 0.996x (13 rounds, quartiles 0.981-1.003,
-    session 44) where this function gave 1.005x."""
+    :func:`train_mlp`; ``plain``: the GEMMs F.linear's and mm's (MKL) instead of oneDNN's. The same forward
+    and backward as :func:`train_mlp_op`, without the custom operator's dispatch: eager, with the operator
+    instead, paired steps gave 0.996x (13 rounds, quartiles 0.981-1.003, session 44) where this function
+    gave 1.005x."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
-        y, h, d = _train_mlp_forward(x, w1, b1, w2, b2)
+    def forward(
+        ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, plain: bool
+    ) -> Tensor:
+        y, h, d = _train_mlp_forward(x, w1, b1, w2, b2, plain)
         _train_mlp_keep(ctx, (x, w1, b1, w2, b2), h, d)
+        ctx.plain = plain
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _train_mlp_grads(ctx, grad, False)
+        return (*_train_mlp_grads(ctx, grad, False, ctx.plain), None)
 
 
 def _train_mlp_keep(ctx, inputs: tuple, h: Tensor, d: Tensor) -> None:
@@ -875,11 +905,11 @@ def _train_mlp_keep(ctx, inputs: tuple, h: Tensor, d: Tensor) -> None:
     ctx.has_bias = (b1 is not None, b2 is not None)
 
 
-def _train_mlp_grads(ctx, grad: Tensor, op: bool) -> tuple[Tensor | None, ...]:
+def _train_mlp_grads(ctx, grad: Tensor, op: bool, plain: bool = False) -> tuple[Tensor | None, ...]:
     x, w1, w2, h, d = ctx.saved_tensors
-    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
     mask = [need_x, need_w1, ctx.has_bias[0] and need_b1, need_w2, ctx.has_bias[1] and need_b2]
-    return tuple(_train_mlp_backward(grad, x, w1, w2, h, d, mask, op))
+    return tuple(_train_mlp_backward(grad, x, w1, w2, h, d, mask, op, plain))
 
 
 @torch.library.custom_op("davit::train_mlp", mutates_args=())
@@ -923,11 +953,67 @@ def set_train_mlp(enable: bool) -> bool:
     return previous
 
 
+def default_plain_train_mlp(capability: str | None = None) -> bool:
+    """Whether eager CPU fp32 training runs its MLPs as :func:`train_mlp` with ``F.linear``'s GEMMs (MKL)
+    where oneDNN's training linears are off (:func:`plain_train_mlp`) by default: where torch's CPU
+    capability is AVX2. On an AVX2-only CPU emulated on the Zen 4 VM (session 49) torch's GELU backward took
+    51 ms of davit_tiny's eager training step at batch 8 and GELU 26 ms (``benchmarks/profile_step.py --task
+    gemm-rates``); the function's forward writes GELU's derivative with its output (and adds fc1's bias, which
+    F.linear writes into the output first), and its backward multiplies by it. Each MLP's forward and
+    backward, paired calls after a 64 MB pass: 1.111x, 1.051x, 1.014x, 1.055x as fast on the four stages'
+    shapes (~52 ms per step); the step 1.021x (15 paired rounds, quartiles 0.945-1.054, a noisy hour).
+    Unmeasured on Intel AVX-512 CPUs (the others with oneDNN's training linears off): they keep the three
+    ops."""
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return capability == "AVX2"
+
+
+_PLAIN_TRAIN_MLP = default_plain_train_mlp()
+
+
+def set_plain_train_mlp(enable: bool | None) -> bool:
+    """Let eager CPU fp32 training run its MLPs as :func:`train_mlp` with ``F.linear``'s GEMMs where
+    :func:`plain_train_mlp` says, or as the three ops; ``None``: the default
+    (:func:`default_plain_train_mlp`). Returns the previous setting."""
+    global _PLAIN_TRAIN_MLP
+    previous = _PLAIN_TRAIN_MLP
+    _PLAIN_TRAIN_MLP = default_plain_train_mlp() if enable is None else bool(enable)
+    return previous
+
+
+def plain_train_mlp_enabled() -> bool:
+    """The setting of :func:`set_plain_train_mlp` (``davit bench`` prints it)."""
+    return _PLAIN_TRAIN_MLP
+
+
+def plain_train_mlp(x: Tensor, layer: nn.Linear) -> bool:
+    """True where :func:`train_mlp` computes an MLP with fc1 ``layer`` on ``x`` with ``F.linear``'s and
+    ``mm``'s GEMMs (MKL) instead of oneDNN's: eager CPU fp32 training (not traced) with oneDNN's training
+    linears off for the layer (:func:`onednn_training`), the setting on (:func:`set_plain_train_mlp`; AVX2
+    CPUs by default), the layer unhooked and at least as large as the oneDNN linears' floor (``_MIN_MACS``:
+    small models keep the three ops, unmeasured there) and the native bias + GELU available for its width."""
+    return (
+        _PLAIN_TRAIN_MLP
+        and not torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and layer.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not has_hooks(layer)
+        and x.numel() * layer.out_features >= _MIN_MACS
+        and not onednn_training(x, layer)
+        and native.bias_gelu_supports(x, layer.out_features, layer.bias)
+    )
+
+
 def train_mlp_applies(x: Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear) -> bool:
     """True where :func:`train_mlp` computes ``fc2(act(fc1(x)))``: CPU fp32 training, eager or compiled (not
     export), with oneDNN's linears (:func:`onednn_training`) and the native bias + GELU
-    (:func:`native_bias_gelu`), the exact GELU, no hooks on the three layers, fc2 in fp32 with fc1's hidden
-    width and ``x`` rows of fc1's width."""
+    (:func:`native_bias_gelu`), or eager with ``F.linear``'s GEMMs (:func:`plain_train_mlp`); the exact GELU,
+    no hooks on the three layers, fc2 in fp32 with fc1's hidden width and ``x`` rows of fc1's width."""
     return (
         _TRAIN_MLP
         and type(act) is nn.GELU
@@ -937,8 +1023,7 @@ def train_mlp_applies(x: Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear)
         and fc2.weight.dtype == torch.float32
         and fc2.in_features == fc1.out_features
         and x.shape[-1] == fc1.in_features
-        and native_bias_gelu(x, fc1)
-        and onednn_training(x, fc1)
+        and ((native_bias_gelu(x, fc1) and onednn_training(x, fc1)) or plain_train_mlp(x, fc1))
     )
 
 
@@ -954,7 +1039,7 @@ def train_mlp(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
     rounds; peak memory 1192 instead of 1198 MB)."""
     if torch.compiler.is_compiling():
         return train_mlp_op(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)[0]
-    return _TrainMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    return _TrainMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, not onednn_training(x, fc1))
 
 
 def compiled_cpu_fp32_training(x: Tensor, layer: nn.Module) -> bool:
