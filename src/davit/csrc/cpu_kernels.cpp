@@ -1287,19 +1287,25 @@ int davit_channel_attention_backward_f32(const float* qkv, const float* attn, co
 // of the batch, and on a 2-core AVX-512 VM oneDNN's convolution backward and MKL's mm ran davit_tiny's shapes
 // at 0.55-0.85x the rate of their forward GEMMs (K = 96 inputs: 95-150 GFLOP/s against 180-200). Here each
 // thread owns a band of dW's rows, so nothing is reduced across threads, and accumulates 4 x 96 tiles of it
-// (the last one narrower where the input width is not a multiple of 96) in registers over chunks of tokens:
-// per token one 96-float row piece of x (six vectors, kept in registers) and four broadcast scalars of g
-// make 24 FMAs. The bias gradient comes from a second pass over each chunk of g, while it is in cache. Every
-// element is summed per chunk of 128-512 tokens, the chunks in order, so the result does not depend on the
-// thread count.
+// (the last one narrower where the input width is not a multiple of 96; 4 x 24 in AVX2 builds) in registers
+// over chunks of tokens: per token one 96-float row piece of x (six vectors, kept in registers) and four
+// broadcast scalars of g make 24 FMAs. The bias gradient comes from a second pass over each chunk of g,
+// while it is in cache. Every element is summed per chunk of 128-512 tokens, the chunks in order, so the
+// result does not depend on the thread count.
 
 namespace {
 
 typedef float v4 __attribute__((vector_size(16)));
 
-constexpr int WG_R = 4;            // rows of dW (output features) per tile
-constexpr int WG_C = 6;            // vectors of dW's columns (input features) per tile
-constexpr int WG_K = WG_C * L;     // 96 columns
+constexpr int WG_R = 4;  // rows of dW (output features) per tile
+// vectors of dW's columns (input features) per tile: 4 x 6 accumulators and 6 row vectors fill 30 of
+// AVX-512's 32 registers; with AVX2's 16, 4 x 3 accumulators, 3 row vectors and the broadcast (24 columns)
+#if defined(__AVX512F__)
+constexpr int WG_C = 6;
+#else
+constexpr int WG_C = 3;
+#endif
+constexpr int WG_K = WG_C * L;     // 96 (AVX-512) or 24 columns
 constexpr int64_t WG_CHUNK = 512;  // tokens per pass over a thread's tiles at most (its x rows stay in L2)
 constexpr int64_t WG_BIAS_BLOCK = 16;  // tokens per partial bias sum
 constexpr int64_t WG_BIAS_CHUNKS = 8;  // chunks per group of bias sums
@@ -1374,15 +1380,27 @@ inline void wgrad_tile_at(const float* g, int64_t ldg, const float* x, int64_t l
     wgrad_tile<false, C>(g, ldg, x, ldx, dw, ldw, nullptr, m0, m1, first, false);
 }
 
+// one tile of n (1..C) column vectors
+template <int C>
+inline void wgrad_tile_n(int n, const float* g, int64_t ldg, const float* x, int64_t ldx, float* dw,
+                         int64_t ldw, float* db, int64_t m0, int64_t m1, bool first, bool db_first) {
+  if constexpr (C > 1) {
+    if (n < C) return wgrad_tile_n<C - 1>(n, g, ldg, x, ldx, dw, ldw, db, m0, m1, first, db_first);
+  }
+  wgrad_tile_at<C>(g, ldg, x, ldx, dw, ldw, db, m0, m1, first, db_first);
+}
+
 }  // namespace
 
 extern "C" {
 
 // 1 where the kernel below is built for AVX-512, else 0. Its 24 accumulators and 6 row vectors fill 30 of
 // AVX-512's 32 registers; as pairs of AVX2 registers they spilled, and it ran 8x slower than MKL's mm
-// (-march=haswell on a Zen 4 VM, 16-float vectors), so callers keep the libraries' GEMMs there. (With the
-// 8-float vectors of non-AVX-512 builds its tiles still need 24 accumulators of AVX2's 16 registers;
-// correct, tested, unmeasured.)
+// (-march=haswell on a Zen 4 VM, 16-float vectors), so callers keep the libraries' GEMMs there. With AVX2's
+// 8-float vectors and 4 x 3 tiles (no spills) it still runs at 0.68-1.06x MKL's mm and column sum per call
+// on davit_tiny's shapes, 0.79x over a training step's calls (0.65x with 4 x 6 tiles; an AVX2-only CPU
+// emulated on the Zen 4 VM, session 49): a tile's 12 FMAs per token do not hide the reads of a token's
+// strided rows, where MKL packs its operands first.
 int davit_linear_weight_grad_fast(void) {
 #if defined(__AVX512F__)
   return 1;
@@ -1459,14 +1477,8 @@ int davit_linear_weight_grad_f32(const float* g, const float* x, float* dw, floa
           const float* vb = v + kb * WG_K;
           // the bias sums of WG_BIAS_CHUNKS chunks into `part`, then added to db's (the fourth level)
           float* bias = db && !mirror && kb == 0 ? part + b * WG_R : nullptr;
-          switch (kb < full ? WG_C : int(rest)) {
-            case 6: wgrad_tile_at<6>(ab, R, vb, C, o, C, bias, m0, m1, first, part_first); break;
-            case 5: wgrad_tile_at<5>(ab, R, vb, C, o, C, bias, m0, m1, first, part_first); break;
-            case 4: wgrad_tile_at<4>(ab, R, vb, C, o, C, bias, m0, m1, first, part_first); break;
-            case 3: wgrad_tile_at<3>(ab, R, vb, C, o, C, bias, m0, m1, first, part_first); break;
-            case 2: wgrad_tile_at<2>(ab, R, vb, C, o, C, bias, m0, m1, first, part_first); break;
-            default: wgrad_tile_at<1>(ab, R, vb, C, o, C, bias, m0, m1, first, part_first); break;
-          }
+          const int n = kb < full ? WG_C : int(rest);
+          wgrad_tile_n<WG_C>(n, ab, R, vb, C, o, C, bias, m0, m1, first, part_first);
         }
       }
       if (db && mirror) {
