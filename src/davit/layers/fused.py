@@ -870,7 +870,7 @@ def _train_mlp_backward(
     x2 = x.reshape(-1, x.shape[-1])
     gx = gw1 = gb1 = ga = None
     if need_x or need_w1 or need_b1:
-        ga = mlp_hidden_grad(g, d, w2) if op else _hidden_grad(g, d, w2, plain)
+        ga = mlp_hidden_grad(g, d, w2) if op and not plain else _hidden_grad(g, d, w2, plain)
     _, gw2, gb2 = _linear_grads(g, h, w2, False, need_w2, need_b2, plain)
     if ga is not None:
         gx, gw1, gb1 = _linear_grads(ga, x2, w1, need_x, need_w1, need_b1, plain)
@@ -914,16 +914,19 @@ def _train_mlp_grads(ctx, grad: Tensor, op: bool, plain: bool = False) -> tuple[
 
 @torch.library.custom_op("davit::train_mlp", mutates_args=())
 def train_mlp_op(
-    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, plain: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`train_mlp` as one opaque call for compiled CPU fp32 training: ``(y, h, d)``, the MLP's output
     and the hidden maps its backward reads (GELU's output and derivative, (M, hidden)); differentiable in
-    ``y`` (its backward: :func:`mlp_hidden_grad` and the linears' gradient ops)."""
-    return _train_mlp_forward(x, w1, b1, w2, b2)
+    ``y`` (its backward: :func:`mlp_hidden_grad` and the linears' gradient ops; with ``plain``, the GEMMs
+    ``F.linear``'s and the backward traced in the open: ``mm``, the product and the column sums)."""
+    return _train_mlp_forward(x, w1, b1, w2, b2, plain)
 
 
 @train_mlp_op.register_fake
-def _(x: Tensor, w1: Tensor, _b1: Tensor | None, w2: Tensor, _b2: Tensor | None) -> tuple[Tensor, ...]:
+def _(
+    x: Tensor, w1: Tensor, _b1: Tensor | None, w2: Tensor, _b2: Tensor | None, _plain: bool = False
+) -> tuple[Tensor, ...]:
     rows = x.numel() // x.shape[-1]
     hidden = x.new_empty((rows, w1.shape[0]))
     return x.new_empty((*x.shape[:-1], w2.shape[0])), hidden, torch.empty_like(hidden)
@@ -931,11 +934,12 @@ def _(x: Tensor, w1: Tensor, _b1: Tensor | None, w2: Tensor, _b2: Tensor | None)
 
 def _train_mlp_setup(ctx, inputs, output) -> None:
     _, h, d = output
-    _train_mlp_keep(ctx, inputs, h, d)
+    _train_mlp_keep(ctx, inputs[:5], h, d)
+    ctx.plain = len(inputs) > 5 and bool(inputs[5])
 
 
 def _train_mlp_grad(ctx, grad: Tensor, _grad_h: Tensor | None, _grad_d: Tensor | None):
-    return _train_mlp_grads(ctx, grad, True)
+    return (*_train_mlp_grads(ctx, grad, True, ctx.plain), None)
 
 
 train_mlp_op.register_autograd(_train_mlp_grad, setup_context=_train_mlp_setup)
@@ -954,16 +958,18 @@ def set_train_mlp(enable: bool) -> bool:
 
 
 def default_plain_train_mlp(capability: str | None = None) -> bool:
-    """Whether eager CPU fp32 training runs its MLPs as :func:`train_mlp` with ``F.linear``'s GEMMs (MKL)
-    where oneDNN's training linears are off (:func:`plain_train_mlp`) by default: where torch's CPU
-    capability is AVX2. On an AVX2-only CPU emulated on the Zen 4 VM (session 49) torch's GELU backward took
-    51 ms of davit_tiny's eager training step at batch 8 and GELU 26 ms (``benchmarks/profile_step.py --task
-    gemm-rates``); the function's forward writes GELU's derivative with its output (and adds fc1's bias, which
-    F.linear writes into the output first), and its backward multiplies by it. Each MLP's forward and
-    backward, paired calls after a 64 MB pass: 1.111x, 1.051x, 1.014x, 1.055x as fast on the four stages'
-    shapes (~52 ms per step); the step 1.021x (15 paired rounds, quartiles 0.945-1.054, a noisy hour).
-    Unmeasured on Intel AVX-512 CPUs (the others with oneDNN's training linears off): they keep the three
-    ops."""
+    """Whether CPU fp32 training (eager and compiled) runs its MLPs as :func:`train_mlp` with ``F.linear``'s
+    GEMMs (MKL) where oneDNN's training linears are off (:func:`plain_train_mlp`) by default: where torch's
+    CPU capability is AVX2. On an AVX2-only CPU emulated on the Zen 4 VM (session 49) torch's GELU backward
+    took 51 ms of davit_tiny's eager training step at batch 8 and GELU 26 ms (``benchmarks/profile_step.py
+    --task gemm-rates``); the function's forward writes GELU's derivative with its output (and adds fc1's
+    bias, which F.linear writes into the output first), and its backward multiplies by it. Each MLP's
+    forward and backward, paired calls after a 64 MB pass: 1.111x, 1.051x, 1.014x, 1.055x as fast on the
+    four stages' shapes (~52 ms per step); the step 1.021x (15 paired rounds, quartiles 0.945-1.054, a
+    noisy hour). Compiled, as one opaque op per MLP with its backward traced in the open, where inductor's
+    kernels ran the bias + GELU's backward: the step 1.062x (11 paired rounds, quartiles 1.027-1.135), peak
+    memory 1185 MB (timm's 1198). Unmeasured on Intel AVX-512 CPUs (the others with oneDNN's training
+    linears off): they keep the three ops."""
     capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
     return capability == "AVX2"
 
@@ -972,9 +978,10 @@ _PLAIN_TRAIN_MLP = default_plain_train_mlp()
 
 
 def set_plain_train_mlp(enable: bool | None) -> bool:
-    """Let eager CPU fp32 training run its MLPs as :func:`train_mlp` with ``F.linear``'s GEMMs where
+    """Let CPU fp32 training run its MLPs as :func:`train_mlp` with ``F.linear``'s GEMMs where
     :func:`plain_train_mlp` says, or as the three ops; ``None``: the default
-    (:func:`default_plain_train_mlp`). Returns the previous setting."""
+    (:func:`default_plain_train_mlp`). Read by eager code on each call and when torch.compile traces.
+    Returns the previous setting."""
     global _PLAIN_TRAIN_MLP
     previous = _PLAIN_TRAIN_MLP
     _PLAIN_TRAIN_MLP = default_plain_train_mlp() if enable is None else bool(enable)
@@ -988,14 +995,21 @@ def plain_train_mlp_enabled() -> bool:
 
 def plain_train_mlp(x: Tensor, layer: nn.Linear) -> bool:
     """True where :func:`train_mlp` computes an MLP with fc1 ``layer`` on ``x`` with ``F.linear``'s and
-    ``mm``'s GEMMs (MKL) instead of oneDNN's: eager CPU fp32 training (not traced) with oneDNN's training
-    linears off for the layer (:func:`onednn_training`), the setting on (:func:`set_plain_train_mlp`; AVX2
-    CPUs by default), the layer unhooked and at least as large as the oneDNN linears' floor (``_MIN_MACS``:
-    small models keep the three ops, unmeasured there) and the native bias + GELU available for its width."""
-    return (
+    ``mm``'s GEMMs (MKL) instead of oneDNN's: CPU fp32 training with oneDNN's training linears off for the
+    layer (:func:`onednn_training`), the setting on (:func:`set_plain_train_mlp`; AVX2 CPUs by default), the
+    native bias + GELU available for the layer's width and the layer unhooked; compiled (see
+    :func:`compiled_cpu_fp32_training`) or eager (not traced), where the layer is at least as large as the
+    oneDNN linears' floor (``_MIN_MACS``: small models keep the three ops, unmeasured there)."""
+    if not (
         _PLAIN_TRAIN_MLP
-        and not torch.compiler.is_compiling()
-        and torch.is_grad_enabled()
+        and not onednn_training(x, layer)
+        and native.bias_gelu_supports(x, layer.out_features, layer.bias)
+    ):
+        return False
+    if torch.compiler.is_compiling():
+        return compiled_cpu_fp32_training(x, layer)
+    return (
+        torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and layer.weight.dtype == torch.float32
@@ -1004,15 +1018,13 @@ def plain_train_mlp(x: Tensor, layer: nn.Linear) -> bool:
         and not torch.jit.is_scripting()
         and not has_hooks(layer)
         and x.numel() * layer.out_features >= _MIN_MACS
-        and not onednn_training(x, layer)
-        and native.bias_gelu_supports(x, layer.out_features, layer.bias)
     )
 
 
 def train_mlp_applies(x: Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear) -> bool:
     """True where :func:`train_mlp` computes ``fc2(act(fc1(x)))``: CPU fp32 training, eager or compiled (not
     export), with oneDNN's linears (:func:`onednn_training`) and the native bias + GELU
-    (:func:`native_bias_gelu`), or eager with ``F.linear``'s GEMMs (:func:`plain_train_mlp`); the exact GELU,
+    (:func:`native_bias_gelu`), or with ``F.linear``'s GEMMs (:func:`plain_train_mlp`); the exact GELU,
     no hooks on the three layers, fc2 in fp32 with fc1's hidden width and ``x`` rows of fc1's width."""
     return (
         _TRAIN_MLP
@@ -1036,10 +1048,13 @@ def train_mlp(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
     (fc1's input, the hidden map, the derivative in place of the pre-activation). Same results to fp32
     round-off. davit_tiny's training step at batch 8 (Zen 4 VM, session 44, ``benchmarks/switch_ab.py
     --switch train_mlp``, per-round ratios of paired steps): eager 1.005x (15 rounds), compiled 1.016x (13
-    rounds; peak memory 1192 instead of 1198 MB)."""
+    rounds; peak memory 1192 instead of 1198 MB). Where oneDNN's training linears are off
+    (:func:`plain_train_mlp`) the GEMMs are ``F.linear``'s and ``mm``'s (MKL) and the derivative is multiplied
+    in after fc2's input-gradient GEMM, as a separate pass (eager: in place) that replaces GELU's backward."""
+    plain = not onednn_training(x, fc1)
     if torch.compiler.is_compiling():
-        return train_mlp_op(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)[0]
-    return _TrainMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, not onednn_training(x, fc1))
+        return train_mlp_op(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, plain)[0]
+    return _TrainMlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, plain)
 
 
 def compiled_cpu_fp32_training(x: Tensor, layer: nn.Module) -> bool:
