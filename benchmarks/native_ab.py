@@ -4,8 +4,11 @@
     .venv/bin/python benchmarks/native_ab.py --compile --rounds 15
     .venv/bin/python benchmarks/native_ab.py --mode infer -b 16
     .venv/bin/python benchmarks/native_ab.py --mode infer -b 16 --calls   # per call of each kernel
-    # an AVX2-only CPU emulated on an AVX-512 one: the kernels built for AVX2, torch held to AVX2
+    # an AVX2-only CPU emulated on an AVX-512 one: the kernels built for AVX2, torch held to AVX2, and an
+    # inductor cache of its own (inductor's cache key misses the capability: AVX2 code taken from the shared
+    # cache by an AVX-512 process wrote past its buffers, docs/benchmarks.md session 49)
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-avx2 \
         .venv/bin/python benchmarks/native_ab.py --march haswell --mode infer -b 16
 
 Three steps in one process: ours with the kernels on (``davit.layers.native``: window and channel attention
