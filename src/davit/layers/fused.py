@@ -537,6 +537,20 @@ onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_l
 _MIN_MACS = 1 << 25
 
 
+def _cpu_fp32_linear(x: Tensor, layer: nn.Linear) -> bool:
+    # what the training linears' rewrites (oneDNN's, the MLP function's) ask of a call: CPU fp32 input and
+    # weight outside autocast, not TorchScript, the layer unhooked (its hooks fire on the module call)
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and layer.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not has_hooks(layer)
+    )
+
+
 def onednn_training(x: Tensor, layer: nn.Linear) -> bool:
     """True where :func:`onednn_linear` replaces ``layer(x)``: CPU fp32 outside autocast, large enough, not
     traced or exported (ONNX sees the plain op), eager or compiled, where the setting for the mode holds
@@ -544,19 +558,13 @@ def onednn_training(x: Tensor, layer: nn.Linear) -> bool:
     return (
         _MKLDNN
         and _onednn_wanted()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and layer.weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
+        and _cpu_fp32_linear(x, layer)
         and not torch.compiler.is_exporting()
         # with symbolic sizes (torch.compile: dynamic batch or image size) a plain comparison would guard on
         # the size and recompile on its other side; such a graph keeps oneDNN unless the layer is below the
         # floor for every size it serves (with symbolic H and W nothing is, and requiring the floor for every
         # size instead left all linears on F.linear: davit_tiny b8 224 px 634 ms against 496 ms static)
         and not statically_known_true(x.numel() * layer.out_features < _MIN_MACS)
-        and not has_hooks(layer)
     )
 
 
@@ -1010,13 +1018,7 @@ def plain_train_mlp(x: Tensor, layer: nn.Linear) -> bool:
         return compiled_cpu_fp32_training(x, layer)
     return (
         torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and layer.weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not has_hooks(layer)
+        and _cpu_fp32_linear(x, layer)
         and x.numel() * layer.out_features >= _MIN_MACS
     )
 
