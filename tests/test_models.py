@@ -171,9 +171,34 @@ def test_bf16_one_column_outputs_are_right(kind, hw):
         torch.testing.assert_close(g.double(), gref, atol=0.15 * gref.abs().max().item(), rtol=0.05)
 
 
-@pytest.mark.parametrize("hw", [(2, 2), (3, 5), (8, 8), (9, 9)])  # (9, 9): too large, takes the conv
-def test_downsample_patch_linear_equals_conv_in_training(hw):
-    from davit.models import Downsample
+def _has_conv_backward(t: torch.Tensor) -> bool:
+    # whether t's autograd graph holds a convolution (the conv path) rather than only a linear (the patches')
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "Convolution" in type(fn).__name__:
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
+
+
+@pytest.mark.parametrize(
+    "hw, side, patches",
+    [
+        ((2, 2), 8, True),
+        ((3, 5), 8, True),
+        ((8, 8), 8, True),
+        ((9, 9), 8, False),  # too large for the default side: takes the conv
+        ((9, 9), 14, True),  # the AVX2 side (default_patch_linear_side)
+        ((14, 13), 14, True),
+        ((16, 16), 14, False),
+    ],
+)
+def test_downsample_patch_linear_equals_conv_in_training(hw, side, patches):
+    from davit.models import Downsample, set_patch_linear_side
 
     torch.manual_seed(0)
     m = Downsample(6, 10).double()
@@ -182,15 +207,36 @@ def test_downsample_patch_linear_equals_conv_in_training(hw):
     def run():
         out = m(x)
         w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-        return out, torch.autograd.grad((out * w).sum(), [x, *m.parameters()])
+        return out, torch.autograd.grad((out * w).sum(), [x, *m.parameters()], retain_graph=True)
 
-    out, grads = run()
-    m.fast = False
-    out_ref, grads_ref = run()
+    previous = set_patch_linear_side(side)
+    try:
+        out, grads = run()
+        m.fast = False
+        out_ref, grads_ref = run()
+    finally:
+        set_patch_linear_side(previous)
+    assert _has_conv_backward(out) is not patches
+    assert _has_conv_backward(out_ref)  # the reference path always convolves
     assert out.shape == (3, (hw[0] + 1) // 2, (hw[1] + 1) // 2, 10)
     torch.testing.assert_close(out, out_ref)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b)
+
+
+def test_patch_linear_side_by_capability():
+    from davit.models import default_patch_linear_side, patch_linear_side, set_patch_linear_side
+
+    assert default_patch_linear_side("AVX2") == 14
+    assert default_patch_linear_side("AVX512") == 8
+    assert default_patch_linear_side("DEFAULT") == 8
+    previous = set_patch_linear_side(3)
+    try:
+        assert patch_linear_side() == 3
+        assert set_patch_linear_side(None) == 3
+        assert patch_linear_side() == default_patch_linear_side()
+    finally:
+        set_patch_linear_side(previous)
 
 
 def test_features_only_and_dense_form():

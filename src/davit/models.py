@@ -99,6 +99,37 @@ class ConvStem(nn.Module):
         return self.norm(strided_conv(self.conv, x).permute(0, 2, 3, 1))
 
 
+def default_patch_linear_side(capability: str | None = None) -> int:
+    """The largest map side (height and width) on which :class:`Downsample`'s k2 s2 convolution runs in
+    training as a linear layer on 2x2 patches (see its forward): 8, or 14 where torch's CPU capability is AVX2
+    (no AVX-512). There oneDNN's convolution weight gradient runs at 38-61 GFLOP/s (session 49), and on an
+    AVX2-only CPU emulated on the Zen 4 VM (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, session
+    50, forward + backward per call after a 64 MB pass, 15 alternating rounds) the patches' linear was 1.42x,
+    1.21x and 2.09x as fast as the convolution on davit_tiny's 14 x 14 x 384 -> 768 downsampling at batch 8,
+    32 and 2; on 28 x 28 x 192 -> 384 maps 1.12x, 0.98x and 1.14x (kept on the convolution). With AVX-512
+    the 14 x 14 map was level (1.03x) and the larger ones 0.76-0.78x."""
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return 14 if capability == "AVX2" else 8
+
+
+_PATCH_LINEAR_SIDE = default_patch_linear_side()
+
+
+def set_patch_linear_side(side: int | None) -> int:
+    """Set the largest map side on which training runs the downsampling convolutions as linears on 2x2
+    patches on the CPU (``None``: :func:`default_patch_linear_side`; other devices keep 8). Read by eager
+    code on each call and when torch.compile traces. Returns the previous setting."""
+    global _PATCH_LINEAR_SIDE
+    previous = _PATCH_LINEAR_SIDE
+    _PATCH_LINEAR_SIDE = default_patch_linear_side() if side is None else int(side)
+    return previous
+
+
+def patch_linear_side() -> int:
+    """The setting of :func:`set_patch_linear_side` (``davit bench`` prints it)."""
+    return _PATCH_LINEAR_SIDE
+
+
 class Downsample(nn.Module):
     """LayerNorm, then Conv2d(k2 s2) after zero-padding to even size, or Conv2d(k3 s2 p1) (overlapped)."""
 
@@ -122,11 +153,13 @@ class Downsample(nn.Module):
                 x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
                 H, W = Hp, Wp
         # a graph with symbolic sizes keeps the conv (the size test would be a guard)
-        small = self.even_k and known_true(H <= 8) and known_true(W <= 8)
+        side = _PATCH_LINEAR_SIDE if x.is_cpu else 8
+        small = self.even_k and known_true(H <= side) and known_true(W <= side)
         if small and self.fast and torch.is_grad_enabled() and not has_hooks(self.conv):
             # k2 s2 on a small map, in training: the conv is a linear layer on 2x2 patches. oneDNN's conv
             # backward on such maps costs 2-4x the linear's (batch 64, fwd + bwd: 5.0 vs 1.3 ms for 2x2x128
-            # -> 256, 2.4 vs 1.2 ms for 4x4x64 -> 128); on large maps the conv wins, hence the size limit.
+            # -> 256, 2.4 vs 1.2 ms for 4x4x64 -> 128); on large maps the conv wins, hence the size limit
+            # (larger on AVX2-only CPUs: default_patch_linear_side).
             patches = x.reshape(B, H // 2, 2, W // 2, 2, C).transpose(2, 3).reshape(B, H // 2, W // 2, 4 * C)
             weight = self.conv.weight.permute(0, 2, 3, 1).reshape(self.conv.out_channels, 4 * C)
             return F.linear(patches, weight, self.conv.bias)
