@@ -357,7 +357,8 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         lib = "oneDNN" if onednn_training_enabled() else "F.linear (MKL)"
         if not onednn_training_enabled() and plain_train_mlp_enabled():
             lib += "; MLPs as one function with the native bias + GELU"
-        lib += f"; downsampling of maps up to {patch_linear_side()} px a side as linears on 2x2 patches"
+        side = patch_linear_side()
+        lib += f"; downsampling of maps up to {side} x {side} as linears on 2x2 patches"
         print(f"ours' fp32 training linears: {lib} (DAVIT_ONEDNN_TRAINING=0/1 overrides)")
         where = f"slices of ~{slice_tokens} tokens" if slice_tokens > 0 else "the whole batch"
         gemms = "oneDNN, fused" if inference_onednn_gemms_enabled() else "MKL's GEMMs, epilogue in place"
