@@ -238,8 +238,8 @@ def test_compiled_training_runs_large_mlps_in_a_fixed_number_of_chunks(monkeypat
     """Compiled CPU fp32 training splits an MLP whose map has enough tokens per image into the fixed number of
     chunks eager training's rule gives at COMPILED_TRAIN_MLP_BATCH, with the whole map's outputs and
     gradients, and another batch size runs the same graph (the count does not depend on the symbolic batch);
-    with the setting off, or without oneDNN's training linears (peak memory, session 48), the map stays
-    whole."""
+    with oneDNN's training linears off, where the MLP function runs on F.linear's GEMMs (AVX2 CPUs' default)
+    too; with the setting off, or with neither (the three ops), the map stays whole."""
     from davit.layers import blocks, fused
 
     # 9 x 11 = 99 tokens per image: 99 * COMPILED_TRAIN_MLP_BATCH // TRAIN_MLP_CHUNK_TOKENS = 3 chunks
@@ -285,9 +285,14 @@ def test_compiled_training_runs_large_mlps_in_a_fixed_number_of_chunks(monkeypat
         blocks.set_compiled_mlp_chunks(previous)
     assert not [n for n in graphs[0].graph.nodes if n.target == "tensor_split"]
 
-    graphs = []
     monkeypatch.setattr(fused, "_ONEDNN_TRAINING", False)
-    out, grads = run(compiled(graphs), 2)
-    ref, ref_grads = run(b, 2)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert not [n for n in graphs[0].graph.nodes if n.target == "tensor_split"]
+    for plain, expected in ((True, [(3,)]), (False, [])):
+        monkeypatch.setattr(fused, "_PLAIN_TRAIN_MLP", plain)
+        graphs = []
+        out, grads = run(compiled(graphs), 2)
+        ref, ref_grads = run(b, 2)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for a, r in zip(grads, ref_grads):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+        splits = [n.args[1:] for n in graphs[0].graph.nodes if n.target == "tensor_split"]
+        assert splits == expected, plain

@@ -40,6 +40,7 @@ from .fused import (
     onednn_linear_gelu,
     onednn_norm_mlp_add,
     onednn_training,
+    plain_train_mlp,
     train_mlp,
     train_mlp_applies,
 )
@@ -320,15 +321,19 @@ class Mlp(nn.Module):
     def _compiled_chunks(self, x: Tensor, residual: Tensor) -> int:
         """How many chunks of tokens compiled CPU fp32 training runs this MLP on (1: the whole map): see
         :data:`COMPILED_TRAIN_MLP_BATCH`. Only where the tokens per image are static (a symbolic image size
-        keeps whole maps), and with oneDNN's training linears (:func:`~davit.layers.fused.onednn_training`,
-        where each chunk is one opaque MLP op): with ``F.linear`` (an AVX2-only CPU emulated on the Zen 4 VM,
-        session 48) the chunks made the compiled step 1.030x as fast (9 paired rounds) but its peak memory
-        1205 MB (two chunks: 1201) against timm's 1198; whole maps 1192."""
+        keeps whole maps), and where each chunk is one opaque MLP op: with oneDNN's training linears
+        (:func:`~davit.layers.fused.onednn_training`) or the MLP function on ``F.linear``'s GEMMs
+        (:func:`~davit.layers.fused.plain_train_mlp`, AVX2-only CPUs). On such a CPU emulated on the Zen 4 VM
+        the chunks made the compiled step 1.030x as fast (session 48, the three ops) and 1.054x (session 49,
+        the MLP function) but raised its peak above timm's (1205 and 1199 MB against 1198), so they were
+        off there; with the downsampling on patches there (``davit.models.default_patch_linear_side``) the
+        step's peak is 850.0 MiB with whole maps, 861.6 MiB in chunks against timm's 873.1, and the chunks
+        1.042x as fast (13 paired rounds, quartiles 1.016-1.067; session 50)."""
         if not (
             _COMPILED_CHUNKS
             and self.fast
             and compiled_cpu_fp32_training(x, self.fc1)
-            and onednn_training(x, self.fc1)
+            and (onednn_training(x, self.fc1) or plain_train_mlp(x, self.fc1))
             and not any(has_hooks(m) for m in (self, self.act, self.fc2))
         ):
             return 1
