@@ -27,8 +27,6 @@ def _linears_line(run: dict) -> list[str]:
         return []
     train = "oneDNN" if run["onednn_training_linears"] else "F.linear (MKL)"
     infer = "oneDNN's fused kernels" if run["onednn_inference_gemms"] else "MKL, epilogues in place"
-    if run["onednn_inference_gemms"] and run.get("inference_mkl_max_weight"):
-        infer += f", weights up to {run['inference_mkl_max_weight']} elements on MKL"
     if run.get("packed_inference_weights"):
         infer += ", small weights packed"
     comp = "the chunked opaque ops" if run["onednn_compiled_inference"] else "inductor's graph, F.linear"

@@ -290,8 +290,6 @@ def test_report_renders_bench_json_and_labels_whole_batch_runs(tmp_path):
     from davit.layers import fused
 
     infer = "oneDNN's fused kernels" if fused.inference_onednn_gemms_enabled() else "MKL, epilogues in place"
-    if fused.inference_onednn_gemms_enabled() and fused.inference_mkl_max_weight():
-        infer += f", weights up to {fused.inference_mkl_max_weight()} elements on MKL"
     assert "Ours' fp32 linears here: training " in r.stdout and f"; inference {infer};" in r.stdout
     opaque = fused.onednn_compiled_inference_enabled()
     comp = "the chunked opaque ops" if opaque else "inductor's graph, F.linear"

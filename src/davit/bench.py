@@ -345,7 +345,6 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         from .layers.fused import (
             PACK_MAX_ELEMENTS,
             compiled_packed_weights_enabled,
-            inference_mkl_max_weight,
             inference_onednn_gemms_enabled,
             onednn_compiled_inference_enabled,
             onednn_training_enabled,
@@ -363,8 +362,6 @@ def _bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"ours' fp32 training linears: {lib} (DAVIT_ONEDNN_TRAINING=0/1 overrides)")
         where = f"slices of ~{slice_tokens} tokens" if slice_tokens > 0 else "the whole batch"
         gemms = "oneDNN, fused" if inference_onednn_gemms_enabled() else "MKL's GEMMs, epilogue in place"
-        if inference_onednn_gemms_enabled() and inference_mkl_max_weight() > 0:
-            gemms += f"; weights up to {inference_mkl_max_weight()} elements on MKL's GEMMs"
         if packed_weights_enabled():
             gemms += f"; weights up to {PACK_MAX_ELEMENTS} elements packed for oneDNN"
         gemms += " (DAVIT_ONEDNN_INFERENCE_GEMMS, DAVIT_INFER_PACKED_WEIGHTS=0/1 override)"
@@ -647,7 +644,6 @@ def environment() -> dict[str, Any]:
     )
     from .layers.fused import (
         compiled_packed_weights_enabled,
-        inference_mkl_max_weight,
         inference_onednn_gemms_enabled,
         onednn_compiled_inference_enabled,
         onednn_training_enabled,
@@ -657,7 +653,6 @@ def environment() -> dict[str, Any]:
     env["onednn_training_linears"] = onednn_training_enabled()
     env["packed_inference_weights"] = packed_weights_enabled()
     env["onednn_inference_gemms"] = inference_onednn_gemms_enabled()
-    env["inference_mkl_max_weight"] = inference_mkl_max_weight()
     env["onednn_compiled_inference"] = onednn_compiled_inference_enabled()
     env["compiled_packed_weights"] = compiled_packed_weights_enabled()
     from .layers.native import channel_attention_kernel_enabled, native_library

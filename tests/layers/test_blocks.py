@@ -73,25 +73,23 @@ def test_padding_shortcut_changes_the_result_if_padding_were_ignored():
         assert (blk(x) - full).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("onednn,mkl_max", [(True, 0), (False, 0), (True, 96 * 96)])
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("hw", [(1, 1), (3, 5), (9, 9), (14, 14)])
-def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, mkl_max, monkeypatch):
+def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, monkeypatch):
     # CPU fp32 inference takes the oneDNN kernels (qkv, fc1+GELU, proj/fc2+residual), or MKL's GEMMs with
-    # in-place epilogues where the setting is off (the Intel AVX-512 default) or the weight is at most
-    # ``mkl_max`` elements (here the 96 x 96 projections; the AVX2 default: up to 384 x 384), and the
+    # in-place epilogues where the setting is off (the Intel AVX-512 default), and the
     # per-group channel attention; all within fp32 round-off of the literal path
     monkeypatch.setattr(fused, "_INFER_ONEDNN_GEMMS", onednn)
-    monkeypatch.setattr(fused, "_INFER_MKL_MAX_WEIGHT", mkl_max)
-    calls = []  # the weights oneDNN's linear ran with
+    calls = []
     if fused._MKLDNN:
         real = torch.ops.mkldnn._linear_pointwise
 
         class Spy:  # the op and its .binary overload (linear + residual add), counted
             def __call__(self, *a):
-                return calls.append(a[1].numel()) or real(*a)
+                return calls.append(1) or real(*a)
 
             def binary(self, *a):
-                return calls.append(a[2].numel()) or real.binary(*a)
+                return calls.append(1) or real.binary(*a)
 
         monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", Spy())
     torch.manual_seed(0)
@@ -108,9 +106,6 @@ def test_blocks_fp32_inference_fast_vs_literal(hw, onednn, mkl_max, monkeypatch)
         assert (fast - ref).abs().max().item() <= 2e-5
     if fused._MKLDNN:
         assert bool(calls) is onednn, f"{len(calls)} oneDNN linear calls with the oneDNN GEMMs {onednn}"
-        # each block's qkv, fc1 and fc2 (3 x 96 x 96 and more) on oneDNN, its projection on MKL if mkl_max
-        assert all(n > mkl_max for n in calls)
-        assert not onednn or len(calls) == len(blocks) * (3 if mkl_max else 4)
 
 
 @pytest.mark.parametrize("block", [SpatialBlock, ChannelBlock])
@@ -140,25 +135,6 @@ def test_position_encoding_adds_in_place_unless_its_conv_is_hooked(block):
     for out, copy in seen:
         assert torch.equal(out, copy)
     assert torch.equal(hooked, plain)
-
-
-@pytest.mark.parametrize(
-    "capability,expected", [("AVX2", fused.SMALL_WEIGHT_MKL), ("AVX512", 0), ("DEFAULT", 0)]
-)
-def test_default_inference_mkl_max_weight_by_capability(monkeypatch, capability, expected):
-    """Under the oneDNN setting AVX2-only CPUs run inference's linears with weights of up to 384 x 384 on
-    MKL's GEMMs, other CPUs none; with DAVIT_ONEDNN_INFERENCE_GEMMS set its choice holds for every linear."""
-    monkeypatch.delenv("DAVIT_ONEDNN_INFERENCE_GEMMS", raising=False)
-    assert fused.default_inference_mkl_max_weight(capability) == expected
-    monkeypatch.setenv("DAVIT_ONEDNN_INFERENCE_GEMMS", "1")
-    assert fused.default_inference_mkl_max_weight(capability) == 0
-    previous = fused.set_inference_mkl_max_weight(123)
-    try:
-        assert fused.inference_mkl_max_weight() == 123
-        assert fused.set_inference_mkl_max_weight(None) == 123
-        assert fused.inference_mkl_max_weight() == 0  # the default, here under the environment variable
-    finally:
-        fused.set_inference_mkl_max_weight(previous)
 
 
 @pytest.mark.parametrize(

@@ -458,17 +458,14 @@ def test_conv_weight_grad_opcheck():
 
 # how inference runs its linears: oneDNN's fused kernels, MKL's GEMMs with in-place epilogues (the Intel
 # AVX-512 default of eager inference), or oneDNN with packed weights (opt-in in eager inference, the default
-# in compiled inference's opaque ops, which the tests below call directly: both settings follow ``packed``);
-# the third item: the largest weight run on MKL's GEMMs under the oneDNN setting (the AVX2 default keeps
-# small weights on MKL): 200 elements puts the tests' smaller weights there, the larger on oneDNN
-GEMM_PATHS = [(True, False, 0), (False, False, 0), (False, True, 0), (True, False, 200)]
+# in compiled inference's opaque ops, which the tests below call directly: both settings follow ``packed``)
+GEMM_PATHS = [(True, False), (False, False), (False, True)]
 
 
-@pytest.mark.parametrize("onednn_gemms,packed,mkl_max", GEMM_PATHS)
+@pytest.mark.parametrize("onednn_gemms,packed", GEMM_PATHS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_inference_ops_opcheck_and_values(bias, onednn_gemms, packed, mkl_max, monkeypatch):
+def test_fused_inference_ops_opcheck_and_values(bias, onednn_gemms, packed, monkeypatch):
     monkeypatch.setattr(fused, "_INFER_ONEDNN_GEMMS", onednn_gemms)
-    monkeypatch.setattr(fused, "_INFER_MKL_MAX_WEIGHT", mkl_max)
     monkeypatch.setattr(fused, "_PACKED_WEIGHTS", packed)
     monkeypatch.setattr(fused, "_COMPILED_PACKED", packed)
     torch.manual_seed(0)
@@ -542,9 +539,9 @@ def _graph_targets(model, x, dynamic=None):
     return {n.target for n in graph.graph.nodes if n.op == "call_function"}, out
 
 
-@pytest.mark.parametrize("onednn_gemms,packed,mkl_max", GEMM_PATHS)
+@pytest.mark.parametrize("onednn_gemms,packed", GEMM_PATHS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_chunked_inference_ops_opcheck_and_values(bias, onednn_gemms, packed, mkl_max, monkeypatch):
+def test_chunked_inference_ops_opcheck_and_values(bias, onednn_gemms, packed, monkeypatch):
     """The norm + MLP and norm + attention ops of compiled inference equal their plain compositions, also
     where the chunks (here of 10 tokens) do not divide the rows, windows or images, and for any layout of
     the input."""
@@ -552,7 +549,6 @@ def test_chunked_inference_ops_opcheck_and_values(bias, onednn_gemms, packed, mk
 
     monkeypatch.setattr(fused, "INFER_OP_CHUNK_TOKENS", 10)
     monkeypatch.setattr(fused, "_INFER_ONEDNN_GEMMS", onednn_gemms)
-    monkeypatch.setattr(fused, "_INFER_MKL_MAX_WEIGHT", mkl_max)
     monkeypatch.setattr(fused, "_PACKED_WEIGHTS", packed)
     monkeypatch.setattr(fused, "_COMPILED_PACKED", packed)
     torch.manual_seed(0)

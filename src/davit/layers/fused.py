@@ -61,7 +61,6 @@ __all__ = [
     "onednn_norm_mlp_add",
     "layer_norm_rows",
     "default_inference_onednn_gemms",
-    "default_inference_mkl_max_weight",
     "default_onednn_compiled_inference",
     "inference_onednn_gemms_enabled",
     "infer_linear",
@@ -81,9 +80,6 @@ __all__ = [
     "set_packed_weights",
     "set_compiled_packed_weights",
     "set_inference_onednn_gemms",
-    "set_inference_mkl_max_weight",
-    "inference_mkl_max_weight",
-    "SMALL_WEIGHT_MKL",
     "set_onednn_compiled_inference",
     "set_onednn_training",
     "set_opaque_convs",
@@ -143,50 +139,6 @@ def default_inference_onednn_gemms(vendor: str | None = None, capability: str | 
     vendor = _cpu_vendor() if vendor is None else vendor
     capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
     return not (vendor == "GenuineIntel" and capability.startswith("AVX512"))
-
-
-#: the largest weight (elements) that CPU fp32 inference runs on MKL's GEMMs by default where oneDNN's kernels
-#: are the setting and torch's CPU capability is AVX2 (:func:`default_inference_mkl_max_weight`): davit's
-#: first two stages' linears and the third's projections (384 x 384)
-SMALL_WEIGHT_MKL = 384 * 384
-
-
-def default_inference_mkl_max_weight(capability: str | None = None) -> int:
-    """The largest weight (elements) whose linears CPU fp32 inference runs on MKL's GEMMs (in-place
-    epilogues) although :func:`inference_onednn_gemms_enabled` holds: :data:`SMALL_WEIGHT_MKL` where torch's
-    CPU capability is AVX2, else 0 (every linear on oneDNN). On an AVX2-only CPU (emulated on the Zen 4 VM,
-    session 51) oneDNN's unpacked AVX2 kernels took 1.0-2.0x MKL's time per call for davit_tiny's weights up
-    to 192 x 768 and the 384 x 384 projections with their residual add, at 49 to 3136 rows, while MKL took
-    up to 1.5x oneDNN's for the larger weights at 49-196 rows. Paired rounds of davit_tiny's eager forward:
-    every linear on MKL 1.03-1.06x as fast at batch 16 but 0.90x at batch 1; this split 1.036x at batch 16
-    and 1.025x at batch 1. With AVX-512 (Zen 4) oneDNN led from 192 channels on at 784 rows and more:
-    unchanged there. Where ``DAVIT_ONEDNN_INFERENCE_GEMMS`` is set, 0: its choice holds for every linear.
-    Compiled inference's opaque ops run weights of up to :data:`PACK_MAX_ELEMENTS` packed for oneDNN either
-    way."""
-    if os.environ.get("DAVIT_ONEDNN_INFERENCE_GEMMS", "").strip() in ("0", "1"):
-        return 0
-    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
-    return SMALL_WEIGHT_MKL if capability == "AVX2" else 0
-
-
-def inference_mkl_max_weight() -> int:
-    """The current setting of :func:`set_inference_mkl_max_weight` (``davit bench`` prints it)."""
-    return _INFER_MKL_MAX_WEIGHT
-
-
-def set_inference_mkl_max_weight(elements: int | None) -> int:
-    """Run CPU fp32 inference's linears with weights of up to ``elements`` elements on MKL's GEMMs where
-    oneDNN's are the setting (:func:`set_inference_onednn_gemms`); 0: none, ``None``: the default
-    (:func:`default_inference_mkl_max_weight`). Returns the previous setting."""
-    global _INFER_MKL_MAX_WEIGHT
-    previous = _INFER_MKL_MAX_WEIGHT
-    _INFER_MKL_MAX_WEIGHT = default_inference_mkl_max_weight() if elements is None else max(0, int(elements))
-    return previous
-
-
-def _infer_onednn(weight: Tensor) -> bool:
-    # oneDNN's fused kernel for this weight's linear in inference (else MKL's GEMM, epilogues in place)
-    return _INFER_ONEDNN_GEMMS and weight.numel() > _INFER_MKL_MAX_WEIGHT
 
 
 def inference_onednn_gemms_enabled() -> bool:
@@ -324,7 +276,7 @@ def infer_linear(
     packed = packed_weight(weight, compiled)
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, epilogue, [], algorithm)
-    if _infer_onednn(weight):
+    if _INFER_ONEDNN_GEMMS:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, epilogue, [], algorithm)
     y = F.linear(x, weight, bias)
     # in place: the GEMM's fresh output is still in cache, and no second map is allocated
@@ -365,7 +317,7 @@ def infer_linear_add(
     packed = packed_weight(weight, compiled)
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
-    if _infer_onednn(weight):
+    if _INFER_ONEDNN_GEMMS:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     return F.linear(x, weight, bias).add_(residual)
 
@@ -678,7 +630,6 @@ def default_onednn_compiled_inference(capability: str | None = None) -> bool:
 _ONEDNN_TRAINING = default_onednn_training()
 _ONEDNN_COMPILED_INFERENCE = default_onednn_compiled_inference()
 _INFER_ONEDNN_GEMMS = default_inference_onednn_gemms()
-_INFER_MKL_MAX_WEIGHT = default_inference_mkl_max_weight()
 _GELU_APART = default_gelu_apart()
 _PACKED_WEIGHTS = default_packed_weights()
 _COMPILED_PACKED = default_compiled_packed_weights()
