@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from davit import compile_cache
@@ -38,3 +43,54 @@ def test_the_pass_changes_no_graph():
     before = str(g)
     compile_cache.code_version_pass()(g)
     assert str(g) == before
+
+
+def test_uuid_names_the_vector_isa(monkeypatch):
+    """The pass's key changes with the ISA inductor generates CPU code for (its FX graph cache key does not),
+    and falls back to torch's capability and ATEN_CPU_CAPABILITY where inductor's chooser cannot be asked."""
+    import torch._inductor.cpu_vec_isa as isa
+
+    files = compile_cache.source_files()
+    monkeypatch.setattr(isa, "pick_vec_isa", lambda: "avx512")
+    wide = compile_cache.code_version_pass(files).uuid()
+    monkeypatch.setattr(isa, "pick_vec_isa", lambda: "avx2")
+    narrow = compile_cache.code_version_pass(files).uuid()
+    assert wide != narrow and wide.endswith(b"|avx512") and narrow.endswith(b"|avx2")
+
+    def broken():
+        raise RuntimeError("no cpuinfo")
+
+    monkeypatch.setattr(isa, "pick_vec_isa", broken)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert compile_cache.vector_isa() == f"{torch.backends.cpu.get_cpu_capability()}/avx2"
+
+
+_SDPA = """
+import sys, torch
+import torch.nn.functional as F
+from davit.compile_cache import compile_options
+torch.manual_seed(0)
+x = torch.randn(2, 4, 5, 32)
+f = lambda x: F.scaled_dot_product_attention(x, x * 2, x + 1)
+with torch.no_grad():
+    out = torch.compile(f, fullgraph=True, options=compile_options())(x)
+err = (out - f(x)).abs().max().item()
+print(err)
+sys.exit(0 if err < 1e-5 else 1)
+"""
+
+
+def test_a_graph_compiled_for_avx512_is_not_served_under_avx2(tmp_path):
+    """Session 51: scaled dot-product attention compiled with ATEN_CPU_CAPABILITY unset on an AVX-512 CPU,
+    then served from inductor's FX graph cache under ATEN_CPU_CAPABILITY=avx2, returned NaN. With
+    :func:`compile_options` the second process compiles its own graph and is right."""
+    if not compile_cache.vector_isa().startswith("avx512"):
+        pytest.skip("needs a CPU for which inductor generates AVX-512 code")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    for capability in (None, "avx2"):
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        cmd = [sys.executable, "-c", _SDPA]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, (capability, run.stdout[-500:], run.stderr[-2000:])

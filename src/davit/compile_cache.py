@@ -12,16 +12,26 @@ and the native kernels' C++ source. Inductor puts a custom pass's ``uuid`` into 
 and AOTAutograd's, so a changed operator gives new keys, and unchanged code still hits the cache. davit's
 own compiled paths (``davit bench --compile``, ``davit train --torchcompile``) pass it in ``options``; a
 user's own ``torch.compile`` of the model can do the same with :func:`compile_options`.
+
+The ``uuid`` also names the vector ISA inductor generates CPU code for (:func:`vector_isa`: the CPU's best,
+or the one ``ATEN_CPU_CAPABILITY`` asks for). Inductor's FX graph cache key does not (torch 2.14): a graph
+compiled under one ISA and served from the cache under another ran its kernels with the other ISA's vector
+width and returned NaN or wrong values, with no error. Session 51 met it with plain torch code (a
+convolution, scaled dot-product attention, a layer norm and a linear, each compiled with
+``ATEN_CPU_CAPABILITY`` unset and then served under ``avx2``, 2 of 3 NaN, the third off by 1.14) and with
+davit_atto; a cache directory shared by machines with and without AVX-512 would meet it too.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-__all__ = ["code_version_pass", "compile_options", "source_files"]
+__all__ = ["code_version_pass", "compile_options", "source_files", "vector_isa"]
 
 _ROOT = Path(__file__).resolve().parent
 
@@ -42,7 +52,20 @@ class _CodeVersion(CustomGraphPass):
         return None
 
     def uuid(self) -> bytes:
-        return get_hash_for_files(self.files)
+        return get_hash_for_files(self.files) + b"|" + vector_isa().encode()
+
+
+def vector_isa() -> str:
+    """The vector ISA inductor generates CPU code for in this process, as inductor names it (``avx512``,
+    ``avx2``, ...); where its private chooser cannot be asked, torch's CPU capability and
+    ``ATEN_CPU_CAPABILITY``, which it follows."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        return str(pick_vec_isa())
+    except Exception:  # noqa: BLE001 - a private API: any failure falls back to what it depends on
+        env = os.environ.get("ATEN_CPU_CAPABILITY", "")
+        return f"{torch.backends.cpu.get_cpu_capability()}/{env}"
 
 
 def code_version_pass(files: tuple[str, ...] | None = None) -> CustomGraphPass:
