@@ -19,7 +19,7 @@ compiled under one ISA and served from the cache under another ran its kernels w
 width and returned NaN or wrong values, with no error. Session 51 met it with plain torch code (a
 convolution, scaled dot-product attention, a layer norm and a linear, each compiled with
 ``ATEN_CPU_CAPABILITY`` unset and then served under ``avx2``, 2 of 3 NaN, the third off by 1.14) and with
-davit_atto; a cache directory shared by machines with and without AVX-512 would meet it too.
+davit_atto; a cache directory shared by machines with and without AVX-512 could meet it too (not tried).
 """
 
 from __future__ import annotations
