@@ -10,6 +10,16 @@ import torch
 # machine. The tests of the default set it themselves.
 os.environ.setdefault("DAVIT_NATIVE_KERNELS", "1")
 
+# Every torch.compile in the suite keys inductor's and AOTAutograd's caches as davit's own compiles do
+# (davit.compile_cache: the operators' code and inductor's vector ISA). Without it a warm cache could serve
+# a backward compiled from older operator code (PyTorch issue 144344) or a graph compiled for another ISA:
+# the suite run under ATEN_CPU_CAPABILITY=avx2 with a cache filled by AVX-512 runs got NaN (session 51).
+import torch._inductor.config  # noqa: E402
+
+from davit.compile_cache import code_version_pass  # noqa: E402
+
+torch._inductor.config.post_grad_custom_post_pass = code_version_pass()
+
 # CI has 2 cores; keep torch from oversubscribing when pytest runs alongside subprocesses (or with
 # pytest-xdist workers: one thread each)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
