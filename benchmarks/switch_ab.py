@@ -19,7 +19,7 @@ Switches (each a ``set_*`` function returning the previous setting):
   (``davit.layers.blocks.COMPILED_TRAIN_MLP_BATCH``), against whole maps;
 - ``train_mlp``: CPU fp32 training's MLPs as one function (compiled: one opaque op) with GELU's backward in
   fc2's input-gradient GEMM (``davit.layers.fused.train_mlp``), against oneDNN's linears and the native
-  bias + GELU ops (with ``--compile`` run it with the compile caches off, as ``weight_grad``);
+  bias + GELU ops;
 - ``fork_norm``: eager CPU fp32 training's block norms as one function with the native kernels, the
   stream's skip gradient added in the norm's backward (``davit.layers.norm.LayerNorm.fork``), against torch's
   layer norm and autograd's sum;
@@ -33,9 +33,13 @@ Switches (each a ``set_*`` function returning the previous setting):
   oneDNN's GELU epilogue (``--mode infer``);
 - ``weight_grad``: CPU training's linear weight gradients in davit's native kernel
   (``davit.layers.native.linear_weight_grad``), against oneDNN's convolution backward (``mm`` for large
-  weights). Read when the backward is traced: with ``--compile`` run it with
-  ``TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0``, so the second model's backward is not
-  the first one's from the cache.
+  weights). Read when the backward is traced.
+
+With ``--compile`` the process turns inductor's FX graph cache and AOTAutograd's cache off (as
+``TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0`` did by hand before session 51): a switch
+read when the backward is traced leaves the forward graph, which those caches key on, unchanged, so the
+second model would get the first one's backward; and a cache filled under another ``ATEN_CPU_CAPABILITY``
+could serve code for the wrong vector ISA (docs/benchmarks.md, session 51).
 
 Three steps: ours with the switch on, ours with it off, and timm's model with identical weights (with
 ``--compile`` each compiled once, inductor's defaults, batch axis dynamic, ours with ``fullgraph=True``; a
@@ -82,6 +86,9 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     if args.compile:
         torch._dynamo.mark_dynamic(x, 0)
+        # every model compiles its own graphs (see the module's docstring)
+        torch._inductor.config.fx_graph_cache = False
+        torch._functorch.config.enable_autograd_cache = False
     on, off = f"ours, {args.switch} on", f"ours, {args.switch} off"
     steps: dict[str, Callable[[], object]] = {}
     for name in (on, off, "timm"):
@@ -101,6 +108,11 @@ def main() -> None:
     how = "compiled" if args.compile else "eager"
     head = f"{args.model} {args.mode} {how} batch {args.batch_size}, {args.img_size} px"
     print_summary(head, med, "timm" if "timm" in med else off, args.rounds)
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+        print(f"  compile caches off: {hits} cache hits (each model compiled its own graphs)")
     print(f"  per-round off / on:   {paired(per_round, on, off)}")
     if "timm" in med:
         print(f"  per-round timm / on:  {paired(per_round, on, 'timm')}")
