@@ -32,6 +32,27 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def compile_caches_off() -> None:
+    """Turn inductor's FX graph cache and AOTAutograd's cache off in this process, so every compiled model
+    of an A/B compiles its own graphs: a switch read when the backward is traced leaves the forward graph,
+    which those caches key on, unchanged, so the second model could get the first one's backward; and a
+    cache filled under another ``ATEN_CPU_CAPABILITY`` could serve code for the wrong vector ISA
+    (docs/benchmarks.md, session 51). Earlier sessions set ``TORCHINDUCTOR_FX_GRAPH_CACHE=0
+    TORCHINDUCTOR_AUTOGRAD_CACHE=0`` by hand."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+
+
+def cache_hits() -> int:
+    """Inductor's FX graph cache and AOTAutograd's cache hits in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+
+
 def build(model_name: str, timm: bool) -> nn.Module | None:
     """A fresh model of ours, or timm's of the same variant with a fresh model of ours' weights; ``None``
     (and a line saying so) where timm is not installed or has no such variant."""

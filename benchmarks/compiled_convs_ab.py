@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from ab_rounds import build, interleaved_medians, parser, print_summary, under, warm_up
+from ab_rounds import build, compile_caches_off, interleaved_medians, parser, print_summary, under, warm_up
 
 from davit.bench import _make_step
 from davit.layers import fused
@@ -30,6 +30,7 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     torch._dynamo.mark_dynamic(x, 0)
+    compile_caches_off()  # each model compiles its own graphs
     names = ["ours compiled, opaque convs", "ours compiled, plain convs", "ours eager", "timm compiled"]
     steps: dict[str, Callable[[], object]] = {}
     for name in names:

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from ab_rounds import build, interleaved_medians, paired, parser, print_summary, warm_up
+from ab_rounds import build, compile_caches_off, interleaved_medians, paired, parser, print_summary, warm_up
 
 from davit.bench import _make_step
 from davit.layers import native
@@ -154,6 +154,7 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     if args.compile:
         torch._dynamo.mark_dynamic(x, 0)
+        compile_caches_off()  # each model compiles its own graphs
     steps: dict[str, Callable[[], object]] = {}
     for name, on in (("ours, native kernels", True), ("ours, torch's ops", False), ("timm", None)):
         net = build(args.model, timm=name == "timm")

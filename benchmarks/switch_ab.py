@@ -35,11 +35,8 @@ Switches (each a ``set_*`` function returning the previous setting):
   (``davit.layers.native.linear_weight_grad``), against oneDNN's convolution backward (``mm`` for large
   weights). Read when the backward is traced.
 
-With ``--compile`` the process turns inductor's FX graph cache and AOTAutograd's cache off (as
-``TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0`` did by hand before session 51): a switch
-read when the backward is traced leaves the forward graph, which those caches key on, unchanged, so the
-second model would get the first one's backward; and a cache filled under another ``ATEN_CPU_CAPABILITY``
-could serve code for the wrong vector ISA (docs/benchmarks.md, session 51).
+With ``--compile`` the process turns the compile caches off (``ab_rounds.compile_caches_off``), so each
+model compiles its own graphs.
 
 Three steps: ours with the switch on, ours with it off, and timm's model with identical weights (with
 ``--compile`` each compiled once, inductor's defaults, batch axis dynamic, ours with ``fullgraph=True``; a
@@ -55,7 +52,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from ab_rounds import build, interleaved_medians, paired, parser, print_summary, under, warm_up
+from ab_rounds import (
+    build,
+    cache_hits,
+    compile_caches_off,
+    interleaved_medians,
+    paired,
+    parser,
+    print_summary,
+    under,
+    warm_up,
+)
 
 from davit.bench import _make_step
 from davit.layers import blocks, fused, native, norm
@@ -86,9 +93,7 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     if args.compile:
         torch._dynamo.mark_dynamic(x, 0)
-        # every model compiles its own graphs (see the module's docstring)
-        torch._inductor.config.fx_graph_cache = False
-        torch._functorch.config.enable_autograd_cache = False
+        compile_caches_off()
     on, off = f"ours, {args.switch} on", f"ours, {args.switch} off"
     steps: dict[str, Callable[[], object]] = {}
     for name in (on, off, "timm"):
@@ -109,10 +114,7 @@ def main() -> None:
     head = f"{args.model} {args.mode} {how} batch {args.batch_size}, {args.img_size} px"
     print_summary(head, med, "timm" if "timm" in med else off, args.rounds)
     if args.compile:
-        from torch._dynamo.utils import counters
-
-        hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
-        print(f"  compile caches off: {hits} cache hits (each model compiled its own graphs)")
+        print(f"  compile caches off: {cache_hits()} cache hits")
     print(f"  per-round off / on:   {paired(per_round, on, off)}")
     if "timm" in med:
         print(f"  per-round timm / on:  {paired(per_round, on, 'timm')}")

@@ -340,3 +340,20 @@ def test_ab_rounds_under_sets_a_switch_for_one_step_only(monkeypatch):
     run = under(setter, True, lambda: seen.append(state["on"]))
     run()
     assert seen == [True] and state["on"] is False
+
+
+def test_ab_rounds_compile_caches_off(monkeypatch):
+    """benchmarks/ab_rounds.py: the compiled A/B scripts turn inductor's FX graph cache and AOTAutograd's
+    cache off, so each model compiles its own graphs; the hits so far are counted."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    from ab_rounds import cache_hits, compile_caches_off
+
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
+    compile_caches_off()
+    assert torch._inductor.config.fx_graph_cache is False
+    assert torch._functorch.config.enable_autograd_cache is False
+    assert cache_hits() >= 0
