@@ -16,10 +16,12 @@ user's own ``torch.compile`` of the model can do the same with :func:`compile_op
 The ``uuid`` also names the vector ISA inductor generates CPU code for (:func:`vector_isa`: the CPU's best,
 or the one ``ATEN_CPU_CAPABILITY`` asks for). Inductor's FX graph cache key does not (torch 2.14): a graph
 compiled under one ISA and served from the cache under another returned NaN or wrong values, with no error.
-Session 51 met it with plain torch code (three graphs: a convolution with GELU, scaled dot-product
-attention, a layer norm with a linear; each compiled with ``ATEN_CPU_CAPABILITY`` unset on an AVX-512 CPU,
-then served under ``avx2``: two NaN, the third off by 1.14) and with davit_atto; a cache directory shared by
-machines with and without AVX-512 could meet it too (not tried).
+Session 49 met it under an emulated AVX2 CPU (the other way round, AVX2 code served to an AVX-512 process,
+wrote past its buffers) and gave the emulation its own cache directory; session 51 met it with plain torch
+code (three graphs: a convolution with GELU, scaled dot-product attention, a layer norm with a linear; each
+compiled with ``ATEN_CPU_CAPABILITY`` unset on an AVX-512 CPU, then served under ``avx2``: two NaN, the
+third off by 1.14) and with davit_atto; a cache directory shared by machines with and without AVX-512 could
+meet it too (not tried).
 """
 
 from __future__ import annotations
