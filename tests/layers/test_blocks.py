@@ -296,3 +296,38 @@ def test_compiled_training_runs_large_mlps_in_a_fixed_number_of_chunks(monkeypat
             torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
         splits = [n.args[1:] for n in graphs[0].graph.nodes if n.target == "tensor_split"]
         assert splits == expected, plain
+
+
+def test_compiled_training_with_symbolic_image_sizes_keeps_whole_maps(monkeypatch):
+    """With symbolic H and W the MLP's chunk count is not decided (the whole map), so no guard on the token
+    count: image sizes on both sides of the chunks' threshold run one graph. Before session 52 the chunk test
+    took dynamo's symbolic sizes for concrete ones and guarded the graph on them; a size across it recompiled
+    (minutes for a whole model's training graph on 2 cores)."""
+    from davit.layers import blocks, fused
+
+    # 99 tokens per image and more: 3 chunks or more where the sizes are static
+    monkeypatch.setattr(blocks, "TRAIN_MLP_CHUNK_TOKENS", 99 * blocks.COMPILED_TRAIN_MLP_BATCH // 3)
+    monkeypatch.setattr(fused, "_ONEDNN_TRAINING", True)
+    torch.manual_seed(0)
+    b = blocks.SpatialBlock(32, 2, drop_path=0.0).train()
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(b, backend=keep, fullgraph=True)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for hw in [(9, 11), (5, 7), (14, 20)]:  # 99, 35 and 280 tokens per image
+                x = torch.randn(2, *hw, 32, requires_grad=True)
+                torch._dynamo.mark_dynamic(x, 1)
+                torch._dynamo.mark_dynamic(x, 2)
+                out = fn(x)
+                torch.testing.assert_close(out, b(x), rtol=1e-5, atol=1e-5)
+                out.sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert not [n for n in graphs[0].graph.nodes if n.target == "tensor_split"]

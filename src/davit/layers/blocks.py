@@ -339,11 +339,13 @@ class Mlp(nn.Module):
             return 1
         tokens = 1
         for size in residual.shape[1:-1]:
-            if not isinstance(size, int):
-                return 1
             tokens *= size
         chunks = tokens * COMPILED_TRAIN_MLP_BATCH // TRAIN_MLP_CHUNK_TOKENS
-        return chunks if chunks >= 2 else 1
+        # decided without a guard: dynamo presents symbolic sizes as ints (an isinstance test let them through
+        # before session 52), and a plain `chunks >= 2` on them guards the graph, so an image size on the
+        # guard's other side recompiled it (a 3-stage model's training graph at 2 x 107 x 186, then
+        # 2 x 199 x 216: ~270 s each on the Zen 4 VM). Unknown for every size: the whole map
+        return chunks if known_true(chunks >= 2) else 1
 
 
 class SpatialBlock(nn.Module):
