@@ -231,8 +231,12 @@ def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
         query, key, value, scale = q, k, v, N**-0.5
     else:
         query, key, value, scale = k, v, q, cg**-0.5
-    attn = torch.matmul(query.transpose(-1, -2), key).mul_(scale).softmax(dim=-1)  # (B, G, Cg, Cg)
-    return _merge_heads(torch.matmul(value, attn.transpose(-1, -2)))
+    logits = torch.matmul(query.transpose(-1, -2), key)  # (B, G, Cg, Cg)
+    # scaled and normalised in fp32 at least (the logits are tiny): in bf16 a scaling after the GEMM rounded
+    # them a second time (see _channel_attention_per_group; no alpha here: these strided 4-d views do not
+    # merge into one batch dim without a copy)
+    attn = logits.to(torch.promote_types(logits.dtype, torch.float32)).mul_(scale).softmax(dim=-1)
+    return _merge_heads(torch.matmul(value, attn.to(logits.dtype).transpose(-1, -2)))
 
 
 def _traced() -> bool:
