@@ -69,6 +69,24 @@ def test_channel_attention_bf16_as_accurate_as_the_reference(v2, groups, cg):
     assert mean_out <= 1.1 and mean_grad <= 1.1, ratios
 
 
+def test_channel_attention_fp32_input_under_bf16_autocast_trains():
+    """An fp32 qkv under CPU bf16 autocast (a direct caller's; the model's qkv comes out of an autocast linear
+    in bf16): the per-group path's backward ran outside autocast on the fp32 operands and bf16 gradients and
+    failed with a dtype error. Now it trains, with the reference formulation's gradient to bf16 precision."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 50, 3 * 96)
+    grads = []
+    for fn in (channel_attention, channel_attention_ref):
+        x = qkv.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x, 3)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        grads.append(x.grad)
+    assert grads[0].dtype == torch.float32
+    torch.testing.assert_close(grads[0], grads[1], rtol=0.05, atol=0.05 * grads[1].abs().max().item())
+
+
 def test_channel_attention_v1_roles_are_permuted():
     # SPEC: chunk 2 is the query, chunk 3 the key, chunk 1 the value, scale Cg^-0.5
     B, N, G, cg = 1, 5, 1, 4

@@ -223,6 +223,10 @@ def channel_attention(qkv: Tensor, groups: int, v2: bool = False) -> Tensor:
         return native.channel_attention(qkv, groups, v2)
     if 2 <= groups <= 8 and qkv.device.type == "cpu" and not _traced():
         if torch.is_grad_enabled() and qkv.requires_grad:
+            if torch.is_autocast_enabled("cpu") and qkv.dtype == torch.float32:
+                # the Function's backward runs outside autocast: give it qkv in the dtype its products run
+                # in, as autocast would (an fp32 qkv met bf16 gradients there: a dtype error, session 52)
+                qkv = qkv.to(torch.get_autocast_dtype("cpu"))
             return _ChannelAttentionPerGroup.apply(qkv, groups, v2)
         return _channel_attention_per_group(qkv, groups, v2)[0]
     q, k, v = _split_heads(qkv, groups)
