@@ -186,22 +186,57 @@ def timm_refs(tm, name: str) -> Refs:
     return out
 
 
-def assert_map_matches(ours: torch.Tensor, timm_map: torch.Tensor, exact: torch.Tensor, what: str) -> None:
-    """An fp32 stage map of ours within :func:`map_bound` of timm's, or else within map_bound of the exact
-    (float64) map, or no farther from it than timm's map is, plus a quarter.
+class MapChecker:
+    """fp32 stage maps of ours against timm's: each within :func:`map_bound` of timm's map or of the exact
+    (float64) one; a stage where some map is neither must be, over all the inputs given, no farther from the
+    exact maps than timm's are, plus a quarter, in relative L2 error (the square root of the summed squared
+    errors over the summed squared exact maps).
 
     Two fp32 implementations agree only as well as each is accurate. In the 9-block third stage of a randomly
     initialised davit_base_fl, whose residual stream grows from |x| ~ 8 to ~ 1000, timm's fp32 map is 1.02x
     map_bound from the float64 one, and the last stage's 1.27x; ours' 1.01x and 1.12x (MKL's GEMMs), 0.95x and
     1.20x (oneDNN's). Ours and timm then differed by 0.83-1.24x map_bound, passing or failing by the thread
-    count (session 30), although ours is as accurate as timm."""
-    err = max_err(ours, timm_map)
-    if err <= map_bound(timm_map):
-        return
-    ours_err, timm_err = max_err(ours.double(), exact), max_err(timm_map.double(), exact)
-    assert ours_err <= max(map_bound(exact), 1.25 * timm_err), (
-        f"{what}: {err:.3g} from timm's; from float64 {ours_err:.3g} against timm's {timm_err:.3g}"
-    )
+    count (session 30), although ours is as accurate as timm. The largest error alone is no fair measure of
+    which is more accurate: over 48 random inputs the third stage's largest error was above 1.25x timm's on
+    13 with every GEMM setting, MKL's as timm's (session 51), where the relative L2 errors of 18 inputs came
+    to 0.85-1.28x timm's with oneDNN's GEMMs (mean 1.07x) and 0.88-1.17x with MKL's (0.99x; session 53)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}  # stage -> [ours' squared error, timm's, exact's square]
+        self.failing: dict[str, str] = {}  # stage -> the first map that needed the L2 comparison
+
+    def add(self, ours: torch.Tensor, timm_map: torch.Tensor, exact: torch.Tensor, stage: str, what: str):
+        sums = self.sums.setdefault(stage, [0.0, 0.0, 0.0])
+        sums[0] += (ours.double() - exact).square().sum().item()
+        sums[1] += (timm_map.double() - exact).square().sum().item()
+        sums[2] += exact.square().sum().item()
+        err = max_err(ours, timm_map)
+        if err > map_bound(timm_map) and max_err(ours.double(), exact) > map_bound(exact):
+            self.failing.setdefault(stage, f"{what}: {err:.3g} from timm's")
+
+    def check(self) -> None:
+        for stage, what in self.failing.items():
+            ours_sq, timm_sq, exact_sq = self.sums[stage]
+            ours_l2, timm_l2 = (ours_sq / exact_sq) ** 0.5, (timm_sq / exact_sq) ** 0.5
+            assert ours_l2 <= 1.25 * timm_l2, (
+                f"{what}; {stage}'s relative L2 error from float64 {ours_l2:.3g} against timm's {timm_l2:.3g}"
+            )
+
+
+def test_map_checker_fails_a_less_accurate_stage_and_passes_an_equal_one():
+    g = torch.Generator().manual_seed(0)
+    exact = 1000 * torch.randn(2, 64, 8, 8, generator=g, dtype=torch.float64)
+    timm_map = (exact + 1e-2 * torch.randn(exact.shape, generator=g, dtype=torch.float64)).float()
+    for scale, fails in ((1.0, False), (1.5, True)):
+        ours = (exact + scale * 1e-2 * torch.randn(exact.shape, generator=g, dtype=torch.float64)).float()
+        checker = MapChecker()
+        checker.add(ours, timm_map, exact, "stage 2", "a map")
+        assert checker.failing  # too far from both for map_bound: the L2 comparison decides
+        if fails:
+            with pytest.raises(AssertionError, match="relative L2 error"):
+                checker.check()
+        else:
+            checker.check()
 
 
 # ----- parity through every layout --------------------------------------------------------------------------
@@ -227,7 +262,7 @@ def as_layout(sd: dict, layout: str) -> dict:
 )
 def test_every_layout_gives_timm_outputs(name, request):
     """fp32 model outputs (logits; pooled features for the headless Florence tower) within 1e-5 of timm's;
-    stage maps within :func:`map_bound`."""
+    stage maps within :func:`map_bound` or as accurate as timm's (:class:`MapChecker`)."""
     if name == "davit_tiny":
         tm, refs = request.getfixturevalue("timm_tiny"), request.getfixturevalue("tiny_refs")
     else:
@@ -246,13 +281,15 @@ def test_every_layout_gives_timm_outputs(name, request):
         else:
             assert len(report.loaded) == len(tm.state_dict())
         assert_all_loaded(model)
+        maps_checker = MapChecker()
         with torch.no_grad():
             for x, want, want_maps, exact_maps in refs:
                 final, maps = model.forward_intermediates(x)
                 err = max_err(model.forward_head(final), want)
                 assert err <= TOL, f"{name} via {layout}, input {tuple(x.shape)}: max abs {err:.3g}"
                 for i, (a, b, e) in enumerate(zip(maps, want_maps, exact_maps)):
-                    assert_map_matches(a, b, e, f"{name} via {layout} {tuple(x.shape)} stage {i}")
+                    maps_checker.add(a, b, e, f"stage {i}", f"{name} via {layout} {tuple(x.shape)} stage {i}")
+        maps_checker.check()
 
 
 @pytest.mark.parametrize("name", ["davit_tiny"])
