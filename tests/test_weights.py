@@ -205,7 +205,9 @@ class MapChecker:
         self.sums: dict[str, list[float]] = {}  # stage -> [ours' squared error, timm's, exact's square]
         self.failing: dict[str, str] = {}  # stage -> the first map that needed the L2 comparison
 
-    def add(self, ours: torch.Tensor, timm_map: torch.Tensor, exact: torch.Tensor, stage: str, what: str):
+    def add(
+        self, ours: torch.Tensor, timm_map: torch.Tensor, exact: torch.Tensor, stage: str, what: str
+    ) -> None:
         sums = self.sums.setdefault(stage, [0.0, 0.0, 0.0])
         sums[0] += (ours.double() - exact).square().sum().item()
         sums[1] += (timm_map.double() - exact).square().sum().item()
