@@ -324,8 +324,9 @@ class _ChannelAttentionPerGroup(torch.autograd.Function):
             d_attn = torch.bmm(d_out.transpose(1, 2), value[..., s])
             # dS = A * (dA - rowsum(dA * A)), as autograd's softmax backward computes it: in fp32 for bf16
             # operands, rounded once. Written out in bf16 it rounded four times, the subtraction cancelling:
-            # a small model's bf16 bias gradients behind a 2-group, 8-channel attention came out up to 2.4x
-            # (relative L2) further from float64 than the reference path's, 1.5x now (session 53)
+            # the qkv bias gradient of a small model's 2-group, 8-channel attention block came out 0.97-2.51x
+            # (relative L2; mean 1.57x over six inputs) as far from float64 as the reference path's, now
+            # 0.76-1.48x (mean 1.03x; session 53)
             d_logits = torch.ops.aten._softmax_backward_data(d_attn, a, -1, a.dtype)
             # the scale as the GEMMs' alpha, as in the forward
             dq, dk = columns(chunks[0], g), columns(chunks[1], g)
