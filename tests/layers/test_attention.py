@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -39,13 +41,20 @@ def test_channel_attention_per_group_backward_gradcheck(v2):
     assert torch.autograd.gradcheck(lambda t: channel_attention(t, 3, v2), (qkv,))
 
 
-def bf16_error_ratios(results: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """(output, input gradient) of the float64 reference, the bf16 reference and the bf16 fast form -> the
-    fast form's relative L2 errors from float64 over the bf16 reference's, for the output and the gradient."""
+def bf16_error_ratios(run, qkv: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
+    """``run(x, fast)`` (an attention of x) in float64 (the reference), then in bf16 as the reference and as
+    the fast form, each backpropagating ``grad``: the fast form's relative L2 errors from float64 over the
+    bf16 reference's, for the output and for x's gradient."""
 
     def l2(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.double() - b).norm() / b.norm()).item()
 
+    results = []
+    for dtype, fast in ((torch.float64, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        x = qkv.detach().to(dtype).requires_grad_(True)  # a new leaf each time
+        out = run(x, fast)
+        out.backward(grad.to(dtype))
+        results.append((out.detach().double(), x.grad.double()))
     (o64, g64), (o_ref, g_ref), (o_fast, g_fast) = results
     return l2(o_fast, o64) / l2(o_ref, o64), l2(g_fast, g64) / l2(g_ref, g64)
 
@@ -58,19 +67,16 @@ def test_channel_attention_bf16_as_accurate_as_the_reference(v2, groups, cg):
     the per-group path's error came to 1.21x (V1) and 1.12x (V2) the reference's, the batched path's to
     1.15x (V1), and a small model's bf16 training gradients through the per-group path to up to 3.8x
     (session 52)."""
+
+    def run(x: torch.Tensor, fast: bool) -> torch.Tensor:
+        return (channel_attention if fast else channel_attention_ref)(x, groups, v2)
+
     ratios = []
     for seed in range(4):
         torch.manual_seed(seed)
         qkv = torch.randn(2, 1188, 3 * groups * cg, dtype=torch.float64)
         grad = torch.randn(2, 1188, groups * cg, dtype=torch.float64)
-        results = []
-        for fn, dtype in ((channel_attention_ref, torch.float64), (channel_attention_ref, torch.bfloat16),
-                          (channel_attention, torch.bfloat16)):  # fmt: skip
-            x = qkv.detach().to(dtype).requires_grad_(True)  # a new leaf each time
-            out = fn(x, groups, v2)
-            out.backward(grad.to(dtype))
-            results.append((out.detach().double(), x.grad.double()))
-        ratios.append(bf16_error_ratios(results))
+        ratios.append(bf16_error_ratios(run, qkv, grad))
     mean_out, mean_grad = (sum(r[i] for r in ratios) / len(ratios) for i in range(2))
     assert mean_out <= 1.1 and mean_grad <= 1.1, ratios
 
@@ -166,26 +172,23 @@ def test_window_attention_bf16_training_as_accurate_as_the_reference(padded):
     from davit.layers.attention import window_attention_one_padded
 
     h, d, L = 3, 32, (10 if padded else 49)
+
+    def run(x: torch.Tensor, fast: bool, pad: torch.Tensor) -> torch.Tensor:
+        if not padded:
+            return (window_attention if fast else window_attention_ref)(x, h)
+        if fast:
+            return window_attention_one_padded(x, h, pad.to(x.dtype), 39)
+        # the reference: the padding tokens themselves, 39 keys of the pad's qkv
+        full = torch.cat([x, pad.to(x.dtype).expand(32, 39, 3 * h * d)], dim=1)
+        return window_attention_ref(full, h)[:, :L]
+
     ratios = []
     for seed in range(4):
         torch.manual_seed(seed)
         qkv = torch.randn(32, L, 3 * h * d, dtype=torch.float64) * 1.5
         pad = torch.randn(3 * h * d, dtype=torch.float64)
         grad = torch.randn(32, L, h * d, dtype=torch.float64)
-        results = []
-        for dtype, fast in ((torch.float64, False), (torch.bfloat16, False), (torch.bfloat16, True)):
-            x = qkv.detach().to(dtype).requires_grad_(True)
-            if padded:  # the reference: the padding tokens themselves, 39 keys of the pad's qkv
-                if fast:
-                    out = window_attention_one_padded(x, h, pad.to(dtype), 39)
-                else:
-                    full = torch.cat([x, pad.to(dtype).expand(32, 39, 3 * h * d)], dim=1)
-                    out = window_attention_ref(full, h)[:, :L]
-            else:
-                out = (window_attention if fast else window_attention_ref)(x, h)
-            out.backward(grad.to(dtype))
-            results.append((out.detach().double(), x.grad.double()))
-        ratios.append(bf16_error_ratios(results))
+        ratios.append(bf16_error_ratios(functools.partial(run, pad=pad), qkv, grad))
     mean_out, mean_grad = (sum(r[i] for r in ratios) / len(ratios) for i in range(2))
     assert mean_out <= 1.05 and mean_grad <= 1.05, ratios
 
